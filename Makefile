@@ -1,0 +1,34 @@
+# Two entry points, each self-contained on a fresh machine with Python >= 3.10 and pip:
+#   make demo   builds a venv, installs flax-attn with the torch extra, runs the demo
+#   make test   builds a venv, installs everything the tests need, runs the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: the default `torch` wheel on Linux pulls several GB of CUDA libraries.
+# Override on machines with a different index, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2 -q
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[torch,train,dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m flax_attn demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check flax_attn train tests benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

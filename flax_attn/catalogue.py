@@ -1,0 +1,112 @@
+"""The single catalogue of blocks: it drives the parity tests, the benchmarks, the CLI and the README table.
+
+Each block family registers its entries at import (``register(Entry(...))`` at the bottom of its
+module), so adding a block means writing one entry beside the block. An entry holds everything
+needed to build the Flax block and its PyTorch reference with the *same* constructor arguments,
+to make example inputs, and to compare the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Entry", "entries", "get", "register", "torch_factory"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One catalogued block.
+
+    Attributes:
+      name: catalogue key, snake_case (``"se_layer"``); used by the CLI (``--block``).
+      family: the module file (``"se"``).
+      paper: short citation, e.g. ``"Hu et al., CVPR 2018"``.
+      arxiv: arXiv id or ``None``.
+      flax: factory ``(**config) -> flax module``.
+      torch: ``"module.path:factory"`` returning the PyTorch reference for ``**config``; imported
+        lazily (torch is optional). ``None`` when there is no PyTorch reference.
+      config: small constructor arguments shared by both factories (the reference's names).
+      inputs: ``rng -> {argument name: array}`` in Flax layout: small odd, non-square shapes.
+      bench_inputs: like ``inputs`` with benchmark-sized shapes (defaults to ``inputs``).
+      bench_config: constructor arguments for benchmarks (defaults to ``config``).
+      image_inputs: argument names that are NHWC images (moved to NCHW for torch).
+      output_layout: ``"nhwc"`` (torch returns channels-first images), ``"same"``, or a callable
+        applied to the torch outputs (torch tensors in, torch tensors in Flax layout out).
+      call_kwargs: extra keyword arguments for both calls (e.g. ``need_weights=True``).
+      torch_call: ``(torch_module, **inputs) -> outputs`` when a plain call does not fit.
+      layouts: PyTorch state-dict layouts the converter supports; the first is the default.
+      atol, rtol: parity tolerance reached (and tested) in float32 on CPU.
+      kernel: name of the Pallas kernel behind the block, if any.
+      train_mode: whether the block behaves differently in training (BatchNorm, dropout).
+    """
+
+    name: str
+    family: str
+    paper: str
+    flax: Callable[..., Any]
+    inputs: Callable[[np.random.Generator], dict[str, np.ndarray]]
+    torch: str | None = None
+    arxiv: str | None = None
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    bench_inputs: Callable[[np.random.Generator], dict[str, np.ndarray]] | None = None
+    bench_config: Mapping[str, Any] | None = None
+    image_inputs: tuple[str, ...] = ("x",)
+    output_layout: str | Callable[[Any], Any] = "nhwc"
+    call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    torch_call: Callable[..., Any] | None = None
+    layouts: tuple[str, ...] = ("official",)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    kernel: str | None = None
+    train_mode: bool = True
+
+    def build_flax(self, config: Mapping[str, Any] | None = None):
+        return self.flax(**dict(self.config if config is None else config))
+
+    def build_torch(self, config: Mapping[str, Any] | None = None):
+        if self.torch is None:
+            raise ValueError(f"catalogue entry {self.name!r} has no PyTorch reference")
+        return torch_factory(self.torch)(**dict(self.config if config is None else config))
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    """Add ``entry``; names are unique across the library."""
+    if entry.name in _REGISTRY and _REGISTRY[entry.name] is not entry:
+        raise ValueError(f"catalogue: duplicate block name {entry.name!r}")
+    if entry.layouts and len(set(entry.layouts)) != len(entry.layouts):
+        raise ValueError(f"catalogue: {entry.name!r} lists a layout twice: {entry.layouts}")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def _load_all() -> None:
+    import flax_attn  # noqa: F401  (importing the package registers every family)
+
+
+def entries() -> list[Entry]:
+    """All catalogued blocks, sorted by family then name."""
+    _load_all()
+    return sorted(_REGISTRY.values(), key=lambda e: (e.family, e.name))
+
+
+def get(name: str) -> Entry:
+    """The entry called ``name``; the error lists the known names."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown block {name!r}; known blocks: {sorted(_REGISTRY)}") from None
+
+
+def torch_factory(spec: str) -> Callable[..., Any]:
+    """Resolve ``"package.module:attr"`` (imports torch lazily, through the reference module)."""
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,433 @@
+"""The generic PyTorch <-> Flax variable mapping.
+
+How a Flax variable finds its PyTorch name
+-------------------------------------------
+1. The leaf gets torch's name and layout from its Flax name: ``kernel`` -> ``weight`` (a 2-D kernel
+   is transposed like ``nn.Linear``; an N-D kernel goes HWIO -> OIHW like ``nn.ConvNd``), ``scale`` ->
+   ``weight``, ``bias`` -> ``bias``, ``embedding`` -> ``weight``; ``batch_stats`` ``mean``/``var`` ->
+   ``running_mean``/``running_var``. Any other leaf (``gamma``, ``key_rel_w``) keeps its name and layout.
+2. Walking up from the module that owns the leaf to the root, each module's path component is
+   prepended (``query_conv.weight``) and that module's *rename table* is applied to the name
+   relative to it. A module declares its table with a method::
+
+       @nn.nowrap
+       def torch_rules(self, layout):            # layout: "official", "timm", ... or None
+           return [Rename(r"fc_(\\d+)\\.(.*)", r"fc.\\1.\\2")]
+
+   Rules are regular expressions matched against the whole relative name; the first match wins.
+   A replacement may end in ``[i/n]`` to say "chunk i of n along torch's first axis" (fused
+   ``in_proj_weight``), and may carry a :class:`Transform` for layouts the defaults do not cover.
+
+Because each table only sees names relative to its own module, blocks compose: an ``SELayer`` inside
+an SE-ResNet inside a detector keeps the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from flax_attn.convert.io import load_state_dict, to_numpy
+
+__all__ = [
+    "ConversionReport",
+    "Ignore",
+    "LinearFromNCHW",
+    "Permute",
+    "Rename",
+    "Reshape",
+    "StateDictMismatchError",
+    "Transform",
+    "from_torch",
+    "mapping",
+    "to_torch",
+]
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class Transform:
+    """A bijection between a torch tensor layout and a Flax variable layout."""
+
+    def to_flax(self, t: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_torch(self, f: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Permute(Transform):
+    """``flax = torch.transpose(axes)``."""
+
+    axes: tuple[int, ...]
+
+    def to_flax(self, t):
+        if t.ndim != len(self.axes):
+            raise ValueError(f"expected a {len(self.axes)}-D tensor, got shape {t.shape}")
+        return np.transpose(t, self.axes)
+
+    def to_torch(self, f):
+        return np.transpose(f, np.argsort(self.axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(Transform):
+    def to_flax(self, t):
+        return t
+
+    def to_torch(self, f):
+        return f
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape(Transform):
+    """Same elements, different shape (e.g. torch LayerNorm over ``[C, 1, 1]`` vs Flax ``(C,)``)."""
+
+    torch_shape: tuple[int, ...]
+    flax_shape: tuple[int, ...]
+
+    def to_flax(self, t):
+        if tuple(t.shape) != tuple(self.torch_shape):
+            raise ValueError(f"expected torch shape {self.torch_shape}, got {t.shape}")
+        return t.reshape(self.flax_shape)
+
+    def to_torch(self, f):
+        return f.reshape(self.torch_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFromNCHW(Transform):
+    """An ``nn.Linear`` that reads NCHW-flattened features, feeding a Flax Dense on NHWC-flattened ones.
+
+    torch ``weight`` ``(out, C*H*W)`` in (C, H, W) order <-> Flax ``kernel`` ``(H*W*C, out)`` in (H, W, C)
+    order, so the block flattens its NHWC activations directly with no transpose at run time.
+    """
+
+    channels: int
+    height: int
+    width: int
+
+    def to_flax(self, t):
+        c, h, w = self.channels, self.height, self.width
+        if t.ndim != 2 or t.shape[1] != c * h * w:
+            raise ValueError(f"expected (out, {c}*{h}*{w}), got {t.shape}")
+        return t.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+
+    def to_torch(self, f):
+        c, h, w = self.channels, self.height, self.width
+        return f.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
+
+
+LINEAR = Permute((1, 0))
+IDENTITY = Identity()
+
+
+def _conv_transform(ndim: int) -> Permute:
+    # torch (O, I, *k) -> flax (*k, I, O)
+    return Permute((*range(2, ndim), 1, 0))
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Rename:
+    """Rename ``pattern`` (a full match on the name relative to the module) to ``replacement``."""
+
+    pattern: str
+    replacement: str
+    transform: Transform | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignore:
+    """Torch keys (``re.search`` on the full key) that have no Flax counterpart, e.g. cached buffers."""
+
+    pattern: str
+
+
+_CHUNK = re.compile(r"^(.*)\[(\d+)/(\d+)\]$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    key: str
+    transform: Transform
+    chunk: tuple[int, int] | None  # (index, count) along torch axis 0
+
+
+def _default_leaf(collection: str, leaf: str, ndim: int) -> tuple[str, Transform]:
+    if collection == "batch_stats":
+        return {"mean": "running_mean", "var": "running_var"}.get(leaf, leaf), IDENTITY
+    if leaf == "kernel":
+        return "weight", LINEAR if ndim == 2 else _conv_transform(ndim)
+    if leaf in ("scale", "embedding"):
+        return "weight", IDENTITY
+    return leaf, IDENTITY
+
+
+def _normalise_rules(rules) -> tuple:
+    out = []
+    for r in rules or ():
+        if isinstance(r, (Rename, Ignore)):
+            out.append(r)
+        elif isinstance(r, tuple) and len(r) in (2, 3):
+            out.append(Rename(*r))
+        else:
+            raise TypeError(f"torch_rules entries must be Rename, Ignore or (pattern, replacement[, transform]); got {r!r}")
+    return tuple(out)
+
+
+def _trace(module: nn.Module, layout: str | None, args, kwargs):
+    """Variable shapes of ``module`` and the rename table of every submodule, by scope path."""
+    supported = getattr(type(module), "torch_layouts", None)
+    if layout is not None and supported is not None and layout not in supported:
+        raise ValueError(
+            f"{type(module).__name__}: unknown layout {layout!r}; supported layouts: {list(supported)}"
+        )
+    tables: dict[tuple[str, ...], tuple] = {}
+
+    def interceptor(next_fun, a, kw, ctx):
+        m = ctx.module
+        path = tuple(m.scope.path) if m.scope is not None else ()
+        if path not in tables:
+            tables[path] = ()
+            fn = getattr(type(m), "torch_rules", None)
+            if fn is not None:
+                tables[path] = _normalise_rules(fn(m, layout))
+        return next_fun(*a, **kw)
+
+    rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    with nn.intercept_methods(interceptor):
+        shapes = jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))
+    return unfreeze(shapes), tables
+
+
+def _resolve(flax_key: tuple[str, ...], ndim: int, tables) -> _Target:
+    collection, *mods, leaf = flax_key
+    name, transform = _default_leaf(collection, leaf, ndim)
+    chunk = None
+    for depth in range(len(mods), -1, -1):
+        if depth < len(mods):
+            name = f"{mods[depth]}.{name}"
+        for rule in tables.get(tuple(mods[:depth]), ()):
+            if isinstance(rule, Rename):
+                m = re.fullmatch(rule.pattern, name)
+                if m:
+                    name = m.expand(rule.replacement)
+                    c = _CHUNK.match(name)
+                    if c:
+                        name, chunk = c.group(1), (int(c.group(2)), int(c.group(3)))
+                    if rule.transform is not None:
+                        transform = rule.transform
+                    break
+    return _Target(name, transform, chunk)
+
+
+def _ignores(tables) -> list[str]:
+    return [r.pattern for rules in tables.values() for r in rules if isinstance(r, Ignore)]
+
+
+def _flax_paths(shapes, collections) -> dict[tuple[str, ...], Any]:
+    flat = traverse_util.flatten_dict(shapes)
+    return {k: v for k, v in flat.items() if k[0] in collections}
+
+
+def mapping(
+    module: nn.Module, *example_args, layout: str | None = None,
+    collections: Sequence[str] = ("params", "batch_stats"), **example_kwargs,
+) -> dict[str, str]:
+    """``{"params/fc_0/kernel": "fc.0.weight", ...}``: the name table, for review and debugging."""
+    shapes, tables = _trace(module, layout, example_args, example_kwargs)
+    out = {}
+    for key, sds in _flax_paths(shapes, collections).items():
+        t = _resolve(key, len(sds.shape), tables)
+        out["/".join(key)] = t.key + (f"[{t.chunk[0]}/{t.chunk[1]}]" if t.chunk else "")
+    return out
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Everything that did not line up between a state dict and a Flax module."""
+
+    missing: list[tuple[str, str, tuple]] = dataclasses.field(default_factory=list)
+    unexpected: list[tuple[str, tuple]] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple, str, tuple, tuple]] = dataclasses.field(default_factory=list)
+    bad_dtype: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    loaded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched or self.bad_dtype)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.loaded} tensors"]
+        for flax_path, key, shape in self.missing:
+            lines.append(f"  missing torch key {key!r} (expected torch shape {shape}) for Flax {flax_path}")
+        for key, shape in self.unexpected:
+            lines.append(f"  unexpected torch key {key!r} with shape {shape}: no Flax variable maps to it")
+        for flax_path, fshape, key, tshape, want in self.mismatched:
+            lines.append(
+                f"  shape mismatch: torch {key!r} has shape {tshape}, expected {want} "
+                f"for Flax {flax_path} of shape {fshape}"
+            )
+        for key, dtype, flax_path in self.bad_dtype:
+            lines.append(f"  torch {key!r} has non-float dtype {dtype}; Flax {flax_path} needs a float")
+        return "\n".join(lines)
+
+
+class StateDictMismatchError(ValueError):
+    """Raised by ``from_torch(strict=True)``; ``.report`` holds the full :class:`ConversionReport`."""
+
+    def __init__(self, module_name: str, report: ConversionReport):
+        self.report = report
+        n = len(report.missing) + len(report.unexpected) + len(report.mismatched) + len(report.bad_dtype)
+        super().__init__(f"{module_name}: state dict does not match ({n} problems)\n{report}")
+
+
+def _torch_shape(target: _Target, flax_shape) -> tuple:
+    shape = target.transform.to_torch(np.empty(flax_shape, dtype=np.float32)).shape
+    if target.chunk:
+        shape = (shape[0] * target.chunk[1], *shape[1:])
+    return tuple(shape)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def from_torch(
+    module: nn.Module,
+    state_dict: Mapping[str, Any] | str | os.PathLike,
+    *example_args,
+    layout: str | None = None,
+    strict: bool = True,
+    collections: Sequence[str] = ("params", "batch_stats"),
+    **example_kwargs,
+):
+    """Flax variables for ``module`` from a PyTorch state dict.
+
+    Args:
+      module: the Flax module (unbound).
+      state_dict: ``{name: tensor or array}``, or a path read with :func:`load_state_dict`.
+      *example_args, **example_kwargs: example inputs (arrays or ``jax.ShapeDtypeStruct``) that
+        ``module.init`` takes; only their shapes are used.
+      layout: which PyTorch layout the state dict follows (``"official"``, ``"timm"``,
+        ``"torch.nn"``...); ``None`` = the module's default.
+      strict: raise one :class:`StateDictMismatchError` listing every missing/unexpected key,
+        shape mismatch and non-float dtype. With ``strict=False`` return ``(variables, report)``
+        instead, with missing variables taken from a fresh ``module.init``.
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` with each leaf in the dtype ``module.init`` gives it.
+      ``num_batches_tracked`` buffers are ignored.
+    """
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = load_state_dict(state_dict)
+    sd = {k: to_numpy(v) for k, v in state_dict.items()}
+    shapes, tables = _trace(module, layout, example_args, example_kwargs)
+    report = ConversionReport()
+    consumed: set[str] = set()
+    flat_out: dict[tuple[str, ...], Any] = {}
+    for key, sds in _flax_paths(shapes, collections).items():
+        target = _resolve(key, len(sds.shape), tables)
+        flax_path = "/".join(key)
+        if target.key not in sd:
+            report.missing.append((flax_path, target.key, _torch_shape(target, sds.shape)))
+            continue
+        consumed.add(target.key)
+        arr = sd[target.key]
+        if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+            report.bad_dtype.append((target.key, str(arr.dtype), flax_path))
+            continue
+        expected = _torch_shape(target, sds.shape)
+        piece = arr
+        try:
+            if tuple(arr.shape) != expected:
+                raise ValueError("shape")
+            if target.chunk:
+                i, n = target.chunk
+                piece = np.split(arr, n, axis=0)[i]
+            piece = target.transform.to_flax(piece)
+        except ValueError:
+            report.mismatched.append((flax_path, tuple(sds.shape), target.key, tuple(arr.shape), expected))
+            continue
+        flat_out[key] = jnp.asarray(np.asarray(piece, dtype=np.float32) if arr.dtype.name == "bfloat16" else piece,
+                                    dtype=sds.dtype)
+        report.loaded += 1
+    ignores = [re.compile(p) for p in (r"(^|\.)num_batches_tracked$", *_ignores(tables))]
+    for k, v in sd.items():
+        if k not in consumed and not any(p.search(k) for p in ignores):
+            report.unexpected.append((k, tuple(v.shape)))
+    if strict:
+        if not report.ok:
+            raise StateDictMismatchError(type(module).__name__, report)
+        return traverse_util.unflatten_dict(flat_out)
+    if report.missing or report.mismatched or report.bad_dtype:
+        fresh = traverse_util.flatten_dict(unfreeze(
+            module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                        *example_args, **example_kwargs)))
+        for key in _flax_paths(shapes, collections):
+            flat_out.setdefault(key, fresh[key])
+    return traverse_util.unflatten_dict(flat_out), report
+
+
+def to_torch(
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    *example_args,
+    layout: str | None = None,
+    collections: Sequence[str] = ("params", "batch_stats"),
+    return_tensors: str = "np",
+    **example_kwargs,
+) -> dict[str, Any]:
+    """The PyTorch state dict for Flax ``variables`` (the inverse of :func:`from_torch`, exactly).
+
+    ``return_tensors="pt"`` gives torch tensors (needs torch), ready for ``load_state_dict``.
+    """
+    shapes, tables = _trace(module, layout, example_args, example_kwargs)
+    flat = traverse_util.flatten_dict(unfreeze(variables))
+    pieces: dict[str, dict[int, np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    out: dict[str, np.ndarray] = {}
+    for key, sds in _flax_paths(shapes, collections).items():
+        if key not in flat:
+            raise KeyError(f"to_torch: variables lack {'/'.join(key)} (shape {tuple(sds.shape)})")
+        arr = np.asarray(flat[key])
+        if tuple(arr.shape) != tuple(sds.shape):
+            raise ValueError(
+                f"to_torch: {'/'.join(key)} has shape {arr.shape}, the module expects {tuple(sds.shape)}"
+            )
+        target = _resolve(key, arr.ndim, tables)
+        t = target.transform.to_torch(arr)
+        if target.chunk:
+            i, n = target.chunk
+            pieces.setdefault(target.key, {})[i] = t
+            counts[target.key] = n
+        else:
+            out[target.key] = np.ascontiguousarray(t)
+    for name, parts in pieces.items():
+        if sorted(parts) != list(range(counts[name])):
+            raise ValueError(f"to_torch: fused {name!r} needs chunks 0..{counts[name] - 1}, got {sorted(parts)}")
+        out[name] = np.concatenate([parts[i] for i in range(counts[name])], axis=0)
+    if return_tensors == "pt":
+        import torch
+
+        return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
+    if return_tensors != "np":
+        raise ValueError(f"to_torch: return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+    return out

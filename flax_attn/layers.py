@@ -1,0 +1,223 @@
+"""Flax layers with PyTorch's semantics and defaults, the building material of every block.
+
+The differences they remove, each of which breaks float32 parity on its own:
+
+* ``Conv``: explicit symmetric padding (Flax's ``'SAME'`` pads asymmetrically at stride 2), torch's
+  ``padding_mode`` (zeros/reflect/replicate/circular) and torch's default init.
+* ``BatchNorm``: torch momentum/eps, and the *unbiased* batch variance in the running-variance
+  update (Flax's ``nn.BatchNorm`` uses the biased one).
+* ``LayerNorm``/``GroupNorm``: eps 1e-5 and the exact two-pass variance.
+* ``Linear``: torch's default init (kaiming-uniform with a = sqrt(5)).
+
+Variable names are Flax's (``kernel``, ``bias``, ``scale``, ``mean``, ``var``), so the converter's
+generic rules map them to torch's ``weight``/``bias``/``running_mean``/``running_var``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+__all__ = [
+    "BatchNorm",
+    "Conv",
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "torch_default_kernel_init",
+]
+
+# kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform)
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _tuple(v, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    if len(v) != n:
+        raise ValueError(f"Conv: `{name}` must be an int or a {n}-tuple, got {v!r}")
+    return v
+
+
+class Conv(nn.Module):
+    """``torch.nn.Conv{1,2,3}d`` in channels-last layout.
+
+    Attributes:
+      features: output channels (torch ``out_channels``).
+      kernel_size: int or tuple; its length (or ``spatial_dims``) fixes 1-D/2-D/3-D.
+      stride, padding, dilation: as in torch; ``padding`` is symmetric per spatial dim, or a
+        sequence of ``(low, high)`` pairs.
+      groups: torch ``groups`` (``groups == in_channels`` is a depthwise conv).
+      use_bias: torch ``bias``.
+      padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+      spatial_dims: number of spatial dims when ``kernel_size`` is an int (default 2).
+
+    Input ``(B, *spatial, C_in)``; output ``(B, *spatial_out, features)``.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = 1
+    stride: int | Sequence[int] = 1
+    padding: int | Sequence[int] | Sequence[tuple[int, int]] = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    padding_mode: str = "zeros"
+    spatial_dims: int = 2
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_kernel_init
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.kernel_size) if not isinstance(self.kernel_size, int) else self.spatial_dims
+        if x.ndim != n + 2:
+            raise ValueError(
+                f"Conv({self.name}): input must be {n + 2}-D (batch, *spatial[{n}], channels), got shape {x.shape}"
+            )
+        if x.shape[-1] % self.groups:
+            raise ValueError(
+                f"Conv({self.name}): input channels {x.shape[-1]} not divisible by groups={self.groups}"
+            )
+        ks = _tuple(self.kernel_size, n, "kernel_size")
+        if isinstance(self.padding, int) or all(isinstance(p, int) for p in self.padding):
+            pads = [(p, p) for p in _tuple(self.padding, n, "padding")]
+        else:
+            pads = [tuple(p) for p in self.padding]
+        if self.padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
+            mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}.get(self.padding_mode)
+            if mode is None:
+                raise ValueError(f"Conv({self.name}): unknown padding_mode {self.padding_mode!r}")
+            if mode == "reflect":
+                for axis, (lo, hi) in enumerate(pads):
+                    if max(lo, hi) >= x.shape[1 + axis]:
+                        raise ValueError(
+                            f"Conv({self.name}): reflect padding {max(lo, hi)} must be smaller than the input "
+                            f"size {x.shape[1 + axis]} along spatial axis {axis} (input shape {x.shape})"
+                        )
+            x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=mode)
+            pads = [(0, 0)] * n
+        return self._conv(x, ks, pads)
+
+    def _conv(self, x, ks, pads):
+        # Parameters live directly in this module (``kernel``/``bias``), so the converter sees
+        # ``<name>.kernel`` like torch's ``<name>.weight``, with no extra scope in between.
+        in_ch = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        n = len(ks)
+        spatial = "".join("DHW"[3 - n:])
+        dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            window_strides=_tuple(self.stride, n, "stride"),
+            padding=pads,
+            rhs_dilation=_tuple(self.dilation, n, "dilation"),
+            dimension_numbers=dn,
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear`` with torch's default init; parameters ``kernel`` (in, out) and ``bias``."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = torch_default_kernel_init
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm{1,2,3}d`` over the last (channel) axis.
+
+    Attributes:
+      momentum: torch's convention, ``running = (1 - momentum) * running + momentum * batch``
+        (torch 0.1 is Flax 0.9).
+      eps: torch 1e-5.
+      affine: learnable ``scale``/``bias`` (torch ``weight``/``bias``).
+      axis_name: collective axis for cross-device statistics under ``shard_map``/``pmap``. Under
+        ``jax.jit`` with a sharded batch the statistics are already global.
+      scale_init: e.g. ``zeros`` for the zero-init BN of non-local blocks.
+
+    Call with ``train=True`` to normalise with batch statistics and update ``batch_stats``
+    (``mutable=['batch_stats']``); the running variance is updated with the unbiased batch
+    variance, exactly as PyTorch does. Statistics are computed in float32.
+    """
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    axis_name: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        mean_var = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        var_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        axes = tuple(range(x.ndim - 1))
+        xf = x.astype(jnp.float32)
+        if train:
+            mean = jnp.mean(xf, axis=axes)
+            n = 1
+            for a in axes:
+                n *= x.shape[a]
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+                n = n * jax.lax.psum(1, self.axis_name)
+            # Two-pass variance keeps float32 parity with torch (E[x^2] - E[x]^2 loses digits).
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
+            if not self.is_initializing():
+                unbiased = var * (n / max(n - 1, 1))
+                mean_var.value = (1 - self.momentum) * mean_var.value + self.momentum * mean
+                var_var.value = (1 - self.momentum) * var_var.value + self.momentum * unbiased
+        else:
+            mean, var = mean_var.value, var_var.value
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` defaults: eps 1e-5 and the exact (two-pass) variance."""
+
+    epsilon: float = 1e-5
+    use_fast_variance: bool = False
+
+
+class GroupNorm(nn.GroupNorm):
+    """``torch.nn.GroupNorm`` defaults: eps 1e-5 and the exact (two-pass) variance."""
+
+    epsilon: float = 1e-5
+    use_fast_variance: bool = False

@@ -1,0 +1,136 @@
+"""Scaled dot-product attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+Layout follows ``jax.nn.dot_product_attention``: ``(batch, length, heads, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax_attn.ops._checks import check_rank
+
+__all__ = ["scaled_dot_product_attention", "masked_softmax"]
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int = -1) -> jax.Array:
+    """Softmax in float32 where rows with no attendable entry give zeros, not NaN.
+
+    ``mask`` (bool, True = keep) is applied before the softmax; ``-inf`` entries already in ``logits``
+    count as masked too. Rows that are entirely masked produce all-zero weights and zero gradients.
+    """
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=axis, keepdims=True)
+    # A fully masked row has max -inf; shifting by 0 keeps exp(-inf) = 0 instead of exp(nan).
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnormalised = jnp.exp(logits - row_max)
+    denom = jnp.sum(unnormalised, axis=axis, keepdims=True)
+    return unnormalised / jnp.where(denom == 0.0, 1.0, denom)
+
+
+def _broadcast_to_logits(name: str, arr: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array:
+    try:
+        return jnp.broadcast_to(arr, logits_shape)
+    except ValueError:
+        raise ValueError(
+            f"scaled_dot_product_attention: `{name}` of shape {tuple(arr.shape)} does not broadcast to the "
+            f"attention logits (batch, heads, q_len, kv_len) = {logits_shape}"
+        ) from None
+
+
+def scaled_dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    return_weights: bool = False,
+):
+    """Attention ``softmax(q k^T * scale + bias) v`` on ``(batch, length, heads, head_dim)`` inputs.
+
+    Semantics match ``torch.nn.functional.scaled_dot_product_attention`` (with the head axis moved
+    to position 2, as in ``jax.nn.dot_product_attention``):
+
+    * ``mask`` broadcastable to ``(batch, heads, q_len, kv_len)``. A boolean mask means True =
+      attend; a floating mask is added to the logits (``-inf`` entries are masked out).
+    * ``bias`` (float, same broadcasting) is added to the logits as well.
+    * ``is_causal``: query ``i`` attends to keys ``j <= i`` (top-left aligned, like PyTorch, also
+      when ``q_len != kv_len``).
+    * ``scale`` defaults to ``head_dim ** -0.5``. The value head dim may differ from the query's.
+    * ``dropout_rate`` drops attention weights (inverted dropout) when ``dropout_rng`` is given.
+
+    **Known difference from PyTorch.** A query row whose keys are *all* masked returns zeros (and
+    zero gradients) instead of PyTorch's NaN. Fully padded key masks are common in DETR-style
+    batching; NaN there silently poisons the whole batch's gradients.
+
+    Logits and softmax run in float32 whatever the input dtype; the weighted sum of values runs in
+    the value dtype with float32 accumulation.
+
+    Args:
+      query: ``(B, L, H, D)``.
+      key: ``(B, S, H, D)``.
+      value: ``(B, S, H, Dv)``.
+      return_weights: also return the attention weights ``(B, H, L, S)`` (after dropout).
+
+    Returns:
+      ``(B, L, H, Dv)`` in the value dtype, or ``(out, weights)`` when ``return_weights``.
+
+    Example:
+      >>> q = k = v = jnp.ones((2, 5, 4, 8))
+      >>> scaled_dot_product_attention(q, k, v).shape
+      (2, 5, 4, 8)
+    """
+    fn = "scaled_dot_product_attention"
+    check_rank(fn, "query", query, 4, "(batch, q_len, heads, head_dim)")
+    check_rank(fn, "key", key, 4, "(batch, kv_len, heads, head_dim)")
+    check_rank(fn, "value", value, 4, "(batch, kv_len, heads, v_head_dim)")
+    b, l, h, d = query.shape
+    if key.shape[0] != b or key.shape[2] != h or key.shape[3] != d:
+        raise ValueError(
+            f"{fn}: `key` shape {tuple(key.shape)} must be (batch={b}, kv_len, heads={h}, head_dim={d}) "
+            f"to match `query` {tuple(query.shape)}"
+        )
+    s = key.shape[1]
+    if value.shape[:3] != (b, s, h):
+        raise ValueError(
+            f"{fn}: `value` shape {tuple(value.shape)} must be (batch={b}, kv_len={s}, heads={h}, v_head_dim) "
+            f"to match `key` {tuple(key.shape)}"
+        )
+    if dropout_rate < 0.0 or dropout_rate >= 1.0:
+        raise ValueError(f"{fn}: `dropout_rate` must be in [0, 1), got {dropout_rate}")
+    if scale is None:
+        scale = d**-0.5
+
+    logits_shape = (b, h, l, s)
+    logits = jnp.einsum("blhd,bshd->bhls", query, key, preferred_element_type=jnp.float32) * scale
+
+    keep = None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype == jnp.bool_:
+            keep = _broadcast_to_logits("mask", mask, logits_shape)
+        else:
+            logits = logits + _broadcast_to_logits("mask", mask, logits_shape).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + _broadcast_to_logits("bias", jnp.asarray(bias), logits_shape).astype(jnp.float32)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((l, s), dtype=jnp.bool_))
+        keep = causal if keep is None else keep & causal
+
+    weights = masked_softmax(logits, keep, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        survive = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(survive, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum(
+        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32
+    ).astype(value.dtype)
+    if return_weights:
+        return out, weights.astype(value.dtype)
+    return out
