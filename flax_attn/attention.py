@@ -245,8 +245,12 @@ class ProjectedMultiHeadAttention(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _mha_inputs(b, l, s, e, kdim, vdim, pad=True):
-    def make(rng):
+def _mha_inputs(b, l, s, pad=True):
+    """Inputs sized from the config (embed_dim, kdim, vdim), so overrides get matching inputs."""
+
+    def make(rng, config):
+        e = config["embed_dim"]
+        kdim, vdim = config.get("kdim") or e, config.get("vdim") or e
         out = {
             "query": rng.standard_normal((b, l, e), dtype=np.float32),
             "key": rng.standard_normal((b, s, kdim), dtype=np.float32),
@@ -269,9 +273,9 @@ catalogue.register(catalogue.Entry(
     flax=MultiheadAttention,
     torch="flax_attn.testing.torch_ref.attention:multihead_attention",
     config=dict(embed_dim=24, num_heads=4, kdim=20, vdim=12, add_bias_kv=True),
-    inputs=_mha_inputs(3, 13, 17, 24, 20, 12),
+    inputs=_mha_inputs(3, 13, 17),
     bench_config=dict(embed_dim=256, num_heads=8),
-    bench_inputs=_mha_inputs(8, 256, 256, 256, 256, 256, pad=False),
+    bench_inputs=_mha_inputs(8, 256, 256, pad=False),
     image_inputs=(),
     output_layout="same",
     call_kwargs=dict(need_weights=True, average_attn_weights=False),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Entry", "entries", "get", "register", "torch_factory"]
+__all__ = ["Entry", "entries", "get", "markdown_table", "register", "torch_factory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,16 @@ class Entry:
     kernel: str | None = None
     train_mode: bool = True
 
+    def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None):
+        """Example inputs; ``inputs`` may take ``(rng)`` or ``(rng, config)`` to follow overrides."""
+        try:
+            n_params = len(inspect.signature(self.inputs).parameters)
+        except (TypeError, ValueError):
+            n_params = 1
+        if n_params >= 2:
+            return self.inputs(rng, dict(self.config if config is None else config))
+        return self.inputs(rng)
+
     def build_flax(self, config: Mapping[str, Any] | None = None):
         return self.flax(**dict(self.config if config is None else config))
 
@@ -110,3 +121,19 @@ def torch_factory(spec: str) -> Callable[..., Any]:
     """Resolve ``"package.module:attr"`` (imports torch lazily, through the reference module)."""
     module_name, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def markdown_table() -> str:
+    """The README's table of blocks, generated from the catalogue (a test keeps the README in sync)."""
+    rows = [
+        "| Block | Paper | Flax class | PyTorch layouts | Pallas kernel | Parity (f32, CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in entries():
+        paper = e.paper + (f" ([arXiv {e.arxiv}](https://arxiv.org/abs/{e.arxiv}))" if e.arxiv else "")
+        cls = getattr(e.flax, "__qualname__", getattr(e.flax, "__name__", str(e.flax)))
+        module = getattr(e.flax, "__module__", "")
+        kernel = e.kernel or "-"
+        tol = f"atol {e.atol:g}, rtol {e.rtol:g}" if e.torch else "no reference"
+        rows.append(f"| `{e.name}` | {paper} | `{module}.{cls}` | {', '.join(e.layouts)} | {kernel} | {tol} |")
+    return "\n".join(rows)

@@ -112,7 +112,7 @@ class Conv(nn.Module):
         # ``<name>.kernel`` like torch's ``<name>.weight``, with no extra scope in between.
         in_ch = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
         n = len(ks)
         spatial = "".join("DHW"[3 - n:])
         dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
@@ -144,7 +144,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)

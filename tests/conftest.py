@@ -19,7 +19,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def shared_data() -> Path:
     """``../shared/data`` (released checkpoints, Set5); skips with a reason where absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"released checkpoints not available: {SHARED_DATA} does not exist (a fresh clone has no ../shared)")
+        pytest.skip(
+            f"released checkpoints not available: {SHARED_DATA} does not exist (a fresh clone has no ../shared)"
+        )
     return SHARED_DATA
 
 

@@ -186,7 +186,9 @@ def _normalise_rules(rules) -> tuple:
         elif isinstance(r, tuple) and len(r) in (2, 3):
             out.append(Rename(*r))
         else:
-            raise TypeError(f"torch_rules entries must be Rename, Ignore or (pattern, replacement[, transform]); got {r!r}")
+            raise TypeError(
+                f"torch_rules entries must be Rename, Ignore or (pattern, replacement[, transform]); got {r!r}"
+            )
     return tuple(out)
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "to_numpy",
 ]
 
+_NPZ_BF16 = "__flax_attn_bfloat16__"
+
 # Dict keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ("state_dict", "model_state", "model_state_dict", "model", "net", "params")
 
@@ -148,7 +150,12 @@ def load_state_dict(
     elif suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
-                raw = {k: z[k] for k in z.files}
+                raw = {k: z[k] for k in z.files if k != _NPZ_BF16}
+                if _NPZ_BF16 in z.files:  # npz has no bfloat16: stored as uint16 bits, names listed
+                    import ml_dtypes
+
+                    for name in z[_NPZ_BF16].tolist():
+                        raw[name] = raw[name].view(ml_dtypes.bfloat16)
         except ValueError as e:
             raise UnsafeCheckpointError(f"{path}: .npz holds pickled objects; refusing to load ({e})") from None
     else:
@@ -201,7 +208,11 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> N
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        bf16 = [k for k, v in arrays.items() if v.dtype.name == "bfloat16"]
+        stored = {k: (v.view(np.uint16) if k in bf16 else v) for k, v in arrays.items()}
+        if bf16:
+            stored[_NPZ_BF16] = np.array(bf16)
+        np.savez(buf, **stored)
         atomic_write_bytes(path, buf.getvalue())
     elif suffix == ".safetensors":
         inv = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}

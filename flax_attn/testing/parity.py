@@ -40,7 +40,7 @@ def randomize_torch_module(module, seed: int = 0) -> None:
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             flat = p.detach().reshape(-1)
             if flat.numel() == 0:
                 continue
@@ -152,7 +152,7 @@ def run_parity(
     sd = {k: to_numpy(v) for k, v in tmod.state_dict().items()}
 
     rng = np.random.default_rng(seed)
-    inputs = dict(entry.inputs(rng) if inputs is None else inputs)
+    inputs = dict(entry.make_inputs(rng, config) if inputs is None else inputs)
     float_names = [k for k, v in inputs.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
     fmod = entry.build_flax(config)
