@@ -154,6 +154,8 @@ class RCCAModule(nn.Module):
         cca = CrissCrossAttention(inter, implementation=self.implementation, name="cca", **kw)
         for _ in range(self.recurrence):
             out = cca(out)
+        if self.recurrence == 0 and self.is_initializing():
+            cca(out)  # recurrence 0 (the official Seg_Model default) still owns the cca weights
         out = _ConvABN(inter, name="convb", **kw)(out, train=train)
         out = jnp.concatenate([x.astype(out.dtype), out], axis=-1)
         out = Conv(self.out_channels, kernel_size=3, padding=1, use_bias=False, name="bottleneck_0", **kw)(out)
