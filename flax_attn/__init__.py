@@ -8,13 +8,16 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.ccnet import CrissCrossAttention, RCCAModule
 
 __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "CrissCrossAttention",
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
+    "RCCAModule",
     "catalogue",
     "convert",
     "layers",
