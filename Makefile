@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[torch,train,dev]"
+	$(PY) -m pip install -q -e ".[torch,train,dev,notebooks]"
 	# timm is a parity reference for SE-ResNets; its torchvision dependency has no CPU wheel here and
 	# is never used by the models we compare against, so install timm alone (tests shim torchvision).
 	$(PY) -m pip install -q --no-deps "timm==1.0.31"
