@@ -7,6 +7,7 @@ reference. Importing this package never imports torch.
 """
 
 from flax_attn import catalogue, convert, layers, ops
+from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.ccnet import CrissCrossAttention, RCCAModule
 
@@ -14,8 +15,12 @@ __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "A2N",
+    "AAB",
+    "AttentionBranch",
     "CrissCrossAttention",
     "MultiheadAttention",
+    "PA",
     "ProjectedMultiHeadAttention",
     "RCCAModule",
     "catalogue",

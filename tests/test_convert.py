@@ -293,3 +293,10 @@ def test_save_variables_orbax_directory(tmp_path):
     save_variables(v, tmp_path / "ckpt")
     save_variables({"params": {"w": np.zeros(4, np.float32)}}, tmp_path / "ckpt")  # overwrite in place
     np.testing.assert_array_equal(np.asarray(load_variables(tmp_path / "ckpt")["params"]["w"]), np.zeros(4))
+
+
+def test_example_inputs_may_be_shape_dtype_structs():
+    spec = jax.ShapeDtypeStruct(X.shape, np.float32)
+    v = from_torch(Outer(), _sd(), spec)
+    assert v["params"]["conv"]["kernel"].shape == (3, 3, 5, 6)
+    assert mapping(Outer(), spec)["params/blocks_0/fc_0/kernel"] == "blocks.0.fc.0.weight"

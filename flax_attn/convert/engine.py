@@ -211,9 +211,20 @@ def _trace(module: nn.Module, layout: str | None, args, kwargs):
                 tables[path] = _normalise_rules(fn(m, layout))
         return next_fun(*a, **kw)
 
+    # Array-like example inputs (arrays or ShapeDtypeStructs) are traced; Python values such as
+    # need_weights=True stay static, since modules branch on them.
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves]
+    traced = [x for x, a in zip(leaves, is_array) if a]
+
+    def init(traced_leaves, rngs):
+        it = iter(traced_leaves)
+        a, kw = jax.tree_util.tree_unflatten(treedef, [next(it) if flag else x for x, flag in zip(leaves, is_array)])
+        return module.init(rngs, *a, **kw)
+
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     with nn.intercept_methods(interceptor):
-        shapes = jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))
+        shapes = jax.eval_shape(init, traced, rngs)
     return unfreeze(shapes), tables
 
 

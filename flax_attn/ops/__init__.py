@@ -6,6 +6,7 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 """
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
+from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
@@ -13,8 +14,11 @@ from flax_attn.ops.resize import interpolate
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "attention_dropout_weights",
     "criss_cross_attention",
     "interpolate",
     "masked_softmax",
+    "mix_branches",
     "scaled_dot_product_attention",
+    "sigmoid_gate",
 ]
