@@ -8,6 +8,7 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.se import SEBasicBlock, SEBottleneck, SELayer, SEResNet, se_resnet18, se_resnet34, se_resnet50
 
 __version__ = "0.1.0"
 
@@ -15,8 +16,15 @@ __version__ = "0.1.0"
 __all__ = [
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
+    "SEBasicBlock",
+    "SEBottleneck",
+    "SELayer",
+    "SEResNet",
     "catalogue",
     "convert",
     "layers",
     "ops",
+    "se_resnet18",
+    "se_resnet34",
+    "se_resnet50",
 ]
