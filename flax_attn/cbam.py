@@ -138,7 +138,8 @@ class SpatialGate(nn.Module):
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
         logits = BasicConv(1, self.kernel_size, padding=(self.kernel_size - 1) // 2, relu=False,
-                           name="spatial", dtype=self.dtype, param_dtype=self.param_dtype)(compressed, train=train)
+                           name="spatial", dtype=self.dtype, param_dtype=self.param_dtype)
+        logits = logits(compressed, train=train)
         return x * nn.sigmoid(logits).astype(x.dtype)
 
 

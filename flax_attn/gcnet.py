@@ -87,7 +87,8 @@ class ContextBlock(nn.Module):
             raise ValueError(f"{where}: `pooling_type` must be 'avg' or 'att', got {self.pooling_type!r}")
         fusions = tuple(self.fusion_types)
         if not fusions or any(f not in _FUSIONS for f in fusions):
-            raise ValueError(f"{where}: `fusion_types` must be a non-empty subset of {_FUSIONS}, got {fusions!r}")
+            raise ValueError(
+                f"{where}: `fusion_types` must be a non-empty subset of {_FUSIONS}, got {fusions!r}")
         if self.planes < 1:
             raise ValueError(
                 f"{where}: `inplanes`={self.inplanes} * `ratio`={self.ratio} gives {self.planes} bottleneck "

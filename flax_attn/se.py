@@ -223,7 +223,8 @@ class SEBasicBlock(_SEResidualBlock):
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False, kernel_init=_resnet_conv_init, **kw)
+        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False,
+                                 kernel_init=_resnet_conv_init, **kw)
         out = conv(self.planes, stride=self.stride, name="conv1")(x)
         out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
         out = conv(self.planes, name="conv2")(out)
@@ -356,7 +357,8 @@ class SEResNet(nn.Module):
         check_channels(where, "x", x, self.in_chans)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = _BLOCKS[self.block]
-        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init, name="conv1", **kw)(x)
+        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init,
+                 name="conv1", **kw)(x)
         x = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
         x = _max_pool_3x3_s2(x)
         inplanes = 64
@@ -364,7 +366,8 @@ class SEResNet(nn.Module):
             for i in range(depth):
                 stride = 2 if (stage > 1 and i == 0) else 1
                 x = block_cls(inplanes, planes, stride, self.reduction, se_style=self.se_style,
-                              zero_init_last=self.se_style == "timm", name=f"layer{stage}_{i}", **kw)(x, train=train)
+                              zero_init_last=self.se_style == "timm", name=f"layer{stage}_{i}",
+                              **kw)(x, train=train)
                 inplanes = planes * block_cls.expansion
         x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
         if self.num_classes:

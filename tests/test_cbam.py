@@ -27,7 +27,8 @@ def test_no_spatial(train):
 
 @pytest.mark.parametrize("pool_types", [("avg",), ("max", "avg"), ("avg", "max", "lp", "lse")])
 def test_pool_types(pool_types):
-    check_parity(catalogue.get("cbam"), config=dict(gate_channels=32, reduction_ratio=8, pool_types=pool_types))
+    check_parity(catalogue.get("cbam"),
+                 config=dict(gate_channels=32, reduction_ratio=8, pool_types=pool_types))
 
 
 def test_seed_spatial_attention_7x7():
@@ -60,7 +61,8 @@ def test_spatial_gate_bn_momentum_is_official():
     t.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in to_torch(m, v, X).items()}, strict=False)
     t.train()
     t(torch.from_numpy(X.transpose(0, 3, 1, 2)))
-    np.testing.assert_allclose(np.asarray(new), t.SpatialGate.spatial.bn.running_mean.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new), t.SpatialGate.spatial.bn.running_mean.numpy(),
+                               rtol=1e-5, atol=1e-7)
     assert t.SpatialGate.spatial.bn.momentum == 0.01
 
 
@@ -97,13 +99,13 @@ def test_bad_inputs():
         _init(CBAM(32, 4), X[..., :16])
     with pytest.raises(ValueError, match=r"CBAM: `x` must be 4-D .*\(13, 17, 32\)"):
         _init(CBAM(32, 4), X[0])
-    with pytest.raises(ValueError, match=r"ChannelGate: `gate_channels`=32 must be a positive multiple of `reduction_ratio`=5"):
+    with pytest.raises(ValueError, match=r"ChannelGate: `gate_channels`=32 must be .*`reduction_ratio`=5"):
         _init(CBAM(32, 5), X)
-    with pytest.raises(ValueError, match=r"`gate_channels`=32 must be a positive multiple of `reduction_ratio`=64"):
+    with pytest.raises(ValueError, match=r"`gate_channels`=32 must be .*`reduction_ratio`=64"):
         _init(CBAM(32, 64), X)
     with pytest.raises(ValueError, match=r"ChannelGate: `pool_types` must be a non-empty subset"):
         _init(ChannelGate(32, 4, pool_types=("avg", "median")), X)
-    with pytest.raises(ValueError, match=r"ChannelAttention: `channel`=32 must be a positive multiple of `rate`=3"):
+    with pytest.raises(ValueError, match=r"ChannelAttention: `channel`=32 must be .*`rate`=3"):
         _init(ChannelAttention(32, 3), X)
     with pytest.raises(ValueError, match=r"SpatialAttention: `kernel_size` must be 3 or 7, got 5"):
         _init(SpatialAttention(5), X)

@@ -52,7 +52,8 @@ def test_se_layer_conv_layout_keys():
 @pytest.mark.parametrize("train", [False, True])
 def test_se_layer_matches_timm_se_module(train):
     _timm()
-    entry = dataclasses.replace(catalogue.get("se_layer"), torch="flax_attn.testing.torch_ref.se:timm_se_module")
+    entry = dataclasses.replace(catalogue.get("se_layer"),
+                                torch="flax_attn.testing.torch_ref.se:timm_se_module")
     check_parity(entry, config=dict(channel=32, reduction=4, style="timm"), layout="timm", train=train)
 
 
@@ -94,7 +95,8 @@ def test_blocks_identity_shortcut_and_timm_style(cls, cfg):
     assert t.downsample is None
     entry = catalogue.get("se_basic_block" if cls is SEBasicBlock else "se_bottleneck")
     check_parity(entry, config=cfg, inputs={"x": X})
-    keys = set(to_torch(cls(**cfg, se_style="timm"), cls(**cfg, se_style="timm").init(jax.random.PRNGKey(0), X), X))
+    timm_block = cls(**cfg, se_style="timm")
+    keys = set(to_torch(timm_block, timm_block.init(jax.random.PRNGKey(0), X), X))
     assert {"se.fc1.weight", "se.fc1.bias", "se.fc2.weight", "se.fc2.bias"} <= keys
     assert not any(k.startswith("downsample") for k in keys)
 
@@ -121,7 +123,8 @@ def _compare_model(flax_model, tmod, layout, train=False):
     if train:
         fn = jax.jit(lambda v, x: flax_model.apply(v, x, train=True, mutable=["batch_stats"]))
         got, state = fn(variables, IMG)
-        new_sd = to_torch(flax_model, {**variables, **state}, IMG, layout=layout, collections=("batch_stats",))
+        new_sd = to_torch(flax_model, {**variables, **state}, IMG, layout=layout,
+                          collections=("batch_stats",))
         t_sd = _sd(tmod)
         for k, v in new_sd.items():
             np.testing.assert_allclose(v, t_sd[k], atol=1e-5, rtol=1e-5, err_msg=k)
@@ -189,9 +192,9 @@ def test_bad_inputs():
         _init(SELayer(32, 4), X[..., :16])
     with pytest.raises(ValueError, match=r"SELayer: `x` must be 4-D .*got shape \(13, 17, 32\)"):
         _init(SELayer(32, 4), X[0])
-    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be a positive multiple of `reduction`=5"):
+    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be .*`reduction`=5"):
         _init(SELayer(32, 5), X)
-    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be a positive multiple of `reduction`=64"):
+    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be .*`reduction`=64"):
         _init(SELayer(32, 64), X)
     with pytest.raises(ValueError, match="SELayer: `style` must be one of"):
         _init(SELayer(32, 4, style="senet"), X)
