@@ -9,7 +9,13 @@ reference. Importing this package never imports torch.
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.cbam import CBAM, ChannelAttention, ChannelGate, SpatialAttention, SpatialGate
 from flax_attn.ccnet import CrissCrossAttention, RCCAModule
+from flax_attn.coordatt import CoordAtt
+from flax_attn.eca import ECALayer
+from flax_attn.gcnet import ContextBlock
+from flax_attn.se import SEBasicBlock, SEBottleneck, SELayer, SEResNet, se_resnet18, se_resnet34, se_resnet50
+from flax_attn.spd import SPDConv
 
 __version__ = "0.1.0"
 
@@ -18,13 +24,29 @@ __all__ = [
     "A2N",
     "AAB",
     "AttentionBranch",
+    "CBAM",
+    "ChannelAttention",
+    "ChannelGate",
+    "ContextBlock",
+    "CoordAtt",
     "CrissCrossAttention",
+    "ECALayer",
     "MultiheadAttention",
     "PA",
     "ProjectedMultiHeadAttention",
     "RCCAModule",
+    "SEBasicBlock",
+    "SEBottleneck",
+    "SELayer",
+    "SEResNet",
+    "SPDConv",
+    "SpatialAttention",
+    "SpatialGate",
     "catalogue",
     "convert",
     "layers",
     "ops",
+    "se_resnet18",
+    "se_resnet34",
+    "se_resnet50",
 ]

@@ -41,6 +41,7 @@ from flax_attn.convert.io import load_state_dict, to_numpy
 
 __all__ = [
     "ConversionReport",
+    "Conv1x1AsLinear",
     "Ignore",
     "LinearFromNCHW",
     "Permute",
@@ -128,6 +129,23 @@ class LinearFromNCHW(Transform):
     def to_torch(self, f):
         c, h, w = self.channels, self.height, self.width
         return f.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv1x1AsLinear(Transform):
+    """A torch 1x1 ``nn.Conv2d`` weight ``(out, in, 1, 1)`` <-> a Flax Dense kernel ``(in, out)``.
+
+    For blocks whose reference applies 1x1 convs to pooled ``(B, C, 1, 1)`` vectors (SE, CBAM
+    variants): the Flax block keeps one Dense layer and reads either layout.
+    """
+
+    def to_flax(self, t):
+        if t.ndim != 4 or tuple(t.shape[2:]) != (1, 1):
+            raise ValueError(f"expected a 1x1 conv weight (out, in, 1, 1), got {t.shape}")
+        return np.transpose(t[:, :, 0, 0])
+
+    def to_torch(self, f):
+        return np.transpose(f)[:, :, None, None]
 
 
 LINEAR = Permute((1, 0))

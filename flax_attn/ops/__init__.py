@@ -7,18 +7,32 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
+from flax_attn.ops.channel import (
+    attention_pool2d,
+    channel_pool,
+    directional_avg_pool,
+    eca_kernel_size,
+    global_pool,
+)
 from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
+from flax_attn.ops.space_to_depth import space_to_depth
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "attention_dropout_weights",
+    "attention_pool2d",
+    "channel_pool",
     "criss_cross_attention",
+    "directional_avg_pool",
+    "eca_kernel_size",
+    "global_pool",
     "interpolate",
     "masked_softmax",
     "mix_branches",
     "scaled_dot_product_attention",
     "sigmoid_gate",
+    "space_to_depth",
 ]

@@ -1,0 +1,94 @@
+"""ECA: Efficient Channel Attention (Wang et al., "ECA-Net: Efficient Channel Attention for Deep
+Convolutional Neural Networks", CVPR 2020, arXiv 1910.03151).
+
+Follows the official ``eca_layer`` (BangguWu/ECANet, models/eca_module.py): global average pooling,
+a 1-D convolution across the channel axis (one filter of size ``k_size`` shared by all channels, no
+bias, zero padding ``(k_size - 1) // 2``), sigmoid, rescale. The paper's adaptive kernel size
+``k = |log2(C) / gamma + b / gamma|_odd`` is available with ``k_size=None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn import catalogue
+from flax_attn.layers import Conv
+from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.channel import eca_kernel_size, global_pool
+
+__all__ = ["ECALayer"]
+
+Dtype = Any
+
+
+class ECALayer(nn.Module):
+    """Efficient Channel Attention (Wang et al., CVPR 2020, arXiv 1910.03151), official ``eca_layer``.
+
+    Attributes:
+      channel: input channels C.
+      k_size: odd 1-D kernel size (official default 3); ``None`` picks the paper's adaptive size
+        from ``gamma`` and ``b`` (:func:`flax_attn.ops.eca_kernel_size`).
+      gamma, b: the adaptive-size constants (2 and 1).
+
+    Torch key: ``conv.weight`` of shape ``(1, 1, k_size)``.
+
+    Input ``(B, H, W, C)``; output the same shape.
+
+    Example:
+      >>> eca = ECALayer(channel=64, k_size=None)   # adaptive: k = 3 for 64 channels
+      >>> x = jnp.ones((2, 7, 9, 64))
+      >>> variables = eca.init(jax.random.PRNGKey(0), x)
+      >>> variables["params"]["conv"]["kernel"].shape
+      (3, 1, 1)
+    """
+
+    channel: int
+    k_size: int | None = 3
+    gamma: float = 2
+    b: float = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @property
+    def kernel_size(self) -> int:
+        return eca_kernel_size(self.channel, self.gamma, self.b) if self.k_size is None else self.k_size
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "ECALayer"
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.channel)
+        k = self.kernel_size
+        if k < 1 or k % 2 == 0:
+            # An even kernel with padding (k - 1) // 2 returns C - 1 values: the gate no longer fits.
+            raise ValueError(f"{where}: `k_size` must be a positive odd number, got {k}")
+        y = global_pool(x, "avg")[:, :, None]  # (B, C, 1): channels as a 1-D sequence of one feature
+        y = Conv(1, (k,), padding=(k - 1) // 2, use_bias=False, name="conv",
+                 dtype=self.dtype, param_dtype=self.param_dtype)(y)
+        return x * nn.sigmoid(y[:, None, None, :, 0]).astype(x.dtype)
+
+
+def _images(b, h, w, c):
+    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
+
+
+catalogue.register(catalogue.Entry(
+    name="eca",
+    family="eca",
+    paper="Wang et al., CVPR 2020",
+    arxiv="1910.03151",
+    flax=ECALayer,
+    torch="flax_attn.testing.torch_ref.eca:eca_layer",
+    config=dict(channel=32, k_size=5),
+    inputs=_images(3, 13, 17, 32),
+    bench_config=dict(channel=256, k_size=5),
+    bench_inputs=_images(16, 56, 56, 256),
+    train_mode=False,
+))

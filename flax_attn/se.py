@@ -1,0 +1,462 @@
+"""Squeeze-and-Excitation: the SE layer, SE residual blocks and SE-ResNet-18/34/50.
+
+Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018, arXiv 1709.01507.
+
+Two families of PyTorch checkpoints are read (and written) exactly:
+
+* ``se_style="senet"``: the seed's plain ResNet + SE (moskomule/senet.pytorch): torchvision ResNet
+  keys (``conv1``, ``layer1.0.conv1``, ``downsample.0``, ``fc``) with ``se.fc.0``/``se.fc.2``
+  Linear layers *without* bias and ``channel // reduction`` hidden units.
+* ``se_style="timm"``: timm's ``seresnet18/34/50``: the same ResNet keys, but timm's ``SEModule``
+  with 1x1 convs ``se.fc1``/``se.fc2`` *with* bias and ``make_divisible(channels / 16, 8)`` hidden
+  units (64 channels -> 8, where senet.pytorch has 4), and zero-initialised last BN of each block.
+
+The SE layer alone also reads the 1x1-conv form of the seed blog (``fc1.0``/``fc1.2``, no bias):
+the same math as the Linear form, so it is a layout (``layout="conv"``) of the same module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn import catalogue
+from flax_attn.convert.engine import Conv1x1AsLinear, Rename
+from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.channel import global_pool
+
+__all__ = [
+    "SEBasicBlock",
+    "SEBottleneck",
+    "SELayer",
+    "SEResNet",
+    "make_divisible",
+    "se_resnet18",
+    "se_resnet34",
+    "se_resnet50",
+]
+
+Dtype = Any
+
+_SE_STYLES = ("official", "timm")
+_NHWC = "(batch, height, width, channels)"
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """timm's channel rounding: nearest multiple of ``divisor`` (at least ``min_value``), bumped up one
+    step if rounding lost more than ``1 - round_limit`` of ``v``. timm's SE uses ``round_limit=0``."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def se_hidden_channels(where: str, channels: int, reduction: int, style: str) -> int:
+    """Hidden width of an SE bottleneck: ``channels // reduction`` (official) or timm's rounding."""
+    if style == "timm":
+        return make_divisible(channels / reduction, 8, round_limit=0.0)
+    if reduction <= 0 or channels % reduction or channels // reduction == 0:
+        raise ValueError(
+            f"{where}: `channel`={channels} must be a positive multiple of `reduction`={reduction} "
+            f"(the bottleneck has channel // reduction = {channels // max(reduction, 1)} units)"
+        )
+    return channels // reduction
+
+
+def _se_layout(layout: str | None, style: str) -> str:
+    """The SE-level layout for a model-level layout name (``None`` follows the layer's style)."""
+    if layout in ("official", "conv", "timm"):
+        return layout
+    return style
+
+
+class SELayer(nn.Module):
+    """The Squeeze-and-Excitation layer (Hu et al., CVPR 2018, arXiv 1709.01507).
+
+    ``x * sigmoid(W2 relu(W1 avgpool(x)))`` with a per-channel gate. ``style="official"`` is
+    senet.pytorch's ``SELayer(channel, reduction=16)`` (``fc.0``/``fc.2`` Linear, no bias,
+    ``channel // reduction`` hidden units); ``style="timm"`` is timm's ``SEModule(channel)``
+    (``fc1``/``fc2`` 1x1 convs with bias, hidden width ``make_divisible(channel / reduction, 8)``).
+
+    State-dict layouts: ``"official"`` (``fc.0.weight``, ``fc.2.weight``), ``"conv"`` (the seed blog's
+    1x1-conv form ``fc1.0.weight``/``fc1.2.weight`` of shape ``(out, in, 1, 1)``, same math) and
+    ``"timm"`` (``fc1.weight``/``fc1.bias``/``fc2.*``). The default is the style's own layout.
+
+    Attributes:
+      channel: input channels C.
+      reduction: bottleneck ratio (default 16). With the official style, C must be a positive
+        multiple of it (a ValueError otherwise; the reference silently floors).
+      style: ``"official"`` or ``"timm"``.
+      rd_channels: explicit hidden width (overrides ``reduction``), as timm's ``rd_channels``.
+
+    Input ``(B, H, W, C)``; output the same shape.
+
+    Example:
+      >>> se = SELayer(channel=32, reduction=4)
+      >>> x = jnp.ones((2, 7, 9, 32))
+      >>> variables = se.init(jax.random.PRNGKey(0), x)
+      >>> se.apply(variables, x).shape
+      (2, 7, 9, 32)
+    """
+
+    channel: int
+    reduction: int = 16
+    style: str = "official"
+    rd_channels: int | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official", "conv", "timm")
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        layout = _se_layout(layout, self.style)
+        if layout == "timm":
+            return [
+                Rename(r"fc_0\.weight", "fc1.weight", Conv1x1AsLinear()),
+                Rename(r"fc_0\.bias", "fc1.bias"),
+                Rename(r"fc_2\.weight", "fc2.weight", Conv1x1AsLinear()),
+                Rename(r"fc_2\.bias", "fc2.bias"),
+            ]
+        if layout == "conv":
+            return [Rename(r"fc_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear()),
+                    Rename(r"fc_(0|2)\.bias", r"fc1.\1.bias")]
+        return [Rename(r"fc_(0|2)\.(.*)", r"fc.\1.\2")]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "SELayer"
+        if self.style not in _SE_STYLES:
+            raise ValueError(f"{where}: `style` must be one of {_SE_STYLES}, got {self.style!r}")
+        check_rank(where, "x", x, 4, _NHWC)
+        check_channels(where, "x", x, self.channel)
+        hidden = self.rd_channels or se_hidden_channels(where, self.channel, self.reduction, self.style)
+        bias = self.style == "timm"
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=bias)
+        y = global_pool(x, "avg")
+        y = nn.relu(Linear(hidden, name="fc_0", **kw)(y))
+        y = nn.sigmoid(Linear(self.channel, name="fc_2", **kw)(y))
+        return x * y[:, None, None, :].astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- residual blocks
+
+# torchvision and timm: kaiming_normal_(mode="fan_out", nonlinearity="relu") on every conv.
+_resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _check_style(where: str, se_style: str) -> str:
+    styles = ("senet", "timm")
+    if se_style not in styles:
+        raise ValueError(f"{where}: `se_style` must be one of {styles}, got {se_style!r}")
+    return "timm" if se_style == "timm" else "official"
+
+
+class _SEResidualBlock(nn.Module):
+    """Shared rename table of the SE residual blocks (``downsample_0`` -> ``downsample.0``)."""
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        return [Rename(r"downsample_(\d)\.(.*)", r"downsample.\1.\2")]
+
+    @nn.nowrap
+    def _needs_downsample(self, expansion: int) -> bool:
+        if self.downsample is not None:
+            return self.downsample
+        return self.stride != 1 or self.inplanes != self.planes * expansion
+
+    @nn.nowrap
+    def _downsample(self, x, out_ch, train, kw):
+        r = Conv(out_ch, 1, stride=self.stride, use_bias=False, kernel_init=_resnet_conv_init,
+                 name="downsample_0", **kw)(x)
+        return BatchNorm(name="downsample_1", **kw)(r, train=train)
+
+
+class SEBasicBlock(_SEResidualBlock):
+    """ResNet basic block with SE before the residual sum (senet.pytorch ``SEBasicBlock``, timm
+    ``BasicBlock(attn_layer="se")``): conv3x3-BN-ReLU-conv3x3-BN-SE, + shortcut, ReLU.
+
+    Attributes:
+      inplanes, planes, stride: as in torchvision; ``expansion`` is 1.
+      reduction: SE ratio (16).
+      downsample: projection shortcut (1x1 conv + BN, keys ``downsample.0``/``downsample.1``);
+        ``None`` = when ``stride != 1`` or ``inplanes != planes``, as torchvision's ``_make_layer``.
+      se_style: ``"senet"`` (SE without bias, C // 16) or ``"timm"`` (see :class:`SELayer`).
+      zero_init_last: zero-init ``bn2``'s scale (timm's default in its ResNet).
+
+    Input ``(B, H, W, inplanes)``; output ``(B, ceil(H / stride), ceil(W / stride), planes)``.
+
+    Example:
+      >>> block = SEBasicBlock(inplanes=16, planes=32, stride=2)
+      >>> x = jnp.ones((2, 9, 11, 16))
+      >>> variables = block.init(jax.random.PRNGKey(0), x)
+      >>> block.apply(variables, x).shape
+      (2, 5, 6, 32)
+    """
+
+    inplanes: int
+    planes: int
+    stride: int = 1
+    reduction: int = 16
+    downsample: bool | None = None
+    se_style: str = "senet"
+    zero_init_last: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "SEBasicBlock"
+        style = _check_style(where, self.se_style)
+        check_rank(where, "x", x, 4, _NHWC)
+        check_channels(where, "x", x, self.inplanes)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False,
+                                 kernel_init=_resnet_conv_init, **kw)
+        out = conv(self.planes, stride=self.stride, name="conv1")(x)
+        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
+        out = conv(self.planes, name="conv2")(out)
+        last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        out = BatchNorm(name="bn2", scale_init=last_init, **kw)(out, train=train)
+        out = SELayer(self.planes, self.reduction, style=style, name="se", **kw)(out)
+        shortcut = self._downsample(x, self.planes, train, kw) if self._needs_downsample(1) else x
+        return nn.relu(out + shortcut)
+
+
+class SEBottleneck(_SEResidualBlock):
+    """ResNet bottleneck with SE before the residual sum (senet.pytorch ``SEBottleneck``, timm
+    ``Bottleneck(attn_layer="se")``): 1x1-BN-ReLU, 3x3 (stride here, "ResNet v1.5")-BN-ReLU,
+    1x1 to ``4 * planes``-BN, SE, + shortcut, ReLU.
+
+    Attributes:
+      inplanes, planes, stride: as in torchvision; output channels are ``4 * planes``.
+      reduction, downsample, se_style, zero_init_last: as :class:`SEBasicBlock` (``bn3`` is last).
+
+    Input ``(B, H, W, inplanes)``; output ``(B, ceil(H / stride), ceil(W / stride), 4 * planes)``.
+
+    Example:
+      >>> block = SEBottleneck(inplanes=32, planes=16, stride=2)
+      >>> x = jnp.ones((2, 9, 11, 32))
+      >>> variables = block.init(jax.random.PRNGKey(0), x)
+      >>> block.apply(variables, x).shape
+      (2, 5, 6, 64)
+    """
+
+    inplanes: int
+    planes: int
+    stride: int = 1
+    reduction: int = 16
+    downsample: bool | None = None
+    se_style: str = "senet"
+    zero_init_last: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "SEBottleneck"
+        style = _check_style(where, self.se_style)
+        check_rank(where, "x", x, 4, _NHWC)
+        check_channels(where, "x", x, self.inplanes)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(Conv, use_bias=False, kernel_init=_resnet_conv_init, **kw)
+        out_ch = self.planes * self.expansion
+        out = conv(self.planes, 1, name="conv1")(x)
+        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
+        out = conv(self.planes, 3, stride=self.stride, padding=1, name="conv2")(out)
+        out = nn.relu(BatchNorm(name="bn2", **kw)(out, train=train))
+        out = conv(out_ch, 1, name="conv3")(out)
+        last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        out = BatchNorm(name="bn3", scale_init=last_init, **kw)(out, train=train)
+        out = SELayer(out_ch, self.reduction, style=style, name="se", **kw)(out)
+        shortcut = self._downsample(x, out_ch, train, kw) if self._needs_downsample(self.expansion) else x
+        return nn.relu(out + shortcut)
+
+
+# --------------------------------------------------------------------------- SE-ResNet
+
+_BLOCKS = {"basic": SEBasicBlock, "bottleneck": SEBottleneck}
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    # torch MaxPool2d(3, 2, padding=1): the padding never wins the max (pads with -inf).
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+class SEResNet(nn.Module):
+    """SE-ResNet (Hu et al., CVPR 2018, arXiv 1709.01507) with torchvision's ResNet layout.
+
+    Stem conv7x7/2 (``conv1``, no bias) - ``bn1`` - ReLU - maxpool3x3/2, four stages
+    ``layer1..layer4`` of SE blocks (64, 128, 256, 512 planes; stride 2 from stage 2 on, in the
+    first block's 3x3 conv), global average pool and ``fc``. Loads timm's ``seresnet18/34/50``
+    (``se_style="timm"``, layout ``"timm"``) or senet.pytorch's ``se_resnet18/34/50``
+    (``se_style="senet"``, layout ``"senet"``); the two differ in the SE layers (see module doc).
+
+    Attributes:
+      block: ``"basic"`` (SE-ResNet-18/34) or ``"bottleneck"`` (SE-ResNet-50).
+      layers: blocks per stage, e.g. ``(2, 2, 2, 2)``.
+      num_classes: classifier outputs; 0 returns the pooled features.
+      in_chans: input channels (3).
+      reduction: SE ratio (16).
+      se_style: ``"timm"`` (default) or ``"senet"``.
+
+    Input ``(B, H, W, in_chans)`` images; output ``(B, num_classes)`` logits.
+
+    Example:
+      >>> model = se_resnet18(num_classes=10)
+      >>> x = jnp.ones((1, 33, 29, 3))
+      >>> variables = model.init(jax.random.PRNGKey(0), x)
+      >>> model.apply(variables, x).shape
+      (1, 10)
+    """
+
+    block: str = "basic"
+    layers: Sequence[int] = (2, 2, 2, 2)
+    num_classes: int = 1000
+    in_chans: int = 3
+    reduction: int = 16
+    se_style: str = "timm"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("timm", "senet")
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        if layout is not None and layout != self.se_style:
+            raise ValueError(
+                f"SEResNet: layout {layout!r} does not match se_style={self.se_style!r}; the SE layers "
+                f"differ between the two (bias, hidden width): build the model with se_style={layout!r}"
+            )
+        return [Rename(r"layer(\d)_(\d+)\.(.*)", r"layer\1.\2.\3")]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "SEResNet"
+        _check_style(where, self.se_style)
+        if self.block not in _BLOCKS:
+            raise ValueError(f"{where}: `block` must be one of {tuple(_BLOCKS)}, got {self.block!r}")
+        if len(self.layers) != 4:
+            raise ValueError(f"{where}: `layers` must give 4 stage depths, got {tuple(self.layers)}")
+        check_rank(where, "x", x, 4, "(batch, height, width, in_chans)")
+        check_channels(where, "x", x, self.in_chans)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_cls = _BLOCKS[self.block]
+        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init,
+                 name="conv1", **kw)(x)
+        x = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
+        x = _max_pool_3x3_s2(x)
+        inplanes = 64
+        for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
+            for i in range(depth):
+                stride = 2 if (stage > 1 and i == 0) else 1
+                x = block_cls(inplanes, planes, stride, self.reduction, se_style=self.se_style,
+                              zero_init_last=self.se_style == "timm", name=f"layer{stage}_{i}",
+                              **kw)(x, train=train)
+                inplanes = planes * block_cls.expansion
+        x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+        if self.num_classes:
+            x = Linear(self.num_classes, name="fc", **kw)(x)
+        return x
+
+
+def se_resnet18(num_classes: int = 1000, **kwargs) -> SEResNet:
+    """SE-ResNet-18: basic blocks ``(2, 2, 2, 2)`` (timm ``seresnet18`` / senet.pytorch ``se_resnet18``)."""
+    return SEResNet(block="basic", layers=(2, 2, 2, 2), num_classes=num_classes, **kwargs)
+
+
+def se_resnet34(num_classes: int = 1000, **kwargs) -> SEResNet:
+    """SE-ResNet-34: basic blocks ``(3, 4, 6, 3)``."""
+    return SEResNet(block="basic", layers=(3, 4, 6, 3), num_classes=num_classes, **kwargs)
+
+
+def se_resnet50(num_classes: int = 1000, **kwargs) -> SEResNet:
+    """SE-ResNet-50: bottleneck blocks ``(3, 4, 6, 3)``."""
+    return SEResNet(block="bottleneck", layers=(3, 4, 6, 3), num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def _images(b, h, w, c):
+    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
+
+
+_PAPER = "Hu et al., CVPR 2018"
+_ARXIV = "1709.01507"
+
+catalogue.register(catalogue.Entry(
+    name="se_layer",
+    family="se",
+    paper=_PAPER,
+    arxiv=_ARXIV,
+    flax=SELayer,
+    torch="flax_attn.testing.torch_ref.se:SELayer",
+    config=dict(channel=32, reduction=4),
+    inputs=_images(3, 13, 17, 32),
+    bench_config=dict(channel=64, reduction=16),
+    bench_inputs=_images(32, 56, 56, 64),
+    layouts=("official", "conv", "timm"),
+    train_mode=False,
+))
+
+catalogue.register(catalogue.Entry(
+    name="se_basic_block",
+    family="se",
+    paper=_PAPER,
+    arxiv=_ARXIV,
+    flax=SEBasicBlock,
+    torch="flax_attn.testing.torch_ref.se:se_basic_block",
+    config=dict(inplanes=16, planes=32, stride=2, reduction=16),
+    inputs=_images(3, 13, 17, 16),
+    bench_config=dict(inplanes=64, planes=64, stride=1, reduction=16),
+    bench_inputs=_images(16, 56, 56, 64),
+    layouts=("senet", "timm"),
+))
+
+catalogue.register(catalogue.Entry(
+    name="se_bottleneck",
+    family="se",
+    paper=_PAPER,
+    arxiv=_ARXIV,
+    flax=SEBottleneck,
+    torch="flax_attn.testing.torch_ref.se:se_bottleneck",
+    config=dict(inplanes=32, planes=16, stride=2, reduction=16),
+    inputs=_images(3, 13, 17, 32),
+    bench_config=dict(inplanes=256, planes=64, stride=1, reduction=16),
+    bench_inputs=_images(16, 56, 56, 256),
+    layouts=("senet", "timm"),
+))
+
+catalogue.register(catalogue.Entry(
+    name="se_resnet18",
+    family="se",
+    paper=_PAPER,
+    arxiv=_ARXIV,
+    flax=se_resnet18,
+    torch="flax_attn.testing.torch_ref.se:se_resnet18",
+    # senet style so that the generic test needs plain torch only; tests/test_se.py checks the
+    # timm style against timm's own model.
+    config=dict(num_classes=10, se_style="senet"),
+    inputs=_images(3, 33, 29, 3),
+    bench_config=dict(num_classes=1000, se_style="timm"),
+    bench_inputs=_images(8, 64, 64, 3),
+    layouts=("senet", "timm"),
+    atol=1e-4,
+    rtol=1e-4,
+))
