@@ -1,0 +1,277 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Attention maps: where the blocks look on a real photograph
+#
+# Shown here: CCNet's criss-cross attention after one and two recurrences, CBAM's channel and
+# spatial gates, and A2N's attention dropout weights and attention maps with the released
+# super-resolution checkpoint.
+#
+# A caution that applies to every block without a released checkpoint: with random (or
+# hand-set) weights a map shows the *structure* of the attention, where a pixel can look and how
+# the weights depend on the input, not the semantics a trained network would learn. The A2N
+# maps come from the authors' trained weights where `shared/data` is present (next to the
+# repository); without it they fall back to random weights and say so.
+
+# %%
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import skimage.data
+import skimage.transform
+
+import flax_attn
+from flax_attn.sr_metrics import bicubic_downscale, bicubic_upscale, psnr_y, quantize
+
+jax.config.update("jax_default_matmul_precision", "highest")
+FIG_DIR = os.environ.get("FLAX_ATTN_FIG_DIR", tempfile.mkdtemp())
+os.makedirs(FIG_DIR, exist_ok=True)
+REPO_ROOT = Path(flax_attn.__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared" / "data"
+A2N_CKPT = SHARED / "a2n" / "aan_x2.pt"
+print("released A2N x2 checkpoint:", A2N_CKPT if A2N_CKPT.exists() else "absent (random weights below)")
+
+photo = skimage.data.astronaut()  # 512 x 512 RGB, uint8
+small = skimage.transform.resize(photo, (96, 96), anti_aliasing=True).astype(np.float32)  # [0, 1]
+
+# %% [markdown]
+# ## 1. Features to attend over
+#
+# Attention blocks sit inside networks and attend over features, not raw pixels. As a stem we
+# use the first convolution of the released A2N model (40 learned 3x3 filters: edges and colour
+# opponents), or a random convolution when the checkpoint is absent.
+
+# %%
+if A2N_CKPT.exists():
+    from flax_attn.convert import from_torch, load_state_dict
+
+    a2n_model = flax_attn.A2N(scale=2)
+    a2n_vars = from_torch(a2n_model, load_state_dict(A2N_CKPT), jnp.zeros((1, 8, 8, 3)))
+    stem_w = a2n_vars["params"]["conv_first"]
+else:
+    a2n_model = flax_attn.A2N(scale=2)
+    a2n_vars = a2n_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    stem_w = a2n_vars["params"]["conv_first"]
+    print("NOTE: A2N checkpoint not found; the stem and section 4 use random weights")
+
+stem = flax_attn.layers.Conv(40, 3, padding=1)
+feats = stem.apply({"params": stem_w}, jnp.asarray(small * 255.0)[None])
+feats = (feats - feats.mean((0, 1, 2))) / (feats.std((0, 1, 2)) + 1e-6)  # per-channel standardised
+print("features:", feats.shape)
+
+# %% [markdown]
+# ## 2. CCNet: criss-cross attention, one and two recurrences
+#
+# Each pixel attends to the `H + W - 1` pixels of its row and column, with one softmax over all
+# of them. CCNet's RCCA module applies the *same* block twice: after the first pass every pixel
+# has gathered its cross; in the second pass it gathers crosses of pixels that already hold their
+# own crosses, so information from *every* pixel can reach it (two hops: along a row, then along
+# a column). The effective two-hop weights of pixel `p` are row `p` of `A2 @ A1`.
+#
+# Weights: `query_conv` and `key_conv` are set to the same random projection (scaled so the
+# softmax is not flat), so the logits are a similarity of projected stem features; `gamma` is
+# set to 1 (it starts at 0, which would make the second pass see the unchanged input). A trained
+# CCNet learns its own projections; the *reach* shown here is the same for any weights.
+
+# %%
+cca = flax_attn.CrissCrossAttention(in_dim=40, implementation="xla")
+cca_vars = cca.init(jax.random.PRNGKey(1), feats)
+params = jax.tree_util.tree_map(lambda a: a, cca_vars["params"])
+params["query_conv"] = {"kernel": params["query_conv"]["kernel"] * 1.3, "bias": jnp.zeros(5)}
+params["key_conv"] = params["query_conv"]
+params["gamma"] = jnp.ones(1)
+cca_vars = {"params": params}
+
+out1, w1 = cca.apply(cca_vars, feats, return_weights=True)
+out2, w2 = cca.apply(cca_vars, out1, return_weights=True)  # RCCA: shared weights, recurrence 2
+w1, w2 = np.asarray(w1[0]), np.asarray(w2[0])
+H, W = w1.shape[:2]
+print("weights per pixel:", w1.shape[-1], "= H + W - 1; rows sum to", w1[0, 0].sum())
+
+
+def cross_map(weights, y, x):
+    """Scatter pixel (y, x)'s H + W - 1 weights (official order: row, then column without the centre)."""
+    m = np.zeros((H, W), np.float32)
+    m[y, :] = weights[y, x, :W]
+    rows = [j for j in range(H) if j != y]
+    m[rows, x] = weights[y, x, W:]
+    return m
+
+
+def two_hop_map(y, x):
+    """Row (y, x) of A2 @ A1: the second pass's weights spread through each cross pixel's first pass."""
+    m = np.zeros((H, W), np.float32)
+    a2 = cross_map(w2, y, x)
+    for qy, qx in zip(*np.nonzero(a2)):
+        m += a2[qy, qx] * cross_map(w1, qy, qx)
+    return m
+
+
+def log_overlay(ax, m, title, decades=3.0):
+    """Weights on a log scale over the grey photo; below max / 10**decades is left transparent."""
+    logm = np.log10(np.maximum(m, 1e-30) / m.max())
+    ax.imshow(small.mean(-1), cmap="gray", vmin=0, vmax=1.4)
+    ax.imshow(np.ma.masked_less(logm, -decades), cmap="plasma", vmin=-decades, vmax=0)
+    ax.set_title(title, fontsize=10)
+
+
+pixels = {"hair": (8, 40), "face": (30, 50), "flag": (20, 88), "suit": (75, 30)}
+fig, axes = plt.subplots(len(pixels), 3, figsize=(9, 3 * len(pixels)))
+for row, (name, (y, x)) in enumerate(pixels.items()):
+    axes[row, 0].imshow(small)
+    axes[row, 0].set_title(f"{name} pixel ({y}, {x})", fontsize=10)
+    log_overlay(axes[row, 1], cross_map(w1, y, x), "recurrence 1: its cross")
+    log_overlay(axes[row, 2], two_hop_map(y, x), "recurrence 2: row of A2 @ A1")
+    for ax in axes[row]:
+        ax.plot(x, y, "c+", ms=12, mew=2)
+        ax.axis("off")
+fig.suptitle("criss-cross weights, log10 of weight / max (3 decades)")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "ccnet_recurrences.png"), dpi=70)
+print("pixels reached after 1 / 2 recurrences:",
+      int((cross_map(w1, 30, 50) > 0).sum()), "/", int((two_hop_map(30, 50) > 0).sum()), "of", H * W)
+
+# %% [markdown]
+# The middle column is exactly zero off the cross: a single criss-cross pass cannot see
+# anything else. On the cross, the weight concentrates on the pixels whose projected features
+# are most similar to the query's (with these untrained projections, similar colour and edge
+# content). After the second recurrence (right) every one of the `H W` pixels carries some
+# weight: RCCA reaches the whole image with `2 (H + W - 1)` weights per pixel instead of the
+# `H W` of a non-local block, and the two-hop weights follow regions similar to the query.
+
+# %% [markdown]
+# ## 3. CBAM: channel gate, then spatial gate (random weights)
+#
+# CBAM rescales channels with `sigmoid(MLP(avgpool) + MLP(maxpool))`, then pixels with
+# `sigmoid(BN(conv7x7([max_c, mean_c])))`. We read both gates from `capture_intermediates`.
+# With random weights the spatial gate is a fixed 7x7 filter of the channel-wise max and mean,
+# so it follows contrast and texture; only training makes it pick out objects.
+
+# %%
+cbam = flax_attn.CBAM(gate_channels=40, reduction_ratio=4)
+cbam_vars = cbam.init(jax.random.PRNGKey(2), feats)
+_, state = cbam.apply(cbam_vars, feats, capture_intermediates=True, mutable=["intermediates"])
+inter = state["intermediates"]
+mlp = inter["ChannelGate"]["mlp_3"]["__call__"]  # the shared MLP's output, once per pooling (avg, max)
+channel_gate = np.asarray(jax.nn.sigmoid(mlp[0] + mlp[1])[0])
+spatial_gate = np.asarray(jax.nn.sigmoid(inter["SpatialGate"]["spatial"]["__call__"][0])[0, ..., 0])
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+axes[0].imshow(small)
+axes[0].set_title("input")
+im = axes[1].imshow(spatial_gate, cmap="magma")
+axes[1].set_title("CBAM spatial gate")
+fig.colorbar(im, ax=axes[1], fraction=0.045)
+for ax in axes[:2]:
+    ax.axis("off")
+axes[2].bar(np.arange(40), channel_gate, color="tab:green")
+axes[2].set_title("CBAM channel gate (one weight per stem channel)")
+axes[2].set_xlabel("channel")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "cbam_gates.png"), dpi=70)
+
+# %% [markdown]
+# ## 4. A2N: attention dropout and attention maps of the released x2 model
+#
+# Each of A2N's 16 attention-in-attention blocks (AAB) has an attention branch and a
+# non-attention branch (a plain 3x3 conv). A small *attention dropout module* looks at the
+# globally pooled input of the block and gives the two branches softmax weights that sum to one,
+# so the network can turn attention down where it does not help. The model sows these weights
+# and the sigmoid attention maps into the `intermediates` collection.
+
+# %%
+hr = (skimage.transform.resize(photo[:256, 128:384], (128, 128), anti_aliasing=True) * 255).round().astype(np.uint8)
+lr = bicubic_downscale(hr, 2)
+a2n_apply = jax.jit(lambda v, x: a2n_model.apply(v, x, mutable=["intermediates"]))
+sr, a2n_state = a2n_apply(a2n_vars, jnp.asarray(lr, jnp.float32)[None])
+sr = quantize(np.asarray(sr[0]))
+bic = bicubic_upscale(lr, 2)
+print(f"Y-PSNR on this crop: bicubic {psnr_y(bic, hr, 2):.2f} dB, A2N {psnr_y(sr, hr, 2):.2f} dB")
+
+a2n_inter = a2n_state["intermediates"]
+blocks = sorted((k for k in a2n_inter if k.startswith("AAB_trunk_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+adm = np.stack([np.asarray(a2n_inter[k]["attention_dropout"][0][0]) for k in blocks])  # (16, K)
+
+
+def adm_weights(img_uint8):
+    _, st = a2n_apply(a2n_vars, jnp.asarray(bicubic_downscale(img_uint8, 2), jnp.float32)[None])
+    return np.stack([np.asarray(st["intermediates"][k]["attention_dropout"][0][0, 0]) for k in blocks])
+
+
+others = {
+    "chelsea": (skimage.transform.resize(skimage.data.chelsea(), (128, 192), anti_aliasing=True) * 255).round(),
+    "coffee": (skimage.transform.resize(skimage.data.coffee(), (128, 192), anti_aliasing=True) * 255).round(),
+}
+adm_other = {name: adm_weights(img.astype(np.uint8)) for name, img in others.items()}
+
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
+idx = np.arange(len(blocks))
+axes[0].bar(idx, adm[:, 0], color="tab:red", label="attention branch")
+axes[0].bar(idx, adm[:, 1], bottom=adm[:, 0], color="tab:gray", label="non-attention branch")
+axes[0].axhline(0.5, color="k", lw=0.8, ls=":")
+axes[0].set_xlabel("AAB block")
+axes[0].set_ylabel("attention dropout weight")
+axes[0].set_title("astronaut crop: branch weights per block")
+axes[0].legend(loc="lower right")
+axes[1].plot(idx, adm[:, 0], "o-", label="astronaut")
+for name, wa in adm_other.items():
+    axes[1].plot(idx, wa, "o-", label=name)
+axes[1].axhline(0.5, color="k", lw=0.8, ls=":")
+axes[1].set_xlabel("AAB block")
+axes[1].set_ylabel("attention-branch weight")
+axes[1].set_title("the weights depend on the image")
+axes[1].legend()
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "a2n_attention_dropout.png"), dpi=70)
+
+# %% [markdown]
+# Left: the split between the two branches in every block for one image; right: the
+# attention-branch weight for three images. (The ADM softmax has temperature 30, which keeps the
+# weights near 1/2 unless the logits are large.) With the released weights several blocks (4-8
+# here) lean towards the non-attention branch, and the exact split shifts with the image, which
+# is the paper's point: not every block needs attention equally, and the choice is made per
+# input. With random weights (checkpoint absent) every bar sits near 1/2.
+
+# %%
+show = [blocks[0], blocks[5], blocks[10], blocks[15]]
+fig, axes = plt.subplots(2, 4, figsize=(14, 7))
+for ax, img, title in zip(axes[0], (lr, bic, sr, hr), ("LR input (64 x 64)", "bicubic x2", "A2N x2", "HR")):
+    ax.imshow(img)
+    ax.set_title(title)
+for ax, k in zip(axes[1, :3], show[:3]):
+    amap = np.asarray(a2n_inter[k]["attention"]["attention_map"][0][0]).mean(-1)
+    ax.imshow(amap, cmap="viridis")
+    ax.set_title(f"{k}: attention map (mean over 40 ch.)", fontsize=9)
+pa = np.asarray(a2n_inter["att1"]["attention_map"][0][0]).mean(-1)
+axes[1, 3].imshow(pa, cmap="viridis")
+axes[1, 3].set_title("att1: pixel attention at 128 x 128", fontsize=9)
+for ax in axes.ravel():
+    ax.axis("off")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "a2n_attention_maps.png"), dpi=70)
+
+# %% [markdown]
+# Bottom row: the attention branch's sigmoid maps, averaged over channels, in three blocks, and
+# the pixel attention of the reconstruction module at the output resolution. With the released
+# weights the first block responds mostly to colour (the orange suit), later blocks to edges and
+# texture (hair, eyes, the suit's rim), and the pixel attention outlines the edges, which is
+# where super-resolution has detail to restore.
