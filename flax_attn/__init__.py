@@ -7,14 +7,17 @@ reference. Importing this package never imports torch.
 """
 
 from flax_attn import catalogue, convert, layers, ops
+from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 
 __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "ACmix",
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
+    "WindowAttention",
     "catalogue",
     "convert",
     "layers",

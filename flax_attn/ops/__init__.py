@@ -6,13 +6,17 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 """
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
+from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
+from flax_attn.ops.window import window_attention
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "interpolate",
     "masked_softmax",
+    "neighborhood_attention",
     "scaled_dot_product_attention",
+    "window_attention",
 ]
