@@ -101,45 +101,48 @@ def check_neighborhood_args(q, k, v, kernel_size: int, dilation: int, stride: in
                 f"the clamp border needs it <= height and width, got keys of shape {k.shape}")
 
 
-def _row_windows(x, a, rows, cols, stride, border, kernel_size, dilation):
-    """``x`` at window row ``a`` and every window column: ``(B, Hq, Wq, k, heads, d)``.
-
-    One window row at a time keeps the transient at ``k`` (not ``k^2``) copies of the input.
-    """
+def _window_tables(x, h, w, kernel_size, dilation, stride, border):
+    """(source array, row table (k, Hq), column table (Wq, k)): ``source[:, rows[a]][:, :, cols]``
+    is window row ``a`` for every query, ``(B, Hq, Wq, k, heads, d)``."""
+    rows = neighborhood_indices(h, kernel_size, dilation, stride, border)
+    cols = neighborhood_indices(w, kernel_size, dilation, stride, border).T
     if border == "reflect":
-        # Reflect-pad, then the row offset is a static strided slice; columns index the padded image.
+        # Index the reflect-padded image with plain shifts (cheaper gathers than reflected indices).
         p = (kernel_size // 2) * dilation
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)), mode="reflect")
-        hq, wq = rows.shape[1], cols.shape[1]
-        xa = xp[:, a * dilation:a * dilation + (hq - 1) * stride + 1:stride]
-        col_idx = (np.arange(wq)[:, None] * stride + np.arange(kernel_size)[None, :] * dilation).astype(np.int32)
-        return jnp.take(xa, col_idx, axis=2)
-    return jnp.take(jnp.take(x, rows[a], axis=1), cols.T, axis=2)
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)), mode="reflect")
+        t = np.arange(kernel_size) * dilation
+        rows = (np.arange(rows.shape[1])[None, :] * stride + t[:, None]).astype(np.int32)
+        cols = (np.arange(cols.shape[0])[:, None] * stride + t[None, :]).astype(np.int32)
+    return x, jnp.asarray(rows), jnp.asarray(cols)
 
 
 def _neighborhood_xla(q, k, v, *, kernel_size, dilation, stride, border, scale, return_weights):
     _, h, w = k.shape[:3]
-    rows = neighborhood_indices(h, kernel_size, dilation, stride, border)
-    cols = neighborhood_indices(w, kernel_size, dilation, stride, border)
     qf = q.astype(jnp.float32) * jnp.float32(scale)
-    geometry = (rows, cols, stride, border, kernel_size, dilation)
+    ksrc, rows, cols = _window_tables(k, h, w, kernel_size, dilation, stride, border)
+    vsrc, _, _ = _window_tables(v, h, w, kernel_size, dilation, stride, border)
 
-    # Each window row's gathered keys/values are recomputed in the backward pass rather than saved:
-    # saving them would bring back the k^2 * C memory of the unfold formulation.
-    @functools.partial(jax.checkpoint, static_argnums=(2,))
-    def row_logits(qf, k, a):
-        ka = _row_windows(k, a, *geometry).astype(jnp.float32)
-        return jnp.einsum("bhwnd,bhwknd->bhwnk", qf, ka)
+    def window_row(src, r):
+        return jnp.take(jnp.take(src, r, axis=1), cols, axis=2).astype(jnp.float32)
 
-    @functools.partial(jax.checkpoint, static_argnums=(2,))
-    def row_output(wa, v, a):
-        va = _row_windows(v, a, *geometry).astype(jnp.float32)
-        return jnp.einsum("bhwnk,bhwknd->bhwnd", wa, va)
+    # A scan over window rows makes them strictly sequential, so only one row of gathered keys
+    # (k copies of the input, not k^2) is alive at a time; the checkpoint recomputes it in the
+    # backward pass instead of saving k of them.
+    @jax.checkpoint
+    def logits_row(carry, r):
+        return carry, jnp.einsum("bhwnd,bhwknd->bhwnk", qf, window_row(ksrc, r))
 
-    logits = jnp.concatenate([row_logits(qf, k, a) for a in range(kernel_size)], axis=-1)
+    _, logits = jax.lax.scan(logits_row, None, rows)  # (k, B, Hq, Wq, heads, k)
+    logits = jnp.moveaxis(logits, 0, -2).reshape(*qf.shape[:-1], kernel_size * kernel_size)
     weights = jax.nn.softmax(logits, axis=-1)
-    out = functools.reduce(jnp.add, (
-        row_output(weights[..., a * kernel_size:(a + 1) * kernel_size], v, a) for a in range(kernel_size)))
+    weights_rows = jnp.moveaxis(weights.reshape(*qf.shape[:-1], kernel_size, kernel_size), -2, 0)
+
+    @jax.checkpoint
+    def output_row(acc, xs):
+        r, wa = xs
+        return acc + jnp.einsum("bhwnk,bhwknd->bhwnd", wa, window_row(vsrc, r)), None
+
+    out, _ = jax.lax.scan(output_row, jnp.zeros(q.shape[:-1] + v.shape[-1:], jnp.float32), (rows, weights_rows))
     out = out.astype(q.dtype)
     if return_weights:
         return out, weights.astype(q.dtype)
