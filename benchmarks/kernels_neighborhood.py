@@ -38,9 +38,11 @@ def unfold_form(q, k, v, kernel_size=K):
     h, w = q.shape[1:3]
     pad = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)), mode="reflect")  # noqa: E731
     kp, vp = pad(k), pad(v)
-    uk = jnp.stack([kp[:, a:a + h, b:b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
-    uv = jnp.stack([vp[:, a:a + h, b:b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
-    att = jax.nn.softmax(jnp.einsum("bhwnd,bhwnkd->bhwnk", q * q.shape[-1] ** -0.5, uk).astype(jnp.float32), -1)
+    uk = jnp.stack([kp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
+    uv = jnp.stack([vp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
+    att = jax.nn.softmax(
+        jnp.einsum("bhwnd,bhwnkd->bhwnk", q * q.shape[-1] ** -0.5, uk).astype(jnp.float32), -1
+    )
     return jnp.einsum("bhwnk,bhwnkd->bhwnd", att.astype(q.dtype), uv)
 
 
@@ -54,6 +56,7 @@ def _fwd_bwd(fn):
     def f(q, k, v, do):
         out, vjp = jax.vjp(fn, q, k, v)
         return vjp(do)
+
     return f
 
 
@@ -61,7 +64,9 @@ def peak_bytes(fn, *args) -> int:
     ma = jax.jit(fn).lower(*args).compile().memory_analysis()
     if ma is None:
         return -1
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    return (
+        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    )
 
 
 def _fmt_bytes(n):
@@ -73,16 +78,22 @@ def cpu_memory():
     rows = []
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jax.ShapeDtypeStruct(shape, dtype)
-        for name, fn in (("neighborhood (XLA reference)", lambda q, k, v: neighborhood_attention(
-                              q, k, v, kernel_size=K, implementation="xla")),
-                         ("ACmix unfold form (JAX)", unfold_form),
-                         ("dense non-local attention", dense)):
+        for name, fn in (
+            (
+                "neighborhood (XLA reference)",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="xla"),
+            ),
+            ("ACmix unfold form (JAX)", unfold_form),
+            ("dense non-local attention", dense),
+        ):
             fwd = peak_bytes(fn, x, x, x)
             bwd = peak_bytes(_fwd_bwd(fn), x, x, x, x)
             rows.append((jnp.dtype(dtype).name, name, fwd, bwd))
     io = int(np.prod(shape)) * 4
-    print(f"\nCompiled peak memory (XLA memory analysis, no execution), q/k/v {list(shape)}, k={K}, "
-          f"backend {jax.default_backend()}; one f32 q/k/v tensor = {io / 2**20:.1f} MiB")
+    print(
+        f"\nCompiled peak memory (XLA memory analysis, no execution), q/k/v {list(shape)}, k={K}, "
+        f"backend {jax.default_backend()}; one f32 q/k/v tensor = {io / 2**20:.1f} MiB"
+    )
     print(f"{'dtype':<9}{'implementation':<32}{'forward':>16}{'fwd+bwd':>16}{'fwd vs dense':>14}")
     for dt, name, fwd, bwd in rows:
         dense_fwd = next(r[2] for r in rows if r[0] == dt and r[1].startswith("dense"))
@@ -132,7 +143,7 @@ def torch_rows(dtype_name):
     def acmix_unfold():
         uk = unfold(pad(k)).view(B * N, D, K * K, H, W)
         uv = unfold(pad(v)).view(B * N, D, K * K, H, W)
-        att = torch.softmax((q.unsqueeze(2) * D ** -0.5 * uk).sum(1), dim=1)
+        att = torch.softmax((q.unsqueeze(2) * D**-0.5 * uk).sum(1), dim=1)
         return (att.unsqueeze(1) * uv).sum(2)
 
     qs, ks, vs = (torch.randn(B, N, H * W, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
@@ -158,21 +169,33 @@ def torch_rows(dtype_name):
 def gpu():
     shape = (B, H, W, N, D)
     elems = int(np.prod(shape))
-    print(f"Neighbourhood attention {K}x{K} reflect, q/k/v {list(shape)}, device {jax.devices()[0].device_kind}")
+    print(
+        f"Neighbourhood attention {K}x{K} reflect, q/k/v {list(shape)}, device {jax.devices()[0].device_kind}"
+    )
     for dtype in (jnp.bfloat16, jnp.float32):
         size = jnp.dtype(dtype).itemsize
         fwd_bytes, bwd_bytes = 4 * elems * size, 8 * elems * size
         rng = np.random.default_rng(0)
         q, k, v, do = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
-        print(f"\n{jnp.dtype(dtype).name}: roofline forward {fwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us, "
-              f"backward {bwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us")
-        print(f"{'implementation':<32}{'fwd us':>10}{'fwd+bwd us':>12}{'fwd TB/s':>10}{'fwd roof':>10}"
-              f"{'bwd roof':>10}{'peak fwd':>16}{'peak fwd+bwd':>16}")
-        impls = (("pallas kernel", lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K,
-                                                                          implementation="pallas")),
-                 ("XLA reference", lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K,
-                                                                          implementation="xla")),
-                 ("JAX unfold form", unfold_form))
+        print(
+            f"\n{jnp.dtype(dtype).name}: roofline forward {fwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us, "
+            f"backward {bwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us"
+        )
+        print(
+            f"{'implementation':<32}{'fwd us':>10}{'fwd+bwd us':>12}{'fwd TB/s':>10}{'fwd roof':>10}"
+            f"{'bwd roof':>10}{'peak fwd':>16}{'peak fwd+bwd':>16}"
+        )
+        impls = (
+            (
+                "pallas kernel",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="pallas"),
+            ),
+            (
+                "XLA reference",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="xla"),
+            ),
+            ("JAX unfold form", unfold_form),
+        )
         for name, fn in impls:
             try:
                 f = jax.jit(fn)
@@ -184,20 +207,28 @@ def gpu():
                 print(f"{name:<32} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             t_b = max(t_fb - t_f, 1e-9)
-            print(f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                  f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                  f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}")
+            print(
+                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
+                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
+                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
+            )
         for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name):
             t_b = max(t_fb - t_f, 1e-9)
-            print(f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                  f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                  f"{'':>16}{_fmt_bytes(peak):>16}")
-    print("\nroof = roofline time / measured time (1.00 = at the HBM bound); bwd = (fwd+bwd) - fwd. "
-          "torch peak is torch.cuda.max_memory_allocated during fwd+bwd.")
+            print(
+                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
+                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
+                f"{'':>16}{_fmt_bytes(peak):>16}"
+            )
+    print(
+        "\nroof = roofline time / measured time (1.00 = at the HBM bound); bwd = (fwd+bwd) - fwd. "
+        "torch peak is torch.cuda.max_memory_allocated during fwd+bwd."
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cpu-memory", action="store_true", help="compiled peak memory only, no execution")
     args = parser.parse_args()
     if args.cpu_memory or jax.default_backend() == "cpu":

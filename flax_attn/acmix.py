@@ -28,7 +28,7 @@ Dtype = Any
 
 
 def _shift_kernel_init(key, shape, dtype=jnp.float32):
-    """ACmix ``reset_parameters``: dep_conv input map ``i`` of every group feeds only tap ``(i // kc, i % kc)``."""
+    """ACmix ``reset_parameters``: input map ``i`` of each dep_conv group feeds tap ``(i // kc, i % kc)``."""
     kc = shape[0]
     kernel = np.zeros(shape, np.float32)  # (kc, kc, kc^2, out)
     for i in range(kc * kc):
@@ -102,20 +102,27 @@ class ACmix(nn.Module):
         check_channels(where, "x", x, self.in_planes)
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
         if self.dilation != 1:
-            raise ValueError(f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}")
+            raise ValueError(
+                f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}"
+            )
         if self.kernel_conv != 3:
-            raise ValueError(f"{where}: `kernel_conv` must be 3 (official dep_conv has padding=1), "
-                             f"got {self.kernel_conv}")
+            raise ValueError(
+                f"{where}: `kernel_conv` must be 3 (official dep_conv has padding=1), got {self.kernel_conv}"
+            )
         if self.kernel_att % 2 == 0:
             raise ValueError(f"{where}: `kernel_att` must be odd, got {self.kernel_att}")
         b, h, w, _ = x.shape
         s = self.stride
         if h % s or w % s:
-            raise ValueError(f"{where}: height and width must be multiples of `stride`={s}, got input {x.shape}")
+            raise ValueError(
+                f"{where}: height and width must be multiples of `stride`={s}, got input {x.shape}"
+            )
         pad = self.kernel_att // 2
         if pad >= h or pad >= w:
-            raise ValueError(f"{where}: reflection padding {pad} (kernel_att={self.kernel_att}) must be smaller "
-                             f"than height and width, got input {x.shape}")
+            raise ValueError(
+                f"{where}: reflection padding {pad} (kernel_att={self.kernel_att}) must be smaller "
+                f"than height and width, got input {x.shape}"
+            )
         nh, hd = self.head, self.out_planes // self.head
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -126,20 +133,33 @@ class ACmix(nn.Module):
 
         pe = Conv(hd, 1, name="conv_p", **kw)(jnp.asarray(_position(h, w)))  # (1, H, W, hd), shared by heads
         out_att = neighborhood_attention(
-            qh[:, ::s, ::s], kh - pe[:, :, :, None, :].astype(kh.dtype), vh,
-            kernel_size=self.kernel_att, border="reflect", stride=s, scale=float(hd) ** -0.5,
+            qh[:, ::s, ::s],
+            kh - pe[:, :, :, None, :].astype(kh.dtype),
+            vh,
+            kernel_size=self.kernel_att,
+            border="reflect",
+            stride=s,
+            scale=float(hd) ** -0.5,
             implementation=self.implementation,
         ).reshape(b, h // s, w // s, self.out_planes)
 
         # fc mixes the 3 * head maps (q, k, v of each head) per (position, head-dim channel); laid out
         # as an image of width W * hd so that a plain 1x1 Conv holds torch's (kc^2, 3*head, 1, 1) weight.
-        kc2 = self.kernel_conv ** 2
+        kc2 = self.kernel_conv**2
         stacked = jnp.concatenate([qh, kh, vh], axis=3)  # (B, H, W, 3*head, hd)
         stacked = jnp.swapaxes(stacked, 3, 4).reshape(b, h, w * hd, 3 * nh)
         f_all = Conv(kc2, 1, use_bias=False, name="fc", **kw)(stacked)
         f_conv = f_all.reshape(b, h, w, hd * kc2)  # channel = d * kc^2 + j, as torch's permute/reshape
-        out_conv = Conv(self.out_planes, self.kernel_conv, stride=s, padding=1, groups=hd, name="dep_conv",
-                        kernel_init=_shift_kernel_init, **kw)(f_conv)
+        out_conv = Conv(
+            self.out_planes,
+            self.kernel_conv,
+            stride=s,
+            padding=1,
+            groups=hd,
+            name="dep_conv",
+            kernel_init=_shift_kernel_init,
+            **kw,
+        )(f_conv)
 
         rate1 = self.param("rate1", nn.initializers.constant(0.5), (1,), self.param_dtype)
         rate2 = self.param("rate2", nn.initializers.constant(0.5), (1,), self.param_dtype)
@@ -205,18 +225,32 @@ class WindowAttention(nn.Module):
         b, h, w, c = x.shape
         ws = self.window_size
         if h % ws or w % ws:
-            raise ValueError(f"{where}: height and width must be multiples of `window_size`={ws}, got input {x.shape}")
+            raise ValueError(
+                f"{where}: height and width must be multiples of `window_size`={ws}, got input {x.shape}"
+            )
         if not 0 <= self.shift_size < ws:
             raise ValueError(f"{where}: `shift_size` must be in [0, {ws}), got {self.shift_size}")
         nh, hd = self.num_heads, self.dim // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                           ((2 * ws - 1) ** 2, nh), self.param_dtype)
+        table = self.param(
+            "relative_position_bias_table",
+            nn.initializers.truncated_normal(0.02),
+            ((2 * ws - 1) ** 2, nh),
+            self.param_dtype,
+        )
         qkv = Linear(3 * c, use_bias=self.qkv_bias, name="qkv", **kw)(x).reshape(b, h, w, 3, nh, hd)
         rng = self.make_rng("dropout") if (train and self.attn_drop > 0.0) else None
-        out = window_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], window_size=ws,
-                               shift_size=self.shift_size, bias_table=table, scale=self.qk_scale,
-                               dropout_rate=self.attn_drop if rng is not None else 0.0, dropout_rng=rng)
+        out = window_attention(
+            qkv[:, :, :, 0],
+            qkv[:, :, :, 1],
+            qkv[:, :, :, 2],
+            window_size=ws,
+            shift_size=self.shift_size,
+            bias_table=table,
+            scale=self.qk_scale,
+            dropout_rate=self.attn_drop if rng is not None else 0.0,
+            dropout_rng=rng,
+        )
         out = Linear(c, name="proj", **kw)(out.reshape(b, h, w, c))
         return nn.Dropout(self.proj_drop, deterministic=not train)(out)
 
@@ -228,40 +262,53 @@ def _images(b, h, w, c):
     return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
-_ACMIX = dict(family="acmix", paper="Pan et al., CVPR 2022", arxiv="2111.14556", flax=ACmix,
-              torch="flax_attn.testing.torch_ref.acmix:ACmix", kernel="neighborhood", train_mode=False)
-
-catalogue.register(catalogue.Entry(
-    name="acmix",
-    config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
-    inputs=_images(3, 13, 17, 8),
-    bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
-    bench_inputs=_images(32, 56, 56, 256),
-    **_ACMIX,
-))
-
-catalogue.register(catalogue.Entry(
-    name="acmix_stride2",
-    # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
-    config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
-    inputs=_images(3, 10, 14, 8),
-    bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
-    bench_inputs=_images(32, 56, 56, 256),
-    **_ACMIX,
-))
-
-catalogue.register(catalogue.Entry(
-    name="window_attention",
+_ACMIX = dict(
     family="acmix",
-    paper="Liu et al., ICCV 2021 (Swin Transformer)",
-    arxiv="2103.14030",
-    flax=WindowAttention,
-    torch="flax_attn.testing.torch_ref.acmix:ShiftedWindowAttention",
-    config=dict(dim=12, window_size=3, num_heads=3, shift_size=1),
-    inputs=_images(3, 9, 15, 12),
-    bench_config=dict(dim=96, window_size=7, num_heads=3, shift_size=3),
-    bench_inputs=_images(32, 56, 56, 96),
-    output_layout="same",
-    image_inputs=(),
+    paper="Pan et al., CVPR 2022",
+    arxiv="2111.14556",
+    flax=ACmix,
+    torch="flax_attn.testing.torch_ref.acmix:ACmix",
+    kernel="neighborhood",
     train_mode=False,
-))
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="acmix",
+        config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
+        inputs=_images(3, 13, 17, 8),
+        bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
+        bench_inputs=_images(32, 56, 56, 256),
+        **_ACMIX,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="acmix_stride2",
+        # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
+        config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
+        inputs=_images(3, 10, 14, 8),
+        bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
+        bench_inputs=_images(32, 56, 56, 256),
+        **_ACMIX,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="window_attention",
+        family="acmix",
+        paper="Liu et al., ICCV 2021 (Swin Transformer)",
+        arxiv="2103.14030",
+        flax=WindowAttention,
+        torch="flax_attn.testing.torch_ref.acmix:ShiftedWindowAttention",
+        config=dict(dim=12, window_size=3, num_heads=3, shift_size=1),
+        inputs=_images(3, 9, 15, 12),
+        bench_config=dict(dim=96, window_size=7, num_heads=3, shift_size=3),
+        bench_inputs=_images(32, 56, 56, 96),
+        output_layout="same",
+        image_inputs=(),
+        train_mode=False,
+    )
+)

@@ -27,8 +27,12 @@ def test_acmix_parity_other_config_train():
     """A 5x5 attention window with 2 heads of width 6 on a 9x11 map (reflect pad 2 < 9)."""
     entry = catalogue.get("acmix")
     rng = np.random.default_rng(0)
-    check_parity(entry, config=dict(in_planes=5, out_planes=12, kernel_att=5, head=2), train=True,
-                 inputs={"x": rng.standard_normal((2, 9, 11, 5), dtype=np.float32)})
+    check_parity(
+        entry,
+        config=dict(in_planes=5, out_planes=12, kernel_att=5, head=2),
+        train=True,
+        inputs={"x": rng.standard_normal((2, 9, 11, 5), dtype=np.float32)},
+    )
 
 
 def test_acmix_pallas_matches_xla():
@@ -76,16 +80,19 @@ def test_round_trip(name):
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
 
-@pytest.mark.parametrize("kwargs,shape,match", [
-    (dict(in_planes=8, out_planes=16), (2, 9, 9, 6), "8 channels"),
-    (dict(in_planes=8, out_planes=16), (9, 9, 8), "4-D"),
-    (dict(in_planes=8, out_planes=18, head=4), (2, 9, 9, 8), "divisible by `head`"),
-    (dict(in_planes=8, out_planes=16, stride=2), (2, 9, 10, 8), "multiples of `stride`"),
-    (dict(in_planes=8, out_planes=16), (2, 3, 10, 8), "reflection padding 3"),
-    (dict(in_planes=8, out_planes=16, dilation=2), (2, 9, 9, 8), "dilation"),
-    (dict(in_planes=8, out_planes=16, kernel_conv=5), (2, 9, 9, 8), "kernel_conv"),
-    (dict(in_planes=8, out_planes=16, kernel_att=6), (2, 9, 9, 8), "odd"),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape,match",
+    [
+        (dict(in_planes=8, out_planes=16), (2, 9, 9, 6), "8 channels"),
+        (dict(in_planes=8, out_planes=16), (9, 9, 8), "4-D"),
+        (dict(in_planes=8, out_planes=18, head=4), (2, 9, 9, 8), "divisible by `head`"),
+        (dict(in_planes=8, out_planes=16, stride=2), (2, 9, 10, 8), "multiples of `stride`"),
+        (dict(in_planes=8, out_planes=16), (2, 3, 10, 8), "reflection padding 3"),
+        (dict(in_planes=8, out_planes=16, dilation=2), (2, 9, 9, 8), "dilation"),
+        (dict(in_planes=8, out_planes=16, kernel_conv=5), (2, 9, 9, 8), "kernel_conv"),
+        (dict(in_planes=8, out_planes=16, kernel_att=6), (2, 9, 9, 8), "odd"),
+    ],
+)
 def test_acmix_bad_input(kwargs, shape, match):
     m = ACmix(**kwargs)
     with pytest.raises(ValueError, match=match):
@@ -98,22 +105,30 @@ def test_acmix_bad_input(kwargs, shape, match):
 def test_window_parity_without_shift():
     entry = catalogue.get("window_attention")
     rng = np.random.default_rng(3)
-    check_parity(entry, config=dict(dim=8, window_size=4, num_heads=2, shift_size=0),
-                 inputs={"x": rng.standard_normal((2, 8, 12, 8), dtype=np.float32)})
+    check_parity(
+        entry,
+        config=dict(dim=8, window_size=4, num_heads=2, shift_size=0),
+        inputs={"x": rng.standard_normal((2, 8, 12, 8), dtype=np.float32)},
+    )
 
 
 def test_window_relative_index_and_mask_match_swin():
     t = ref.WindowAttention(8, 5, 2)
     np.testing.assert_array_equal(relative_position_index((5, 5)), t.relative_position_index.numpy())
-    np.testing.assert_array_equal(shift_attention_mask(10, 15, 5, 2), ref.shift_attn_mask(10, 15, 5, 2).numpy())
+    np.testing.assert_array_equal(
+        shift_attention_mask(10, 15, 5, 2), ref.shift_attn_mask(10, 15, 5, 2).numpy()
+    )
 
 
-@pytest.mark.parametrize("kwargs,shape,match", [
-    (dict(dim=8, window_size=4, num_heads=2), (2, 8, 10, 8), "multiples of `window_size`"),
-    (dict(dim=8, window_size=4, num_heads=3), (2, 8, 8, 8), "divisible by `num_heads`"),
-    (dict(dim=8, window_size=4, num_heads=2, shift_size=4), (2, 8, 8, 8), "shift_size"),
-    (dict(dim=8, window_size=4, num_heads=2), (2, 8, 8, 6), "8 channels"),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape,match",
+    [
+        (dict(dim=8, window_size=4, num_heads=2), (2, 8, 10, 8), "multiples of `window_size`"),
+        (dict(dim=8, window_size=4, num_heads=3), (2, 8, 8, 8), "divisible by `num_heads`"),
+        (dict(dim=8, window_size=4, num_heads=2, shift_size=4), (2, 8, 8, 8), "shift_size"),
+        (dict(dim=8, window_size=4, num_heads=2), (2, 8, 8, 6), "8 channels"),
+    ],
+)
 def test_window_bad_input(kwargs, shape, match):
     m = WindowAttention(**kwargs)
     with pytest.raises(ValueError, match=match):

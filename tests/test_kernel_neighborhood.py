@@ -28,6 +28,7 @@ def _inputs(shape, stride, dtype, seed=0):
 
 def _fwd_and_grads(fn, q, k, v, ct):
     """Output and the input cotangents for output cotangent ``ct``, compiled once."""
+
     @jax.jit
     def run(q, k, v, ct):
         out, vjp = jax.vjp(fn, q, k, v)
@@ -46,8 +47,11 @@ CASES = [  # backend, dtype, border, kernel_size, dilation, stride, (B, H, W, he
 ]
 
 
-@pytest.mark.parametrize("backend,dtype,border,ks,dil,stride,shape", CASES,
-                         ids=[f"{c[0]}-{jnp.dtype(c[1]).name}-{c[2]}-k{c[3]}-d{c[4]}-s{c[5]}" for c in CASES])
+@pytest.mark.parametrize(
+    "backend,dtype,border,ks,dil,stride,shape",
+    CASES,
+    ids=[f"{c[0]}-{jnp.dtype(c[1]).name}-{c[2]}-k{c[3]}-d{c[4]}-s{c[5]}" for c in CASES],
+)
 def test_interpret_matches_reference(backend, dtype, border, ks, dil, stride, shape):
     q, k, v = _inputs(shape, stride, dtype)
     kw = dict(kernel_size=ks, dilation=dil, border=border, stride=stride)
@@ -64,8 +68,13 @@ def test_interpret_matches_reference(backend, dtype, border, ks, dil, stride, sh
     for name, g, r in zip("qkv", grads, ref_grads):
         assert g.dtype == dtype, name
         # bf16 gradients sum k^2 bf16-rounded products per entry: 1e-1 absolute on O(1) values.
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol if tol < 1e-2 else 1e-1,
-                                   rtol=tol, err_msg=f"d{name}")
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32),
+            np.asarray(r),
+            atol=tol if tol < 1e-2 else 1e-1,
+            rtol=tol,
+            err_msg=f"d{name}",
+        )
 
 
 def test_large_window_forward():
@@ -80,8 +89,11 @@ def test_large_window_forward():
 @pytest.mark.parametrize("border", ["reflect", "clamp"])
 def test_check_grads_custom_vjp(border):
     q, k, v = _inputs((1, 3, 4, 1, 2), 1, jnp.float32, seed=3)
-    f = jax.jit(lambda q, k, v: neighborhood_attention_pallas(
-        q, k, v, kernel_size=3, border=border, backend="gpu", interpret=True))
+    f = jax.jit(
+        lambda q, k, v: neighborhood_attention_pallas(
+            q, k, v, kernel_size=3, border=border, backend="gpu", interpret=True
+        )
+    )
     check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-2, rtol=1e-2, eps=1e-3)
 
 
@@ -92,10 +104,12 @@ def test_op_dispatches_to_pallas():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend,platform,marker", [("gpu", "cuda", "__gpu$xla.gpu.triton"),
-                                                     ("tpu", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize(
+    "backend,platform,marker", [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")]
+)
 def test_lowers_for_device(backend, platform, marker):
     """Forward and backward lower to Triton (CUDA) / Mosaic (TPU) at the benchmark size, bf16."""
+
     def grads(q, k, v):
         f = lambda *a: neighborhood_attention_pallas(*a, kernel_size=7, backend=backend, interpret=False)  # noqa: E731
         return jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
@@ -111,12 +125,14 @@ def _device_check(backend):
     for border, dil in (("reflect", 1), ("clamp", 2)):
         kw = dict(kernel_size=7, dilation=dil, border=border)
         ct = jnp.ones(q.shape, jnp.float32)
-        out, grads = _fwd_and_grads(lambda *a: neighborhood_attention_pallas(*a, backend=backend, **kw),
-                                    q, k, v, ct)
+        out, grads = _fwd_and_grads(
+            lambda *a, kw=kw: neighborhood_attention_pallas(*a, backend=backend, **kw), q, k, v, ct
+        )
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         with jax.default_matmul_precision("highest"):
             ref_out, ref_grads = _fwd_and_grads(
-                lambda *a: neighborhood_attention(*a, implementation="xla", **kw), *f32, ct)
+                lambda *a, kw=kw: neighborhood_attention(*a, implementation="xla", **kw), *f32, ct
+            )
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out), atol=5e-2, rtol=5e-2)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=1e-1, rtol=5e-2)

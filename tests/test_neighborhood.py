@@ -29,7 +29,7 @@ def _natten_start(index, length, kernel_size, dilation):
 
 
 def _brute_force(q, k, v, kernel_size, dilation, border, stride, scale):
-    """One pixel at a time: reflect via np.pad(mode='reflect') (== ReflectionPad2d), clamp via NATTEN's rule."""
+    """Per pixel: reflect via np.pad(mode='reflect') (== ReflectionPad2d), clamp via NATTEN's rule."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, h, w, n, d = k.shape
     r = kernel_size // 2
@@ -81,10 +81,20 @@ def test_matches_brute_force(border, ks, dil, stride, hw):
     k = rng.standard_normal((2, h, w, 2, 3)).astype(np.float32)
     v = rng.standard_normal((2, h, w, 2, 3)).astype(np.float32)
     q = rng.standard_normal((2, -(-h // stride), -(-w // stride), 2, 3)).astype(np.float32)
-    out, wgt = jax.jit(lambda q, k, v: neighborhood_attention(
-        q, k, v, kernel_size=ks, dilation=dil, border=border, stride=stride, return_weights=True,
-        implementation="xla"))(q, k, v)
-    ref_out, ref_w = _brute_force(q, k, v, ks, dil, border, stride, 3 ** -0.5)
+    out, wgt = jax.jit(
+        lambda q, k, v: neighborhood_attention(
+            q,
+            k,
+            v,
+            kernel_size=ks,
+            dilation=dil,
+            border=border,
+            stride=stride,
+            return_weights=True,
+            implementation="xla",
+        )
+    )(q, k, v)
+    ref_out, ref_w = _brute_force(q, k, v, ks, dil, border, stride, 3**-0.5)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(wgt), ref_w, atol=1e-5, rtol=1e-5)
 
@@ -102,7 +112,7 @@ def test_reflect_matches_torch_unfold():
         pad, unfold = torch.nn.ReflectionPad2d(ks // 2), torch.nn.Unfold(ks)
         uk = unfold(pad(to_nchw(k))).view(b * n, d, ks * ks, h, w)
         uv = unfold(pad(to_nchw(v))).view(b * n, d, ks * ks, h, w)
-        att = torch.softmax((to_nchw(q).unsqueeze(2) * d ** -0.5 * uk).sum(1), dim=1)
+        att = torch.softmax((to_nchw(q).unsqueeze(2) * d**-0.5 * uk).sum(1), dim=1)
         out = (att.unsqueeze(1) * uv).sum(2)
         return out.view(b, n, d, h, w).permute(0, 3, 4, 1, 2)
 
@@ -134,20 +144,23 @@ def test_default_implementation_is_xla_on_cpu():
     assert default_implementation() == ("xla" if jax.default_backend() == "cpu" else "pallas")
 
 
-@pytest.mark.parametrize("kwargs,shapes,match", [
-    (dict(kernel_size=4), None, "odd"),
-    (dict(kernel_size=0), None, "odd"),
-    (dict(kernel_size=7), ((1, 3, 8, 1, 2),) * 3, "reflection padding 3"),
-    (dict(kernel_size=3, dilation=3), ((1, 6, 3, 1, 2),) * 3, "reflection padding 3"),
-    (dict(kernel_size=5, border="clamp"), ((1, 4, 8, 1, 2),) * 3, "larger than the image"),
-    (dict(kernel_size=3, border="clamp", dilation=3), ((1, 8, 8, 1, 2),) * 3, "larger than the image"),
-    (dict(kernel_size=3, border="zeros"), None, "border"),
-    (dict(kernel_size=3), ((1, 6, 8, 1, 2), (1, 6, 8, 1, 3), (1, 6, 8, 1, 3)), "`q` must have shape"),
-    (dict(kernel_size=3), ((1, 6, 8, 1, 2), (1, 6, 8, 1, 2), (1, 6, 7, 1, 2)), "same shape"),
-    (dict(kernel_size=3, stride=2), ((1, 6, 8, 1, 2),) * 3, r"ceil\(H/stride\)"),
-    (dict(kernel_size=3), ((6, 8, 1, 2),) * 3, "5-D"),
-    (dict(kernel_size=3, implementation="cuda"), None, "implementation"),
-])
+@pytest.mark.parametrize(
+    "kwargs,shapes,match",
+    [
+        (dict(kernel_size=4), None, "odd"),
+        (dict(kernel_size=0), None, "odd"),
+        (dict(kernel_size=7), ((1, 3, 8, 1, 2),) * 3, "reflection padding 3"),
+        (dict(kernel_size=3, dilation=3), ((1, 6, 3, 1, 2),) * 3, "reflection padding 3"),
+        (dict(kernel_size=5, border="clamp"), ((1, 4, 8, 1, 2),) * 3, "larger than the image"),
+        (dict(kernel_size=3, border="clamp", dilation=3), ((1, 8, 8, 1, 2),) * 3, "larger than the image"),
+        (dict(kernel_size=3, border="zeros"), None, "border"),
+        (dict(kernel_size=3), ((1, 6, 8, 1, 2), (1, 6, 8, 1, 3), (1, 6, 8, 1, 3)), "`q` must have shape"),
+        (dict(kernel_size=3), ((1, 6, 8, 1, 2), (1, 6, 8, 1, 2), (1, 6, 7, 1, 2)), "same shape"),
+        (dict(kernel_size=3, stride=2), ((1, 6, 8, 1, 2),) * 3, r"ceil\(H/stride\)"),
+        (dict(kernel_size=3), ((6, 8, 1, 2),) * 3, "5-D"),
+        (dict(kernel_size=3, implementation="cuda"), None, "implementation"),
+    ],
+)
 def test_bad_arguments(kwargs, shapes, match):
     shapes = shapes or ((1, 6, 8, 1, 2),) * 3
     q, k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)

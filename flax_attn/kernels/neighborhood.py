@@ -95,7 +95,9 @@ def _make_plan(backend, interpret, kernel_size, dilation, border, scale, h, w, d
         # ~4K float32 elements per live (rows, width, head_dim) tile keeps 4 warps in registers.
         budget = 4096
         th = block_rows or max(1, min(_next_pow2(h), _next_pow2(max(1, budget // (wp * dp)) + 1) // 2))
-        tu = block_rows or max(1, min(_next_pow2(h + 2 * pad), _next_pow2(max(1, budget // (wk * dp)) + 1) // 2))
+        tu = block_rows or max(
+            1, min(_next_pow2(h + 2 * pad), _next_pow2(max(1, budget // (wk * dp)) + 1) // 2)
+        )
     else:
         # TPU: full-width/full-head-dim blocks satisfy the (8, 128) rule; row tiles are multiples of 8
         # because the (rows, width) log-sum-exp block puts rows on the sublane axis.
@@ -104,11 +106,30 @@ def _make_plan(backend, interpret, kernel_size, dilation, border, scale, h, w, d
         th = block_rows or 8
         tu = block_rows or 8
         if th % 8:
-            raise ValueError(f"neighborhood_attention_pallas: TPU block_rows must be a multiple of 8, got {th}")
+            raise ValueError(
+                f"neighborhood_attention_pallas: TPU block_rows must be a multiple of 8, got {th}"
+            )
     hp = _round_up(h, th)
     hk = _round_up(hp + 2 * pad, tu)
-    return _Plan(backend, interpret, kernel_size, dilation, border, float(scale), h, w, d, th, tu, hp, wp, dp,
-                 pad, hk, wk)
+    return _Plan(
+        backend,
+        interpret,
+        kernel_size,
+        dilation,
+        border,
+        float(scale),
+        h,
+        w,
+        d,
+        th,
+        tu,
+        hp,
+        wp,
+        dp,
+        pad,
+        hk,
+        wk,
+    )
 
 
 # --------------------------------------------------------------------------- in-kernel helpers
@@ -189,8 +210,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
             acc = acc + p[..., None] * vs
         return m_new, l, acc
 
-    init = (jnp.full((th, wp), _MASK, jnp.float32), jnp.zeros((th, wp), jnp.float32),
-            jnp.zeros((th, wp, plan.dp), jnp.float32))
+    init = (
+        jnp.full((th, wp), _MASK, jnp.float32),
+        jnp.zeros((th, wp), jnp.float32),
+        jnp.zeros((th, wp, plan.dp), jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(0, plan.n_off, body, init)
     o_ref[...] = (acc / l[..., None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -281,8 +305,9 @@ def _pad_keys(plan: _Plan, x):
         lo = 0
     else:
         lo = p
-    return jnp.pad(x, ((0, 0), (lo, plan.hk - x.shape[1] - lo), (lo, plan.wk - x.shape[2] - lo),
-                       (0, plan.dp - plan.d)))
+    return jnp.pad(
+        x, ((0, 0), (lo, plan.hk - x.shape[1] - lo), (lo, plan.wk - x.shape[2] - lo), (0, plan.dp - plan.d))
+    )
 
 
 def _pad_queries(plan: _Plan, x):
@@ -310,13 +335,15 @@ def _forward(plan: _Plan, qb, kb, vb):
         grid=(bh, plan.hp // th),
         in_specs=[tile, whole, whole],
         out_specs=[tile, pl.BlockSpec((None, th, plan.wp), lambda i, j: (i, j, 0))],
-        out_shape=[jax.ShapeDtypeStruct(qp.shape, qb.dtype),
-                   jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(qp.shape, qb.dtype),
+            jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32),
+        ],
         compiler_params=_compiler_params(plan),
         interpret=_interpret_arg(plan),
         name="neighborhood_attention_fwd",
     )(qp, kp, vp)
-    return out[:, :plan.h, :plan.w, :plan.d], lse
+    return out[:, : plan.h, : plan.w, : plan.d], lse
 
 
 def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
@@ -324,7 +351,7 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
     th, tu = plan.block_rows, plan.block_keys
     delta = jnp.sum(ob.astype(jnp.float32) * dob.astype(jnp.float32), axis=-1)
     delta_p = jnp.pad(delta, ((0, 0), (0, plan.hp - plan.h), (0, plan.wp - plan.w)))
-    lse_real = lse[:, :plan.h, :plan.w]
+    lse_real = lse[:, : plan.h, : plan.w]
     qp, dop = _pad_queries(plan, qb), _pad_queries(plan, dob)
     kp, vp = _pad_keys(plan, kb), _pad_keys(plan, vb)
 
@@ -363,7 +390,7 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
     _, pad_vjp = jax.vjp(functools.partial(_pad_keys, plan), jnp.zeros(kb.shape, jnp.float32))
     (dk,) = pad_vjp(dkp)
     (dv,) = pad_vjp(dvp)
-    return dq[:, :plan.h, :plan.w, :plan.d], dk.astype(kb.dtype), dv.astype(vb.dtype)
+    return dq[:, : plan.h, : plan.w, : plan.d], dk.astype(kb.dtype), dv.astype(vb.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -389,11 +416,20 @@ def _default_backend() -> str:
 
 
 def neighborhood_attention_pallas(
-    q, k, v, *, kernel_size: int, dilation: int = 1, stride: int = 1, border: str = "reflect",
-    scale: float | None = None, backend: str | None = None, interpret: bool | None = None,
+    q,
+    k,
+    v,
+    *,
+    kernel_size: int,
+    dilation: int = 1,
+    stride: int = 1,
+    border: str = "reflect",
+    scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
     block_rows: int | None = None,
 ):
-    """Pallas neighbourhood attention; same arguments and result as :func:`flax_attn.ops.neighborhood_attention`.
+    """Pallas neighbourhood attention: arguments and result of :func:`flax_attn.ops.neighborhood_attention`.
 
     Arguments are validated by the op; call it through ``neighborhood_attention(...,
     implementation="pallas")`` unless testing. Extra arguments:

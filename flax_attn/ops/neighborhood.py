@@ -21,7 +21,6 @@ accumulates the output row by row.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -45,8 +44,9 @@ def _clamp_starts(length: int, kernel_size: int, dilation: int, centres: np.ndar
     return np.clip(m - r, 0, group_len - kernel_size) * dilation + group
 
 
-def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
-                         border: str = "reflect") -> np.ndarray:
+def neighborhood_indices(
+    length: int, kernel_size: int, dilation: int = 1, stride: int = 1, border: str = "reflect"
+) -> np.ndarray:
     """Key index along one axis for every (window offset, query): an int array ``(kernel_size, n_queries)``.
 
     Query ``i`` sits at key position ``i * stride``; ``n_queries = ceil(length / stride)``.
@@ -59,7 +59,9 @@ def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1, strid
         pos = np.where(pos > length - 1, 2 * (length - 1) - pos, pos)
         return pos.astype(np.int32)
     if border == "clamp":
-        return (_clamp_starts(length, kernel_size, dilation, centres)[None, :] + t * dilation).astype(np.int32)
+        return (_clamp_starts(length, kernel_size, dilation, centres)[None, :] + t * dilation).astype(
+            np.int32
+        )
     raise ValueError(f"{_WHERE}: `border` must be one of {BORDERS}, got {border!r}")
 
 
@@ -72,8 +74,9 @@ def check_neighborhood_args(q, k, v, kernel_size: int, dilation: int, stride: in
     if border not in BORDERS:
         raise ValueError(f"{_WHERE}: `border` must be one of {BORDERS}, got {border!r}")
     if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{_WHERE}: `kernel_size` must be a positive odd int (the window is centred), "
-                         f"got {kernel_size!r}")
+        raise ValueError(
+            f"{_WHERE}: `kernel_size` must be a positive odd int (the window is centred), got {kernel_size!r}"
+        )
     if not isinstance(dilation, (int, np.integer)) or dilation < 1:
         raise ValueError(f"{_WHERE}: `dilation` must be a positive int, got {dilation!r}")
     if not isinstance(stride, (int, np.integer)) or stride < 1:
@@ -85,20 +88,23 @@ def check_neighborhood_args(q, k, v, kernel_size: int, dilation: int, stride: in
     if q.shape != (b, hq, wq, heads, d):
         raise ValueError(
             f"{_WHERE}: `q` must have shape {(b, hq, wq, heads, d)} for keys of shape {k.shape} and "
-            f"stride {stride} (batch, ceil(H/stride), ceil(W/stride), heads, head_dim), got {q.shape}")
+            f"stride {stride} (batch, ceil(H/stride), ceil(W/stride), heads, head_dim), got {q.shape}"
+        )
     if border == "reflect":
         pad = (kernel_size // 2) * dilation
         if pad >= h or pad >= w:
             raise ValueError(
                 f"{_WHERE}: reflection padding {pad} (= (kernel_size // 2) * dilation with kernel_size="
                 f"{kernel_size}, dilation={dilation}) must be smaller than the key height and width "
-                f"(as torch.nn.ReflectionPad2d requires), got keys of shape {k.shape}")
+                f"(as torch.nn.ReflectionPad2d requires), got keys of shape {k.shape}"
+            )
     else:
         span = kernel_size * dilation
         if span > h or span > w:
             raise ValueError(
                 f"{_WHERE}: window kernel_size * dilation = {span} is larger than the image: "
-                f"the clamp border needs it <= height and width, got keys of shape {k.shape}")
+                f"the clamp border needs it <= height and width, got keys of shape {k.shape}"
+            )
 
 
 def _window_tables(x, h, w, kernel_size, dilation, stride, border):
@@ -142,7 +148,9 @@ def _neighborhood_xla(q, k, v, *, kernel_size, dilation, stride, border, scale, 
         r, wa = xs
         return acc + jnp.einsum("bhwnk,bhwknd->bhwnd", wa, window_row(vsrc, r)), None
 
-    out, _ = jax.lax.scan(output_row, jnp.zeros(q.shape[:-1] + v.shape[-1:], jnp.float32), (rows, weights_rows))
+    out, _ = jax.lax.scan(
+        output_row, jnp.zeros(q.shape[:-1] + v.shape[-1:], jnp.float32), (rows, weights_rows)
+    )
     out = out.astype(q.dtype)
     if return_weights:
         return out, weights.astype(q.dtype)
@@ -202,13 +210,23 @@ def neighborhood_attention(
     if implementation is None:
         implementation = "xla" if return_weights else default_implementation()
     if implementation == "xla":
-        return _neighborhood_xla(q, k, v, kernel_size=kernel_size, dilation=dilation, stride=stride,
-                                 border=border, scale=scale, return_weights=return_weights)
+        return _neighborhood_xla(
+            q,
+            k,
+            v,
+            kernel_size=kernel_size,
+            dilation=dilation,
+            stride=stride,
+            border=border,
+            scale=scale,
+            return_weights=return_weights,
+        )
     if implementation == "pallas":
         if return_weights:
             raise ValueError(f"{_WHERE}: the Pallas kernel does not return weights; use implementation='xla'")
         from flax_attn.kernels.neighborhood import neighborhood_attention_pallas
 
-        return neighborhood_attention_pallas(q, k, v, kernel_size=kernel_size, dilation=dilation,
-                                             stride=stride, border=border, scale=scale)
+        return neighborhood_attention_pallas(
+            q, k, v, kernel_size=kernel_size, dilation=dilation, stride=stride, border=border, scale=scale
+        )
     raise ValueError(f"{_WHERE}: `implementation` must be None, 'xla' or 'pallas', got {implementation!r}")

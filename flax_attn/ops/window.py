@@ -109,14 +109,16 @@ def window_attention(
     b, h, w, heads, _ = q.shape
     ws = window_size
     if ws < 1 or h % ws or w % ws:
-        raise ValueError(f"{_WHERE}: height and width must be multiples of `window_size`={ws}, "
-                         f"got input shape {q.shape}")
+        raise ValueError(
+            f"{_WHERE}: height and width must be multiples of `window_size`={ws}, got input shape {q.shape}"
+        )
     if not 0 <= shift_size < ws:
         raise ValueError(f"{_WHERE}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
     n = ws * ws
     if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
-        raise ValueError(f"{_WHERE}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, "
-                         f"got {bias_table.shape}")
+        raise ValueError(
+            f"{_WHERE}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}"
+        )
 
     if shift_size:
         q, k, v = (jnp.roll(x, (-shift_size, -shift_size), axis=(1, 2)) for x in (q, k, v))
@@ -127,11 +129,20 @@ def window_attention(
         rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
         bias = bias + jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))[None, None]  # (1, 1, heads, N, N)
     if shift_size:
-        bias = bias + jnp.asarray(shift_attention_mask(h, w, ws, shift_size))[None, :, None]  # (1, nW, 1, N, N)
+        bias = (
+            bias + jnp.asarray(shift_attention_mask(h, w, ws, shift_size))[None, :, None]
+        )  # (1, nW, 1, N, N)
     bias = jnp.broadcast_to(bias, (b, nw, heads, n, n)).reshape(b * nw, heads, n, n)
     flat = lambda x: x.reshape(b * nw, n, heads, x.shape[-1])  # noqa: E731
-    out = scaled_dot_product_attention(flat(qw), flat(kw), flat(vw), bias=bias, scale=scale,
-                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    out = scaled_dot_product_attention(
+        flat(qw),
+        flat(kw),
+        flat(vw),
+        bias=bias,
+        scale=scale,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+    )
     out = window_reverse(out.reshape(b, nw, n, heads, -1), ws, h, w)
     if shift_size:
         out = jnp.roll(out, (shift_size, shift_size), axis=(1, 2))

@@ -11,7 +11,6 @@ so their state dicts have the official keys.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -46,8 +45,15 @@ class ACmix(nn.Module):
         self.unfold = nn.Unfold(kernel_size=kernel_att, padding=0, stride=stride)
         self.softmax = nn.Softmax(dim=1)
         self.fc = nn.Conv2d(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias=False)
-        self.dep_conv = nn.Conv2d(kernel_conv * kernel_conv * self.head_dim, out_planes, kernel_size=kernel_conv,
-                                  bias=True, groups=self.head_dim, padding=1, stride=stride)
+        self.dep_conv = nn.Conv2d(
+            kernel_conv * kernel_conv * self.head_dim,
+            out_planes,
+            kernel_size=kernel_conv,
+            bias=True,
+            groups=self.head_dim,
+            padding=1,
+            stride=stride,
+        )
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -95,13 +101,15 @@ class ACmix(nn.Module):
 class WindowAttention(nn.Module):
     """Swin's ``WindowAttention`` (Liu et al., ICCV 2021, arXiv 2103.14030) on ``(num_windows*B, N, C)``."""
 
-    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+    def __init__(
+        self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0
+    ):
         super().__init__()
         self.dim = dim
         self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
+        self.scale = qk_scale or head_dim**-0.5
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         coords = torch.stack(torch.meshgrid([torch.arange(wh), torch.arange(ww)], indexing="ij"))
