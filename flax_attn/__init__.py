@@ -8,6 +8,7 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
+from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.cbam import CBAM, ChannelAttention, ChannelGate, SpatialAttention, SpatialGate
 from flax_attn.ccnet import CrissCrossAttention, RCCAModule
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "A2N",
     "AAB",
+    "ACmix",
     "AttentionBranch",
     "CBAM",
     "ChannelAttention",
@@ -42,6 +44,7 @@ __all__ = [
     "SPDConv",
     "SpatialAttention",
     "SpatialGate",
+    "WindowAttention",
     "catalogue",
     "convert",
     "layers",

@@ -15,9 +15,11 @@ from flax_attn.ops.channel import (
     global_pool,
 )
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.space_to_depth import space_to_depth
+from flax_attn.ops.window import window_attention
 
 __all__ = [
     "adaptive_avg_pool2d",
@@ -32,7 +34,9 @@ __all__ = [
     "interpolate",
     "masked_softmax",
     "mix_branches",
+    "neighborhood_attention",
     "scaled_dot_product_attention",
     "sigmoid_gate",
     "space_to_depth",
+    "window_attention",
 ]

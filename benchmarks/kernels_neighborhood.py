@@ -1,0 +1,242 @@
+"""Neighbourhood attention (7x7) speed and memory: Pallas kernel vs XLA reference vs PyTorch.
+
+Usage:
+  python benchmarks/kernels_neighborhood.py            # GPU: timings + bandwidth + compiled memory
+  python benchmarks/kernels_neighborhood.py --cpu-memory   # compiled peak memory only (no execution)
+
+GPU mode, at q/k/v ``[32, 56, 56, 8 heads x 32]``, window 7x7, reflect border, bf16 and f32:
+forward and forward+backward of the Pallas kernel, the XLA reference (jit), PyTorch's ACmix
+unfold formulation and PyTorch's dense ``scaled_dot_product_attention`` over all 3136 tokens
+(yardstick). Achieved HBM bandwidth counts the unavoidable traffic only (forward: read q, k, v,
+write o; backward: read q, k, v, o, dO, write dq, dk, dv), so ``roofline`` is the fraction of
+the H100 lower bound (3.35 TB/s: 61 us forward, 124 us backward in bf16 at this size).
+Peak memory is XLA's compiled memory analysis (arguments + outputs + temporaries).
+
+CPU mode reports compiled peak memory of the XLA reference, ACmix's unfold form written in JAX,
+and dense (non-local) attention on the same input: 56x56, C = 256, 8 heads. Tables only; no asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
+
+B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+
+
+def unfold_form(q, k, v, kernel_size=K):
+    """ACmix's formulation in JAX: reflect-pad, materialise all k^2 shifted copies, weight, sum."""
+    p = kernel_size // 2
+    h, w = q.shape[1:3]
+    pad = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)), mode="reflect")  # noqa: E731
+    kp, vp = pad(k), pad(v)
+    uk = jnp.stack([kp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
+    uv = jnp.stack([vp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
+    att = jax.nn.softmax(
+        jnp.einsum("bhwnd,bhwnkd->bhwnk", q * q.shape[-1] ** -0.5, uk).astype(jnp.float32), -1
+    )
+    return jnp.einsum("bhwnk,bhwnkd->bhwnd", att.astype(q.dtype), uv)
+
+
+def dense(q, k, v):
+    b, h, w, n, d = q.shape
+    flat = lambda x: x.reshape(b, h * w, n, d)  # noqa: E731
+    return scaled_dot_product_attention(flat(q), flat(k), flat(v)).reshape(q.shape)
+
+
+def _fwd_bwd(fn):
+    def f(q, k, v, do):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return vjp(do)
+
+    return f
+
+
+def peak_bytes(fn, *args) -> int:
+    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if ma is None:
+        return -1
+    return (
+        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    )
+
+
+def _fmt_bytes(n):
+    return "n/a" if n < 0 else f"{n / 2**20:10.1f} MiB"
+
+
+def cpu_memory():
+    shape = (B, H, W, N, D)
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.ShapeDtypeStruct(shape, dtype)
+        for name, fn in (
+            (
+                "neighborhood (XLA reference)",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="xla"),
+            ),
+            ("ACmix unfold form (JAX)", unfold_form),
+            ("dense non-local attention", dense),
+        ):
+            fwd = peak_bytes(fn, x, x, x)
+            bwd = peak_bytes(_fwd_bwd(fn), x, x, x, x)
+            rows.append((jnp.dtype(dtype).name, name, fwd, bwd))
+    io = int(np.prod(shape)) * 4
+    print(
+        f"\nCompiled peak memory (XLA memory analysis, no execution), q/k/v {list(shape)}, k={K}, "
+        f"backend {jax.default_backend()}; one f32 q/k/v tensor = {io / 2**20:.1f} MiB"
+    )
+    print(f"{'dtype':<9}{'implementation':<32}{'forward':>16}{'fwd+bwd':>16}{'fwd vs dense':>14}")
+    for dt, name, fwd, bwd in rows:
+        dense_fwd = next(r[2] for r in rows if r[0] == dt and r[1].startswith("dense"))
+        print(f"{dt:<9}{name:<32}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}{fwd / dense_fwd:>13.3f}x")
+
+
+def _time(fn, *args, reps=20):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _time_torch(fn, reps=20):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def torch_rows(dtype_name):
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    # (B * heads, D, H, W) as ACmix holds them.
+    q, k, v = (torch.randn(B * N, D, H, W, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    pad, unfold = torch.nn.ReflectionPad2d(K // 2), torch.nn.Unfold(K)
+
+    def acmix_unfold():
+        uk = unfold(pad(k)).view(B * N, D, K * K, H, W)
+        uv = unfold(pad(v)).view(B * N, D, K * K, H, W)
+        att = torch.softmax((q.unsqueeze(2) * D**-0.5 * uk).sum(1), dim=1)
+        return (att.unsqueeze(1) * uv).sum(2)
+
+    qs, ks, vs = (torch.randn(B, N, H * W, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qs, ks, vs)
+
+    rows = []
+    for name, fn in (("torch ACmix unfold", acmix_unfold), ("torch SDPA dense (yardstick)", sdpa)):
+        try:
+            with torch.no_grad():
+                t_f = _time_torch(fn)
+            torch.cuda.reset_peak_memory_stats()
+            t_fb = _time_torch(lambda fn=fn: fn().sum().backward())
+            peak = torch.cuda.max_memory_allocated()
+        except torch.cuda.OutOfMemoryError:
+            t_f = t_fb = float("nan")
+            peak = -1
+        rows.append((name, t_f, t_fb, peak))
+    return rows
+
+
+def gpu():
+    shape = (B, H, W, N, D)
+    elems = int(np.prod(shape))
+    print(
+        f"Neighbourhood attention {K}x{K} reflect, q/k/v {list(shape)}, device {jax.devices()[0].device_kind}"
+    )
+    for dtype in (jnp.bfloat16, jnp.float32):
+        size = jnp.dtype(dtype).itemsize
+        fwd_bytes, bwd_bytes = 4 * elems * size, 8 * elems * size
+        rng = np.random.default_rng(0)
+        q, k, v, do = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
+        print(
+            f"\n{jnp.dtype(dtype).name}: roofline forward {fwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us, "
+            f"backward {bwd_bytes / HBM_BYTES_PER_S * 1e6:.0f} us"
+        )
+        print(
+            f"{'implementation':<32}{'fwd us':>10}{'fwd+bwd us':>12}{'fwd TB/s':>10}{'fwd roof':>10}"
+            f"{'bwd roof':>10}{'peak fwd':>16}{'peak fwd+bwd':>16}"
+        )
+        impls = (
+            (
+                "pallas kernel",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="pallas"),
+            ),
+            (
+                "XLA reference",
+                lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=K, implementation="xla"),
+            ),
+            ("JAX unfold form", unfold_form),
+        )
+        for name, fn in impls:
+            try:
+                f = jax.jit(fn)
+                fb = jax.jit(_fwd_bwd(fn))
+                t_f = _time(f, q, k, v)
+                t_fb = _time(fb, q, k, v, do)
+                pk_f, pk_fb = peak_bytes(fn, q, k, v), peak_bytes(_fwd_bwd(fn), q, k, v, do)
+            except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
+                print(f"{name:<32} failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            t_b = max(t_fb - t_f, 1e-9)
+            print(
+                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
+                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
+                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
+            )
+        for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name):
+            t_b = max(t_fb - t_f, 1e-9)
+            print(
+                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
+                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
+                f"{'':>16}{_fmt_bytes(peak):>16}"
+            )
+    print(
+        "\nroof = roofline time / measured time (1.00 = at the HBM bound); bwd = (fwd+bwd) - fwd. "
+        "torch peak is torch.cuda.max_memory_allocated during fwd+bwd."
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cpu-memory", action="store_true", help="compiled peak memory only, no execution")
+    args = parser.parse_args()
+    if args.cpu_memory or jax.default_backend() == "cpu":
+        cpu_memory()
+    else:
+        gpu()
+        cpu_memory()
+
+
+if __name__ == "__main__":
+    main()
