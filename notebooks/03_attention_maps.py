@@ -275,3 +275,97 @@ fig.savefig(os.path.join(FIG_DIR, "a2n_attention_maps.png"), dpi=70)
 # weights the first block responds mostly to colour (the orange suit), later blocks to edges and
 # texture (hair, eyes, the suit's rim), and the pixel attention outlines the edges, which is
 # where super-resolution has detail to restore.
+
+# %% [markdown]
+# ## 5. ACmix and Swin: local windows, and what happens at the border
+#
+# ACmix's attention path is *neighbourhood attention*: every pixel attends to the `7 x 7` window
+# around it (`flax_attn.ops.neighborhood_attention`). The border rule matters: ACmix pads by
+# reflection, so a pixel near the corner sees some keys twice (their weights add up), while
+# NATTEN's `"clamp"` rule shifts the window inwards so it always covers 49 distinct pixels. Swin's
+# window attention (`flax_attn.ops.window_attention`) instead partitions the image into fixed
+# `8 x 8` windows; the next layer shifts them by 4 (with a mask between regions that the cyclic
+# shift made adjacent), so pixels near a window boundary get to see across it.
+#
+# Weights: queries and keys are the same random projection of the stem features (as for CCNet
+# above), so the weights show window structure and feature similarity, not learned attention.
+
+# %%
+from flax_attn.ops.neighborhood import neighborhood_attention, neighborhood_indices  # noqa: E402
+from flax_attn.ops.window import shift_attention_mask, window_partition  # noqa: E402
+
+N = 24  # the 24 x 24 top-left corner of the photo, where the borders are
+crop = feats[:, :N, :N]
+proj = jax.random.normal(jax.random.PRNGKey(3), (40, 16)) * 0.4
+qk = jnp.einsum("bhwc,cd->bhwd", crop, proj)[..., None, :]  # one head: (B, H, W, 1, 16)
+KS = 7
+
+
+def window_weights(border, y, x):
+    """Pixel (y, x)'s k*k neighbourhood weights scattered onto the crop, and how often each key occurs."""
+    _, wts = neighborhood_attention(qk, qk, qk, kernel_size=KS, border=border, return_weights=True)
+    idx = neighborhood_indices(N, KS, border=border)  # (KS, N): key position per (offset, query)
+    m, hits = np.zeros((N, N), np.float32), np.zeros((N, N), int)
+    wts = np.asarray(wts[0, y, x, 0])
+    for dy in range(KS):
+        for dx in range(KS):
+            m[idx[dy, y], idx[dx, x]] += wts[dy * KS + dx]  # a reflected key collects every weight it gets
+            hits[idx[dy, y], idx[dx, x]] += 1
+    return m, hits
+
+
+def swin_reach(y, x, ws=8, shift=0):
+    """Pixels that (y, x) can attend to in Swin's (shifted) window attention on the crop."""
+    pos = np.arange(N * N).reshape(1, N, N)
+    rolled = np.roll(pos, (-shift, -shift), axis=(1, 2))
+    wins = np.asarray(window_partition(jnp.asarray(rolled), ws))[0]  # (nW, ws*ws) original positions
+    w_idx, t_idx = [int(a[0]) for a in np.nonzero(wins == y * N + x)]
+    allowed = np.ones(ws * ws, bool)
+    if shift:
+        allowed = shift_attention_mask(N, N, ws, shift)[w_idx, t_idx] == 0
+    m = np.zeros(N * N, np.float32)
+    m[wins[w_idx][allowed]] = 1.0
+    return m.reshape(N, N)
+
+
+fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+grey = small[:N, :N].mean(-1)
+for ax, border in zip(axes[:2], ("reflect", "clamp")):
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=1.4)
+    for (y, x), cmap in zip([(14, 13), (1, 2)], ("Reds", "Blues")):
+        m, hits = window_weights(border, y, x)
+        ax.imshow(np.ma.masked_equal(m, 0), cmap=cmap, alpha=0.8, vmin=-0.6 * m.max(), vmax=m.max())
+        for ky, kx in zip(*np.nonzero(hits > 1)):
+            ax.text(kx, ky, str(hits[ky, kx]), ha="center", va="center", fontsize=7)
+        ax.plot(x, y, "k+", ms=10, mew=2)
+    ax.set_title({"reflect": "ACmix window (reflect): digits = key counted n times",
+                  "clamp": "NATTEN window (clamp)"}[border], fontsize=9)
+for ax, shift in zip(axes[2:], (0, 4)):
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=1.4)
+    for (y, x), colour in zip([(7, 7), (8, 8), (1, 2)], ("tab:red", "tab:blue", "tab:green")):
+        m = swin_reach(y, x, shift=shift)
+        ax.contourf(m, levels=[0.5, 1.5], colors=[colour], alpha=0.35)
+        ax.contour(m, levels=[0.5], colors=[colour], linewidths=2)
+        ax.plot(x, y, "+", color=colour, ms=10, mew=2)
+    ax.set_title(f"Swin, window 8, shift {shift}", fontsize=9)
+for ax in axes:
+    ax.set_xlim(-0.5, N - 0.5)
+    ax.set_ylim(N - 0.5, -0.5)
+    ax.axis("off")
+fig.suptitle("where a pixel (+) can attend, on the 24 x 24 top-left corner of the photo")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "local_windows.png"), dpi=70)
+m_reflect, h_reflect = window_weights("reflect", 1, 2)
+m_clamp, _ = window_weights("clamp", 1, 2)
+print(f"corner pixel (1, 2): reflect covers {int((h_reflect > 0).sum())} distinct keys with {KS * KS} weights,",
+      f"clamp {int((m_clamp > 0).sum())}")
+
+# %% [markdown]
+# With reflection (first panel) the corner query's window folds back on itself: it covers 30
+# distinct keys with 49 weights, and the numbers mark keys counted twice or four times. With
+# clamping (second panel) the corner window is pushed inside the image, covers 49 distinct keys,
+# and the query is no longer at its centre; away from the border both rules agree (red). Swin
+# (right) has no window per pixel: the neighbours (7, 7) and (8, 8) sit in different windows of
+# one layer and cannot see each other; the shifted partition of the next layer puts them in one
+# window. The corner pixel's shifted window wraps around the image (cyclic shift), and the mask
+# cuts it down to the 4 x 4 region that is really adjacent to it.
