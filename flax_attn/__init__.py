@@ -8,6 +8,7 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
+    "STNTutorialNet",
+    "SpatialTransformer",
+    "TutorialLocalization",
     "catalogue",
     "convert",
     "layers",

@@ -8,10 +8,13 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
+from flax_attn.ops.sampling import affine_grid, grid_sample
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "affine_grid",
+    "grid_sample",
     "interpolate",
     "masked_softmax",
     "scaled_dot_product_attention",
