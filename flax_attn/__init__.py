@@ -8,12 +8,16 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2dPack",
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
     "STNTutorialNet",

@@ -6,6 +6,7 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 """
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
+from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.sampling import affine_grid, grid_sample
@@ -14,6 +15,7 @@ __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "affine_grid",
+    "deform_conv2d",
     "grid_sample",
     "interpolate",
     "masked_softmax",
