@@ -9,6 +9,7 @@ reference. Importing this package never imports torch.
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
+from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
 from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "ModulatedDeformConv2dPack",
     "MultiheadAttention",
     "ProjectedMultiHeadAttention",
+    "RecurrentAttention",
     "STNTutorialNet",
     "SpatialTransformer",
     "TutorialLocalization",
@@ -27,4 +29,5 @@ __all__ = [
     "convert",
     "layers",
     "ops",
+    "ram_hybrid_loss",
 ]

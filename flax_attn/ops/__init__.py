@@ -9,13 +9,14 @@ from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
 from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
-from flax_attn.ops.sampling import affine_grid, grid_sample
+from flax_attn.ops.sampling import affine_grid, foveate, grid_sample
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "affine_grid",
     "deform_conv2d",
+    "foveate",
     "grid_sample",
     "interpolate",
     "masked_softmax",

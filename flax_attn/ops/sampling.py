@@ -21,7 +21,7 @@ import numpy as np
 
 from flax_attn.ops._checks import check_rank
 
-__all__ = ["affine_grid", "grid_sample"]
+__all__ = ["affine_grid", "foveate", "grid_sample"]
 
 _MODES = ("bilinear", "nearest")
 _PADDING = ("zeros", "border", "reflection")
@@ -183,3 +183,53 @@ def grid_sample(
             wgt = (wy * wx).astype(x.dtype)
             out = out + _gather(flat, iy, ix, w, inb(iy, ix)) * wgt[..., None]
     return out.reshape(n, ho, wo, c).astype(x.dtype)
+
+
+def foveate(x: jax.Array, l: jax.Array, g: int, k: int, s: float) -> jax.Array:
+    """The glimpse sensor (retina) of the recurrent attention model (Mnih et al., arXiv 1406.6247).
+
+    Follows kevinzakka/recurrent-visual-attention (``retina.foveate``/``extract_patch``): the
+    centre is ``trunc(0.5 * (l + 1) * H)`` for both coordinates (the official ``denormalize``
+    uses the image height for x and y), patch ``i`` has side ``size_i`` (``size_0 = g``,
+    ``size_{i+1} = int(s * size_i)``) and covers rows ``[cy - size_i // 2, cy - size_i // 2 + size_i)``
+    and the same columns around ``cx``, with zeros outside the image (the official code zero-pads
+    when a patch crosses the border). Patches after the first are average-pooled with kernel and
+    stride ``size_i // g`` back to ``g x g``.
+
+    Args:
+      x: ``(B, H, W, C)``.
+      l: ``(B, 2)`` glimpse centres ``(x, y)`` in ``[-1, 1]`` (``(-1, -1)`` is the top-left corner).
+      g, k, s: patch size, number of patches, scale between successive patches.
+
+    Returns:
+      ``(B, g, g, k * C)``: the ``k`` patches concatenated along channels (patch-major, as
+      PyTorch's ``torch.cat(phi, 1)`` on NCHW patches).
+    """
+    where = "foveate"
+    check_rank(where, "x", x, 4, "(B, H, W, C)")
+    check_rank(where, "l", l, 2, "(B, 2)")
+    b, h, w, c = x.shape
+    if tuple(l.shape) != (b, 2):
+        raise ValueError(f"{where}: `l` must be ({b}, 2) (x, y) locations, got {tuple(l.shape)}")
+    sizes = [int(g)]
+    for _ in range(int(k) - 1):
+        sizes.append(int(s * sizes[-1]))
+    for size in sizes[1:]:
+        if (size // (size // g)) != g or size % (size // g):
+            raise ValueError(f"{where}: patch of size {size} does not pool to {g}x{g} (g={g}, s={s})")
+    pad = max(sizes) // 2 + 1
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    centre = jnp.trunc(0.5 * ((jax.lax.stop_gradient(l).astype(jnp.float32) + 1.0) * h)).astype(jnp.int32)
+    patches = []
+    for size in sizes:
+        start = centre - size // 2 + pad  # (B, 2) as (x, y)
+
+        def cut(img, st, size=size):
+            return jax.lax.dynamic_slice(img, (st[1], st[0], 0), (size, size, c))
+
+        p = jax.vmap(cut)(xp, start)
+        if size != g:
+            r = size // g
+            p = p.reshape(b, g, r, g, r, c).mean(axis=(2, 4))
+        patches.append(p)
+    return jnp.concatenate(patches, axis=-1)
