@@ -7,6 +7,7 @@ reference. Importing this package never imports torch.
 """
 
 from flax_attn import catalogue, convert, layers, ops
+from flax_attn.aanet import AdaptiveAggregation, AdaptiveAggregationModule, DeformSimpleBottleneck
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
@@ -16,6 +17,9 @@ __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "AdaptiveAggregation",
+    "AdaptiveAggregationModule",
+    "DeformSimpleBottleneck",
     "DeformConv2d",
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",
