@@ -98,18 +98,36 @@ class AANetDeformConv2d(nn.Module):
         ks = self.kernel_size
         k = 3 if self.modulation else 2
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        out = Conv(self.deformable_groups * k * ks * ks, ks, stride=self.stride, padding=self.dilation,
-                   dilation=self.dilation, groups=self.deformable_groups, use_bias=True,
-                   kernel_init=nn.initializers.zeros, name="offset_conv", **kw)(x)
+        out = Conv(
+            self.deformable_groups * k * ks * ks,
+            ks,
+            stride=self.stride,
+            padding=self.dilation,
+            dilation=self.dilation,
+            groups=self.deformable_groups,
+            use_bias=True,
+            kernel_init=nn.initializers.zeros,
+            name="offset_conv",
+            **kw,
+        )(x)
         n_off = self.deformable_groups * 2 * ks * ks
         offset, mask = out[..., :n_off], None
         if self.modulation:
             mask = jax.nn.sigmoid(out[..., n_off:].astype(jnp.float32))
             if self.double_mask:
                 mask = mask * 2
-        return DeformConv2d(self.in_channels, self.out_channels, ks, stride=self.stride, padding=self.dilation,
-                            dilation=self.dilation, groups=self.groups, bias=self.bias, name="deform_conv",
-                            **kw)(x, offset, mask)
+        return DeformConv2d(
+            self.in_channels,
+            self.out_channels,
+            ks,
+            stride=self.stride,
+            padding=self.dilation,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias,
+            name="deform_conv",
+            **kw,
+        )(x, offset, mask)
 
 
 class _Bottleneck(nn.Module):
@@ -121,8 +139,10 @@ class _Bottleneck(nn.Module):
         check_channels(where, "x", x, self.inplanes)
         if self.inplanes != self.planes or self.stride != 1:
             # AANet builds these blocks without a downsample branch: the residual needs equal shapes.
-            raise ValueError(f"{where}: needs inplanes == planes and stride 1 (no downsample), got "
-                             f"inplanes={self.inplanes}, planes={self.planes}, stride={self.stride}")
+            raise ValueError(
+                f"{where}: needs inplanes == planes and stride 1 (no downsample), got "
+                f"inplanes={self.inplanes}, planes={self.planes}, stride={self.stride}"
+            )
         out = Conv(width, 1, use_bias=False, name="conv1", **kw)(x)
         out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
         out = conv2(out)
@@ -155,8 +175,18 @@ class SimpleBottleneck(_Bottleneck):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        conv2 = Conv(width, 3, stride=self.stride, padding=self.dilation, dilation=self.dilation, groups=self.groups,
-                     use_bias=False, name="conv2", dtype=self.dtype, param_dtype=self.param_dtype)
+        conv2 = Conv(
+            width,
+            3,
+            stride=self.stride,
+            padding=self.dilation,
+            dilation=self.dilation,
+            groups=self.groups,
+            use_bias=False,
+            name="conv2",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         return self._run("SimpleBottleneck", x, conv2, width, train)
 
 
@@ -190,10 +220,18 @@ class DeformSimpleBottleneck(_Bottleneck):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        conv2 = AANetDeformConv2d(width, width, stride=self.stride, dilation=self.mdconv_dilation,
-                                  deformable_groups=self.deformable_groups, modulation=self.modulation,
-                                  double_mask=self.double_mask, name="conv2", dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+        conv2 = AANetDeformConv2d(
+            width,
+            width,
+            stride=self.stride,
+            dilation=self.mdconv_dilation,
+            deformable_groups=self.deformable_groups,
+            modulation=self.modulation,
+            double_mask=self.double_mask,
+            name="conv2",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         return self._run("DeformSimpleBottleneck", x, lambda h: conv2(h, train=train), width, train)
 
 
@@ -207,7 +245,7 @@ def _check_volumes(where, cost_volume, num_scales, max_disp):
 
 
 class AdaptiveAggregationModule(nn.Module):
-    """One AANet aggregation stage: ISA on every scale, then CSA across scales (``AdaptiveAggregationModule``).
+    """One AANet stage (``AdaptiveAggregationModule``): ISA on every scale, then CSA across scales.
 
     Attributes:
       num_scales: cost-volume scales (channels ``max_disp // 2**i``).
@@ -249,8 +287,14 @@ class AdaptiveAggregationModule(nn.Module):
                 if self.simple_bottleneck:
                     blk = SimpleBottleneck(nc, nc, name=f"branches_{i}_{j}", **kw)
                 else:
-                    blk = DeformSimpleBottleneck(nc, nc, mdconv_dilation=self.mdconv_dilation,
-                                                 deformable_groups=self.deformable_groups, name=f"branches_{i}_{j}", **kw)
+                    blk = DeformSimpleBottleneck(
+                        nc,
+                        nc,
+                        mdconv_dilation=self.mdconv_dilation,
+                        deformable_groups=self.deformable_groups,
+                        name=f"branches_{i}_{j}",
+                        **kw,
+                    )
                 x[i] = blk(x[i], train=train)
         if self.num_scales == 1:
             return x
@@ -263,7 +307,9 @@ class AdaptiveAggregationModule(nn.Module):
                 h = Conv(ci, 1, use_bias=False, name=f"fuse_layers_{i}_{j}_0", **kw)(h)
                 return BatchNorm(name=f"fuse_layers_{i}_{j}_1", **kw)(h, train=train)
             for k in range(i - j - 1):
-                h = Conv(cj, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(h)
+                h = Conv(cj, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(
+                    h
+                )
                 h = _leaky(BatchNorm(name=f"fuse_layers_{i}_{j}_{k}_1", **kw)(h, train=train))
             k = i - j - 1
             h = Conv(ci, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(h)
@@ -275,7 +321,9 @@ class AdaptiveAggregationModule(nn.Module):
             for j in range(1, self.num_scales):
                 exchange = fuse(i, j, x[j])
                 if exchange.shape[1:3] != acc.shape[1:3]:
-                    exchange = interpolate(exchange, size=acc.shape[1:3], mode="bilinear", align_corners=False)
+                    exchange = interpolate(
+                        exchange, size=acc.shape[1:3], mode="bilinear", align_corners=False
+                    )
                 acc = acc + exchange
             fused.append(_leaky(acc))
         return fused
@@ -327,10 +375,16 @@ class AdaptiveAggregation(nn.Module):
             else:
                 n_out = 1 if i == self.num_fusions - 1 else self.num_scales
             cv = AdaptiveAggregationModule(
-                num_scales=self.num_scales, num_output_branches=n_out, max_disp=self.max_disp,
-                num_blocks=self.num_stage_blocks, simple_bottleneck=i < self.num_fusions - self.num_deform_blocks,
-                deformable_groups=self.deformable_groups, mdconv_dilation=self.mdconv_dilation,
-                name=f"fusions_{i}", **kw)(cv, train=train)
+                num_scales=self.num_scales,
+                num_output_branches=n_out,
+                max_disp=self.max_disp,
+                num_blocks=self.num_stage_blocks,
+                simple_bottleneck=i < self.num_fusions - self.num_deform_blocks,
+                deformable_groups=self.deformable_groups,
+                mdconv_dilation=self.mdconv_dilation,
+                name=f"fusions_{i}",
+                **kw,
+            )(cv, train=train)
         n_final = self.num_scales if self.intermediate_supervision else 1
         return [Conv(self.max_disp // (2**i), 1, name=f"final_conv_{i}", **kw)(cv[i]) for i in range(n_final)]
 
@@ -368,50 +422,56 @@ def _volumes(n, hw, max_disp, scales):
 
 _VOLUME_NAMES = ("cost0", "cost1", "cost2")
 
-catalogue.register(catalogue.Entry(
-    name="aanet_deform_simple_bottleneck",
-    family="aanet",
-    paper="Xu & Zhang, CVPR 2020 (AANet intra-scale aggregation)",
-    arxiv="2004.09548",
-    flax=DeformSimpleBottleneck,
-    torch="flax_attn.testing.torch_ref.aanet:DeformSimpleBottleneck",
-    config=dict(inplanes=6, planes=6, mdconv_dilation=2, deformable_groups=2),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 6), dtype=np.float32)},
-    bench_config=dict(inplanes=64, planes=64),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((4, 96, 160, 64), dtype=np.float32)},
-    layouts=("official",),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="aanet_deform_simple_bottleneck",
+        family="aanet",
+        paper="Xu & Zhang, CVPR 2020 (AANet intra-scale aggregation)",
+        arxiv="2004.09548",
+        flax=DeformSimpleBottleneck,
+        torch="flax_attn.testing.torch_ref.aanet:DeformSimpleBottleneck",
+        config=dict(inplanes=6, planes=6, mdconv_dilation=2, deformable_groups=2),
+        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 6), dtype=np.float32)},
+        bench_config=dict(inplanes=64, planes=64),
+        bench_inputs=lambda rng: {"x": rng.standard_normal((4, 96, 160, 64), dtype=np.float32)},
+        layouts=("official",),
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="aanet_adaptive_aggregation_module",
-    family="aanet",
-    paper="Xu & Zhang, CVPR 2020 (AANet ISA + cross-scale aggregation)",
-    arxiv="2004.09548",
-    flax=_ModuleByScale,
-    torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregationModule",
-    config=dict(num_scales=3, num_output_branches=3, max_disp=8),
-    inputs=_volumes(3, (13, 17), 8, 3),
-    bench_config=dict(num_scales=3, num_output_branches=3, max_disp=64),
-    bench_inputs=_volumes(4, (96, 160), 64, 3),
-    image_inputs=_VOLUME_NAMES,
-    torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
-    layouts=("official",),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="aanet_adaptive_aggregation_module",
+        family="aanet",
+        paper="Xu & Zhang, CVPR 2020 (AANet ISA + cross-scale aggregation)",
+        arxiv="2004.09548",
+        flax=_ModuleByScale,
+        torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregationModule",
+        config=dict(num_scales=3, num_output_branches=3, max_disp=8),
+        inputs=_volumes(3, (13, 17), 8, 3),
+        bench_config=dict(num_scales=3, num_output_branches=3, max_disp=64),
+        bench_inputs=_volumes(4, (96, 160), 64, 3),
+        image_inputs=_VOLUME_NAMES,
+        torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
+        layouts=("official",),
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="aanet_adaptive_aggregation",
-    family="aanet",
-    paper="Xu & Zhang, CVPR 2020 (AANet stacked adaptive aggregation)",
-    arxiv="2004.09548",
-    flax=_AggregationByScale,
-    torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregation",
-    config=dict(max_disp=8, num_scales=3, num_fusions=2, num_deform_blocks=1),
-    inputs=_volumes(3, (13, 17), 8, 3),
-    bench_config=dict(max_disp=64),
-    bench_inputs=_volumes(4, (96, 160), 64, 3),
-    image_inputs=_VOLUME_NAMES,
-    torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
-    layouts=("official",),
-    atol=1e-4,  # a whole model: stages of bottlenecks and fusions (11 BatchNorms per stage)
-    rtol=1e-4,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="aanet_adaptive_aggregation",
+        family="aanet",
+        paper="Xu & Zhang, CVPR 2020 (AANet stacked adaptive aggregation)",
+        arxiv="2004.09548",
+        flax=_AggregationByScale,
+        torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregation",
+        config=dict(max_disp=8, num_scales=3, num_fusions=2, num_deform_blocks=1),
+        inputs=_volumes(3, (13, 17), 8, 3),
+        bench_config=dict(max_disp=64),
+        bench_inputs=_volumes(4, (96, 160), 64, 3),
+        image_inputs=_VOLUME_NAMES,
+        torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
+        layouts=("official",),
+        atol=1e-4,  # a whole model: stages of bottlenecks and fusions (11 BatchNorms per stage)
+        rtol=1e-4,
+    )
+)

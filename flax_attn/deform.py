@@ -52,16 +52,25 @@ class _DeformWeights(nn.Module):
         check_divisible(where, "in_channels", self.in_channels, "groups", self.groups)
         check_divisible(where, "out_channels", self.out_channels, "groups", self.groups)
         kh, kw = _pair(self.kernel_size)
-        kernel = self.param("kernel", kernel_init, (kh, kw, self.in_channels // self.groups, self.out_channels),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            kernel_init,
+            (kh, kw, self.in_channels // self.groups, self.out_channels),
+            self.param_dtype,
+        )
         b = self.param("bias", bias_init, (self.out_channels,), self.param_dtype) if bias else None
         return kernel, b
 
     def _conv(self, x, offset, kernel, bias, mask):
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         return deform_conv2d(
-            x.astype(dtype), offset, kernel.astype(dtype), None if bias is None else bias.astype(dtype),
-            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            x.astype(dtype),
+            offset,
+            kernel.astype(dtype),
+            None if bias is None else bias.astype(dtype),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
             mask=None if mask is None else mask.astype(dtype),
         )
 
@@ -101,7 +110,9 @@ class DeformConv2d(_DeformWeights):
     def __call__(self, x, offset, mask=None, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
         fan_in = self.in_channels // self.groups * kh * kw
-        kernel, bias = self._params("DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in))
+        kernel, bias = self._params(
+            "DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in)
+        )
         return self._conv(x, offset, kernel, bias, mask)
 
 
@@ -137,9 +148,17 @@ class DeformConv2dPack(_DeformWeights):
             raise ValueError(f"{where}: `bias` must be False (mmcv's DeformConv2d has no bias)")
         kh, kw = _pair(self.kernel_size)
         kernel, _ = self._params(where, x, False, _uniform_fan_in(self.in_channels * kh * kw), None)
-        offset = Conv(self.deform_groups * 2 * kh * kw, (kh, kw), stride=self.stride, padding=self.padding,
-                      dilation=self.dilation, kernel_init=nn.initializers.zeros, name="conv_offset",
-                      dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        offset = Conv(
+            self.deform_groups * 2 * kh * kw,
+            (kh, kw),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            kernel_init=nn.initializers.zeros,
+            name="conv_offset",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
         return self._conv(x, offset, kernel, None, None)
 
 
@@ -179,11 +198,24 @@ class ModulatedDeformConv2dPack(_DeformWeights):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
-        kernel, bias = self._params("ModulatedDeformConv2dPack", x, self.bias,
-                                    _uniform_fan_in(self.in_channels * kh * kw), nn.initializers.zeros)
-        out = Conv(self.deform_groups * 3 * kh * kw, (kh, kw), stride=self.stride, padding=self.padding,
-                   dilation=self.dilation, kernel_init=nn.initializers.zeros, name="conv_offset",
-                   dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        kernel, bias = self._params(
+            "ModulatedDeformConv2dPack",
+            x,
+            self.bias,
+            _uniform_fan_in(self.in_channels * kh * kw),
+            nn.initializers.zeros,
+        )
+        out = Conv(
+            self.deform_groups * 3 * kh * kw,
+            (kh, kw),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            kernel_init=nn.initializers.zeros,
+            name="conv_offset",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
         n_off = self.deform_groups * 2 * kh * kw
         offset, mask = out[..., :n_off], jax.nn.sigmoid(out[..., n_off:].astype(jnp.float32))
         return self._conv(x, offset, kernel, bias, mask)
@@ -203,51 +235,67 @@ def _deform_inputs(n, h, w, c, ho, wo, k, og, scale=2.0):
     return make
 
 
-catalogue.register(catalogue.Entry(
-    name="deform_conv2d",
-    family="deform",
-    paper="Dai et al., ICCV 2017; Zhu et al., CVPR 2019 (torchvision.ops.DeformConv2d)",
-    arxiv="1703.06211",
-    flax=DeformConv2d,
-    torch="flax_attn.testing.torch_ref.deform:DeformConv2d",
-    # stride 2, padding 1, dilation (1, 2) on 13x17: Ho = 7, Wo = 9; offset groups 2, groups 2.
-    config=dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2),
-    inputs=_deform_inputs(3, 13, 17, 4, 7, 9, 6, 2),
-    bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-    bench_inputs=_deform_inputs(8, 64, 64, 64, 64, 64, 9, 1),
-    image_inputs=("x", "offset", "mask"),
-    torch_call=lambda m, x, offset, mask: m(x, offset, mask),  # torchvision names the input `input`
-    layouts=("torchvision",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="deform_conv2d",
+        family="deform",
+        paper="Dai et al., ICCV 2017; Zhu et al., CVPR 2019 (torchvision.ops.DeformConv2d)",
+        arxiv="1703.06211",
+        flax=DeformConv2d,
+        torch="flax_attn.testing.torch_ref.deform:DeformConv2d",
+        # stride 2, padding 1, dilation (1, 2) on 13x17: Ho = 7, Wo = 9; offset groups 2, groups 2.
+        config=dict(
+            in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2
+        ),
+        inputs=_deform_inputs(3, 13, 17, 4, 7, 9, 6, 2),
+        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
+        bench_inputs=_deform_inputs(8, 64, 64, 64, 64, 64, 9, 1),
+        image_inputs=("x", "offset", "mask"),
+        torch_call=lambda m, x, offset, mask: m(x, offset, mask),  # torchvision names the input `input`
+        layouts=("torchvision",),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="deform_conv2d_pack",
-    family="deform",
-    paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
-    arxiv="1703.06211",
-    flax=DeformConv2dPack,
-    torch="flax_attn.testing.torch_ref.deform:DeformConv2dPack",
-    config=dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=1, deform_groups=2),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
-    bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
-    layouts=("mmcv",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="deform_conv2d_pack",
+        family="deform",
+        paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
+        arxiv="1703.06211",
+        flax=DeformConv2dPack,
+        torch="flax_attn.testing.torch_ref.deform:DeformConv2dPack",
+        config=dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=1, deform_groups=2),
+        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
+        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
+        bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
+        layouts=("mmcv",),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="modulated_deform_conv2d_pack",
-    family="deform",
-    paper="Zhu et al., CVPR 2019 (mmcv ModulatedDeformConv2dPack, DCNv2)",
-    arxiv="1811.11168",
-    flax=ModulatedDeformConv2dPack,
-    torch="flax_attn.testing.torch_ref.deform:ModulatedDeformConv2dPack",
-    config=dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=2, dilation=2, groups=2,
-                deform_groups=2),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
-    bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
-    layouts=("mmcv",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="modulated_deform_conv2d_pack",
+        family="deform",
+        paper="Zhu et al., CVPR 2019 (mmcv ModulatedDeformConv2dPack, DCNv2)",
+        arxiv="1811.11168",
+        flax=ModulatedDeformConv2dPack,
+        torch="flax_attn.testing.torch_ref.deform:ModulatedDeformConv2dPack",
+        config=dict(
+            in_channels=4,
+            out_channels=6,
+            kernel_size=3,
+            stride=2,
+            padding=2,
+            dilation=2,
+            groups=2,
+            deform_groups=2,
+        ),
+        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
+        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
+        bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
+        layouts=("mmcv",),
+        train_mode=False,
+    )
+)

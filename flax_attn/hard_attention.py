@@ -94,8 +94,10 @@ class CoreNetwork(nn.Module):
     @nn.compact
     def __call__(self, g_t, h_t_prev):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return nn.relu(Linear(self.hidden_size, name="i2h", **kw)(g_t)
-                       + Linear(self.hidden_size, name="h2h", **kw)(h_t_prev))
+        return nn.relu(
+            Linear(self.hidden_size, name="i2h", **kw)(g_t)
+            + Linear(self.hidden_size, name="h2h", **kw)(h_t_prev)
+        )
 
 
 class LocationNetwork(nn.Module):
@@ -217,12 +219,15 @@ class RecurrentAttention(nn.Module):
         check_rank(where, "x", x, 4, "(B, H, W, C)")
         b = x.shape[0]
         if x.shape[-1] != self.c:
-            raise ValueError(f"{where}: `x` must have c={self.c} channels (last axis), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{where}: `x` must have c={self.c} channels (last axis), got shape {tuple(x.shape)}"
+            )
         if tuple(l_0.shape) != (b, 2):
             raise ValueError(f"{where}: `l_0` must be ({b}, 2), got {tuple(l_0.shape)}")
         if tuple(noise.shape) != (b, self.num_glimpses, 2):
             raise ValueError(
-                f"{where}: `noise` must be ({b}, {self.num_glimpses}, 2) (one standard-normal draw per glimpse), "
+                f"{where}: `noise` must be ({b}, {self.num_glimpses}, 2) (one standard-normal draw "
+                f"per glimpse), "
                 f"got {tuple(noise.shape)}"
             )
         if self.h_g + self.h_l != self.hidden_size:
@@ -264,7 +269,11 @@ def ram_hybrid_loss(log_probas: jax.Array, log_pi: jax.Array, baselines: jax.Arr
     """
     check_rank("ram_hybrid_loss", "log_probas", log_probas, 2, "(B, num_classes)")
     check_rank("ram_hybrid_loss", "log_pi", log_pi, 2, "(B, T)")
-    if baselines.shape != log_pi.shape or labels.shape != log_probas.shape[:1] or log_pi.shape[0] != labels.shape[0]:
+    if (
+        baselines.shape != log_pi.shape
+        or labels.shape != log_probas.shape[:1]
+        or log_pi.shape[0] != labels.shape[0]
+    ):
         raise ValueError(
             f"ram_hybrid_loss: shapes do not agree: log_probas {log_probas.shape}, log_pi {log_pi.shape}, "
             f"baselines {baselines.shape}, labels {labels.shape}"
@@ -277,8 +286,12 @@ def ram_hybrid_loss(log_probas: jax.Array, log_pi: jax.Array, baselines: jax.Arr
     adjusted = reward - jax.lax.stop_gradient(baselines)
     loss_reinforce = jnp.mean(jnp.sum(-log_pi * adjusted, axis=1))
     loss = loss_action + loss_baseline + loss_reinforce
-    return loss, {"loss_action": loss_action, "loss_baseline": loss_baseline, "loss_reinforce": loss_reinforce,
-                  "accuracy": jnp.mean(correct)}
+    return loss, {
+        "loss_action": loss_action,
+        "loss_baseline": loss_baseline,
+        "loss_reinforce": loss_reinforce,
+        "accuracy": jnp.mean(correct),
+    }
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -295,21 +308,26 @@ def _ram_inputs(b, hw, c, t):
     return make
 
 
-catalogue.register(catalogue.Entry(
-    name="recurrent_attention",
-    family="hard_attention",
-    paper="Mnih et al., NeurIPS 2014 (kevinzakka/recurrent-visual-attention)",
-    arxiv="1406.6247",
-    flax=RecurrentAttention,
-    torch="flax_attn.testing.torch_ref.hard_attention:RecurrentAttentionRollout",
-    config=dict(g=4, k=3, s=2, c=2, h_g=16, h_l=8, std=0.17, hidden_size=24, num_classes=10, num_glimpses=3),
-    # The official retina takes square images (its denormalize uses the height for both axes).
-    inputs=_ram_inputs(3, 29, 2, 3),
-    bench_config=dict(g=8, k=3, s=2, c=1, h_g=128, h_l=128, std=0.17, hidden_size=256, num_classes=10,
-                      num_glimpses=6),
-    bench_inputs=_ram_inputs(256, 28, 1, 6),
-    image_inputs=("x",),
-    output_layout="same",
-    layouts=("official",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="recurrent_attention",
+        family="hard_attention",
+        paper="Mnih et al., NeurIPS 2014 (kevinzakka/recurrent-visual-attention)",
+        arxiv="1406.6247",
+        flax=RecurrentAttention,
+        torch="flax_attn.testing.torch_ref.hard_attention:RecurrentAttentionRollout",
+        config=dict(
+            g=4, k=3, s=2, c=2, h_g=16, h_l=8, std=0.17, hidden_size=24, num_classes=10, num_glimpses=3
+        ),
+        # The official retina takes square images (its denormalize uses the height for both axes).
+        inputs=_ram_inputs(3, 29, 2, 3),
+        bench_config=dict(
+            g=8, k=3, s=2, c=1, h_g=128, h_l=128, std=0.17, hidden_size=256, num_classes=10, num_glimpses=6
+        ),
+        bench_inputs=_ram_inputs(256, 28, 1, 6),
+        image_inputs=("x",),
+        output_layout="same",
+        layouts=("official",),
+        train_mode=False,
+    )
+)

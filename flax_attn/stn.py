@@ -36,9 +36,11 @@ _IDENTITY_THETA = np.array([1, 0, 0, 0, 1, 0], np.float32)
 
 
 def identity_theta_bias_init(key, shape, dtype=jnp.float32):
-    """Bias ``[1, 0, 0, 0, 1, 0]`` of the last localisation layer: with a zero kernel the initial warp is the identity."""
+    """Bias ``[1, 0, 0, 0, 1, 0]`` for the last localisation layer: with a zero kernel, the identity warp."""
     if tuple(shape) != (6,):
-        raise ValueError(f"identity_theta_bias_init: the theta layer must have 6 outputs, got bias shape {shape}")
+        raise ValueError(
+            f"identity_theta_bias_init: the theta layer must have 6 outputs, got bias shape {shape}"
+        )
     return jnp.asarray(_IDENTITY_THETA, dtype)
 
 
@@ -93,14 +95,18 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False, return_theta: bool = False):
         where = "SpatialTransformer"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
-        theta = self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
+        theta = (
+            self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
+        )
         n = x.shape[0]
         if theta.shape not in ((n, 6), (n, 2, 3)):
             raise ValueError(
                 f"{where}: the localization network must return (N, 6) or (N, 2, 3) = ({n}, 2, 3), "
                 f"got shape {tuple(theta.shape)}"
             )
-        theta = theta.reshape(n, 2, 3)
+        # Sampling positions in float32 whatever the compute dtype: bf16 rounding of the grid would
+        # move samples by up to ~0.1 pixel on a 28-pixel image.
+        theta = theta.reshape(n, 2, 3).astype(jnp.promote_types(theta.dtype, jnp.float32))
         ho, wo = (x.shape[1], x.shape[2]) if self.output_size is None else tuple(self.output_size)
         grid = affine_grid(theta, (n, ho, wo, x.shape[-1]), align_corners=self.align_corners)
         y = grid_sample(x, grid, self.mode, self.padding_mode, self.align_corners)
@@ -146,17 +152,22 @@ class TutorialLocalization(nn.Module):
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         expected = (*tuple(self.input_size), self.in_channels)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{where}: `x` must be (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{where}: `x` must be (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
+            )
         fh, fw = _loc_feature_size(self.input_size)
         if fh <= 0 or fw <= 0:
-            raise ValueError(f"{where}: `input_size` {tuple(self.input_size)} is too small (needs at least 20x20)")
+            raise ValueError(
+                f"{where}: `input_size` {tuple(self.input_size)} is too small (needs at least 20x20)"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.relu(_max_pool2(Conv(8, 7, name="localization_0", **kw)(x)))
         h = nn.relu(_max_pool2(Conv(10, 5, name="localization_3", **kw)(h)))
         h = h.reshape(h.shape[0], -1)
         h = nn.relu(Linear(32, name="fc_loc_0", **kw)(h))
-        theta = Linear(6, name="fc_loc_2", kernel_init=nn.initializers.zeros,
-                       bias_init=identity_theta_bias_init, **kw)(h)
+        theta = Linear(
+            6, name="fc_loc_2", kernel_init=nn.initializers.zeros, bias_init=identity_theta_bias_init, **kw
+        )(h)
         return theta.reshape(-1, 2, 3)
 
 
@@ -189,6 +200,7 @@ class STNTutorialNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         theta = TutorialLocalization(name="stn_loc", **kw)(x)
+        theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))  # float32 sampling positions
         x = grid_sample(x, affine_grid(theta, x.shape))
         x = nn.relu(_max_pool2(Conv(10, 5, name="conv1", **kw)(x)))
         x = Conv(20, 5, name="conv2", **kw)(x)
@@ -204,47 +216,60 @@ class STNTutorialNet(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _spatial_transformer(in_channels=1, input_size=(28, 28), mode="bilinear", padding_mode="zeros",
-                         align_corners=False, dtype=None, param_dtype=jnp.float32):
-    loc = TutorialLocalization(in_channels=in_channels, input_size=input_size, dtype=dtype,
-                               param_dtype=param_dtype)
-    return SpatialTransformer(localization=loc, mode=mode, padding_mode=padding_mode,
-                              align_corners=align_corners)
+def _spatial_transformer(
+    in_channels=1,
+    input_size=(28, 28),
+    mode="bilinear",
+    padding_mode="zeros",
+    align_corners=False,
+    dtype=None,
+    param_dtype=jnp.float32,
+):
+    loc = TutorialLocalization(
+        in_channels=in_channels, input_size=input_size, dtype=dtype, param_dtype=param_dtype
+    )
+    return SpatialTransformer(
+        localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners
+    )
 
 
-catalogue.register(catalogue.Entry(
-    name="spatial_transformer",
-    family="stn",
-    paper="Jaderberg et al., NeurIPS 2015",
-    arxiv="1506.02025",
-    flax=_spatial_transformer,
-    torch="flax_attn.testing.torch_ref.stn:SpatialTransformer",
-    config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 29, 33, 2), dtype=np.float32)},
-    bench_config=dict(in_channels=3, input_size=(128, 128)),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
-    layouts=("tutorial",),
-    # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
-    # times the image gradient, so outputs and input gradients agree to ~5e-5 (whole-model bound).
-    atol=1e-4,
-    rtol=1e-4,
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="spatial_transformer",
+        family="stn",
+        paper="Jaderberg et al., NeurIPS 2015",
+        arxiv="1506.02025",
+        flax=_spatial_transformer,
+        torch="flax_attn.testing.torch_ref.stn:SpatialTransformer",
+        config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
+        inputs=lambda rng: {"x": rng.standard_normal((3, 29, 33, 2), dtype=np.float32)},
+        bench_config=dict(in_channels=3, input_size=(128, 128)),
+        bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
+        layouts=("tutorial",),
+        # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
+        # times the image gradient, so outputs and input gradients agree to ~5e-5 (whole-model bound).
+        atol=1e-4,
+        rtol=1e-4,
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="stn_tutorial_net",
-    family="stn",
-    paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
-    arxiv="1506.02025",
-    flax=STNTutorialNet,
-    torch="flax_attn.testing.torch_ref.stn:Net",
-    config={},
-    inputs=lambda rng: {"x": rng.standard_normal((3, 28, 28, 1), dtype=np.float32)},
-    bench_inputs=lambda rng: {"x": rng.standard_normal((64, 28, 28, 1), dtype=np.float32)},
-    output_layout="same",
-    layouts=("tutorial",),
-    atol=1e-4,
-    rtol=1e-4,
-    # Only dropout differs in training; random masks cannot match torch's, so parity is eval-only.
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="stn_tutorial_net",
+        family="stn",
+        paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
+        arxiv="1506.02025",
+        flax=STNTutorialNet,
+        torch="flax_attn.testing.torch_ref.stn:Net",
+        config={},
+        inputs=lambda rng: {"x": rng.standard_normal((3, 28, 28, 1), dtype=np.float32)},
+        bench_inputs=lambda rng: {"x": rng.standard_normal((64, 28, 28, 1), dtype=np.float32)},
+        output_layout="same",
+        layouts=("tutorial",),
+        atol=1e-4,
+        rtol=1e-4,
+        # Only dropout differs in training; random masks cannot match torch's, so parity is eval-only.
+        train_mode=False,
+    )
+)

@@ -112,8 +112,9 @@ def test_op_matches_torch_reference_values_and_grads(with_mask):
         want.append(back(mt))
     for name, g, wg in zip(["x", "offset", "weight", "bias", "mask"], grads, want):
         # weight/bias gradients sum ~100 products of O(10) terms: 1e-5 relative to their scale
-        np.testing.assert_allclose(g, wg, atol=1e-4 if name in ("weight", "bias") else ATOL, rtol=RTOL,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            g, wg, atol=1e-4 if name in ("weight", "bias") else ATOL, rtol=RTOL, err_msg=name
+        )
 
 
 def test_zero_offsets_is_a_plain_convolution():
@@ -122,8 +123,9 @@ def test_zero_offsets_is_a_plain_convolution():
     wt = jnp.asarray(rng.standard_normal((3, 3, 2, 6)), jnp.float32)
     off = jnp.zeros((2, 5, 5, 18))
     y = deform_conv2d(x, off, wt, stride=2, padding=(1, 0), dilation=(1, 1))
-    want = jax.lax.conv_general_dilated(x, wt, (2, 2), [(1, 1), (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=2)
+    want = jax.lax.conv_general_dilated(
+        x, wt, (2, 2), [(1, 1), (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
+    )
     np.testing.assert_allclose(y, want, atol=ATOL, rtol=RTOL)
 
 
@@ -135,16 +137,23 @@ def test_packs_start_as_plain_convolutions():
         v = m.init(jax.random.PRNGKey(0), x)
         np.testing.assert_array_equal(v["params"]["conv_offset"]["kernel"], 0)
         k = v["params"]["kernel"]
-        want = scale * jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1), (1, 1)],
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        want = scale * jax.lax.conv_general_dilated(
+            x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         np.testing.assert_allclose(m.apply(v, x), want + (v["params"].get("bias", 0)), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("cls,tcls,keys", [
-    (DeformConv2dPack, tref.DeformConv2dPack, ["weight", "conv_offset.weight", "conv_offset.bias"]),
-    (ModulatedDeformConv2dPack, tref.ModulatedDeformConv2dPack,
-     ["weight", "bias", "conv_offset.weight", "conv_offset.bias"]),
-])
+@pytest.mark.parametrize(
+    "cls,tcls,keys",
+    [
+        (DeformConv2dPack, tref.DeformConv2dPack, ["weight", "conv_offset.weight", "conv_offset.bias"]),
+        (
+            ModulatedDeformConv2dPack,
+            tref.ModulatedDeformConv2dPack,
+            ["weight", "bias", "conv_offset.weight", "conv_offset.bias"],
+        ),
+    ],
+)
 def test_state_dict_round_trip(cls, tcls, keys):
     torch.manual_seed(0)
     t = tcls(4, 6, 3, padding=1, deform_groups=2)
@@ -162,15 +171,22 @@ def test_bad_inputs():
     x = jnp.zeros((2, 6, 7, 4))
     wt = jnp.zeros((3, 3, 4, 8))
     off = jnp.zeros((2, 6, 7, 18))
-    with pytest.raises(ValueError, match=r"deform_conv2d: `offset` must have 2 \* offset_groups \* kh \* kw .* \(2, 6, 7, 17\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"deform_conv2d: `offset` must have 2 \* offset_groups \* kh \* kw .* \(2, 6, 7, 17\)",
+    ):
         deform_conv2d(x, jnp.zeros((2, 6, 7, 17)), wt, padding=1)
     with pytest.raises(ValueError, match=r"deform_conv2d: `offset` must be \(2, 6, 7, 18\)"):
         deform_conv2d(x, jnp.zeros((2, 5, 7, 18)), wt, padding=1)
-    with pytest.raises(ValueError, match=r"deform_conv2d: input channels 4 must be divisible by offset_groups=3"):
+    with pytest.raises(
+        ValueError, match=r"deform_conv2d: input channels 4 must be divisible by offset_groups=3"
+    ):
         deform_conv2d(x, jnp.zeros((2, 6, 7, 54)), wt, padding=1)
     with pytest.raises(ValueError, match=r"deform_conv2d: `mask` must be \(2, 6, 7, 9\)"):
         deform_conv2d(x, off, wt, padding=1, mask=jnp.zeros((2, 6, 7, 18)))
-    with pytest.raises(ValueError, match="deform_conv2d: input channels 4 .* multiple of the weight's input channels 3"):
+    with pytest.raises(
+        ValueError, match="deform_conv2d: input channels 4 .* multiple of the weight's input channels 3"
+    ):
         deform_conv2d(x, off, jnp.zeros((3, 3, 3, 8)), padding=1)
     with pytest.raises(ValueError, match="deform_conv2d: `x` must be 4-D"):
         deform_conv2d(x[0], off, wt, padding=1)
@@ -180,3 +196,15 @@ def test_bad_inputs():
         jax.eval_shape(DeformConv2d(5, 8, 3, padding=1).init, jax.random.PRNGKey(0), x, off)
     with pytest.raises(ValueError, match="DeformConv2dPack: `bias` must be False"):
         jax.eval_shape(DeformConv2dPack(4, 8, 3, bias=True).init, jax.random.PRNGKey(0), x)
+
+
+def test_bfloat16_close_to_float32():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 7, 8, 4)), jnp.float32)
+    m = ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)
+    v = m.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), v)
+    want = m.apply(v, x)
+    got = m.clone(dtype=jnp.bfloat16).apply(v, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)

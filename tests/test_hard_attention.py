@@ -1,4 +1,4 @@
-"""Recurrent attention model: retina, released checkpoint, rollout and hybrid-loss parity with the official code."""
+"""Recurrent attention model: retina, released checkpoint, rollout and loss against the official code."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ def test_foveate_matches_official_retina():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((7, 17, 17, 2)).astype(np.float32)
     # Corners, exact borders, the centre, and random points (patches crossing the border or not).
-    l = np.concatenate([np.array([[-1, -1], [1, 1], [-1, 1], [0.999, -0.999], [0, 0]], np.float32),
-                        rng.uniform(-1, 1, (2, 2)).astype(np.float32)])
+    l = np.concatenate(
+        [
+            np.array([[-1, -1], [1, 1], [-1, 1], [0.999, -0.999], [0, 0]], np.float32),
+            rng.uniform(-1, 1, (2, 2)).astype(np.float32),
+        ]
+    )
     cot = rng.standard_normal((7, 4, 4, 6)).astype(np.float32)
     y, vjp = jax.vjp(lambda a: foveate(a, jnp.asarray(l), 4, 3, 2), jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(cot))
@@ -94,8 +98,12 @@ def test_released_checkpoint_classifies_digits(released):
     _, ram, variables, _ = released
     x, y = _digits(300)
     rng = np.random.default_rng(2)
-    out = jax.jit(ram.apply)(variables, jnp.asarray(x), jnp.asarray(rng.uniform(-1, 1, (300, 2)), jnp.float32),
-                             jnp.asarray(rng.standard_normal((300, 6, 2)), jnp.float32))
+    out = jax.jit(ram.apply)(
+        variables,
+        jnp.asarray(x),
+        jnp.asarray(rng.uniform(-1, 1, (300, 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((300, 6, 2)), jnp.float32),
+    )
     acc = float(np.mean(np.argmax(out["log_probas"], axis=1) == y))
     print(f"released RAM on 300 sklearn digits: accuracy {acc:.3f}")
     assert acc > 0.3
@@ -134,7 +142,9 @@ def test_hybrid_loss_and_parameter_gradients_match_official_trainer():
 
 
 def test_bad_inputs():
-    ram = RecurrentAttention(g=4, k=1, s=2, c=1, h_g=4, h_l=4, std=0.1, hidden_size=8, num_classes=3, num_glimpses=2)
+    ram = RecurrentAttention(
+        g=4, k=1, s=2, c=1, h_g=4, h_l=4, std=0.1, hidden_size=8, num_classes=3, num_glimpses=2
+    )
     x, l0, eps = jnp.zeros((2, 12, 12, 1)), jnp.zeros((2, 2)), jnp.zeros((2, 2, 2))
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match=r"RecurrentAttention: h_g \+ h_l = 9 must equal hidden_size=8"):

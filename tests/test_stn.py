@@ -62,8 +62,9 @@ def test_nearest_rounds_half_to_even():
     # align_corners=True on width 8: x = 3.5 * 2 / 7 - 1 -> source 3.5 -> 4 (even); 2.5 -> 2.
     g = jnp.array([[[[3.5 * 2 / 7 - 1, 0.0], [2.5 * 2 / 7 - 1, 0.0]]]], jnp.float32)
     y = grid_sample(x, g, mode="nearest", align_corners=True)
-    want = F.grid_sample(torch.arange(8.0).view(1, 1, 1, 8), torch.tensor(np.asarray(g)), mode="nearest",
-                         align_corners=True)
+    want = F.grid_sample(
+        torch.arange(8.0).view(1, 1, 1, 8), torch.tensor(np.asarray(g)), mode="nearest", align_corners=True
+    )
     np.testing.assert_array_equal(np.asarray(y).ravel(), want.numpy().ravel())
 
 
@@ -92,7 +93,9 @@ def test_identity_theta_is_identity_warp():
 
 def test_bad_inputs():
     x = jnp.zeros((2, 5, 7, 3))
-    with pytest.raises(ValueError, match=r"affine_grid: `theta` must have shape \(N, 2, 3\), got \(2, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"affine_grid: `theta` must have shape \(N, 2, 3\), got \(2, 3, 3\)"
+    ):
         affine_grid(jnp.zeros((2, 3, 3)), x.shape)
     with pytest.raises(ValueError, match="affine_grid: `theta` must be 3-D"):
         affine_grid(jnp.zeros((2, 6)), x.shape)
@@ -112,14 +115,20 @@ def test_bad_inputs():
         grid_sample(x, jnp.zeros((2, 4, 4, 2)), padding_mode="wrap")
     loc = TutorialLocalization()
     with pytest.raises(ValueError, match=r"TutorialLocalization: `x` must be \(N, 28, 28, 1\)"):
-        jax.eval_shape(SpatialTransformer(localization=loc).init, jax.random.PRNGKey(0), jnp.zeros((2, 29, 28, 1)))
+        jax.eval_shape(
+            SpatialTransformer(localization=loc).init, jax.random.PRNGKey(0), jnp.zeros((2, 29, 28, 1))
+        )
 
     class Bad(TutorialLocalization):
         def __call__(self, x, *, train=False):
             return super().__call__(x).reshape(x.shape[0], 3, 2)[:, :2]
 
-    with pytest.raises(ValueError, match=r"SpatialTransformer: the localization network must return .* got shape"):
-        jax.eval_shape(SpatialTransformer(localization=Bad()).init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))
+    with pytest.raises(
+        ValueError, match=r"SpatialTransformer: the localization network must return .* got shape"
+    ):
+        jax.eval_shape(
+            SpatialTransformer(localization=Bad()).init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1))
+        )
 
 
 def test_stn_starts_at_identity_and_names():
@@ -131,13 +140,23 @@ def test_stn_starts_at_identity_and_names():
     np.testing.assert_allclose(stn.apply(v, x), x, atol=1e-5)
     sd = to_torch(stn, v, x)
     assert sorted(sd) == sorted(
-        f"{m}.{i}.{p}" for m, idx in (("localization", (0, 3)), ("fc_loc", (0, 2))) for i in idx for p in ("weight", "bias"))
+        f"{m}.{i}.{p}"
+        for m, idx in (("localization", (0, 3)), ("fc_loc", (0, 2)))
+        for i in idx
+        for p in ("weight", "bias")
+    )
 
 
-@pytest.mark.parametrize("config", [
-    dict(in_channels=1, input_size=(28, 28), mode="nearest", padding_mode="zeros", align_corners=False),
-    dict(in_channels=2, input_size=(29, 33), mode="bilinear", padding_mode="reflection", align_corners=True),
-], ids=["nearest-zeros", "bilinear-reflection-aligned"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(in_channels=1, input_size=(28, 28), mode="nearest", padding_mode="zeros", align_corners=False),
+        dict(
+            in_channels=2, input_size=(29, 33), mode="bilinear", padding_mode="reflection", align_corners=True
+        ),
+    ],
+    ids=["nearest-zeros", "bilinear-reflection-aligned"],
+)
 def test_stn_options_parity(config):
     entry = catalogue.get("spatial_transformer")
     h, w = config["input_size"]
@@ -159,3 +178,21 @@ def test_tutorial_net_round_trip_and_keys():
     assert sorted(back) == sorted(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k])
+
+
+def test_bfloat16_close_to_float32():
+    # A smooth image and border padding: theta carries bf16 rounding from the localisation net (~0.5%,
+    # i.e. ~0.07 pixel here); on white noise, or at a zero-padded edge, such a shift changes samples by
+    # O(1) times the shift, which no bf16 bound can cover.
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[0:28, 0:28] / 27.0
+    img = np.sin(3 * xx + 1) * np.cos(2 * yy) + 0.5 * xx
+    x = jnp.asarray(np.stack([img, img.T])[..., None], jnp.float32)
+    stn = SpatialTransformer(localization=TutorialLocalization(), padding_mode="border")
+    v = stn.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), v)
+    want = stn.apply(v, x)
+    bf = SpatialTransformer(localization=TutorialLocalization(dtype=jnp.bfloat16), padding_mode="border")
+    got = bf.apply(v, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)

@@ -34,8 +34,11 @@ def _linspace_from_neg_one(steps: int, align_corners: bool) -> np.ndarray:
     step = np.float32(2.0) / np.float32(steps - 1)
     i = np.arange(steps)
     half = steps // 2
-    r = np.where(i < half, np.float32(-1.0) + step * i.astype(np.float32),
-                 np.float32(1.0) - step * (steps - i - 1).astype(np.float32)).astype(np.float32)
+    r = np.where(
+        i < half,
+        np.float32(-1.0) + step * i.astype(np.float32),
+        np.float32(1.0) - step * (steps - i - 1).astype(np.float32),
+    ).astype(np.float32)
     if not align_corners:
         r = (r * np.float32(steps - 1) / np.float32(steps)).astype(np.float32)
     return r
@@ -143,7 +146,9 @@ def grid_sample(
     check_rank("grid_sample", "x", x, 4, "(N, H, W, C)")
     check_rank("grid_sample", "grid", grid, 4, "(N, Ho, Wo, 2)")
     if grid.shape[-1] != 2:
-        raise ValueError(f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}")
+        raise ValueError(
+            f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}"
+        )
     if grid.shape[0] != x.shape[0]:
         raise ValueError(
             f"grid_sample: batch of `grid` {tuple(grid.shape)} does not match `x` {tuple(x.shape)}"

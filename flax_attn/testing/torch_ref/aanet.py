@@ -22,8 +22,18 @@ from flax_attn.testing.torch_ref.deform import deform_conv2d
 class ModulatedDeformConv(nn.Module):
     """mmdetection v1 ``ModulatedDeformConv`` (used by AANet) on the plain-torch op."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 deformable_groups=1, bias=True):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        deformable_groups=1,
+        bias=True,
+    ):
         super().__init__()
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -40,27 +50,56 @@ class ModulatedDeformConv(nn.Module):
             self.bias.data.zero_()
 
     def forward(self, x, offset, mask=None):
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return deform_conv2d(
+            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
 
 
 class DeformConv2d(nn.Module):
     """AANet ``nets/deform.DeformConv2d``."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=2, groups=1,
-                 deformable_groups=2, modulation=True, double_mask=True, bias=False):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=1,
+        dilation=2,
+        groups=1,
+        deformable_groups=2,
+        modulation=True,
+        double_mask=True,
+        bias=False,
+    ):
         super().__init__()
         self.modulation = modulation
         self.deformable_groups = deformable_groups
         self.kernel_size = kernel_size
         self.double_mask = double_mask
         # AANet uses DeformConv (no mask) when modulation=False; the op with mask=None is that.
-        self.deform_conv = ModulatedDeformConv(in_channels, out_channels, kernel_size=kernel_size, stride=stride,
-                                               padding=dilation, dilation=dilation, groups=groups,
-                                               deformable_groups=deformable_groups, bias=bias)
+        self.deform_conv = ModulatedDeformConv(
+            in_channels,
+            out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            groups=groups,
+            deformable_groups=deformable_groups,
+            bias=bias,
+        )
         k = 3 if self.modulation else 2
         offset_out_channels = deformable_groups * k * kernel_size * kernel_size
-        self.offset_conv = nn.Conv2d(in_channels, offset_out_channels, kernel_size=kernel_size, stride=stride,
-                                     padding=dilation, dilation=dilation, groups=deformable_groups, bias=True)
+        self.offset_conv = nn.Conv2d(
+            in_channels,
+            offset_out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            groups=deformable_groups,
+            bias=True,
+        )
         nn.init.constant_(self.offset_conv.weight, 0.0)
         nn.init.constant_(self.offset_conv.bias, 0.0)
 
@@ -82,8 +121,16 @@ def conv1x1(in_planes, out_planes, stride=1):
 
 
 def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
-                     bias=False, dilation=dilation)
+    return nn.Conv2d(
+        in_planes,
+        out_planes,
+        kernel_size=3,
+        stride=stride,
+        padding=dilation,
+        groups=groups,
+        bias=False,
+        dilation=dilation,
+    )
 
 
 class _BottleneckForward(nn.Module):
@@ -99,8 +146,17 @@ class _BottleneckForward(nn.Module):
 
 
 class SimpleBottleneck(_BottleneckForward):
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        downsample=None,
+        groups=1,
+        base_width=64,
+        dilation=1,
+        norm_layer=None,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -116,16 +172,34 @@ class SimpleBottleneck(_BottleneckForward):
 
 
 class DeformSimpleBottleneck(_BottleneckForward):
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, norm_layer=None,
-                 mdconv_dilation=2, deformable_groups=2, modulation=True, double_mask=True):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        downsample=None,
+        groups=1,
+        base_width=64,
+        norm_layer=None,
+        mdconv_dilation=2,
+        deformable_groups=2,
+        modulation=True,
+        double_mask=True,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
-        self.conv2 = DeformConv2d(width, width, stride=stride, dilation=mdconv_dilation,
-                                  deformable_groups=deformable_groups, modulation=modulation,
-                                  double_mask=double_mask)
+        self.conv2 = DeformConv2d(
+            width,
+            width,
+            stride=stride,
+            dilation=mdconv_dilation,
+            deformable_groups=deformable_groups,
+            modulation=modulation,
+            double_mask=double_mask,
+        )
         self.bn2 = norm_layer(width)
         self.conv3 = conv1x1(width, planes)
         self.bn3 = norm_layer(planes)
@@ -135,8 +209,16 @@ class DeformSimpleBottleneck(_BottleneckForward):
 
 
 class AdaptiveAggregationModule(nn.Module):
-    def __init__(self, num_scales, num_output_branches, max_disp, num_blocks=1, simple_bottleneck=False,
-                 deformable_groups=2, mdconv_dilation=2):
+    def __init__(
+        self,
+        num_scales,
+        num_output_branches,
+        max_disp,
+        num_blocks=1,
+        simple_bottleneck=False,
+        deformable_groups=2,
+        mdconv_dilation=2,
+    ):
         super().__init__()
         self.num_scales = num_scales
         self.num_output_branches = num_output_branches
@@ -144,15 +226,21 @@ class AdaptiveAggregationModule(nn.Module):
         self.num_blocks = num_blocks
         self.branches = nn.ModuleList()
         for i in range(self.num_scales):
-            num_candidates = max_disp // (2 ** i)
+            num_candidates = max_disp // (2**i)
             branch = nn.ModuleList()
             for _ in range(num_blocks):
                 if simple_bottleneck:
                     branch.append(SimpleBottleneck(num_candidates, num_candidates))
                 else:
-                    branch.append(DeformSimpleBottleneck(num_candidates, num_candidates, modulation=True,
-                                                         mdconv_dilation=mdconv_dilation,
-                                                         deformable_groups=deformable_groups))
+                    branch.append(
+                        DeformSimpleBottleneck(
+                            num_candidates,
+                            num_candidates,
+                            modulation=True,
+                            mdconv_dilation=mdconv_dilation,
+                            deformable_groups=deformable_groups,
+                        )
+                    )
             self.branches.append(nn.Sequential(*branch))
         self.fuse_layers = nn.ModuleList()
         for i in range(self.num_output_branches):
@@ -161,21 +249,42 @@ class AdaptiveAggregationModule(nn.Module):
                 if i == j:
                     self.fuse_layers[-1].append(nn.Identity())
                 elif i < j:
-                    self.fuse_layers[-1].append(nn.Sequential(
-                        nn.Conv2d(max_disp // (2 ** j), max_disp // (2 ** i), kernel_size=1, bias=False),
-                        nn.BatchNorm2d(max_disp // (2 ** i))))
+                    self.fuse_layers[-1].append(
+                        nn.Sequential(
+                            nn.Conv2d(max_disp // (2**j), max_disp // (2**i), kernel_size=1, bias=False),
+                            nn.BatchNorm2d(max_disp // (2**i)),
+                        )
+                    )
                 else:
                     layers = nn.ModuleList()
                     for _ in range(i - j - 1):
-                        layers.append(nn.Sequential(
-                            nn.Conv2d(max_disp // (2 ** j), max_disp // (2 ** j), kernel_size=3, stride=2,
-                                      padding=1, bias=False),
-                            nn.BatchNorm2d(max_disp // (2 ** j)),
-                            nn.LeakyReLU(0.2, inplace=True)))
-                    layers.append(nn.Sequential(
-                        nn.Conv2d(max_disp // (2 ** j), max_disp // (2 ** i), kernel_size=3, stride=2, padding=1,
-                                  bias=False),
-                        nn.BatchNorm2d(max_disp // (2 ** i))))
+                        layers.append(
+                            nn.Sequential(
+                                nn.Conv2d(
+                                    max_disp // (2**j),
+                                    max_disp // (2**j),
+                                    kernel_size=3,
+                                    stride=2,
+                                    padding=1,
+                                    bias=False,
+                                ),
+                                nn.BatchNorm2d(max_disp // (2**j)),
+                                nn.LeakyReLU(0.2, inplace=True),
+                            )
+                        )
+                    layers.append(
+                        nn.Sequential(
+                            nn.Conv2d(
+                                max_disp // (2**j),
+                                max_disp // (2**i),
+                                kernel_size=3,
+                                stride=2,
+                                padding=1,
+                                bias=False,
+                            ),
+                            nn.BatchNorm2d(max_disp // (2**i)),
+                        )
+                    )
                     self.fuse_layers[-1].append(nn.Sequential(*layers))
         self.relu = nn.LeakyReLU(0.2, inplace=True)
 
@@ -196,8 +305,9 @@ class AdaptiveAggregationModule(nn.Module):
                 else:
                     exchange = self.fuse_layers[i][j](x[j])
                     if exchange.size()[2:] != x_fused[i].size()[2:]:
-                        exchange = F.interpolate(exchange, size=x_fused[i].size()[2:], mode="bilinear",
-                                                 align_corners=False)
+                        exchange = F.interpolate(
+                            exchange, size=x_fused[i].size()[2:], mode="bilinear", align_corners=False
+                        )
                     x_fused[i] = x_fused[i] + exchange
         for i in range(len(x_fused)):
             x_fused[i] = self.relu(x_fused[i])
@@ -205,8 +315,17 @@ class AdaptiveAggregationModule(nn.Module):
 
 
 class AdaptiveAggregation(nn.Module):
-    def __init__(self, max_disp, num_scales=3, num_fusions=6, num_stage_blocks=1, num_deform_blocks=2,
-                 intermediate_supervision=True, deformable_groups=2, mdconv_dilation=2):
+    def __init__(
+        self,
+        max_disp,
+        num_scales=3,
+        num_fusions=6,
+        num_stage_blocks=1,
+        num_deform_blocks=2,
+        intermediate_supervision=True,
+        deformable_groups=2,
+        mdconv_dilation=2,
+    ):
         super().__init__()
         self.max_disp = max_disp
         self.num_scales = num_scales
@@ -219,16 +338,22 @@ class AdaptiveAggregation(nn.Module):
             else:
                 num_out_branches = 1 if i == num_fusions - 1 else self.num_scales
             simple_bottleneck_module = not (i >= num_fusions - num_deform_blocks)
-            fusions.append(AdaptiveAggregationModule(num_scales=self.num_scales,
-                                                     num_output_branches=num_out_branches, max_disp=max_disp,
-                                                     num_blocks=num_stage_blocks, mdconv_dilation=mdconv_dilation,
-                                                     deformable_groups=deformable_groups,
-                                                     simple_bottleneck=simple_bottleneck_module))
+            fusions.append(
+                AdaptiveAggregationModule(
+                    num_scales=self.num_scales,
+                    num_output_branches=num_out_branches,
+                    max_disp=max_disp,
+                    num_blocks=num_stage_blocks,
+                    mdconv_dilation=mdconv_dilation,
+                    deformable_groups=deformable_groups,
+                    simple_bottleneck=simple_bottleneck_module,
+                )
+            )
         self.fusions = nn.Sequential(*fusions)
         self.final_conv = nn.ModuleList()
         for i in range(self.num_scales):
-            in_channels = max_disp // (2 ** i)
-            self.final_conv.append(nn.Conv2d(in_channels, max_disp // (2 ** i), kernel_size=1))
+            in_channels = max_disp // (2**i)
+            self.final_conv.append(nn.Conv2d(in_channels, max_disp // (2**i), kernel_size=1))
             if not self.intermediate_supervision:
                 break
 

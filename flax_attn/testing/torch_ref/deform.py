@@ -36,13 +36,18 @@ def _bilinear_interpolate(img, y, x):
         v = torch.gather(flat, 2, idx[:, None, :].expand(b, c, idx.shape[1]))
         return v * valid[:, None, :].to(img.dtype)
 
-    val = (hy * hx)[:, None] * pick(y_low, x_low) + (hy * lx)[:, None] * pick(y_low, x_high) \
-        + (ly * hx)[:, None] * pick(y_high, x_low) + (ly * lx)[:, None] * pick(y_high, x_high)
+    val = (
+        (hy * hx)[:, None] * pick(y_low, x_low)
+        + (hy * lx)[:, None] * pick(y_low, x_high)
+        + (ly * hx)[:, None] * pick(y_high, x_low)
+        + (ly * lx)[:, None] * pick(y_high, x_high)
+    )
     return val
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                  mask=None):
+def deform_conv2d(
+    input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None
+):
     """``torchvision.ops.deform_conv2d`` (NCHW, weight OIHW) in plain torch."""
     stride_h, stride_w = _pair(stride)
     pad_h, pad_w = _pair(padding)
@@ -64,7 +69,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
                 ch = 2 * (g * kh * kw + i * kw + j)
                 y = (oy + i * dil_h + offset[:, ch]).reshape(n, -1)
                 x = (ox + j * dil_w + offset[:, ch + 1]).reshape(n, -1)
-                img = input[:, g * c_per_offset_grp:(g + 1) * c_per_offset_grp]
+                img = input[:, g * c_per_offset_grp : (g + 1) * c_per_offset_grp]
                 v = _bilinear_interpolate(img, y, x)
                 if mask is not None:
                     v = v * mask[:, g * kh * kw + i * kw + j].reshape(n, 1, -1)
@@ -82,8 +87,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 class DeformConv2d(nn.Module):
     """``torchvision.ops.DeformConv2d``: parameters ``weight`` (O, C/groups, kh, kw) and ``bias``."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True):
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True
+    ):
         super().__init__()
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *_pair(kernel_size)))
@@ -95,15 +101,26 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input, offset, mask=None):
-        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
-                             self.dilation, mask)
+        return deform_conv2d(
+            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
 
 
 class DeformConv2dPack(nn.Module):
     """mmcv ``DeformConv2dPack`` (v1): ``conv_offset`` (zero-init) predicts offsets; no bias."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 deform_groups=1, bias=False):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        deform_groups=1,
+        bias=False,
+    ):
         super().__init__()
         assert not bias, "mmcv DeformConv2d has no bias"
         ks = _pair(kernel_size)
@@ -111,8 +128,15 @@ class DeformConv2dPack(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *ks))
         n = in_channels * ks[0] * ks[1]
         self.weight.data.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
-        self.conv_offset = nn.Conv2d(in_channels, deform_groups * 2 * ks[0] * ks[1], kernel_size=ks,
-                                     stride=stride, padding=padding, dilation=dilation, bias=True)
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * 2 * ks[0] * ks[1],
+            kernel_size=ks,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=True,
+        )
         self.conv_offset.weight.data.zero_()
         self.conv_offset.bias.data.zero_()
 
@@ -124,8 +148,18 @@ class DeformConv2dPack(nn.Module):
 class ModulatedDeformConv2dPack(nn.Module):
     """mmcv ``ModulatedDeformConv2dPack`` (DCNv2): ``conv_offset`` gives offsets and mask logits."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 deform_groups=1, bias=True):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        deform_groups=1,
+        bias=True,
+    ):
         super().__init__()
         ks = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -133,8 +167,15 @@ class ModulatedDeformConv2dPack(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         n = in_channels * ks[0] * ks[1]
         self.weight.data.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
-        self.conv_offset = nn.Conv2d(in_channels, deform_groups * 3 * ks[0] * ks[1], kernel_size=ks,
-                                     stride=stride, padding=padding, dilation=dilation, bias=True)
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * 3 * ks[0] * ks[1],
+            kernel_size=ks,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=True,
+        )
         self.conv_offset.weight.data.zero_()
         self.conv_offset.bias.data.zero_()
 
@@ -143,4 +184,6 @@ class ModulatedDeformConv2dPack(nn.Module):
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         mask = torch.sigmoid(mask)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return deform_conv2d(
+            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )

@@ -20,8 +20,9 @@ def _feature_hw(input_size):
 class SpatialTransformer(nn.Module):
     """The tutorial's ``stn`` (localization + fc_loc + affine_grid + grid_sample) as a module."""
 
-    def __init__(self, in_channels=1, input_size=(28, 28), mode="bilinear", padding_mode="zeros",
-                 align_corners=False):
+    def __init__(
+        self, in_channels=1, input_size=(28, 28), mode="bilinear", padding_mode="zeros", align_corners=False
+    ):
         super().__init__()
         fh, fw = _feature_hw(input_size)
         self.feat = 10 * fh * fw
@@ -42,8 +43,9 @@ class SpatialTransformer(nn.Module):
         xs = self.localization(x).reshape(-1, self.feat)
         theta = self.fc_loc(xs).view(-1, 2, 3)
         grid = F.affine_grid(theta, x.size(), align_corners=self.align_corners)
-        return F.grid_sample(x, grid, mode=self.mode, padding_mode=self.padding_mode,
-                             align_corners=self.align_corners)
+        return F.grid_sample(
+            x, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=self.align_corners
+        )
 
 
 class Net(nn.Module):
@@ -69,7 +71,9 @@ class Net(nn.Module):
         self.fc_loc[2].bias.data.copy_(torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.float))
 
     def stn(self, x):
-        xs = self.localization(x).reshape(-1, 10 * 3 * 3)  # view in the tutorial; reshape also takes channels-last strides
+        xs = self.localization(x).reshape(
+            -1, 10 * 3 * 3
+        )  # view in the tutorial; reshape also takes channels-last strides
         theta = self.fc_loc(xs).view(-1, 2, 3)
         grid = F.affine_grid(theta, x.size(), align_corners=False)
         return F.grid_sample(x, grid, align_corners=False)
