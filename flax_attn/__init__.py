@@ -8,15 +8,19 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
+from flax_attn.aanet import AdaptiveAggregation, AdaptiveAggregationModule, DeformSimpleBottleneck
 from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.cbam import CBAM, ChannelAttention, ChannelGate, SpatialAttention, SpatialGate
 from flax_attn.ccnet import CrissCrossAttention, RCCAModule
 from flax_attn.coordatt import CoordAtt
+from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from flax_attn.eca import ECALayer
 from flax_attn.gcnet import ContextBlock
+from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
 from flax_attn.se import SEBasicBlock, SEBottleneck, SELayer, SEResNet, se_resnet18, se_resnet34, se_resnet50
 from flax_attn.spd import SPDConv
+from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 __version__ = "0.1.0"
 
@@ -25,6 +29,8 @@ __all__ = [
     "A2N",
     "AAB",
     "ACmix",
+    "AdaptiveAggregation",
+    "AdaptiveAggregationModule",
     "AttentionBranch",
     "CBAM",
     "ChannelAttention",
@@ -32,23 +38,32 @@ __all__ = [
     "ContextBlock",
     "CoordAtt",
     "CrissCrossAttention",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "DeformSimpleBottleneck",
     "ECALayer",
+    "ModulatedDeformConv2dPack",
     "MultiheadAttention",
     "PA",
     "ProjectedMultiHeadAttention",
     "RCCAModule",
+    "RecurrentAttention",
     "SEBasicBlock",
     "SEBottleneck",
     "SELayer",
     "SEResNet",
     "SPDConv",
+    "STNTutorialNet",
     "SpatialAttention",
     "SpatialGate",
+    "SpatialTransformer",
+    "TutorialLocalization",
     "WindowAttention",
     "catalogue",
     "convert",
     "layers",
     "ops",
+    "ram_hybrid_loss",
     "se_resnet18",
     "se_resnet34",
     "se_resnet50",

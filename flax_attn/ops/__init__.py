@@ -15,22 +15,28 @@ from flax_attn.ops.channel import (
     global_pool,
 )
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
+from flax_attn.ops.sampling import affine_grid, foveate, grid_sample
 from flax_attn.ops.space_to_depth import space_to_depth
 from flax_attn.ops.window import window_attention
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "affine_grid",
     "attention_dropout_weights",
     "attention_pool2d",
     "channel_pool",
     "criss_cross_attention",
+    "deform_conv2d",
     "directional_avg_pool",
     "eca_kernel_size",
+    "foveate",
     "global_pool",
+    "grid_sample",
     "interpolate",
     "masked_softmax",
     "mix_branches",
