@@ -6,6 +6,8 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 """
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
+from flax_attn.ops.max_pool import max_pool
+from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.resize import interpolate
 
@@ -14,5 +16,7 @@ __all__ = [
     "adaptive_max_pool2d",
     "interpolate",
     "masked_softmax",
+    "max_pool",
+    "non_local_attention",
     "scaled_dot_product_attention",
 ]
