@@ -6,6 +6,7 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 """
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
+from flax_attn.ops.danet import channel_attention, position_attention
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
@@ -14,9 +15,11 @@ from flax_attn.ops.resize import interpolate
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "channel_attention",
     "interpolate",
     "masked_softmax",
     "max_pool",
     "non_local_attention",
+    "position_attention",
     "scaled_dot_product_attention",
 ]
