@@ -8,6 +8,7 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.augmented_conv import AugmentedConv
 from flax_attn.danet import CAM_Module, DANetHead, PAM_Module
 from flax_attn.non_local import NONLocalBlock1D, NONLocalBlock2D, NONLocalBlock3D, NonLocalBlockND, NonLocalMNISTNet
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "AugmentedConv",
     "CAM_Module",
     "DANetHead",
     "MultiheadAttention",

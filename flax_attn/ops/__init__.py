@@ -10,16 +10,19 @@ from flax_attn.ops.danet import channel_attention, position_attention
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
+from flax_attn.ops.relative_logits import augmented_attention, relative_logits_2d
 from flax_attn.ops.resize import interpolate
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "augmented_attention",
     "channel_attention",
     "interpolate",
     "masked_softmax",
     "max_pool",
     "non_local_attention",
     "position_attention",
+    "relative_logits_2d",
     "scaled_dot_product_attention",
 ]
