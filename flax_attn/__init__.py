@@ -10,12 +10,29 @@ from flax_attn import catalogue, convert, layers, ops
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.augmented_conv import AugmentedConv
 from flax_attn.danet import CAM_Module, DANetHead, PAM_Module
-from flax_attn.non_local import NONLocalBlock1D, NONLocalBlock2D, NONLocalBlock3D, NonLocalBlockND, NonLocalMNISTNet
+from flax_attn.non_local import (
+    NONLocalBlock1D,
+    NONLocalBlock2D,
+    NONLocalBlock3D,
+    NonLocalBlockND,
+    NonLocalMNISTNet,
+)
+from flax_attn.residual_attention import (
+    AttentionModule_stage1,
+    AttentionModule_stage2,
+    AttentionModule_stage3,
+    ResidualAttentionModel_56,
+    ResidualAttentionModel_92,
+    ResidualBlock,
+)
 
 __version__ = "0.1.0"
 
 # Block families: each module registers its catalogue entries on import.
 __all__ = [
+    "AttentionModule_stage1",
+    "AttentionModule_stage2",
+    "AttentionModule_stage3",
     "AugmentedConv",
     "CAM_Module",
     "DANetHead",
@@ -26,6 +43,9 @@ __all__ = [
     "NonLocalBlockND",
     "NonLocalMNISTNet",
     "PAM_Module",
+    "ResidualAttentionModel_56",
+    "ResidualAttentionModel_92",
+    "ResidualBlock",
     "ProjectedMultiHeadAttention",
     "catalogue",
     "convert",

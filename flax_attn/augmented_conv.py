@@ -85,9 +85,12 @@ class AugmentedConv(nn.Module):
         if self.out_channels <= self.dv:
             raise ValueError(
                 f"{where}: `out_channels`={self.out_channels} must exceed `dv`={self.dv} "
-                f"(conv_out has out_channels - dv channels)")
+                f"(conv_out has out_channels - dv channels)"
+            )
         if self.relative and self.shape < 1:
-            raise ValueError(f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}")
+            raise ValueError(
+                f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}"
+            )
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -97,24 +100,35 @@ class AugmentedConv(nn.Module):
         check_channels(where, "x", x, self.in_channels)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pad = (self.kernel_size - 1) // 2
-        conv_out = Conv(self.out_channels - self.dv, self.kernel_size, stride=self.stride, padding=pad,
-                        name="conv_out", **kw)(x)
-        qkv = Conv(2 * self.dk + self.dv, self.kernel_size, stride=self.stride, padding=pad,
-                   name="qkv_conv", **kw)(x)
+        conv_out = Conv(
+            self.out_channels - self.dv,
+            self.kernel_size,
+            stride=self.stride,
+            padding=pad,
+            name="conv_out",
+            **kw,
+        )(x)
+        qkv = Conv(
+            2 * self.dk + self.dv, self.kernel_size, stride=self.stride, padding=pad, name="qkv_conv", **kw
+        )(x)
         b, h, w, _ = qkv.shape
         if self.relative and (h, w) != (self.shape, self.shape):
             raise ValueError(
-                f"{where}: relative=True with shape={self.shape} needs a {self.shape}x{self.shape} output map, "
-                f"but input {tuple(x.shape)} gives {h}x{w} (stride {self.stride})")
+                f"{where}: relative=True with shape={self.shape} needs a {self.shape}x{self.shape} "
+                f"output map, "
+                f"but input {tuple(x.shape)} gives {h}x{w} (stride {self.stride})"
+            )
         nh, dkh, dvh = self.Nh, self.dk // self.Nh, self.dv // self.Nh
-        q = qkv[..., :self.dk].reshape(b, h, w, nh, dkh) * dkh**-0.5
-        k = qkv[..., self.dk:2 * self.dk].reshape(b, h, w, nh, dkh)
-        v = qkv[..., 2 * self.dk:].reshape(b, h, w, nh, dvh)
+        q = qkv[..., : self.dk].reshape(b, h, w, nh, dkh) * dkh**-0.5
+        k = qkv[..., self.dk : 2 * self.dk].reshape(b, h, w, nh, dkh)
+        v = qkv[..., 2 * self.dk :].reshape(b, h, w, nh, dvh)
         rel = {}
         if self.relative:
             init = nn.initializers.normal(1.0)
-            rel = dict(key_rel_h=self.param("key_rel_h", init, (2 * self.shape - 1, dkh), self.param_dtype),
-                       key_rel_w=self.param("key_rel_w", init, (2 * self.shape - 1, dkh), self.param_dtype))
+            rel = dict(
+                key_rel_h=self.param("key_rel_h", init, (2 * self.shape - 1, dkh), self.param_dtype),
+                key_rel_w=self.param("key_rel_w", init, (2 * self.shape - 1, dkh), self.param_dtype),
+            )
         out = augmented_attention(q, k, v, **rel)  # (B, H, W, Nh, dvh)
         # The reference's reshape of (Nh, H*W, dvh) to (Nh * dvh, H, W): reproduce it bit for bit.
         out = out.reshape(b, h * w, nh, dvh).transpose(0, 2, 1, 3).reshape(b, nh * dvh, h, w)
@@ -130,23 +144,38 @@ def _images(shape):
     return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
 
 
-_COMMON = dict(family="augmented_conv", paper="Bello et al., ICCV 2019", arxiv="1904.09925",
-               torch="flax_attn.testing.torch_ref.augmented_conv:AugmentedConv", flax=AugmentedConv,
-               train_mode=False)
+_COMMON = dict(
+    family="augmented_conv",
+    paper="Bello et al., ICCV 2019",
+    arxiv="1904.09925",
+    torch="flax_attn.testing.torch_ref.augmented_conv:AugmentedConv",
+    flax=AugmentedConv,
+    train_mode=False,
+)
 
-catalogue.register(catalogue.Entry(
-    name="augmented_conv",
-    config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2),
-    inputs=_images((3, 13, 17, 6)),
-    bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8),
-    bench_inputs=_images((8, 32, 32, 64)),
-    **_COMMON))
+catalogue.register(
+    catalogue.Entry(
+        name="augmented_conv",
+        config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2),
+        inputs=_images((3, 13, 17, 6)),
+        bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8),
+        bench_inputs=_images((8, 32, 32, 64)),
+        **_COMMON,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="augmented_conv_relative",
-    # Relative logits fix the output to shape x shape; stride 2 lets the input stay odd and non-square.
-    config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2),
-    inputs=_images((3, 25, 26, 6)),
-    bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True),
-    bench_inputs=_images((8, 32, 32, 64)),
-    **_COMMON))
+catalogue.register(
+    catalogue.Entry(
+        name="augmented_conv_relative",
+        # Relative logits fix the output to shape x shape; stride 2 lets the input stay odd and non-square.
+        config=dict(
+            in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2
+        ),
+        inputs=_images((3, 25, 26, 6)),
+        bench_config=dict(
+            in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True
+        ),
+        bench_inputs=_images((8, 32, 32, 64)),
+        **_COMMON,
+    )
+)

@@ -54,7 +54,9 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "PAM_Module"
         if self.in_dim < 8:
-            raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)")
+            raise ValueError(
+                f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)"
+            )
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_dim)
         x = x.astype(self.dtype or x.dtype)
@@ -148,7 +150,10 @@ class DANetHead(nn.Module):
         check_channels(where, "x", x, self.in_channels)
         inter = self.in_channels // 4
         if inter < 8:
-            raise ValueError(f"{where}: `in_channels`={self.in_channels} must be at least 32 (PAM needs in_channels // 4 >= 8)")
+            raise ValueError(
+                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
+                "(PAM needs in_channels // 4 >= 8)"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def conv_bn_relu(name, t):
@@ -177,26 +182,50 @@ def _images(shape):
 
 _COMMON = dict(family="danet", paper="Fu et al., CVPR 2019", arxiv="1809.02983")
 
-catalogue.register(catalogue.Entry(
-    name="pam", flax=PAM_Module, torch="flax_attn.testing.torch_ref.danet:PAM_Module",
-    config=dict(in_dim=16), inputs=_images((3, 13, 17, 16)),
-    bench_config=dict(in_dim=512), bench_inputs=_images((2, 64, 64, 512)),
-    train_mode=False, **_COMMON))
+catalogue.register(
+    catalogue.Entry(
+        name="pam",
+        flax=PAM_Module,
+        torch="flax_attn.testing.torch_ref.danet:PAM_Module",
+        config=dict(in_dim=16),
+        inputs=_images((3, 13, 17, 16)),
+        bench_config=dict(in_dim=512),
+        bench_inputs=_images((2, 64, 64, 512)),
+        train_mode=False,
+        **_COMMON,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="cam", flax=CAM_Module, torch="flax_attn.testing.torch_ref.danet:CAM_Module",
-    config=dict(in_dim=12), inputs=_images((3, 13, 17, 12)),
-    bench_config=dict(in_dim=512), bench_inputs=_images((2, 64, 64, 512)),
-    # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
-    # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
-    # tests/test_danet.py checks 1e-5 on well-conditioned inputs.
-    atol=1e-4, rtol=1e-4,
-    train_mode=False, **_COMMON))
+catalogue.register(
+    catalogue.Entry(
+        name="cam",
+        flax=CAM_Module,
+        torch="flax_attn.testing.torch_ref.danet:CAM_Module",
+        config=dict(in_dim=12),
+        inputs=_images((3, 13, 17, 12)),
+        bench_config=dict(in_dim=512),
+        bench_inputs=_images((2, 64, 64, 512)),
+        # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
+        # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
+        # tests/test_danet.py checks 1e-5 on well-conditioned inputs.
+        atol=1e-4,
+        rtol=1e-4,
+        train_mode=False,
+        **_COMMON,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="danet_head", flax=DANetHead, torch="flax_attn.testing.torch_ref.danet:danet_head",
-    # Dropout off so train-mode parity checks the BatchNorm statistics (torch's dropout RNG differs);
-    # tests/test_danet.py checks the Dropout2d semantics separately.
-    config=dict(in_channels=64, out_channels=5, dropout=0.0), inputs=_images((3, 13, 17, 64)),
-    bench_config=dict(in_channels=2048, out_channels=19), bench_inputs=_images((2, 64, 64, 2048)),
-    **_COMMON))
+catalogue.register(
+    catalogue.Entry(
+        name="danet_head",
+        flax=DANetHead,
+        torch="flax_attn.testing.torch_ref.danet:danet_head",
+        # Dropout off so train-mode parity checks the BatchNorm statistics (torch's dropout RNG differs);
+        # tests/test_danet.py checks the Dropout2d semantics separately.
+        config=dict(in_channels=64, out_channels=5, dropout=0.0),
+        inputs=_images((3, 13, 17, 64)),
+        bench_config=dict(in_channels=2048, out_channels=19),
+        bench_inputs=_images((2, 64, 64, 2048)),
+        **_COMMON,
+    )
+)

@@ -27,8 +27,11 @@ Dtype = Any
 
 # The official sub-sampling pools: never along time for video.
 _POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
-_LAYOUT = {1: "(batch, length, channels)", 2: "(batch, height, width, channels)",
-           3: "(batch, time, height, width, channels)"}
+_LAYOUT = {
+    1: "(batch, length, channels)",
+    2: "(batch, height, width, channels)",
+    3: "(batch, time, height, width, channels)",
+}
 
 
 class _ConcatProject(nn.Module):
@@ -94,7 +97,10 @@ class NonLocalBlockND(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        rules = [Rename(r"W_(\d)\.(.*)", r"W.\1.\2"), Rename(r"concat_project_0\.(.*)", r"concat_project.0.\1")]
+        rules = [
+            Rename(r"W_(\d)\.(.*)", r"W.\1.\2"),
+            Rename(r"concat_project_0\.(.*)", r"concat_project.0.\1"),
+        ]
         if self.sub_sample:
             # The official block wraps g and phi in nn.Sequential(conv, pool).
             rules += [Rename(r"g\.(.*)", r"g.0.\1"), Rename(r"phi\.(.*)", r"phi.0.\1")]
@@ -107,9 +113,14 @@ class NonLocalBlockND(nn.Module):
         if self.mode not in NON_LOCAL_MODES:
             raise ValueError(f"{where}: `mode` must be one of {NON_LOCAL_MODES}, got {self.mode!r}")
         if self.in_channels <= 0 or self._inter <= 0:
-            raise ValueError(f"{where}: `in_channels`={self.in_channels} and `inter_channels`={self._inter} must be positive")
+            raise ValueError(
+                f"{where}: `in_channels`={self.in_channels} and `inter_channels`={self._inter} "
+                "must be positive"
+            )
         if x.ndim != self.dimension + 2:
-            raise ValueError(f"{where}: `x` must be {self.dimension + 2}-D {_LAYOUT[self.dimension]}, got shape {x.shape}")
+            raise ValueError(
+                f"{where}: `x` must be {self.dimension + 2}-D {_LAYOUT[self.dimension]}, got shape {x.shape}"
+            )
         check_channels(where, "x", x, self.in_channels)
         if self.sub_sample:
             for axis, k in enumerate(_POOL[self.dimension]):
@@ -126,8 +137,12 @@ class NonLocalBlockND(nn.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         b = x.shape[0]
-        conv = lambda name, feats, **kw: Conv(feats, 1, spatial_dims=d, dtype=self.dtype,  # noqa: E731
-                                              param_dtype=self.param_dtype, name=name, **kw)
+
+        def conv(name, feats, **kw):
+            return Conv(
+                feats, 1, spatial_dims=d, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
+            )
+
         pool = (lambda t: max_pool(t, _POOL[d])) if self.sub_sample else (lambda t: t)
 
         g_x = pool(conv("g", inter)(x))
@@ -136,12 +151,21 @@ class NonLocalBlockND(nn.Module):
         else:
             theta_x = conv("theta", inter)(x)
             phi_x = pool(conv("phi", inter)(x))
-        concat_kernel = (_ConcatProject(2 * inter, self.param_dtype, name="concat_project_0")()
-                         if self.mode == "concatenation" else None)
+        concat_kernel = (
+            _ConcatProject(2 * inter, self.param_dtype, name="concat_project_0")()
+            if self.mode == "concatenation"
+            else None
+        )
 
         flat = lambda t: t.reshape(b, -1, t.shape[-1])  # noqa: E731
-        out = non_local_attention(flat(theta_x), flat(phi_x), flat(g_x), mode=self.mode,
-                                  concat_kernel=concat_kernel, return_weights=return_nl_map)
+        out = non_local_attention(
+            flat(theta_x),
+            flat(phi_x),
+            flat(g_x),
+            mode=self.mode,
+            concat_kernel=concat_kernel,
+            return_weights=return_nl_map,
+        )
         y, nl_map = out if return_nl_map else (out, None)
         y = y.reshape(*x.shape[:-1], inter)
 
@@ -149,7 +173,8 @@ class NonLocalBlockND(nn.Module):
         if self.bn_layer:
             w_y = conv("W_0", self.in_channels)(y)
             w_y = BatchNorm(scale_init=zeros, dtype=self.dtype, param_dtype=self.param_dtype, name="W_1")(
-                w_y, train=train)
+                w_y, train=train
+            )
         else:
             w_y = conv("W", self.in_channels, kernel_init=zeros)(y)
         z = w_y + x
@@ -215,7 +240,9 @@ class NonLocalMNISTNet(nn.Module):
     def __call__(self, x: jax.Array, return_nl_map: bool = False, *, train: bool = False):
         where = "NonLocalMNISTNet"
         if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
-            raise ValueError(f"{where}: `x` must be (batch, 28, 28, 1) (the head is fixed to 128x3x3), got shape {x.shape}")
+            raise ValueError(
+                f"{where}: `x` must be (batch, 28, 28, 1) (the head is fixed to 128x3x3), got shape {x.shape}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         maps = []
         out = x
@@ -244,31 +271,38 @@ def _images(shape, bench=False):
 
 
 for _mode in NON_LOCAL_MODES:
-    catalogue.register(catalogue.Entry(
-        name=f"non_local_2d_{_mode}",
-        family="non_local",
-        paper="Wang et al., CVPR 2018",
-        arxiv="1711.07971",
-        flax=NonLocalBlockND,
-        torch="flax_attn.testing.torch_ref.non_local:non_local_block",
-        config=dict(in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-        inputs=_images((3, 13, 17, 12)),
-        bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-        bench_inputs=_images((8, 64, 64, 256)),
-    ))
+    catalogue.register(
+        catalogue.Entry(
+            name=f"non_local_2d_{_mode}",
+            family="non_local",
+            paper="Wang et al., CVPR 2018",
+            arxiv="1711.07971",
+            flax=NonLocalBlockND,
+            torch="flax_attn.testing.torch_ref.non_local:non_local_block",
+            config=dict(
+                in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode
+            ),
+            inputs=_images((3, 13, 17, 12)),
+            bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
+            bench_inputs=_images((8, 64, 64, 256)),
+        )
+    )
 
-catalogue.register(catalogue.Entry(
-    name="non_local_mnist_net",
-    family="non_local",
-    paper="Wang et al., CVPR 2018 (AlexHex7/Non-local_pytorch MNIST network)",
-    arxiv="1711.07971",
-    flax=NonLocalMNISTNet,
-    torch="flax_attn.testing.torch_ref.non_local:non_local_mnist_net",
-    # Dropout off so train-mode parity checks the BatchNorm batch statistics (torch's dropout RNG differs).
-    config=dict(dropout=0.0),
-    inputs=_images((3, 28, 28, 1)),
-    bench_config=dict(dropout=0.5),
-    bench_inputs=_images((256, 28, 28, 1)),
-    atol=1e-4,
-    rtol=1e-4,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="non_local_mnist_net",
+        family="non_local",
+        paper="Wang et al., CVPR 2018 (AlexHex7/Non-local_pytorch MNIST network)",
+        arxiv="1711.07971",
+        flax=NonLocalMNISTNet,
+        torch="flax_attn.testing.torch_ref.non_local:non_local_mnist_net",
+        # Dropout off so train-mode parity checks the BatchNorm batch statistics
+        # (torch's dropout RNG differs).
+        config=dict(dropout=0.0),
+        inputs=_images((3, 28, 28, 1)),
+        bench_config=dict(dropout=0.5),
+        bench_inputs=_images((256, 28, 28, 1)),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+)

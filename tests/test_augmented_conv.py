@@ -23,13 +23,44 @@ def _x(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-@pytest.mark.parametrize("config,shape", [
-    (dict(in_channels=5, out_channels=11, kernel_size=3, dk=12, dv=4, Nh=4, shape=9, relative=True), (2, 9, 9, 5)),
-    (dict(in_channels=5, out_channels=9, kernel_size=1, dk=6, dv=3, Nh=3, shape=0, relative=False, stride=2),
-     (3, 11, 14, 5)),
-    (dict(in_channels=4, out_channels=8, kernel_size=5, dk=4, dv=2, Nh=1, shape=6, relative=True, stride=2),
-     (1, 11, 12, 4)),
-], ids=["relative-stride1-4heads", "plain-stride2-k1", "relative-k5-1head"])
+@pytest.mark.parametrize(
+    "config,shape",
+    [
+        (
+            dict(in_channels=5, out_channels=11, kernel_size=3, dk=12, dv=4, Nh=4, shape=9, relative=True),
+            (2, 9, 9, 5),
+        ),
+        (
+            dict(
+                in_channels=5,
+                out_channels=9,
+                kernel_size=1,
+                dk=6,
+                dv=3,
+                Nh=3,
+                shape=0,
+                relative=False,
+                stride=2,
+            ),
+            (3, 11, 14, 5),
+        ),
+        (
+            dict(
+                in_channels=4,
+                out_channels=8,
+                kernel_size=5,
+                dk=4,
+                dv=2,
+                Nh=1,
+                shape=6,
+                relative=True,
+                stride=2,
+            ),
+            (1, 11, 12, 4),
+        ),
+    ],
+    ids=["relative-stride1-4heads", "plain-stride2-k1", "relative-k5-1head"],
+)
 def test_variants(config, shape):
     check_parity(ENTRY, config=config, inputs={"x": _x(shape)})
 
@@ -96,7 +127,9 @@ def test_bad_input():
         AugmentedConv(**{**base, "out_channels": 4}).init(k, x)
     with pytest.raises(ValueError, match=r"relative=True needs `shape`"):
         AugmentedConv(**base, relative=True).init(k, x)
-    with pytest.raises(ValueError, match=r"shape=8 needs a 8x8 output map, but input \(1, 8, 9, 3\) gives 8x9"):
+    with pytest.raises(
+        ValueError, match=r"shape=8 needs a 8x8 output map, but input \(1, 8, 9, 3\) gives 8x9"
+    ):
         AugmentedConv(**base, relative=True, shape=8).init(k, jnp.ones((1, 8, 9, 3)))
     with pytest.raises(ValueError, match=r"shape=8 needs a 8x8 output map.*gives 4x4 \(stride 2\)"):
         AugmentedConv(**base, relative=True, shape=8, stride=2).init(k, x)

@@ -1,4 +1,4 @@
-"""DANet: PAM/CAM conditioning, zero-gamma identity, the head's Dropout2d and tuple, round trips, bad input."""
+"""DANet: PAM/CAM conditioning, zero-gamma identity, Dropout2d, the head's tuple, round trips, bad input."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_head_returns_official_tuple_and_round_trips():
 
 
 def test_head_dropout2d_drops_whole_channels():
-    """With identity classifiers, train-mode outputs are the features times a per-(sample, channel) 0 or 1/(1-p)."""
+    """Identity classifiers: train-mode outputs are the features times 0 or 1/(1-p) per (sample, channel)."""
     x = jnp.asarray(_x((4, 6, 7, 64))["x"])
     p = 0.5
     head_p, head_0 = DANetHead(64, 16, dropout=p), DANetHead(64, 16, dropout=0.0)
@@ -64,8 +64,12 @@ def test_head_dropout2d_drops_whole_channels():
     for name in ("conv6_1", "conv7_1", "conv8_1"):
         params[name] = {"kernel": jnp.eye(16)[None, None], "bias": jnp.zeros(16)}
     variables = {**variables, "params": params}
-    run = lambda m: m.apply(variables, x, train=True, mutable=["batch_stats"],  # noqa: E731
-                            rngs={"dropout": jax.random.PRNGKey(3)})[0]
+
+    def run(m):
+        return m.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)}
+        )[0]
+
     dropped, kept = run(head_p), run(head_0)
     for d, k in zip(dropped, kept):
         k = np.asarray(k)
@@ -73,8 +77,11 @@ def test_head_dropout2d_drops_whole_channels():
         ratio = np.where(k == 0, np.nan, np.asarray(d) / np.where(k == 0, 1.0, k))
         per_channel = np.nanmean(ratio, axis=(1, 2))
         assert set(np.round(np.unique(per_channel), 5)) <= {0.0, 2.0}
-        np.testing.assert_allclose(np.nan_to_num(ratio, nan=0.0),
-                                   np.where(np.isnan(ratio), 0.0, per_channel[:, None, None, :]), atol=1e-5)
+        np.testing.assert_allclose(
+            np.nan_to_num(ratio, nan=0.0),
+            np.where(np.isnan(ratio), 0.0, per_channel[:, None, None, :]),
+            atol=1e-5,
+        )
         assert 0 < (per_channel == 0).mean() < 1
 
 

@@ -1,4 +1,4 @@
-"""Non-local blocks: modes, 1-D/2-D/3-D, options, maps, the op's memory-saving paths, the released MNIST net."""
+"""Non-local blocks: modes, 1-D/2-D/3-D, options, maps, the memory-saving ops, the released MNIST net."""
 
 from __future__ import annotations
 
@@ -30,15 +30,25 @@ def _x(shape, seed=0):
 def test_dimensions(mode, dimension, shape):
     # Train mode (BN batch statistics over 1-D/3-D) for one mode keeps the file fast; eval for all.
     train = mode == "embedded_gaussian"
-    config = dict(in_channels=6, inter_channels=None, dimension=dimension, sub_sample=True, bn_layer=True, mode=mode)
+    config = dict(
+        in_channels=6, inter_channels=None, dimension=dimension, sub_sample=True, bn_layer=True, mode=mode
+    )
     check_parity(ENTRY, config=config, inputs=_x(shape), train=train)
 
 
-@pytest.mark.parametrize("mode,sub_sample,bn_layer,inter", [
-    ("gaussian", False, False, None), ("dot_product", True, False, 5),
-    ("concatenation", False, True, 3), ("embedded_gaussian", False, False, None)])
+@pytest.mark.parametrize(
+    "mode,sub_sample,bn_layer,inter",
+    [
+        ("gaussian", False, False, None),
+        ("dot_product", True, False, 5),
+        ("concatenation", False, True, 3),
+        ("embedded_gaussian", False, False, None),
+    ],
+)
 def test_options(mode, sub_sample, bn_layer, inter):
-    config = dict(in_channels=8, inter_channels=inter, dimension=2, sub_sample=sub_sample, bn_layer=bn_layer, mode=mode)
+    config = dict(
+        in_channels=8, inter_channels=inter, dimension=2, sub_sample=sub_sample, bn_layer=bn_layer, mode=mode
+    )
     for train in (False, True):
         check_parity(ENTRY, config=config, inputs=_x((3, 7, 5, 8)), train=train)
 
@@ -50,13 +60,20 @@ def test_single_channel_gets_one_inter_channel():
     assert variables["params"]["g"]["kernel"].shape == (1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("mode,dimension,shape", [
-    *[(m, 2, (3, 13, 17, 6)) for m in NON_LOCAL_MODES],
-    ("embedded_gaussian", 1, (2, 11, 6)), ("concatenation", 3, (2, 3, 5, 7, 6))])
+@pytest.mark.parametrize(
+    "mode,dimension,shape",
+    [
+        *[(m, 2, (3, 13, 17, 6)) for m in NON_LOCAL_MODES],
+        ("embedded_gaussian", 1, (2, 11, 6)),
+        ("concatenation", 3, (2, 3, 5, 7, 6)),
+    ],
+)
 def test_nl_map_matches_official(mode, dimension, shape):
     entry = dataclasses.replace(
-        ENTRY, call_kwargs=dict(return_nl_map=True),
-        output_layout=lambda outs: [outs[0].movedim(1, -1), outs[1]])
+        ENTRY,
+        call_kwargs=dict(return_nl_map=True),
+        output_layout=lambda outs: [outs[0].movedim(1, -1), outs[1]],
+    )
     config = dict(in_channels=6, dimension=dimension, mode=mode)
     res = check_parity(entry, config=config, inputs=_x(shape))
     assert "output[1]" in res.errors  # the map itself was compared
@@ -120,7 +137,7 @@ def test_bad_input():
 
 
 def _digits(n=64):
-    """sklearn's 8x8 digits as MNIST-like 28x28 images in [0, 1]: 20x20 digit centred with a 4-pixel border."""
+    """sklearn's 8x8 digits as MNIST-like 28x28 images in [0, 1]: a 20x20 digit inside a 4-pixel border."""
     sklearn = pytest.importorskip("sklearn.datasets")
     d = sklearn.load_digits()
     imgs = torch.from_numpy(d.images[:n].astype(np.float32) / 16.0)[:, None]

@@ -38,16 +38,21 @@ def max_pool(
     n = spatial_dims or (len(kernel_size) if not isinstance(kernel_size, int) else x.ndim - 2)
     where = "max_pool"
     if x.ndim != n + 2:
-        raise ValueError(f"{where}: input must be {n + 2}-D (batch, *spatial[{n}], channels), got shape {x.shape}")
+        raise ValueError(
+            f"{where}: input must be {n + 2}-D (batch, *spatial[{n}], channels), got shape {x.shape}"
+        )
     k = _tuple(where, "kernel_size", kernel_size, n)
     s = k if stride is None else _tuple(where, "stride", stride, n)
     p = _tuple(where, "padding", padding, n)
     for axis, (kk, pp) in enumerate(zip(k, p)):
         if 2 * pp > kk:
-            raise ValueError(f"{where}: padding {pp} must be at most half the kernel size {kk} (torch's rule)")
+            raise ValueError(
+                f"{where}: padding {pp} must be at most half the kernel size {kk} (torch's rule)"
+            )
         if x.shape[1 + axis] + 2 * pp < kk:
             raise ValueError(
-                f"{where}: spatial axis {axis} of size {x.shape[1 + axis]} (padding {pp}) is smaller than the "
+                f"{where}: spatial axis {axis} of size {x.shape[1 + axis]} (padding {pp}) "
+                f"is smaller than the "
                 f"kernel {kk}; input shape {x.shape}"
             )
     init = jnp.array(-jnp.inf, x.dtype)

@@ -38,8 +38,8 @@ def _concat_terms(theta, phi, concat_kernel):
 def _concat_sorted(a, b, g):
     """``sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix: b sorted, suffix sums, one search."""
     order = jnp.argsort(b, axis=-1)
-    bs = jnp.take_along_axis(b, order, axis=-1)                       # (B, M) ascending
-    gs = jnp.take_along_axis(g.astype(jnp.float32), order[..., None], axis=1)   # (B, M, Cv)
+    bs = jnp.take_along_axis(b, order, axis=-1)  # (B, M) ascending
+    gs = jnp.take_along_axis(g.astype(jnp.float32), order[..., None], axis=1)  # (B, M, Cv)
 
     def suffix(t):  # suffix[k] = sum_{j >= k} t[j], with suffix[M] = 0
         s = jnp.flip(jnp.cumsum(jnp.flip(t, axis=1), axis=1), axis=1)
@@ -49,7 +49,8 @@ def _concat_sorted(a, b, g):
     sbg = suffix(bs[..., None] * gs)
     # relu(a + b_j) > 0 exactly for b_j > -a: the first such index in the sorted keys.
     start = jax.vmap(lambda keys, q: jnp.searchsorted(keys, q, side="right"))(
-        jax.lax.stop_gradient(bs), jax.lax.stop_gradient(-a))
+        jax.lax.stop_gradient(bs), jax.lax.stop_gradient(-a)
+    )
     take = lambda s: jnp.take_along_axis(s, start[..., None], axis=1)  # noqa: E731
     return a[..., None] * take(sg) + take(sbg)
 
@@ -89,9 +90,13 @@ def non_local_attention(
     if mode not in NON_LOCAL_MODES:
         raise ValueError(f"{fn}: `mode` must be one of {NON_LOCAL_MODES}, got {mode!r}")
     if phi.shape[0] != theta.shape[0] or phi.shape[2] != theta.shape[2]:
-        raise ValueError(f"{fn}: `phi` {tuple(phi.shape)} must match `theta` {tuple(theta.shape)} in batch and channels")
+        raise ValueError(
+            f"{fn}: `phi` {tuple(phi.shape)} must match `theta` {tuple(theta.shape)} in batch and channels"
+        )
     if g.shape[:2] != phi.shape[:2]:
-        raise ValueError(f"{fn}: `g` {tuple(g.shape)} must match `phi` {tuple(phi.shape)} in batch and positions")
+        raise ValueError(
+            f"{fn}: `g` {tuple(g.shape)} must match `phi` {tuple(phi.shape)} in batch and positions"
+        )
     if (mode == "concatenation") != (concat_kernel is not None):
         raise ValueError(f"{fn}: `concat_kernel` is required for mode='concatenation' and only for it")
     m = phi.shape[1]
@@ -113,7 +118,9 @@ def non_local_attention(
             return (_concat_sorted(a, b, g) / m).astype(out_dtype)
         weights = jax.nn.relu(a[:, :, None] + b[:, None, :]) / m
 
-    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=jnp.float32).astype(out_dtype)
+    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=jnp.float32).astype(
+        out_dtype
+    )
     if return_weights:
         return y, weights.astype(out_dtype)
     return y

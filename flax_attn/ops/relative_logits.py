@@ -81,7 +81,9 @@ def augmented_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(where, name, t, 5, "(batch, height, width, heads, head_dim)")
     if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
-        raise ValueError(f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if (key_rel_h is None) != (key_rel_w is None):
         raise ValueError(f"{where}: give both `key_rel_h` and `key_rel_w`, or neither")
     b, h, w, nh, _ = q.shape
@@ -90,7 +92,11 @@ def augmented_attention(
         rel_h, rel_w = relative_logits_2d(q, key_rel_h, key_rel_w)
         logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
     weights = jax.nn.softmax(logits.reshape(b, nh, h * w, h * w), axis=-1)
-    out = jnp.einsum("bnij,bjnd->bind", weights.astype(v.dtype), v.reshape(b, h * w, nh, -1),
-                     preferred_element_type=jnp.float32).astype(v.dtype)
+    out = jnp.einsum(
+        "bnij,bjnd->bind",
+        weights.astype(v.dtype),
+        v.reshape(b, h * w, nh, -1),
+        preferred_element_type=jnp.float32,
+    ).astype(v.dtype)
     out = out.reshape(b, h, w, nh, -1)
     return (out, weights.astype(v.dtype)) if return_weights else out

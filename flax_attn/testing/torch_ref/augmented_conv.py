@@ -17,10 +17,21 @@ class AugmentedConv(nn.Module):
         super().__init__()
         assert Nh != 0 and dk % Nh == 0 and dv % Nh == 0 and stride in (1, 2)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.dk, self.dv, self.Nh, self.shape, self.relative, self.stride = dk, dv, Nh, shape, relative, stride
+        self.dk, self.dv, self.Nh, self.shape, self.relative, self.stride = (
+            dk,
+            dv,
+            Nh,
+            shape,
+            relative,
+            stride,
+        )
         self.padding = (kernel_size - 1) // 2
-        self.conv_out = nn.Conv2d(in_channels, out_channels - dv, kernel_size, stride=stride, padding=self.padding)
-        self.qkv_conv = nn.Conv2d(in_channels, 2 * dk + dv, kernel_size=kernel_size, stride=stride, padding=self.padding)
+        self.conv_out = nn.Conv2d(
+            in_channels, out_channels - dv, kernel_size, stride=stride, padding=self.padding
+        )
+        self.qkv_conv = nn.Conv2d(
+            in_channels, 2 * dk + dv, kernel_size=kernel_size, stride=stride, padding=self.padding
+        )
         self.attn_out = nn.Conv2d(dv, dv, kernel_size=1, stride=1)
         if relative:
             self.key_rel_w = nn.Parameter(torch.randn((2 * shape - 1, dk // Nh)))
@@ -73,4 +84,4 @@ class AugmentedConv(nn.Module):
         x = torch.cat((x, torch.zeros((b, nh, length, 1)).to(x)), dim=3)
         flat = x.reshape(b, nh, length * 2 * length)
         flat = torch.cat((flat, torch.zeros((b, nh, length - 1)).to(x)), dim=2)
-        return flat.reshape(b, nh, length + 1, 2 * length - 1)[:, :, :length, length - 1:]
+        return flat.reshape(b, nh, length + 1, 2 * length - 1)[:, :, :length, length - 1 :]

@@ -50,8 +50,11 @@ class DANetHead(nn.Module):
         inter_channels = in_channels // 4
 
         def cbr(cin):
-            return nn.Sequential(nn.Conv2d(cin, inter_channels, 3, padding=1, bias=False),
-                                 norm_layer(inter_channels), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, inter_channels, 3, padding=1, bias=False),
+                norm_layer(inter_channels),
+                nn.ReLU(),
+            )
 
         self.conv5a = cbr(in_channels)
         self.conv5c = cbr(in_channels)
