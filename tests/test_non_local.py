@@ -170,3 +170,16 @@ def test_released_mnist_network(shared_data):
     assert (pred == t_pred).all()
     # A trained MNIST net should recognise most of these unfamiliar (upsampled 8x8) digits.
     assert (pred == labels).mean() > 0.5
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "concatenation"])
+def test_bfloat16_close_to_float32(mode):
+    x = jnp.asarray(_x((2, 9, 11, 8))["x"])
+    block = NonLocalBlockND(8, dimension=2, bn_layer=False, mode=mode)
+    v = block.init(jax.random.PRNGKey(0), x)
+    # W is zero-initialised: give it weights so the attention path shows in the output.
+    v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(1), a.shape), v)
+    want = block.apply(v, x)
+    got = NonLocalBlockND(8, dimension=2, bn_layer=False, mode=mode, dtype=jnp.bfloat16).apply(v, x)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
