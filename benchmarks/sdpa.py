@@ -25,6 +25,61 @@ SHAPES = [  # (batch, length, heads, head_dim, masked)
 ]
 
 
+def bench_shape(b, l, h, d, masked, repeats):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from flax_attn.ops import scaled_dot_product_attention as sdpa
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, l, h, d), dtype=np.float32) for _ in range(3))
+    mask = None
+    if masked:
+        keep = np.ones((b, 1, 1, l), bool)
+        keep[:, ..., l // 2 :] = rng.random((b, 1, 1, l - l // 2)) > 0.5
+        mask = keep
+    jq, jk, jv = map(jnp.asarray, (q, k, v))
+    jm = None if mask is None else jnp.asarray(mask)
+    fwd = jax.jit(lambda q, k, v, m: sdpa(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
+    ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
+    fb = jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(sdpa(q, k, v, mask=m)), argnums=(0, 1, 2)))
+    fb = fb.lower(jq, jk, jv, jm).compile()
+    t_f = _median_ms(lambda: jax.block_until_ready(fwd(jq, jk, jv, jm)), repeats)
+    t_ref = _median_ms(lambda: jax.block_until_ready(ref(jq, jk, jv, jm)), repeats)
+    t_fb = _median_ms(lambda: jax.block_until_ready(fb(jq, jk, jv, jm)), repeats)
+
+    tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
+    tm = None if mask is None else torch.from_numpy(mask)
+
+    def t_fwd():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm)
+
+    gq, gk, gv = (t.clone().requires_grad_() for t in (tq, tk, tv))
+
+    def t_fwd_bwd():
+        out = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, attn_mask=tm)
+        return torch.autograd.grad(out.sum(), (gq, gk, gv))
+
+    tt_f = _median_ms(t_fwd, repeats)
+    tt_fb = _median_ms(t_fwd_bwd, repeats)
+    cells = [
+        f"{b}, {l}, {h}, {d}",
+        "key padding" if masked else "-",
+        f"{t_f:.2f}",
+        f"{t_ref:.2f}",
+        f"{tt_f:.2f}",
+        f"{tt_f / t_f:.2f}",
+        f"{t_fb:.2f}",
+        f"{tt_fb:.2f}",
+        f"{tt_fb / t_fb:.2f}",
+        f"{_peak_mb(fwd):.1f}",
+        f"{_peak_mb(fb):.1f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=10)
@@ -32,52 +87,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
-    import torch
-
-    from flax_attn.ops import scaled_dot_product_attention as sdpa
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    head = ["B, L, H, D", "mask", "flax_attn fwd", "jax.nn fwd", "torch fwd", "torch/flax_attn fwd",
-            "flax_attn f+b", "torch f+b", "torch/flax_attn f+b", "XLA peak MB fwd", "XLA peak MB f+b"]
+    head = [
+        "B, L, H, D",
+        "mask",
+        "flax_attn fwd",
+        "jax.nn fwd",
+        "torch fwd",
+        "torch/flax_attn fwd",
+        "flax_attn f+b",
+        "torch f+b",
+        "torch/flax_attn f+b",
+        "XLA peak MB fwd",
+        "XLA peak MB f+b",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b, l, h, d, masked in SHAPES:
-        rng = np.random.default_rng(0)
-        q, k, v = (rng.standard_normal((b, l, h, d), dtype=np.float32) for _ in range(3))
-        mask = None
-        if masked:
-            keep = np.ones((b, 1, 1, l), bool)
-            keep[:, ..., l // 2:] = rng.random((b, 1, 1, l - l // 2)) > 0.5
-            mask = keep
-        jq, jk, jv = map(jnp.asarray, (q, k, v))
-        jm = None if mask is None else jnp.asarray(mask)
-        fwd = jax.jit(lambda q, k, v, m: sdpa(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
-        ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
-        fb = jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(sdpa(q, k, v, mask=m)), argnums=(0, 1, 2)))
-        fb = fb.lower(jq, jk, jv, jm).compile()
-        t_f = _median_ms(lambda: jax.block_until_ready(fwd(jq, jk, jv, jm)), args.repeats)
-        t_ref = _median_ms(lambda: jax.block_until_ready(ref(jq, jk, jv, jm)), args.repeats)
-        t_fb = _median_ms(lambda: jax.block_until_ready(fb(jq, jk, jv, jm)), args.repeats)
-
-        tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
-        tm = None if mask is None else torch.from_numpy(mask)
-
-        def t_fwd():
-            with torch.no_grad():
-                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm)
-
-        gq, gk, gv = (t.clone().requires_grad_() for t in (tq, tk, tv))
-
-        def t_fwd_bwd():
-            out = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, attn_mask=tm)
-            return torch.autograd.grad(out.sum(), (gq, gk, gv))
-
-        tt_f = _median_ms(t_fwd, args.repeats)
-        tt_fb = _median_ms(t_fwd_bwd, args.repeats)
-        cells = [f"{b}, {l}, {h}, {d}", "key padding" if masked else "-", f"{t_f:.2f}", f"{t_ref:.2f}",
-                 f"{tt_f:.2f}", f"{tt_f / t_f:.2f}", f"{t_fb:.2f}", f"{tt_fb:.2f}", f"{tt_fb / t_fb:.2f}",
-                 f"{_peak_mb(fwd):.1f}", f"{_peak_mb(fb):.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    for shape in SHAPES:
+        lines.append(bench_shape(*shape, args.repeats))
         print(lines[-1], flush=True)
     text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n" + "\n".join(lines) + "\n"
     print("\n" + text)

@@ -8,15 +8,36 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
+from flax_attn.aanet import AdaptiveAggregation, AdaptiveAggregationModule, DeformSimpleBottleneck
 from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
+from flax_attn.augmented_conv import AugmentedConv
 from flax_attn.cbam import CBAM, ChannelAttention, ChannelGate, SpatialAttention, SpatialGate
 from flax_attn.ccnet import CrissCrossAttention, RCCAModule
 from flax_attn.coordatt import CoordAtt
+from flax_attn.danet import CAM_Module, DANetHead, PAM_Module
+from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from flax_attn.eca import ECALayer
 from flax_attn.gcnet import ContextBlock
+from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
+from flax_attn.non_local import (
+    NONLocalBlock1D,
+    NONLocalBlock2D,
+    NONLocalBlock3D,
+    NonLocalBlockND,
+    NonLocalMNISTNet,
+)
+from flax_attn.residual_attention import (
+    AttentionModule_stage1,
+    AttentionModule_stage2,
+    AttentionModule_stage3,
+    ResidualAttentionModel_56,
+    ResidualAttentionModel_92,
+    ResidualBlock,
+)
 from flax_attn.se import SEBasicBlock, SEBottleneck, SELayer, SEResNet, se_resnet18, se_resnet34, se_resnet50
 from flax_attn.spd import SPDConv
+from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 __version__ = "0.1.0"
 
@@ -25,30 +46,56 @@ __all__ = [
     "A2N",
     "AAB",
     "ACmix",
+    "AdaptiveAggregation",
+    "AdaptiveAggregationModule",
     "AttentionBranch",
+    "AttentionModule_stage1",
+    "AttentionModule_stage2",
+    "AttentionModule_stage3",
+    "AugmentedConv",
+    "CAM_Module",
     "CBAM",
     "ChannelAttention",
     "ChannelGate",
     "ContextBlock",
     "CoordAtt",
     "CrissCrossAttention",
+    "DANetHead",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "DeformSimpleBottleneck",
     "ECALayer",
+    "ModulatedDeformConv2dPack",
     "MultiheadAttention",
+    "NONLocalBlock1D",
+    "NONLocalBlock2D",
+    "NONLocalBlock3D",
+    "NonLocalBlockND",
+    "NonLocalMNISTNet",
     "PA",
+    "PAM_Module",
     "ProjectedMultiHeadAttention",
     "RCCAModule",
+    "RecurrentAttention",
+    "ResidualAttentionModel_56",
+    "ResidualAttentionModel_92",
+    "ResidualBlock",
     "SEBasicBlock",
     "SEBottleneck",
     "SELayer",
     "SEResNet",
     "SPDConv",
+    "STNTutorialNet",
     "SpatialAttention",
     "SpatialGate",
+    "SpatialTransformer",
+    "TutorialLocalization",
     "WindowAttention",
     "catalogue",
     "convert",
     "layers",
     "ops",
+    "ram_hybrid_loss",
     "se_resnet18",
     "se_resnet34",
     "se_resnet50",

@@ -44,6 +44,8 @@ class Entry:
       atol, rtol: parity tolerance reached (and tested) in float32 on CPU.
       kernel: name of the Pallas kernel behind the block, if any.
       train_mode: whether the block behaves differently in training (BatchNorm, dropout).
+      slow: a whole model too heavy for the quick test run; its parity tests carry
+        ``pytest.mark.slow`` (deselect with ``-m "not slow"``).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Entry:
     rtol: float = 1e-5
     kernel: str | None = None
     train_mode: bool = True
+    slow: bool = False
 
     def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None):
         """Example inputs; ``inputs`` may take ``(rng)`` or ``(rng, config)`` to follow overrides."""

@@ -59,7 +59,9 @@ class CrissCrossAttention(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
         where = "CrissCrossAttention"
         if self.in_dim < 8:
-            raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)")
+            raise ValueError(
+                f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)"
+            )
         check_rank(where, "x", x, 4, "(B, H, W, in_dim)")
         check_channels(where, "x", x, self.in_dim)
         kw = dict(kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -15,26 +15,42 @@ from flax_attn.ops.channel import (
     global_pool,
 )
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.ops.danet import channel_attention, position_attention
+from flax_attn.ops.deform import deform_conv2d
+from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.neighborhood import neighborhood_attention
+from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
+from flax_attn.ops.relative_logits import augmented_attention, relative_logits_2d
 from flax_attn.ops.resize import interpolate
+from flax_attn.ops.sampling import affine_grid, foveate, grid_sample
 from flax_attn.ops.space_to_depth import space_to_depth
 from flax_attn.ops.window import window_attention
 
 __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "affine_grid",
     "attention_dropout_weights",
     "attention_pool2d",
+    "augmented_attention",
+    "channel_attention",
     "channel_pool",
     "criss_cross_attention",
+    "deform_conv2d",
     "directional_avg_pool",
     "eca_kernel_size",
+    "foveate",
     "global_pool",
+    "grid_sample",
     "interpolate",
     "masked_softmax",
+    "max_pool",
     "mix_branches",
     "neighborhood_attention",
+    "non_local_attention",
+    "position_attention",
+    "relative_logits_2d",
     "scaled_dot_product_attention",
     "sigmoid_gate",
     "space_to_depth",

@@ -1,0 +1,231 @@
+"""Dual Attention Network blocks (Fu et al., CVPR 2019, arXiv 1809.02983).
+
+Follows junfu1115/DANet: ``encoding/nn/da_att.py`` (``PAM_Module``, ``CAM_Module``) and the
+``DANetHead`` of ``encoding/models/sseg/danet.py``, on NHWC feature maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn import catalogue
+from flax_attn.convert.engine import Rename
+from flax_attn.layers import BatchNorm, Conv
+from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.danet import channel_attention, position_attention
+
+__all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
+
+Dtype = Any
+
+
+class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
+    """Position attention module: ``out = gamma * softmax(Q K^T) V + x`` over all pixel pairs.
+
+    Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (arXiv 1809.02983).
+    ``query_conv``/``key_conv`` are 1x1 convs to ``in_dim // 8`` channels, ``value_conv`` keeps
+    ``in_dim``; the logits are not scaled; ``gamma`` starts at 0 so the block starts as the identity.
+
+    Attributes:
+      in_dim: channels ``C`` (at least 8).
+
+    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``. Memory: the ``(H*W, H*W)``
+    attention per image (inherent to the block).
+
+    Example:
+      >>> pam = PAM_Module(16)
+      >>> x = jnp.ones((2, 5, 7, 16))
+      >>> pam.apply(pam.init(jax.random.PRNGKey(0), x), x).shape
+      (2, 5, 7, 16)
+    """
+
+    in_dim: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "PAM_Module"
+        if self.in_dim < 8:
+            raise ValueError(
+                f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)"
+            )
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.in_dim)
+        x = x.astype(self.dtype or x.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        q = Conv(self.in_dim // 8, 1, name="query_conv", **kw)(x).reshape(b, h * w, -1)
+        k = Conv(self.in_dim // 8, 1, name="key_conv", **kw)(x).reshape(b, h * w, -1)
+        v = Conv(self.in_dim, 1, name="value_conv", **kw)(x).reshape(b, h * w, c)
+        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
+        out = position_attention(q, k, v).reshape(b, h, w, c)
+        return gamma.astype(out.dtype) * out + x
+
+
+class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
+    """Channel attention module: ``out = gamma * softmax(max(E) - E) X + x`` with ``E = X X^T`` over channels.
+
+    Fu et al., CVPR 2019 (arXiv 1809.02983). No convolutions; ``gamma`` starts at 0.
+
+    Attributes:
+      in_dim: channels ``C``.
+
+    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``; only a ``(C, C)`` matrix is formed.
+
+    Example:
+      >>> cam = CAM_Module(16)
+      >>> x = jnp.ones((2, 5, 7, 16))
+      >>> cam.apply(cam.init(jax.random.PRNGKey(0), x), x).shape
+      (2, 5, 7, 16)
+    """
+
+    in_dim: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "CAM_Module"
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.in_dim)
+        x = x.astype(self.dtype or x.dtype)
+        b, h, w, c = x.shape
+        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
+        out = channel_attention(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return gamma.astype(out.dtype) * out + x
+
+
+class DANetHead(nn.Module):
+    """The DANet segmentation head: parallel position and channel attention branches, summed.
+
+    Fu et al., CVPR 2019 (arXiv 1809.02983); official ``DANetHead(in_channels, out_channels,
+    norm_layer)`` with ``norm_layer=BatchNorm2d``. ``inter = in_channels // 4``;
+    ``conv5a -> sa (PAM) -> conv51 -> conv6`` and ``conv5c -> sc (CAM) -> conv52 -> conv7``, each
+    conv a 3x3 conv (no bias) + BN + ReLU; ``conv8`` classifies ``conv51 + conv52``. The classifiers
+    are ``Dropout2d`` + 1x1 conv (keys ``conv6.1``...).
+
+    Attributes:
+      in_channels: input channels (at least 32, so that PAM has ``inter // 8 >= 1`` channels).
+      out_channels: number of classes.
+      dropout: channel-dropout rate of the three classifiers (official 0.1; whole channels are
+        dropped per sample with ``train=True``, rng stream ``dropout``).
+
+    Call: ``(x (B, H, W, in_channels), *, train=False)`` returns the official tuple
+    ``(sasc_output, sa_output, sc_output)``, each ``(B, H, W, out_channels)``.
+
+    Example:
+      >>> head = DANetHead(64, 5)
+      >>> x = jnp.ones((1, 9, 11, 64))
+      >>> outs = head.apply(head.init(jax.random.PRNGKey(0), x), x)
+      >>> [o.shape for o in outs]
+      [(1, 9, 11, 5), (1, 9, 11, 5), (1, 9, 11, 5)]
+    """
+
+    in_channels: int
+    out_channels: int
+    dropout: float = 0.1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        return [Rename(r"(conv5a|conv5c|conv51|conv52|conv6|conv7|conv8)_(\d)\.(.*)", r"\1.\2.\3")]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False):
+        where = "DANetHead"
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.in_channels)
+        inter = self.in_channels // 4
+        if inter < 8:
+            raise ValueError(
+                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
+                "(PAM needs in_channels // 4 >= 8)"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def conv_bn_relu(name, t):
+            t = Conv(inter, 3, padding=1, use_bias=False, name=f"{name}_0", **kw)(t)
+            return nn.relu(BatchNorm(name=f"{name}_1", **kw)(t, train=train))
+
+        def classifier(name, t):
+            # Dropout2d: one keep/drop decision per (sample, channel), broadcast over H and W.
+            t = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(t)
+            return Conv(self.out_channels, 1, name=f"{name}_1", **kw)(t)
+
+        sa_conv = conv_bn_relu("conv51", PAM_Module(inter, name="sa", **kw)(conv_bn_relu("conv5a", x)))
+        sa_output = classifier("conv6", sa_conv)
+        sc_conv = conv_bn_relu("conv52", CAM_Module(inter, name="sc", **kw)(conv_bn_relu("conv5c", x)))
+        sc_output = classifier("conv7", sc_conv)
+        sasc_output = classifier("conv8", sa_conv + sc_conv)
+        return sasc_output, sa_output, sc_output
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def _images(shape):
+    return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
+
+
+_COMMON = dict(family="danet", paper="Fu et al., CVPR 2019", arxiv="1809.02983")
+
+catalogue.register(
+    catalogue.Entry(
+        name="pam",
+        flax=PAM_Module,
+        torch="flax_attn.testing.torch_ref.danet:PAM_Module",
+        config=dict(in_dim=16),
+        inputs=_images((3, 13, 17, 16)),
+        bench_config=dict(in_dim=512),
+        bench_inputs=_images((2, 64, 64, 512)),
+        train_mode=False,
+        **_COMMON,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="cam",
+        flax=CAM_Module,
+        torch="flax_attn.testing.torch_ref.danet:CAM_Module",
+        config=dict(in_dim=12),
+        inputs=_images((3, 13, 17, 12)),
+        bench_config=dict(in_dim=512),
+        bench_inputs=_images((2, 64, 64, 512)),
+        # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
+        # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
+        # tests/test_danet.py checks 1e-5 on well-conditioned inputs.
+        atol=1e-4,
+        rtol=1e-4,
+        train_mode=False,
+        **_COMMON,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="danet_head",
+        flax=DANetHead,
+        torch="flax_attn.testing.torch_ref.danet:danet_head",
+        # Dropout off so train-mode parity checks the BatchNorm statistics (torch's dropout RNG differs);
+        # tests/test_danet.py checks the Dropout2d semantics separately.
+        config=dict(in_channels=64, out_channels=5, dropout=0.0),
+        inputs=_images((3, 13, 17, 64)),
+        bench_config=dict(in_channels=2048, out_channels=19),
+        bench_inputs=_images((2, 64, 64, 2048)),
+        **_COMMON,
+    )
+)

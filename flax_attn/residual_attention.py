@@ -1,0 +1,389 @@
+"""Residual Attention Network (Wang et al., CVPR 2017, arXiv 1704.06904).
+
+Follows tengshaofeng/ResidualAttentionNetwork-pytorch: ``model/basic_layers.py``
+(``ResidualBlock``), ``model/attention_module.py`` (``AttentionModule_stage1/2/3``) and
+``model/residual_attention_network.py`` (``ResidualAttentionModel_56``/``_92``, 224x224 input), on
+NHWC images, with the reference's attribute names and ``nn.Sequential`` indices as keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn import catalogue
+from flax_attn.convert.engine import Rename
+from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.max_pool import max_pool
+from flax_attn.ops.resize import interpolate
+
+__all__ = [
+    "AttentionModule_stage1",
+    "AttentionModule_stage2",
+    "AttentionModule_stage3",
+    "ResidualAttentionModel_56",
+    "ResidualAttentionModel_92",
+    "ResidualBlock",
+]
+
+Dtype = Any
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation bottleneck (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1) of the reference.
+
+    The shortcut is ``conv4`` (1x1, ``stride``) applied to the first activation when channels or
+    stride change, else the identity. Like the reference, ``conv4`` always has a weight (it is in
+    every state dict) even when unused.
+
+    Attributes:
+      input_channels, output_channels: channels in and out (``output_channels`` divisible by 4).
+      stride: of the 3x3 conv and the shortcut.
+
+    Call: ``(x (B, H, W, input_channels), *, train=False)`` -> ``(B, Ho, Wo, output_channels)``.
+    """
+
+    input_channels: int
+    output_channels: int
+    stride: int = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = "ResidualBlock"
+        if self.output_channels % 4 or self.output_channels <= 0:
+            raise ValueError(
+                f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4"
+            )
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.input_channels)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mid = self.output_channels // 4
+        out1 = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
+        out = Conv(mid, 1, use_bias=False, name="conv1", **kw)(out1)
+        out = nn.relu(BatchNorm(name="bn2", **kw)(out, train=train))
+        out = Conv(mid, 3, stride=self.stride, padding=1, use_bias=False, name="conv2", **kw)(out)
+        out = nn.relu(BatchNorm(name="bn3", **kw)(out, train=train))
+        out = Conv(self.output_channels, 1, use_bias=False, name="conv3", **kw)(out)
+        project = self.input_channels != self.output_channels or self.stride != 1
+        if project or self.is_initializing():
+            shortcut = Conv(self.output_channels, 1, stride=self.stride, use_bias=False, name="conv4", **kw)(
+                out1
+            )
+        residual = shortcut if project else x
+        return out + residual.astype(out.dtype)
+
+
+def _pool(x):
+    return max_pool(x, 3, 2, 1)
+
+
+class _AttentionModuleBase(nn.Module):
+    """Shared plumbing of the three stages: blocks named like the reference, and checked upsampling."""
+
+    in_channels: int
+    out_channels: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        return [Rename(r"(trunk_branches|softmax\d_blocks)_(\d)\.(.*)", r"\1.\2.\3")]
+
+    def _rb(self, name):
+        return ResidualBlock(
+            self.in_channels, self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+
+    def _mask_head(self, name, x, train):
+        """``BN-ReLU-conv1x1-BN-ReLU-conv1x1-sigmoid`` (Sequential indices 0, 2, 3, 5)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = self.out_channels
+        x = nn.relu(BatchNorm(name=f"{name}_0", **kw)(x, train=train))
+        x = Conv(c, 1, use_bias=False, name=f"{name}_2", **kw)(x)
+        x = nn.relu(BatchNorm(name=f"{name}_3", **kw)(x, train=train))
+        x = Conv(c, 1, use_bias=False, name=f"{name}_5", **kw)(x)
+        return jax.nn.sigmoid(x)
+
+    def _up(self, x, size, arg, like):
+        # UpsamplingBilinear2d is bilinear with align_corners=True, to a fixed size.
+        size = tuple(int(s) for s in size)
+        if size != tuple(like.shape[1:3]):
+            raise ValueError(
+                f"{type(self).__name__}: `{arg}`={size} must equal the spatial size "
+                f"{tuple(like.shape[1:3])} of the "
+                f"branch it is added to; set size1/size2/size3 for this input size"
+            )
+        return interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+    def _check(self, x):
+        where = type(self).__name__
+        if self.in_channels != self.out_channels:
+            raise ValueError(
+                f"{where}: `in_channels`={self.in_channels} must equal `out_channels`={self.out_channels} "
+                "(the trunk and mask branches are added)"
+            )
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.in_channels)
+
+
+class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the reference's name)
+    """Attention module with a three-level soft mask branch (reference: 56x56 input).
+
+    Wang et al., "Residual Attention Network for Image Classification", CVPR 2017 (arXiv 1704.06904).
+    Trunk ``T`` = two residual blocks; mask ``M`` = three max-pool (3x3, stride 2, pad 1) downsamplings
+    with residual blocks and skip connections, bilinear (align_corners) upsamplings to ``size3``,
+    ``size2``, ``size1`` with the reference's additive skips, then BN-ReLU-conv-BN-ReLU-conv-sigmoid;
+    output ``last_blocks((1 + M) * T)``.
+
+    Attributes:
+      in_channels, out_channels: equal (the branches are added).
+      size1, size2, size3: the upsampling targets: the input size and its successive pooled sizes
+        (``(n + 1) // 2`` per pooling, e.g. 56, 28, 14; 13x17 -> (13, 17), (7, 9), (4, 5)).
+
+    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``.
+
+    Example:
+      >>> m = AttentionModule_stage1(16, 16, size1=(13, 17), size2=(7, 9), size3=(4, 5))
+      >>> x = jnp.ones((1, 13, 17, 16))
+      >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+      (1, 13, 17, 16)
+    """
+
+    size1: tuple[int, int] = (56, 56)
+    size2: tuple[int, int] = (28, 28)
+    size3: tuple[int, int] = (14, 14)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        self._check(x)
+        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
+        x = rb("first_residual_blocks", x)
+        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
+        out_softmax1 = rb("softmax1_blocks", _pool(x))
+        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
+        out_softmax2 = rb("softmax2_blocks", _pool(out_softmax1))
+        out_skip2 = rb("skip2_connection_residual_block", out_softmax2)
+        out_softmax3 = rb("softmax3_blocks_1", rb("softmax3_blocks_0", _pool(out_softmax2)))
+        out = self._up(out_softmax3, self.size3, "size3", out_softmax2) + out_softmax2 + out_skip2
+        out_softmax4 = rb("softmax4_blocks", out)
+        out = self._up(out_softmax4, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
+        out_softmax5 = rb("softmax5_blocks", out)
+        out_interp1 = self._up(out_softmax5, self.size1, "size1", out_trunk) + out_trunk
+        mask = self._mask_head("softmax6_blocks", out_interp1, train)
+        return rb("last_blocks", (1 + mask) * out_trunk)
+
+
+class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801
+    """Attention module with a two-level soft mask branch (reference: 28x28 input); see stage 1.
+
+    Attributes:
+      size1, size2: the input size and its pooled size (e.g. 28, 14).
+    """
+
+    size1: tuple[int, int] = (28, 28)
+    size2: tuple[int, int] = (14, 14)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        self._check(x)
+        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
+        x = rb("first_residual_blocks", x)
+        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
+        out_softmax1 = rb("softmax1_blocks", _pool(x))
+        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
+        out_softmax2 = rb("softmax2_blocks_1", rb("softmax2_blocks_0", _pool(out_softmax1)))
+        out = self._up(out_softmax2, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
+        out_softmax3 = rb("softmax3_blocks", out)
+        out_interp1 = self._up(out_softmax3, self.size1, "size1", out_trunk) + out_trunk
+        mask = self._mask_head("softmax4_blocks", out_interp1, train)
+        return rb("last_blocks", (1 + mask) * out_trunk)
+
+
+class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801
+    """Attention module with a one-level soft mask branch (reference: 14x14 input); see stage 1.
+
+    Attributes:
+      size1: the input size (e.g. 14).
+    """
+
+    size1: tuple[int, int] = (14, 14)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        self._check(x)
+        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
+        x = rb("first_residual_blocks", x)
+        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
+        out_softmax1 = rb("softmax1_blocks_1", rb("softmax1_blocks_0", _pool(x)))
+        out_interp1 = self._up(out_softmax1, self.size1, "size1", out_trunk) + out_trunk
+        mask = self._mask_head("softmax2_blocks", out_interp1, train)
+        return rb("last_blocks", (1 + mask) * out_trunk)
+
+
+class _ResidualAttentionModel(nn.Module):
+    depth: int = 56
+    num_classes: int = 10
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        return [Rename(r"(conv1|mpool2)_(\d)\.(.*)", r"\1.\2.\3")]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        where = type(self).__name__
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        if x.shape[1:] != (224, 224, 3):
+            raise ValueError(
+                f"{where}: `x` must be (batch, 224, 224, 3): the reference fixes the mask upsampling sizes "
+                f"and a 7x7 average pool for 224x224 inputs; got shape {x.shape}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def rb(name, cin, cout, stride=1):
+            return lambda t: ResidualBlock(cin, cout, stride, name=name, **kw)(t, train=train)
+
+        out = Conv(64, 7, stride=2, padding=3, use_bias=False, name="conv1_0", **kw)(x)
+        out = _pool(nn.relu(BatchNorm(name="conv1_1", **kw)(out, train=train)))
+        out = rb("residual_block1", 64, 256)(out)
+        out = AttentionModule_stage1(256, 256, name="attention_module1", **kw)(out, train=train)
+        out = rb("residual_block2", 256, 512, 2)(out)
+        out = AttentionModule_stage2(512, 512, name="attention_module2", **kw)(out, train=train)
+        if self.depth == 92:
+            out = AttentionModule_stage2(512, 512, name="attention_module2_2", **kw)(out, train=train)
+        out = rb("residual_block3", 512, 1024, 2)(out)
+        out = AttentionModule_stage3(1024, 1024, name="attention_module3", **kw)(out, train=train)
+        if self.depth == 92:
+            out = AttentionModule_stage3(1024, 1024, name="attention_module3_2", **kw)(out, train=train)
+            out = AttentionModule_stage3(1024, 1024, name="attention_module3_3", **kw)(out, train=train)
+        out = rb("residual_block4", 1024, 2048, 2)(out)
+        out = rb("residual_block5", 2048, 2048)(out)
+        out = rb("residual_block6", 2048, 2048)(out)
+        out = nn.relu(BatchNorm(name="mpool2_0", **kw)(out, train=train))
+        out = jnp.mean(out, axis=(1, 2))  # AvgPool2d(7, stride=1) on the final 7x7 map
+        return Linear(self.num_classes, name="fc", **kw)(out)
+
+
+class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801
+    """Attention-56 for 224x224 images (reference ``ResidualAttentionModel_56``).
+
+    Wang et al., CVPR 2017 (arXiv 1704.06904). conv7x7/2 + max-pool, then residual blocks and one
+    attention module per stage (stage1 at 56x56, stage2 at 28x28, stage3 at 14x14), three residual
+    blocks at 7x7, BN-ReLU-avgpool and ``fc``. ``num_classes`` defaults to the reference's 10.
+
+    Call: ``(x (B, 224, 224, 3), *, train=False)`` -> logits ``(B, num_classes)``.
+
+    Example:
+      >>> model = ResidualAttentionModel_56()
+      >>> shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 224, 224, 3)))
+    """
+
+    depth: int = 56
+
+
+class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801
+    """Attention-92 for 224x224 images (reference ``ResidualAttentionModel_92``): as Attention-56 with
+    ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added."""
+
+    depth: int = 92
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def _images(shape):
+    return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
+
+
+_COMMON = dict(family="residual_attention", paper="Wang et al., CVPR 2017", arxiv="1704.06904")
+_REF = "flax_attn.testing.torch_ref.residual_attention"
+
+catalogue.register(
+    catalogue.Entry(
+        name="residual_attention_block",
+        flax=ResidualBlock,
+        torch=f"{_REF}:ResidualBlock",
+        config=dict(input_channels=12, output_channels=16, stride=2),
+        inputs=_images((3, 13, 17, 12)),
+        bench_config=dict(input_channels=256, output_channels=256),
+        bench_inputs=_images((8, 56, 56, 256)),
+        **_COMMON,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="attention_module_stage1",
+        flax=AttentionModule_stage1,
+        torch=f"{_REF}:AttentionModule_stage1",
+        config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9), size3=(4, 5)),
+        inputs=_images((3, 13, 17, 8)),
+        bench_config=dict(in_channels=256, out_channels=256),
+        bench_inputs=_images((8, 56, 56, 256)),
+        # 18 pre-activation residual blocks (55 BatchNorms) deep, and in train mode the deepest mask level
+        # (2x3 pixels x batch 3) normalises over 18 values per channel, amplifying float32 rounding in
+        # the input gradient to ~2e-5: the whole-model tolerance applies.
+        atol=1e-4,
+        rtol=1e-4,
+        **_COMMON,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="attention_module_stage2",
+        flax=AttentionModule_stage2,
+        torch=f"{_REF}:AttentionModule_stage2",
+        config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9)),
+        inputs=_images((3, 13, 17, 8)),
+        bench_config=dict(in_channels=512, out_channels=512),
+        bench_inputs=_images((8, 28, 28, 512)),
+        **_COMMON,
+    )
+)
+
+catalogue.register(
+    catalogue.Entry(
+        name="attention_module_stage3",
+        flax=AttentionModule_stage3,
+        torch=f"{_REF}:AttentionModule_stage3",
+        config=dict(in_channels=8, out_channels=8, size1=(13, 17)),
+        inputs=_images((3, 13, 17, 8)),
+        bench_config=dict(in_channels=1024, out_channels=1024),
+        bench_inputs=_images((8, 14, 14, 1024)),
+        **_COMMON,
+    )
+)
+
+for _depth, _cls in ((56, ResidualAttentionModel_56), (92, ResidualAttentionModel_92)):
+    catalogue.register(
+        catalogue.Entry(
+            name=f"attention{_depth}",
+            flax=_cls,
+            torch=f"{_REF}:residual_attention_model_{_depth}",
+            # The reference only takes 224x224 (fixed mask sizes, 7x7 average pool): batch 1 keeps it
+            # to a few CPU seconds per pass; train mode is covered by the stage entries.
+            config=dict(num_classes=10),
+            inputs=_images((1, 224, 224, 3)),
+            bench_inputs=_images((8, 224, 224, 3)),
+            atol=1e-4,
+            rtol=1e-4,
+            train_mode=False,
+            slow=True,
+            **_COMMON,
+        )
+    )
