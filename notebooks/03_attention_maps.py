@@ -14,15 +14,23 @@
 # %% [markdown]
 # # Attention maps: where the blocks look on a real photograph
 #
-# Shown here: CCNet's criss-cross attention after one and two recurrences, CBAM's channel and
-# spatial gates, and A2N's attention dropout weights and attention maps with the released
-# super-resolution checkpoint.
+# Shown here, on scikit-image's astronaut photograph and scikit-learn's digits:
 #
-# A caution that applies to every block without a released checkpoint: with random (or
-# hand-set) weights a map shows the *structure* of the attention, where a pixel can look and how
-# the weights depend on the input, not the semantics a trained network would learn. The A2N
-# maps come from the authors' trained weights where `shared/data` is present (next to the
-# repository); without it they fall back to random weights and say so.
+# | section | block | weights |
+# |---|---|---|
+# | 2 | CCNet criss-cross attention, one and two recurrences (RCCA) | hand-set (shared random q/k projection) |
+# | 3 | CBAM channel and spatial gates | random |
+# | 4 | A2N attention dropout weights per block, attention maps, pixel attention | **released** x2 checkpoint |
+# | 5 | ACmix / NATTEN neighbourhood windows, Swin (shifted) windows | hand-set |
+# | 6 | DANet position attention (PAM) and channel attention (CAM) | hand-set; CAM has no weights |
+# | 7 | Non-local blocks of the official MNIST network | **released** `net.pth` |
+# | 8 | STN: affine warps of digits, `theta` learned by gradient | fitted in the notebook |
+#
+# A caution for every block without released weights: with random (or hand-set) weights a map
+# shows the *structure* of the attention, where a pixel can look and how the weights depend on
+# the input, not the semantics a trained network would learn. The released checkpoints are read
+# from `shared/data` next to the repository (`../shared/data`); where it is absent the notebook
+# falls back to random weights and says so in its output.
 
 # %%
 import os
@@ -369,3 +377,210 @@ print(f"corner pixel (1, 2): reflect covers {int((h_reflect > 0).sum())} distinc
 # one layer and cannot see each other; the shifted partition of the next layer puts them in one
 # window. The corner pixel's shifted window wraps around the image (cyclic shift), and the mask
 # cuts it down to the 4 x 4 region that is really adjacent to it.
+
+# %% [markdown]
+# ## 6. DANet: position attention over all pixel pairs, and channel attention
+#
+# DANet's position attention module (PAM) is a dense non-local attention: every pixel weighs
+# every other pixel, an `(H W) x (H W)` matrix. With the same query/key projection as the CCNet
+# example above, its one-step weights can be set against CCNet's two-hop weights for the same
+# pixel. (PAM runs on the 48 x 48 average-pooled features: at 96 x 96 its matrix alone would be
+# 340 MB, which is exactly what criss-cross attention avoids.)
+#
+# DANet's channel attention module (CAM) has no parameters at all: it is `softmax(max(E) - E)`
+# over the `(C, C)` Gram matrix `E` of the features, so the map below is exactly what DANet
+# computes on these features. The official "max minus energy" form gives the largest weights to
+# the *least* correlated channels.
+
+# %%
+from flax_attn.ops import channel_attention, position_attention  # noqa: E402
+
+pooled = feats.reshape(1, 48, 2, 48, 2, 40).mean((2, 4))
+conv1x1 = lambda p, x: jnp.einsum("bhwc,cd->bhwd", x, p["kernel"][0, 0]) + p["bias"]  # noqa: E731
+q48 = conv1x1(cca_vars["params"]["query_conv"], pooled).reshape(1, 48 * 48, -1)
+_, pam_w = position_attention(q48, q48, pooled.reshape(1, 48 * 48, 40), return_weights=True)
+pam_w = np.asarray(pam_w[0])
+_, cam_w = channel_attention(feats.reshape(1, -1, 40), return_weights=True)
+cam_w = np.asarray(cam_w[0])
+
+fig, axes = plt.subplots(2, 4, figsize=(15, 7.5))
+for col, (name, (y, x)) in enumerate(list(pixels.items())[:3]):
+    two = two_hop_map(y, x)
+    pam = pam_w[(y // 2) * 48 + x // 2].reshape(48, 48)
+    log_overlay(axes[0, col], two, f"CCNet two hops, {name} pixel")
+    axes[0, col].plot(x, y, "c+", ms=12, mew=2)
+    axes[1, col].imshow(small[::2, ::2].mean(-1), cmap="gray", vmin=0, vmax=1.4)
+    logp = np.log10(pam / pam.max())
+    axes[1, col].imshow(np.ma.masked_less(logp, -3), cmap="plasma", vmin=-3, vmax=0)
+    axes[1, col].set_title(f"DANet PAM, one step, {name} pixel", fontsize=10)
+    axes[1, col].plot(x // 2, y // 2, "c+", ms=12, mew=2)
+for ax in axes[:, :3].ravel():
+    ax.axis("off")
+axes[0, 3].axis("off")
+axes[0, 3].text(0, 0.5, "log10 weight / max,\n3 decades, as in\nsection 2", fontsize=11)
+im = axes[1, 3].imshow(cam_w, cmap="viridis")
+axes[1, 3].set_title("DANet CAM: channel x channel weights", fontsize=10)
+axes[1, 3].set_xlabel("key channel")
+axes[1, 3].set_ylabel("query channel")
+fig.colorbar(im, ax=axes[1, 3], fraction=0.045)
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "danet_maps.png"), dpi=70)
+print(f"PAM weights per pixel: {pam_w.shape[1]}; CCNet per pass: {H + W - 1}")
+
+# %% [markdown]
+# With shared projections the two differ in character. PAM's one-step weights vary smoothly over
+# the whole image and stay within three decades of their maximum everywhere (lower where the
+# features differ from the query's, e.g. on the suit for the hair and face pixels). CCNet's
+# two-hop weights are products of two softmaxes: far more uneven, concentrated on the query's
+# cross and on the few routes through it. CAM's rows are essentially one-hot: summed over 9216
+# positions the Gram energies are in the thousands, so the softmax of "max minus energy" picks
+# the single least correlated channel for each query channel.
+
+# %% [markdown]
+# ## 7. Non-local block: the released MNIST network
+#
+# The official Non-local_pytorch repository ships an MNIST classifier with two embedded-Gaussian
+# non-local blocks (`weights/net.pth`). `NonLocalMNISTNet` loads it directly (DataParallel's
+# `module.` prefix is stripped by the converter) and returns the blocks' attention maps like the
+# official `forward_with_nl_map`: the first block relates each of the 14 x 14 positions to the
+# 7 x 7 sub-sampled keys. MNIST itself is not bundled, so we feed scikit-learn's 8 x 8 digits,
+# upsampled to MNIST's format (digit in the centre 16 x 16 of a 28 x 28 image, values in [0, 1]).
+# They look different from MNIST, so the accuracy printed below is not MNIST accuracy.
+
+# %%
+from sklearn.datasets import load_digits  # noqa: E402
+
+from flax_attn.non_local import NonLocalMNISTNet  # noqa: E402
+
+digits = load_digits()
+mnist_like = np.stack([
+    np.pad(np.clip(skimage.transform.resize(im / 16.0, (16, 16), order=3), 0, 1), 6) for im in digits.images[:300]
+])[..., None].astype(np.float32)
+NL_CKPT = SHARED / "nonlocal_mnist" / "net.pth"
+nl_net = NonLocalMNISTNet()
+if NL_CKPT.exists():
+    nl_vars = from_torch(nl_net, load_state_dict(NL_CKPT), jnp.zeros((1, 28, 28, 1)))
+else:
+    nl_vars = nl_net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    print("NOTE: net.pth not found: random weights, the maps below show structure only")
+nl_logits, (nl_map1, nl_map2) = jax.jit(lambda v, x: nl_net.apply(v, x, True))(nl_vars, mnist_like)
+pred = np.asarray(nl_logits.argmax(-1))
+print(f"accuracy on 300 upsampled sklearn digits: {(pred == digits.target[:300]).mean():.1%}"
+      f" ({'released weights' if NL_CKPT.exists() else 'random weights'}); maps {nl_map1.shape}, {nl_map2.shape}")
+
+# %%
+examples = [int(np.nonzero(digits.target[:300] == d)[0][0]) for d in (0, 3, 7)]
+fig, axes = plt.subplots(len(examples), 3, figsize=(8, 2.8 * len(examples)))
+for row, i in enumerate(examples):
+    img = mnist_like[i, ..., 0]
+    coarse = img.reshape(14, 2, 14, 2).mean((1, 3))
+    on_stroke = np.unravel_index(np.argmax(coarse), coarse.shape)
+    queries14 = {"query on the stroke": on_stroke, "query in the background": (1, 1)}
+    axes[row, 0].imshow(img, cmap="gray")
+    axes[row, 0].set_title(f"label {digits.target[i]}, predicted {pred[i]}", fontsize=10)
+    for col, (title, (qy, qx)) in enumerate(queries14.items(), start=1):
+        m = np.asarray(nl_map1[i, qy * 14 + qx]).reshape(7, 7)
+        axes[row, col].imshow(img, cmap="gray")
+        axes[row, col].imshow(np.kron(m, np.ones((4, 4))), cmap="inferno", alpha=0.6)
+        axes[row, col].plot(2 * qx + 0.5, 2 * qy + 0.5, "c+", ms=12, mew=2)
+        axes[row, col].set_title(title, fontsize=10)
+for ax in axes.ravel():
+    ax.axis("off")
+fig.suptitle("first non-local block: weights over the 7 x 7 sub-sampled keys")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "non_local_mnist.png"), dpi=70)
+
+# %% [markdown]
+# Each map is one row of the first block's `(196, 49)` affinity matrix (normalised over the 49
+# keys), for a query on the digit's stroke and one in the empty corner; the weights are the
+# authors' trained ones when `net.pth` is present. With them, the stroke query puts almost all
+# its weight on one key cell of the stroke, while the background query spreads its weight over
+# the background and avoids the digit: each position gathers from positions like itself.
+
+# %% [markdown]
+# ## 8. STN: warping digits, and learning the warp by gradient
+#
+# A spatial transformer predicts an affine matrix `theta` and resamples its input with
+# `affine_grid` + `grid_sample` (PyTorch-exact, NHWC). No trained STN checkpoint is bundled, so
+# instead of a localisation network we give `SpatialTransformer` a localisation "network" that
+# is just one free `theta` per image, warp some digits with random rotations, scalings and
+# shifts, and recover the inverse warps by gradient descent on the pixel error. This shows the
+# thing an STN relies on: the sampler is differentiable with respect to the sampling grid.
+
+# %%
+import flax.linen as nn  # noqa: E402
+import optax  # noqa: E402
+
+from flax_attn.ops import affine_grid, grid_sample  # noqa: E402
+from flax_attn.stn import SpatialTransformer  # noqa: E402
+
+
+class FreeTheta(nn.Module):
+    """A stand-in localisation network: one learnable affine matrix per image, starting at identity."""
+
+    n: int
+
+    @nn.compact
+    def __call__(self, x):
+        return self.param("theta", lambda key, shape: jnp.tile(jnp.array([1.0, 0, 0, 0, 1, 0]), (shape[0], 1)),
+                          (self.n, 6))
+
+
+target = jnp.asarray(mnist_like[examples + [1, 2, 4]])  # six digits, (6, 28, 28, 1)
+n_img = target.shape[0]
+rng = np.random.default_rng(0)
+angle, scale = rng.uniform(-0.5, 0.5, n_img), rng.uniform(0.8, 1.2, n_img)
+shift = rng.uniform(-0.15, 0.15, (n_img, 2))
+warp = np.stack([
+    np.array([[s * np.cos(a), -s * np.sin(a), t[0]], [s * np.sin(a), s * np.cos(a), t[1]]])
+    for a, s, t in zip(angle, scale, shift)
+]).astype(np.float32)
+moved = grid_sample(target, affine_grid(jnp.asarray(warp), target.shape))
+
+stn = SpatialTransformer(localization=FreeTheta(n_img))
+stn_vars = stn.init(jax.random.PRNGKey(0), moved)
+opt = optax.adam(0.02)
+opt_state = opt.init(stn_vars["params"])
+
+
+@jax.jit
+def step(params, opt_state):
+    def loss_fn(p):
+        smooth = lambda im: jax.image.resize(im, (n_img, 14, 14, 1), "linear")  # noqa: E731
+        return jnp.mean((smooth(stn.apply({"params": p}, moved)) - smooth(target)) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+params, losses = stn_vars["params"], []
+for _ in range(300):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+recovered = stn.apply({"params": params}, moved)
+print(f"pixel MSE: {losses[0]:.4f} at identity -> {losses[-1]:.4f} after 300 Adam steps")
+
+fig, axes = plt.subplots(3, n_img + 1, figsize=(2 * (n_img + 1), 6.4),
+                         gridspec_kw={"width_ratios": [1] * n_img + [1.6]})
+for j in range(n_img):
+    for r, (im, title) in enumerate(((target, "digit"), (moved, "warped input"), (recovered, "STN output"))):
+        axes[r, j].imshow(np.asarray(im[j, ..., 0]), cmap="gray", vmin=0, vmax=1)
+        axes[r, j].set_title(title if j == 0 else "", fontsize=9)
+        axes[r, j].axis("off")
+gs = axes[0, -1].get_gridspec()
+for ax in axes[:, -1]:
+    ax.remove()
+loss_ax = fig.add_subplot(gs[:, -1])
+loss_ax.semilogy(losses)
+loss_ax.set(xlabel="Adam step", ylabel="pixel MSE (14 x 14)", title="learning theta")
+fig.tight_layout()
+fig.savefig(os.path.join(FIG_DIR, "stn_warps.png"), dpi=70)
+
+# %% [markdown]
+# Top: the digits; middle: the same digits after a random affine warp; bottom: the spatial
+# transformer's output once each `theta` has been fitted to undo the warp. The error is taken
+# on 14 x 14 downsampled images, a smoother target that keeps gradient descent from stalling on
+# pixel-sized misalignments. In a real STN a localisation network predicts `theta` from the
+# image, trained end to end by the classification loss; what carries the gradient is the same
+# sampler used here.
