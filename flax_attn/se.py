@@ -460,3 +460,21 @@ catalogue.register(catalogue.Entry(
     atol=1e-4,
     rtol=1e-4,
 ))
+
+catalogue.register(catalogue.Entry(
+    name="se_resnet50",
+    family="se",
+    paper=_PAPER,
+    arxiv=_ARXIV,
+    flax=se_resnet50,
+    torch="flax_attn.testing.torch_ref.se:se_resnet50",
+    config=dict(num_classes=10, se_style="senet"),
+    inputs=_images(2, 33, 29, 3),
+    # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
+    bench_config=dict(num_classes=1000, se_style="timm"),
+    bench_inputs=_images(1, 64, 64, 3),
+    layouts=("senet", "timm"),
+    atol=1e-4,
+    rtol=1e-4,
+    slow=True,
+))
