@@ -147,7 +147,7 @@ x = jnp.asarray((photo - photo.mean((0, 1))) / photo.std((0, 1)))[None]
 (_, feats), state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
 inter = state["intermediates"]
 spatial_gate = jax.nn.sigmoid(inter["cbam"]["SpatialGate"]["spatial"]["__call__"][0])[0, ..., 0]
-channel_gate = np.asarray(jax.nn.sigmoid(inter["se"]["fc_2"]["__call__"][0])[0])  # SE: sigmoid(fc_2(...))
+channel_gate = np.asarray(jax.nn.sigmoid(inter["se"]["fc_2"]["__call__"][0])[0])  # SE: sigmoid(fc_2)
 
 fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
 axes[0].imshow(photo)
@@ -169,6 +169,6 @@ fig.savefig(os.path.join(FIG_DIR, "quickstart_gates.png"), dpi=80)
 # The SE gate (right) is one number per channel, computed from the globally pooled features;
 # the CBAM spatial gate is one number per pixel. Untrained, both stay close to 0.5 (small logits),
 # and the criss-cross block passes its input through unchanged because `gamma` starts at 0: the
-# third panel is the norm of the CBAM output, i.e. what attention will start from. A trained network learns to open these gates
-# on what matters for its task: notebook `03_attention_maps` shows the blocks with released
-# weights where they exist.
+# third panel is the norm of the CBAM output, i.e. what attention will start from. A trained
+# network learns to open these gates on what matters for its task: notebook `03_attention_maps`
+# shows the blocks with released weights where they exist.
