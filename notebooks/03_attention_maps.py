@@ -48,6 +48,7 @@ import skimage.data
 import skimage.transform
 
 import flax_attn
+from flax_attn.convert import from_torch, load_state_dict
 from flax_attn.sr_metrics import bicubic_downscale, bicubic_upscale, psnr_y, quantize
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -69,17 +70,13 @@ small = skimage.transform.resize(photo, (96, 96), anti_aliasing=True).astype(np.
 # opponents), or a random convolution when the checkpoint is absent.
 
 # %%
+a2n_model = flax_attn.A2N(scale=2)  # the released configuration: nf 40, unf 24, 16 AABs
 if A2N_CKPT.exists():
-    from flax_attn.convert import from_torch, load_state_dict
-
-    a2n_model = flax_attn.A2N(scale=2)
     a2n_vars = from_torch(a2n_model, load_state_dict(A2N_CKPT), jnp.zeros((1, 8, 8, 3)))
-    stem_w = a2n_vars["params"]["conv_first"]
 else:
-    a2n_model = flax_attn.A2N(scale=2)
     a2n_vars = a2n_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-    stem_w = a2n_vars["params"]["conv_first"]
     print("NOTE: A2N checkpoint not found; the stem and section 4 use random weights")
+stem_w = a2n_vars["params"]["conv_first"]
 
 stem = flax_attn.layers.Conv(40, 3, padding=1)
 feats = stem.apply({"params": stem_w}, jnp.asarray(small * 255.0)[None])
@@ -363,10 +360,10 @@ for ax in axes:
 fig.suptitle("where a pixel (+) can attend, on the 24 x 24 top-left corner of the photo")
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "local_windows.png"), dpi=70)
-m_reflect, h_reflect = window_weights("reflect", 1, 2)
-m_clamp, _ = window_weights("clamp", 1, 2)
+_, h_reflect = window_weights("reflect", 1, 2)
+_, h_clamp = window_weights("clamp", 1, 2)
 print(f"corner pixel (1, 2): reflect covers {int((h_reflect > 0).sum())} distinct keys with {KS * KS} weights,",
-      f"clamp {int((m_clamp > 0).sum())}")
+      f"clamp {int((h_clamp > 0).sum())}")
 
 # %% [markdown]
 # With reflection (first panel) the corner query's window folds back on itself: it covers 30
