@@ -7,6 +7,7 @@ implementations of the same ops, chosen with ``implementation=`` (``None`` = bes
 
 from flax_attn.ops.attention import masked_softmax, scaled_dot_product_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
+from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "interpolate",
     "masked_softmax",
     "scaled_dot_product_attention",
+    "sine_position_embedding",
 ]
