@@ -71,11 +71,6 @@ def test_decoder_without_intermediate_and_encoder_post_norm():
     check_parity(enc, config=dict(LAYER, num_layers=2, normalize_before=False))  # no final norm
 
 
-def test_transformer_pre_norm():
-    entry = catalogue.get("transformer")
-    check_parity(entry, config=dict(entry.config, normalize_before=True, activation="gelu"))
-
-
 def test_position_embedding_sine_options():
     entry = catalogue.get("position_embedding_sine")
     check_parity(entry, config=dict(num_pos_feats=8))  # normalize=False: raw valid-pixel counts
@@ -90,14 +85,10 @@ def test_dropout_uses_the_dropout_rng():
     memory = jnp.asarray(rng.standard_normal((2, 9, 24), np.float32))
     variables = jax.jit(layer.init)(jax.random.PRNGKey(0), tgt, memory)
 
-    @jax.jit
-    def run(variables):
-        def train(key):
-            return layer.apply(variables, tgt, memory, train=True, rngs={"dropout": key})
-        return (train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(2)),
-                layer.apply(variables, tgt, memory), layer0.apply(variables, tgt, memory, train=True))
-
-    a, b, c, eval_out, train_no_dropout = run(variables)
+    train = jax.jit(lambda key: layer.apply(variables, tgt, memory, train=True, rngs={"dropout": key}))
+    a, b, c = train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(2))
+    eval_out, train_no_dropout = jax.jit(lambda v: (layer.apply(v, tgt, memory),
+                                                    layer0.apply(v, tgt, memory, train=True)))(variables)
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a - c)).max() > 1e-2
     assert np.abs(np.asarray(a - eval_out)).max() > 1e-2
@@ -259,7 +250,7 @@ def test_transformer_round_trip_into_torch():
 
 def test_fully_padded_image_is_finite_and_independent():
     """A batch element with every pixel padded: finite outputs and gradients, no effect on the others."""
-    tr = Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24,
+    tr = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24,
                      return_intermediate_dec=True)
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.standard_normal((2, 3, 5, 16), np.float32))
@@ -269,18 +260,17 @@ def test_fully_padded_image_is_finite_and_independent():
     mask[1] = True
     variables = jax.jit(tr.init)(jax.random.PRNGKey(0), src, mask, queries, pos)
 
-    @jax.jit
     def loss(params, src):
         hs, memory = tr.apply({"params": params}, src, mask, queries, pos)
         return jnp.sum(hs**2) + jnp.sum(memory**2), (hs, memory)
 
-    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, (hs, memory)), (g_params, g_src) = grad_fn(variables["params"], src)
     for t in (hs, memory, g_src, *jax.tree_util.tree_leaves(g_params)):
         assert np.isfinite(np.asarray(t)).all()
     assert np.abs(np.asarray(g_src[1])).max() > 0  # padded tokens still get value/residual gradients
     # The padded image's content cannot reach the other image (nor produce NaN there).
-    _, (hs2, memory2) = loss(variables["params"], src.at[1].set(1e3))
+    (_, (hs2, memory2)), _ = grad_fn(variables["params"], src.at[1].set(1e3))
     np.testing.assert_allclose(hs2[:, 0], hs[:, 0], atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(memory2[0], memory[0], atol=1e-6, rtol=1e-6)
 
