@@ -61,15 +61,21 @@ _ACTIVATIONS = ("relu", "gelu", "glu")
 def _check_layer_config(where: str, d_model: int, nhead: int, dim_feedforward: int, activation: str) -> None:
     check_divisible(where, "d_model", d_model, "nhead", nhead)
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"{where}: unknown `activation` {activation!r}; expected one of {list(_ACTIVATIONS)}")
+        raise ValueError(
+            f"{where}: unknown `activation` {activation!r}; expected one of {list(_ACTIVATIONS)}"
+        )
     if activation == "glu" and dim_feedforward % 2:
-        raise ValueError(f"{where}: activation 'glu' halves the feed-forward width, so `dim_feedforward` "
-                         f"must be even, got {dim_feedforward}")
+        raise ValueError(
+            f"{where}: activation 'glu' halves the feed-forward width, so `dim_feedforward` "
+            f"must be even, got {dim_feedforward}"
+        )
 
 
 def _check_shape(where: str, name: str, x, expected: tuple[int, ...], meaning: str) -> None:
     if x is not None and tuple(jnp.shape(x)) != tuple(expected):
-        raise ValueError(f"{where}: `{name}` must have shape {tuple(expected)} {meaning}, got {tuple(jnp.shape(x))}")
+        raise ValueError(
+            f"{where}: `{name}` must have shape {tuple(expected)} {meaning}, got {tuple(jnp.shape(x))}"
+        )
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -89,7 +95,7 @@ _LAYERS_RULE = Rename(r"layers_(\d+)\.(.*)", r"layers.\1.\2")
 
 
 def _feed_forward(layer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
-    """``linear2(dropout(activation(linear1(x))))``, created in ``layer``'s scope (``linear1``/``linear2``)."""
+    """``linear2(dropout(activation(linear1(x))))``, with ``linear1``/``linear2`` in ``layer``'s scope."""
     kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, kernel_init=layer.kernel_init)
     h = _activation(layer.activation, Linear(layer.dim_feedforward, name="linear1", **kw)(x))
     h = nn.Dropout(layer.dropout)(h, deterministic=not train)
@@ -162,8 +168,15 @@ class TransformerEncoderLayer(nn.Module):
 
         def self_attention(x):
             qk = _with_pos(x, pos)
-            return attn(qk, qk, x, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                        need_weights=False, train=train)[0]
+            return attn(
+                qk,
+                qk,
+                x,
+                key_padding_mask=src_key_padding_mask,
+                attn_mask=src_mask,
+                need_weights=False,
+                train=train,
+            )[0]
 
         def feed_forward(x):
             return _feed_forward(self, x, train)
@@ -211,8 +224,19 @@ class TransformerDecoderLayer(nn.Module):
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
 
     @nn.compact
-    def __call__(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                 memory_key_padding_mask=None, pos=None, query_pos=None, *, train: bool = False):
+    def __call__(
+        self,
+        tgt,
+        memory,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        pos=None,
+        query_pos=None,
+        *,
+        train: bool = False,
+    ):
         where = "TransformerDecoderLayer"
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "tgt", tgt, 3, "(batch, num_queries, d_model)")
@@ -221,8 +245,10 @@ class TransformerDecoderLayer(nn.Module):
         check_channels(where, "memory", memory, self.d_model)
         b, q, _ = tgt.shape
         if memory.shape[0] != b:
-            raise ValueError(f"{where}: `memory` batch {memory.shape[0]} differs from `tgt` batch {b} "
-                             f"(tgt {tgt.shape}, memory {memory.shape})")
+            raise ValueError(
+                f"{where}: `memory` batch {memory.shape[0]} differs from `tgt` batch {b} "
+                f"(tgt {tgt.shape}, memory {memory.shape})"
+            )
         s = memory.shape[1]
         _check_shape(where, "query_pos", query_pos, tgt.shape, "(like `tgt`)")
         _check_shape(where, "pos", pos, memory.shape, "(like `memory`)")
@@ -230,21 +256,38 @@ class TransformerDecoderLayer(nn.Module):
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        cross_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw)
-        norm1, norm2, norm3 = (LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3))
+        cross_attn = MultiheadAttention(
+            self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw
+        )
+        norm1, norm2, norm3 = (
+            LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3)
+        )
 
         def drop(x):
             return nn.Dropout(self.dropout)(x, deterministic=not train)
 
         def sa(x):
             qk = _with_pos(x, query_pos)
-            return self_attn(qk, qk, x, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask,
-                             need_weights=False, train=train)[0]
+            return self_attn(
+                qk,
+                qk,
+                x,
+                key_padding_mask=tgt_key_padding_mask,
+                attn_mask=tgt_mask,
+                need_weights=False,
+                train=train,
+            )[0]
 
         def ca(x):
-            return cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
-                              key_padding_mask=memory_key_padding_mask, attn_mask=memory_mask,
-                              need_weights=False, train=train)[0]
+            return cross_attn(
+                _with_pos(x, query_pos),
+                _with_pos(memory, pos),
+                memory,
+                key_padding_mask=memory_key_padding_mask,
+                attn_mask=memory_mask,
+                need_weights=False,
+                train=train,
+            )[0]
 
         if self.normalize_before:
             tgt = tgt + drop(sa(norm1(tgt)))
@@ -299,14 +342,23 @@ class TransformerEncoder(nn.Module):
         out = src
         for i in range(self.num_layers):
             out = TransformerEncoderLayer(
-                self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.activation,
-                self.normalize_before, self.layer_norm_eps, self.kernel_init, self.dtype, self.param_dtype,
+                self.d_model,
+                self.nhead,
+                self.dim_feedforward,
+                self.dropout,
+                self.activation,
+                self.normalize_before,
+                self.layer_norm_eps,
+                self.kernel_init,
+                self.dtype,
+                self.param_dtype,
                 name=f"layers_{i}",
             )(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train)
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="norm")(out)
+            out = LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+            )(out)
         return out
 
 
@@ -354,23 +406,54 @@ class TransformerDecoder(nn.Module):
         return [_LAYERS_RULE]
 
     @nn.compact
-    def __call__(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                 memory_key_padding_mask=None, pos=None, query_pos=None, *, train: bool = False):
+    def __call__(
+        self,
+        tgt,
+        memory,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        pos=None,
+        query_pos=None,
+        *,
+        train: bool = False,
+    ):
         if self.return_intermediate and not self.norm:
-            raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
+            raise ValueError(
+                "TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)"
+            )
         norm = None
         if self.norm:
-            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="norm")
+            norm = LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+            )
         out = tgt
         intermediate = []
         for i in range(self.num_layers):
             out = TransformerDecoderLayer(
-                self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.activation,
-                self.normalize_before, self.layer_norm_eps, self.kernel_init, self.dtype, self.param_dtype,
+                self.d_model,
+                self.nhead,
+                self.dim_feedforward,
+                self.dropout,
+                self.activation,
+                self.normalize_before,
+                self.layer_norm_eps,
+                self.kernel_init,
+                self.dtype,
+                self.param_dtype,
                 name=f"layers_{i}",
-            )(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-              memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos, train=train)
+            )(
+                out,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                pos=pos,
+                query_pos=query_pos,
+                train=train,
+            )
             if self.return_intermediate:
                 intermediate.append(norm(out))
         if norm is not None and not self.return_intermediate:
@@ -402,7 +485,8 @@ class Transformer(nn.Module):
       ...                  dim_feedforward=64, return_intermediate_dec=True)
       >>> src, pos = jnp.ones((2, 5, 7, 32)), jnp.zeros((2, 5, 7, 32))
       >>> mask, queries = jnp.zeros((2, 5, 7), bool), jnp.ones((10, 32))
-      >>> hs, memory = tr.apply(tr.init(jax.random.PRNGKey(0), src, mask, queries, pos), src, mask, queries, pos)
+      >>> variables = tr.init(jax.random.PRNGKey(0), src, mask, queries, pos)
+      >>> hs, memory = tr.apply(variables, src, mask, queries, pos)
       >>> hs.shape, memory.shape
       ((2, 2, 10, 32), (2, 5, 7, 32))
     """
@@ -432,19 +516,32 @@ class Transformer(nn.Module):
         _check_shape(where, "pos_embed", pos_embed, src.shape, "(like `src`)")
         check_rank(where, "query_embed", query_embed, 2, "(num_queries, d_model)")
         check_channels(where, "query_embed", query_embed, self.d_model)
-        common = dict(d_model=self.d_model, nhead=self.nhead, dim_feedforward=self.dim_feedforward,
-                      dropout=self.dropout, activation=self.activation, normalize_before=self.normalize_before,
-                      kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(
+            d_model=self.d_model,
+            nhead=self.nhead,
+            dim_feedforward=self.dim_feedforward,
+            dropout=self.dropout,
+            activation=self.activation,
+            normalize_before=self.normalize_before,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         src = src.reshape(b, h * w, c)
         pos = pos_embed.reshape(b, h * w, c)
         kpm = jnp.asarray(mask, jnp.bool_).reshape(b, h * w)
         query_pos = jnp.broadcast_to(query_embed[None], (b, *query_embed.shape))
         tgt = jnp.zeros_like(query_pos)
         memory = TransformerEncoder(self.num_encoder_layers, name="encoder", **common)(
-            src, src_key_padding_mask=kpm, pos=pos, train=train)
-        hs = TransformerDecoder(self.num_decoder_layers, norm=True, return_intermediate=self.return_intermediate_dec,
-                                name="decoder", **common)(
-            tgt, memory, memory_key_padding_mask=kpm, pos=pos, query_pos=query_pos, train=train)
+            src, src_key_padding_mask=kpm, pos=pos, train=train
+        )
+        hs = TransformerDecoder(
+            self.num_decoder_layers,
+            norm=True,
+            return_intermediate=self.return_intermediate_dec,
+            name="decoder",
+            **common,
+        )(tgt, memory, memory_key_padding_mask=kpm, pos=pos, query_pos=query_pos, train=train)
         return hs, memory.reshape(b, h, w, c)
 
 
@@ -521,13 +618,20 @@ class PositionEmbeddingLearned(nn.Module):
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         b, h, w, _ = x.shape
         if h > 50 or w > 50:
-            raise ValueError(f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})")
+            raise ValueError(
+                f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})"
+            )
         init = nn.initializers.uniform(1.0)
         kw = dict(embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
         x_emb = nn.Embed(50, self.num_pos_feats, name="col_embed", **kw)(jnp.arange(w))
         y_emb = nn.Embed(50, self.num_pos_feats, name="row_embed", **kw)(jnp.arange(h))
-        pos = jnp.concatenate([jnp.broadcast_to(x_emb[None], (h, w, self.num_pos_feats)),
-                               jnp.broadcast_to(y_emb[:, None], (h, w, self.num_pos_feats))], axis=-1)
+        pos = jnp.concatenate(
+            [
+                jnp.broadcast_to(x_emb[None], (h, w, self.num_pos_feats)),
+                jnp.broadcast_to(y_emb[:, None], (h, w, self.num_pos_feats)),
+            ],
+            axis=-1,
+        )
         return jnp.broadcast_to(pos[None], (b, h, w, 2 * self.num_pos_feats))
 
 
@@ -587,8 +691,15 @@ class Bottleneck(nn.Module):
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         out = Conv(self.planes, 1, name="conv1", **kw)(x)
         out = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(out))
-        out = Conv(self.planes, 3, stride=self.stride, padding=self.dilation, dilation=self.dilation,
-                   name="conv2", **kw)(out)
+        out = Conv(
+            self.planes,
+            3,
+            stride=self.stride,
+            padding=self.dilation,
+            dilation=self.dilation,
+            name="conv2",
+            **kw,
+        )(out)
         out = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn2")(out))
         out = Conv(self.planes * 4, 1, name="conv3", **kw)(out)
         out = FrozenBatchNorm2d(dtype=self.dtype, name="bn3")(out)
@@ -643,8 +754,12 @@ class ResNetBody(nn.Module):
             for i in range(blocks):
                 first = i == 0
                 x = Bottleneck(
-                    planes, stride=stride if first else 1, dilation=previous_dilation if first else cur_dilation,
-                    downsample=first and (stride != 1 or inplanes != planes * 4), name=f"layer{stage}_{i}", **kw,
+                    planes,
+                    stride=stride if first else 1,
+                    dilation=previous_dilation if first else cur_dilation,
+                    downsample=first and (stride != 1 or inplanes != planes * 4),
+                    name=f"layer{stage}_{i}",
+                    **kw,
                 )(x)
                 inplanes = planes * 4
         return x
@@ -674,11 +789,14 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, train: bool = False):
         if self.backbone not in _RESNET_LAYERS:
-            raise ValueError(f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}")
+            raise ValueError(
+                f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}"
+            )
         check_rank("Backbone", "x", x, 4, "(batch, height, width, 3)")
         _check_shape("Backbone", "mask", mask, x.shape[:3], "(batch, height, width) like `x`")
-        feats = ResNetBody(_RESNET_LAYERS[self.backbone], self.dilation, self.dtype, self.param_dtype,
-                           name="body")(x, train=train)
+        feats = ResNetBody(
+            _RESNET_LAYERS[self.backbone], self.dilation, self.dtype, self.param_dtype, name="body"
+        )(x, train=train)
         m = interpolate(jnp.asarray(mask, jnp.float32)[..., None], size=feats.shape[1:3], mode="nearest")
         return feats, m[..., 0].astype(jnp.bool_)
 
@@ -708,8 +826,12 @@ class MLP(nn.Module):
     def __call__(self, x, *, train: bool = False):
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = Linear(self.output_dim if last else self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layers_{i}")(x)
+            x = Linear(
+                self.output_dim if last else self.hidden_dim,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"layers_{i}",
+            )(x)
             if not last:
                 x = nn.relu(x)
         return x
@@ -783,26 +905,46 @@ class DETR(nn.Module):
         if self.position_embedding in ("v2", "sine"):
             pos_module = PositionEmbeddingSine(self.hidden_dim // 2, normalize=True, name="backbone_1")
         elif self.position_embedding in ("v3", "learned"):
-            pos_module = PositionEmbeddingLearned(self.hidden_dim // 2, dtype=self.dtype,
-                                                  param_dtype=self.param_dtype, name="backbone_1")
+            pos_module = PositionEmbeddingLearned(
+                self.hidden_dim // 2, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone_1"
+            )
         else:
-            raise ValueError(f"{where}: unknown `position_embedding` {self.position_embedding!r}; "
-                             "expected 'sine' or 'learned'")
+            raise ValueError(
+                f"{where}: unknown `position_embedding` {self.position_embedding!r}; "
+                "expected 'sine' or 'learned'"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(samples, mask, train=train)
+        feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(
+            samples, mask, train=train
+        )
         pos = pos_module(feats, fmask).astype(feats.dtype)
         src = Conv(self.hidden_dim, 1, name="input_proj", **kw)(feats)
-        query_embed = nn.Embed(self.num_queries, self.hidden_dim, embedding_init=nn.initializers.normal(1.0),
-                               name="query_embed", **kw)(jnp.arange(self.num_queries))
-        hs, _ = Transformer(self.hidden_dim, self.nheads, self.enc_layers, self.dec_layers, self.dim_feedforward,
-                            self.dropout, normalize_before=self.pre_norm, return_intermediate_dec=True,
-                            name="transformer", **kw)(src, fmask, query_embed, pos, train=train)
+        query_embed = nn.Embed(
+            self.num_queries,
+            self.hidden_dim,
+            embedding_init=nn.initializers.normal(1.0),
+            name="query_embed",
+            **kw,
+        )(jnp.arange(self.num_queries))
+        hs, _ = Transformer(
+            self.hidden_dim,
+            self.nheads,
+            self.enc_layers,
+            self.dec_layers,
+            self.dim_feedforward,
+            self.dropout,
+            normalize_before=self.pre_norm,
+            return_intermediate_dec=True,
+            name="transformer",
+            **kw,
+        )(src, fmask, query_embed, pos, train=train)
         outputs_class = Linear(self.num_classes + 1, name="class_embed", **kw)(hs)
         outputs_coord = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, name="bbox_embed", **kw)(hs))
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                                  for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ]
         return out
 
 
@@ -817,18 +959,32 @@ def _seq_first(t):
 
 
 def _torch_encoder_call(m, src, src_key_padding_mask=None, pos=None, **kw):
-    return m(_seq_first(src), src_key_padding_mask=src_key_padding_mask, pos=_seq_first(pos), **kw).transpose(0, 1)
+    return m(_seq_first(src), src_key_padding_mask=src_key_padding_mask, pos=_seq_first(pos), **kw).transpose(
+        0, 1
+    )
 
 
 def _torch_decoder_layer_call(m, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None, **kw):
-    out = m(_seq_first(tgt), _seq_first(memory), memory_key_padding_mask=memory_key_padding_mask,
-            pos=_seq_first(pos), query_pos=_seq_first(query_pos), **kw)
+    out = m(
+        _seq_first(tgt),
+        _seq_first(memory),
+        memory_key_padding_mask=memory_key_padding_mask,
+        pos=_seq_first(pos),
+        query_pos=_seq_first(query_pos),
+        **kw,
+    )
     return out.transpose(0, 1)
 
 
 def _torch_decoder_call(m, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None, **kw):
-    out = m(_seq_first(tgt), _seq_first(memory), memory_key_padding_mask=memory_key_padding_mask,
-            pos=_seq_first(pos), query_pos=_seq_first(query_pos), **kw)
+    out = m(
+        _seq_first(tgt),
+        _seq_first(memory),
+        memory_key_padding_mask=memory_key_padding_mask,
+        pos=_seq_first(pos),
+        query_pos=_seq_first(query_pos),
+        **kw,
+    )
     return out.transpose(1, 2)  # (layers, Q, B, d) -> (layers, B, Q, d)
 
 
@@ -867,6 +1023,7 @@ def _encoder_layer_inputs(b, l, d):
             "src_key_padding_mask": _padding_mask(b, l),
             "pos": rng.standard_normal((b, l, d), dtype=np.float32),
         }
+
     return make
 
 
@@ -879,6 +1036,7 @@ def _decoder_layer_inputs(b, q, s, d):
             "pos": rng.standard_normal((b, s, d), dtype=np.float32),
             "query_pos": rng.standard_normal((b, q, d), dtype=np.float32),
         }
+
     return make
 
 
@@ -890,6 +1048,7 @@ def _transformer_inputs(b, h, w, d, q):
             "query_embed": rng.standard_normal((q, d), dtype=np.float32),
             "pos_embed": rng.standard_normal((b, h, w, d), dtype=np.float32),
         }
+
     return make
 
 
@@ -899,8 +1058,9 @@ def _position_inputs(b, h, w, c, with_mask=True):
         # integers: the parity harness then does not ask for gradients that do not exist.
         out = {"x": rng.integers(-3, 3, size=(b, h, w, c)).astype(np.int8)}
         if with_mask:
-            out["mask"] = _padding_mask(b, h, w, padded=((0, 4), (2, 5)))
+            out["mask"] = _padding_mask(b, h, w, padded=((0, 4), (b - 1, 5)))
         return out
+
     return make
 
 
@@ -910,6 +1070,7 @@ def _detr_inputs(b, h, w, padded):
             "samples": rng.standard_normal((b, h, w, 3), dtype=np.float32),
             "mask": _padding_mask(b, h, w, padded=padded),
         }
+
     return make
 
 
@@ -984,8 +1145,14 @@ _entry(
     name="transformer",
     flax=Transformer,
     torch="flax_attn.testing.torch_ref.detr:transformer",
-    config=dict(d_model=24, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=40,
-                return_intermediate_dec=True),
+    config=dict(
+        d_model=24,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=40,
+        return_intermediate_dec=True,
+    ),
     inputs=_transformer_inputs(3, 5, 7, 24, 6),
     bench_config=dict(d_model=256, return_intermediate_dec=True),
     bench_inputs=_transformer_inputs(2, 25, 34, 256, 100),
@@ -1025,8 +1192,9 @@ _entry(
     name="detr",
     flax=DETR,
     torch="flax_attn.testing.torch_ref.detr:detr",
-    config=dict(num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2,
-                dim_feedforward=48),
+    config=dict(
+        num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48
+    ),
     inputs=_detr_inputs(3, 67, 45, padded=((0, 20), (2, 13))),
     bench_config=dict(),  # detr-r50
     bench_inputs=_detr_inputs(2, 320, 320, padded=((0, 64), (1, 32))),

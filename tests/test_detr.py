@@ -29,8 +29,9 @@ from flax_attn.testing.parity import check_parity, randomize_torch_module  # noq
 from flax_attn.testing.torch_ref import detr as ref  # noqa: E402
 
 LAYER = dict(d_model=24, nhead=4, dim_feedforward=40, dropout=0.1)
-TINY_DETR = dict(num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2,
-                 dim_feedforward=48)
+TINY_DETR = dict(
+    num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48
+)
 
 
 # --------------------------------------------------------------------------- layer options
@@ -87,8 +88,9 @@ def test_dropout_uses_the_dropout_rng():
 
     train = jax.jit(lambda key: layer.apply(variables, tgt, memory, train=True, rngs={"dropout": key}))
     a, b, c = train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(2))
-    eval_out, train_no_dropout = jax.jit(lambda v: (layer.apply(v, tgt, memory),
-                                                    layer0.apply(v, tgt, memory, train=True)))(variables)
+    eval_out, train_no_dropout = jax.jit(
+        lambda v: (layer.apply(v, tgt, memory), layer0.apply(v, tgt, memory, train=True))
+    )(variables)
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a - c)).max() > 1e-2
     assert np.abs(np.asarray(a - eval_out)).max() > 1e-2
@@ -114,14 +116,24 @@ def _nn_entry(kind, batch_first):
     """torch.nn's own Transformer{Encoder,Decoder}Layer as the reference for the Flax layers."""
     flax_cls = TransformerEncoderLayer if kind == "encoder" else TransformerDecoderLayer
 
-    def flax_factory(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, batch_first):
-        return flax_cls(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
-                        activation=activation, layer_norm_eps=layer_norm_eps, normalize_before=norm_first)
+    def flax_factory(
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, batch_first
+    ):
+        return flax_cls(
+            d_model=d_model,
+            nhead=nhead,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            normalize_before=norm_first,
+        )
 
     def seq(t):
         return t if batch_first else t.transpose(0, 1)
 
     if kind == "encoder":
+
         def inputs(rng):
             mask = np.zeros((3, 13), bool)
             mask[0, -4:] = True
@@ -130,35 +142,69 @@ def _nn_entry(kind, batch_first):
         def call(m, src, src_key_padding_mask):
             return seq(m(seq(src), src_key_padding_mask=src_key_padding_mask))
     else:
+
         def inputs(rng):
             mask = np.zeros((3, 17), bool)
             mask[1, -5:] = True
             tmask = np.zeros((3, 7), bool)
             tmask[2, -2:] = True
-            return {"tgt": rng.standard_normal((3, 7, 24), dtype=np.float32),
-                    "memory": rng.standard_normal((3, 17, 24), dtype=np.float32),
-                    "tgt_key_padding_mask": tmask, "memory_key_padding_mask": mask}
+            return {
+                "tgt": rng.standard_normal((3, 7, 24), dtype=np.float32),
+                "memory": rng.standard_normal((3, 17, 24), dtype=np.float32),
+                "tgt_key_padding_mask": tmask,
+                "memory_key_padding_mask": mask,
+            }
 
         def call(m, tgt, memory, tgt_key_padding_mask, memory_key_padding_mask):
-            return seq(m(seq(tgt), seq(memory), tgt_key_padding_mask=tgt_key_padding_mask,
-                         memory_key_padding_mask=memory_key_padding_mask))
+            return seq(
+                m(
+                    seq(tgt),
+                    seq(memory),
+                    tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask,
+                )
+            )
 
     return catalogue.Entry(
-        name=f"torch_nn_{kind}_layer", family="detr", paper="torch.nn", flax=flax_factory, inputs=inputs,
-        torch=f"torch.nn:Transformer{kind.capitalize()}Layer", image_inputs=(), output_layout="same",
-        torch_call=call, layouts=("torch.nn",), train_mode=False,
-        config=dict(d_model=24, nhead=4, dim_feedforward=40, dropout=0.1, activation="relu", layer_norm_eps=1e-5,
-                    norm_first=False, batch_first=batch_first),
+        name=f"torch_nn_{kind}_layer",
+        family="detr",
+        paper="torch.nn",
+        flax=flax_factory,
+        inputs=inputs,
+        torch=f"torch.nn:Transformer{kind.capitalize()}Layer",
+        image_inputs=(),
+        output_layout="same",
+        torch_call=call,
+        layouts=("torch.nn",),
+        train_mode=False,
+        config=dict(
+            d_model=24,
+            nhead=4,
+            dim_feedforward=40,
+            dropout=0.1,
+            activation="relu",
+            layer_norm_eps=1e-5,
+            norm_first=False,
+            batch_first=batch_first,
+        ),
     )
 
 
-@pytest.mark.parametrize("kind,batch_first,norm_first,activation", [
-    ("encoder", False, False, "relu"),
-    ("encoder", True, True, "gelu"),
-    ("decoder", False, True, "gelu"),
-    ("decoder", True, False, "relu"),
-], ids=["encoder-seq_first-post_relu", "encoder-batch_first-pre_gelu", "decoder-seq_first-pre_gelu",
-        "decoder-batch_first-post_relu"])
+@pytest.mark.parametrize(
+    "kind,batch_first,norm_first,activation",
+    [
+        ("encoder", False, False, "relu"),
+        ("encoder", True, True, "gelu"),
+        ("decoder", False, True, "gelu"),
+        ("decoder", True, False, "relu"),
+    ],
+    ids=[
+        "encoder-seq_first-post_relu",
+        "encoder-batch_first-pre_gelu",
+        "decoder-seq_first-pre_gelu",
+        "decoder-batch_first-post_relu",
+    ],
+)
 def test_loads_torch_nn_layers(kind, batch_first, norm_first, activation):
     entry = _nn_entry(kind, batch_first)
     config = dict(entry.config, norm_first=norm_first, activation=activation, layer_norm_eps=1e-6)
@@ -193,11 +239,20 @@ def tiny_detr_sd():
 
 def test_detr_loads_official_keys_strictly_and_round_trips(tiny_detr_sd):
     sd = tiny_detr_sd
-    for key in ("backbone.0.body.conv1.weight", "backbone.0.body.bn1.running_var", "backbone.0.body.bn1.weight",
-                "backbone.0.body.layer1.0.downsample.0.weight", "backbone.0.body.layer4.2.conv3.weight",
-                "transformer.encoder.layers.1.self_attn.in_proj_weight", "transformer.decoder.norm.weight",
-                "transformer.decoder.layers.0.multihead_attn.out_proj.bias", "input_proj.weight",
-                "query_embed.weight", "class_embed.bias", "bbox_embed.layers.2.weight"):
+    for key in (
+        "backbone.0.body.conv1.weight",
+        "backbone.0.body.bn1.running_var",
+        "backbone.0.body.bn1.weight",
+        "backbone.0.body.layer1.0.downsample.0.weight",
+        "backbone.0.body.layer4.2.conv3.weight",
+        "transformer.encoder.layers.1.self_attn.in_proj_weight",
+        "transformer.decoder.norm.weight",
+        "transformer.decoder.layers.0.multihead_attn.out_proj.bias",
+        "input_proj.weight",
+        "query_embed.weight",
+        "class_embed.bias",
+        "bbox_embed.layers.2.weight",
+    ):
         assert key in sd, key
     assert not any("num_batches_tracked" in k or ".fc." in k for k in sd)
     assert "transformer.encoder.norm.weight" not in sd  # post-norm DETR has no encoder norm
@@ -222,8 +277,10 @@ def test_detr_variant_parity_with_frozen_bn_affine():
     entry = catalogue.get("detr")
     sd = _tiny_detr_state_dict(**variant)
     rng = np.random.default_rng(1)
-    inputs = {"samples": rng.standard_normal((2, 41, 37, 3), dtype=np.float32),
-              "mask": np.zeros((2, 41, 37), bool)}
+    inputs = {
+        "samples": rng.standard_normal((2, 41, 37, 3), dtype=np.float32),
+        "mask": np.zeros((2, 41, 37), bool),
+    }
     inputs["mask"][1, -9:, :] = True
     inputs["mask"][1, :, -20:] = True
     # Input gradients through the backbone are compared by the catalogue's detr entry; here the
@@ -232,13 +289,32 @@ def test_detr_variant_parity_with_frozen_bn_affine():
 
 
 def test_transformer_round_trip_into_torch():
-    tr = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=24,
-                     normalize_before=True, return_intermediate_dec=True)
-    args = (jnp.zeros((1, 3, 4, 16)), jnp.zeros((1, 3, 4), bool), jnp.zeros((5, 16)), jnp.zeros((1, 3, 4, 16)))
+    tr = Transformer(
+        d_model=16,
+        nhead=2,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=24,
+        normalize_before=True,
+        return_intermediate_dec=True,
+    )
+    args = (
+        jnp.zeros((1, 3, 4, 16)),
+        jnp.zeros((1, 3, 4), bool),
+        jnp.zeros((5, 16)),
+        jnp.zeros((1, 3, 4, 16)),
+    )
     variables = jax.jit(tr.init)(jax.random.PRNGKey(0), *args)
     sd = to_torch(tr, variables, *args)
-    torch_tr = ref.transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2,
-                               dim_feedforward=24, normalize_before=True, return_intermediate_dec=True)
+    torch_tr = ref.transformer(
+        d_model=16,
+        nhead=2,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=24,
+        normalize_before=True,
+        return_intermediate_dec=True,
+    )
     torch_tr.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     again = from_torch(tr, sd, *args)
     for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(again)):
@@ -250,8 +326,14 @@ def test_transformer_round_trip_into_torch():
 
 def test_fully_padded_image_is_finite_and_independent():
     """A batch element with every pixel padded: finite outputs and gradients, no effect on the others."""
-    tr = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24,
-                     return_intermediate_dec=True)
+    tr = Transformer(
+        d_model=16,
+        nhead=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=24,
+        return_intermediate_dec=True,
+    )
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.standard_normal((2, 3, 5, 16), np.float32))
     pos = jnp.asarray(rng.standard_normal((2, 3, 5, 16), np.float32))
@@ -304,27 +386,39 @@ def test_detr_fully_padded_image_gives_finite_outputs_and_gradients(tiny_detr_sd
 
 def test_bad_input():
     x = jnp.zeros((2, 7, 24))
-    with pytest.raises(ValueError, match=r"TransformerEncoderLayer: `d_model`=24 must be divisible by `nhead`=5"):
+    with pytest.raises(
+        ValueError, match=r"TransformerEncoderLayer: `d_model`=24 must be divisible by `nhead`=5"
+    ):
         TransformerEncoderLayer(d_model=24, nhead=5).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: unknown `activation` 'swish'"):
         TransformerEncoderLayer(d_model=24, nhead=4, activation="swish").init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"'glu'.*`dim_feedforward` must be even, got 41"):
         TransformerEncoderLayer(d_model=24, nhead=4, dim_feedforward=41, activation="glu").init(
-            jax.random.PRNGKey(0), x)
+            jax.random.PRNGKey(0), x
+        )
     with pytest.raises(ValueError, match=r"`src_key_padding_mask` must have shape \(2, 7\).*got \(2, 6\)"):
-        TransformerEncoderLayer(d_model=24, nhead=4).init(jax.random.PRNGKey(0), x, src_key_padding_mask=jnp.zeros((2, 6), bool))
+        TransformerEncoderLayer(d_model=24, nhead=4).init(
+            jax.random.PRNGKey(0), x, src_key_padding_mask=jnp.zeros((2, 6), bool)
+        )
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: `src` must have 24 channels"):
         TransformerEncoderLayer(d_model=24, nhead=4).init(jax.random.PRNGKey(0), jnp.zeros((2, 7, 20)))
-    with pytest.raises(ValueError, match=r"TransformerDecoderLayer: `memory_key_padding_mask` must have shape \(2, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"TransformerDecoderLayer: `memory_key_padding_mask` must have shape \(2, 9\)"
+    ):
         TransformerDecoderLayer(d_model=24, nhead=4).init(
-            jax.random.PRNGKey(0), x, jnp.zeros((2, 9, 24)), memory_key_padding_mask=jnp.zeros((2, 7), bool))
-    with pytest.raises(ValueError, match=r"TransformerDecoder: `return_intermediate=True` needs the final norm"):
+            jax.random.PRNGKey(0), x, jnp.zeros((2, 9, 24)), memory_key_padding_mask=jnp.zeros((2, 7), bool)
+        )
+    with pytest.raises(
+        ValueError, match=r"TransformerDecoder: `return_intermediate=True` needs the final norm"
+    ):
         TransformerDecoder(num_layers=1, d_model=24, nhead=4, norm=False, return_intermediate=True).init(
-            jax.random.PRNGKey(0), x, x)
+            jax.random.PRNGKey(0), x, x
+        )
     src = jnp.zeros((2, 3, 5, 24))
     with pytest.raises(ValueError, match=r"Transformer: `mask` must have shape \(2, 3, 5\).*got \(2, 5, 3\)"):
-        Transformer(d_model=24, nhead=4).init(jax.random.PRNGKey(0), src, jnp.zeros((2, 5, 3), bool),
-                                              jnp.zeros((4, 24)), src)
+        Transformer(d_model=24, nhead=4).init(
+            jax.random.PRNGKey(0), src, jnp.zeros((2, 5, 3), bool), jnp.zeros((4, 24)), src
+        )
     img = jnp.zeros((1, 33, 31, 3))
     with pytest.raises(ValueError, match=r"DETR: `mask` must have shape \(1, 33, 31\).*got \(1, 31, 33\)"):
         DETR(**TINY_DETR).init(jax.random.PRNGKey(0), img, jnp.zeros((1, 31, 33), bool))
@@ -334,11 +428,15 @@ def test_bad_input():
         DETR(**TINY_DETR, backbone="resnet18").init(jax.random.PRNGKey(0), img)
     with pytest.raises(ValueError, match=r"DETR: `samples` must have 3 channels"):
         DETR(**TINY_DETR).init(jax.random.PRNGKey(0), jnp.zeros((1, 33, 31, 4)))
-    with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `normalize` should be True if `scale` is passed"):
+    with pytest.raises(
+        ValueError, match=r"PositionEmbeddingSine: `normalize` should be True if `scale` is passed"
+    ):
         PositionEmbeddingSine(scale=1.0).apply({}, src, jnp.zeros((2, 3, 5), bool))
     with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `mask` must have shape \(2, 3, 5\)"):
         PositionEmbeddingSine().apply({}, src, jnp.zeros((2, 3, 4), bool))
-    with pytest.raises(ValueError, match=r"PositionEmbeddingLearned: the tables hold 50 rows/columns; got a 3x51"):
+    with pytest.raises(
+        ValueError, match=r"PositionEmbeddingLearned: the tables hold 50 rows/columns; got a 3x51"
+    ):
         PositionEmbeddingLearned(8).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 51, 4)))
     with pytest.raises(ValueError, match=r"TransformerEncoder"):
         TransformerEncoder(num_layers=1, d_model=24, nhead=7).init(jax.random.PRNGKey(0), x)

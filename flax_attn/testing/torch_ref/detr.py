@@ -46,8 +46,9 @@ def _with_pos(t, pos):
 
 
 class TransformerEncoderLayer(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(
+        self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -67,8 +68,9 @@ class TransformerEncoderLayer(nn.Module):
         if self.normalize_before:
             s = self.norm1(src)
             q = k = _with_pos(s, pos)
-            src = src + self.dropout1(self.self_attn(q, k, value=s, attn_mask=src_mask,
-                                                     key_padding_mask=src_key_padding_mask)[0])
+            src = src + self.dropout1(
+                self.self_attn(q, k, value=s, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
+            )
             return src + self.dropout2(self._ff(self.norm2(src)))
         q = k = _with_pos(src, pos)
         s = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
@@ -77,8 +79,9 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(
+        self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -97,15 +100,29 @@ class TransformerDecoderLayer(nn.Module):
     def _ff(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+    def forward(
+        self,
+        tgt,
+        memory,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        pos=None,
+        query_pos=None,
+    ):
         def sa(x):
             q = k = _with_pos(x, query_pos)
             return self.self_attn(q, k, value=x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
 
         def ca(x):
-            return self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
-                                       attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
+            return self.multihead_attn(
+                query=_with_pos(x, query_pos),
+                key=_with_pos(memory, pos),
+                value=memory,
+                attn_mask=memory_mask,
+                key_padding_mask=memory_key_padding_mask,
+            )[0]
 
         if self.normalize_before:
             tgt = tgt + self.dropout1(sa(self.norm1(tgt)))
@@ -142,14 +159,30 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.return_intermediate = return_intermediate
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+    def forward(
+        self,
+        tgt,
+        memory,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        pos=None,
+        query_pos=None,
+    ):
         out = tgt
         inter = []
         for layer in self.layers:
-            out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                        tgt_key_padding_mask=tgt_key_padding_mask,
-                        memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+            out = layer(
+                out,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                pos=pos,
+                query_pos=query_pos,
+            )
             if self.return_intermediate:
                 inter.append(self.norm(out))
         if self.norm is not None:
@@ -162,16 +195,31 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
-                 dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,
-                 return_intermediate_dec=False):
+    def __init__(
+        self,
+        d_model=512,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        activation="relu",
+        normalize_before=False,
+        return_intermediate_dec=False,
+    ):
         super().__init__()
-        enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
-        self.encoder = TransformerEncoder(enc_layer, num_encoder_layers,
-                                          nn.LayerNorm(d_model) if normalize_before else None)
-        dec_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
-        self.decoder = TransformerDecoder(dec_layer, num_decoder_layers, nn.LayerNorm(d_model),
-                                          return_intermediate=return_intermediate_dec)
+        enc_layer = TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+        )
+        self.encoder = TransformerEncoder(
+            enc_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
+        )
+        dec_layer = TransformerDecoderLayer(
+            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+        )
+        self.decoder = TransformerDecoder(
+            dec_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
+        )
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -262,11 +310,13 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(n))
         self.register_buffer("running_var", torch.ones(n))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x):
         w = self.weight.reshape(1, -1, 1, 1)
@@ -286,7 +336,9 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = norm_layer(planes * 4)
@@ -305,7 +357,9 @@ class ResNet(nn.Module):
     """torchvision's ``ResNet`` with Bottleneck blocks (the parts DETR uses; ``avgpool``/``fc`` kept
     so that the IntermediateLayerGetter has something to drop, as with the real one)."""
 
-    def __init__(self, layers, replace_stride_with_dilation=(False, False, False), norm_layer=FrozenBatchNorm2d):
+    def __init__(
+        self, layers, replace_stride_with_dilation=(False, False, False), norm_layer=FrozenBatchNorm2d
+    ):
         super().__init__()
         self._norm_layer = norm_layer
         self.inplanes = 64
@@ -332,8 +386,9 @@ class ResNet(nn.Module):
             stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
-                                       norm_layer(planes * 4))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False), norm_layer(planes * 4)
+            )
         layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous_dilation, norm_layer)]
         self.inplanes = planes * 4
         for _ in range(1, blocks):
@@ -431,7 +486,9 @@ class DETR(nn.Module):
 
     def forward(self, samples):
         if isinstance(samples, torch.Tensor):
-            samples = NestedTensor(samples, torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool))
+            samples = NestedTensor(
+                samples, torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
+            )
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
@@ -439,8 +496,9 @@ class DETR(nn.Module):
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                                  for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ]
         return out
 
 
@@ -459,14 +517,20 @@ def transformer_encoder(num_layers, norm=None, **layer_config):
     """DETR's ``TransformerEncoder``; ``norm=None`` follows DETR's Transformer (a norm in pre-norm mode)."""
     if norm is None:
         norm = layer_config.get("normalize_before", False)
-    return TransformerEncoder(TransformerEncoderLayer(**layer_config), num_layers,
-                              nn.LayerNorm(layer_config["d_model"]) if norm else None)
+    return TransformerEncoder(
+        TransformerEncoderLayer(**layer_config),
+        num_layers,
+        nn.LayerNorm(layer_config["d_model"]) if norm else None,
+    )
 
 
 def transformer_decoder(num_layers, norm=True, return_intermediate=False, **layer_config):
-    return TransformerDecoder(TransformerDecoderLayer(**layer_config), num_layers,
-                              nn.LayerNorm(layer_config["d_model"]) if norm else None,
-                              return_intermediate=return_intermediate)
+    return TransformerDecoder(
+        TransformerDecoderLayer(**layer_config),
+        num_layers,
+        nn.LayerNorm(layer_config["d_model"]) if norm else None,
+        return_intermediate=return_intermediate,
+    )
 
 
 def transformer(**config):
@@ -481,9 +545,21 @@ def position_embedding_learned(**config):
     return PositionEmbeddingLearned(**config)
 
 
-def detr(num_classes=91, num_queries=100, aux_loss=True, backbone="resnet50", dilation=False,
-         position_embedding="sine", hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
-         dim_feedforward=2048, dropout=0.1, pre_norm=False):
+def detr(
+    num_classes=91,
+    num_queries=100,
+    aux_loss=True,
+    backbone="resnet50",
+    dilation=False,
+    position_embedding="sine",
+    hidden_dim=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    dim_feedforward=2048,
+    dropout=0.1,
+    pre_norm=False,
+):
     """DETR's ``build(args)`` for detection, with ``main.py``'s argument names and defaults."""
     if position_embedding in ("v2", "sine"):
         pos = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
@@ -494,7 +570,14 @@ def detr(num_classes=91, num_queries=100, aux_loss=True, backbone="resnet50", di
     bb = Backbone(backbone, dilation)
     joiner = Joiner(bb, pos)
     joiner.num_channels = bb.num_channels
-    tr = Transformer(d_model=hidden_dim, dropout=dropout, nhead=nheads, dim_feedforward=dim_feedforward,
-                     num_encoder_layers=enc_layers, num_decoder_layers=dec_layers, normalize_before=pre_norm,
-                     return_intermediate_dec=True)
+    tr = Transformer(
+        d_model=hidden_dim,
+        dropout=dropout,
+        nhead=nheads,
+        dim_feedforward=dim_feedforward,
+        num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        normalize_before=pre_norm,
+        return_intermediate_dec=True,
+    )
     return DETR(joiner, tr, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss)
