@@ -17,6 +17,16 @@ from flax_attn.ccnet import CrissCrossAttention, RCCAModule
 from flax_attn.coordatt import CoordAtt
 from flax_attn.danet import CAM_Module, DANetHead, PAM_Module
 from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
+from flax_attn.detr import (
+    DETR,
+    PositionEmbeddingLearned,
+    PositionEmbeddingSine,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from flax_attn.eca import ECALayer
 from flax_attn.gcnet import ContextBlock
 from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
@@ -61,6 +71,7 @@ __all__ = [
     "CoordAtt",
     "CrissCrossAttention",
     "DANetHead",
+    "DETR",
     "DeformConv2d",
     "DeformConv2dPack",
     "DeformSimpleBottleneck",
@@ -74,6 +85,8 @@ __all__ = [
     "NonLocalMNISTNet",
     "PA",
     "PAM_Module",
+    "PositionEmbeddingLearned",
+    "PositionEmbeddingSine",
     "ProjectedMultiHeadAttention",
     "RCCAModule",
     "RecurrentAttention",
@@ -89,6 +102,11 @@ __all__ = [
     "SpatialAttention",
     "SpatialGate",
     "SpatialTransformer",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "TutorialLocalization",
     "WindowAttention",
     "catalogue",

@@ -469,7 +469,12 @@ catalogue.register(catalogue.Entry(
     flax=se_resnet50,
     torch="flax_attn.testing.torch_ref.se:se_resnet50",
     config=dict(num_classes=10, se_style="senet"),
-    inputs=_images(2, 33, 29, 3),
+    # Train-mode BatchNorm makes a randomly initialised 50-layer network amplify its input gradient
+    # ~1e9-fold (BN gradient explosion at init, Yang et al., ICLR 2019), and float32 rounding with
+    # it: at 3x97x81 the train-mode input gradient differs by 3.9e-3 (max |grad| 0.59) while eval
+    # matches to 3.5e-10 and outputs to 5e-6 in both modes. At 2x65x57 the whole model meets 1e-4;
+    # a single SE bottleneck meets 1e-5 at any size (tests/test_se.py).
+    inputs=_images(2, 65, 57, 3),
     # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
     bench_config=dict(num_classes=1000, se_style="timm"),
     bench_inputs=_images(1, 64, 64, 3),

@@ -21,6 +21,7 @@ from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
+from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.relative_logits import augmented_attention, relative_logits_2d
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.sampling import affine_grid, foveate, grid_sample
@@ -53,6 +54,7 @@ __all__ = [
     "relative_logits_2d",
     "scaled_dot_product_attention",
     "sigmoid_gate",
+    "sine_position_embedding",
     "space_to_depth",
     "window_attention",
 ]
