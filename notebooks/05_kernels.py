@@ -25,9 +25,10 @@
 # 3. a small live CPU timing of criss-cross against dense attention;
 # 4. the bandwidth roofline that GPU timings are judged against.
 #
-# **GPU timings are absent from this notebook** unless a GPU table exists in `benchmarks/results/`
-# (the cell below says which files it found): the notebook ran where no GPU was available.
-# Everything measured live here is CPU.
+# **GPU timings are absent.** The live measurements run on whatever backend executes the notebook
+# (a CPU in CI); GPU numbers can only come from GPU tables in `benchmarks/results/` (the cell
+# below lists what it finds), and when this notebook was written none had been recorded because
+# no GPU was available. The GPU side is therefore limited to the analytical roofline of section 4.
 
 # %%
 import os
