@@ -165,3 +165,12 @@ def test_dtype_follows_input_and_param_dtype():
     v = M().init(jax.random.PRNGKey(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v))
     assert M().apply(v, x).dtype == jnp.bfloat16
+
+
+def test_max_pool_is_differentiable_under_jit():
+    from flax_attn.ops.max_pool import max_pool
+
+    g = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1))))(jnp.asarray(X))
+    tx = _t(X)
+    (tg,) = torch.autograd.grad(F.max_pool2d(tx, 3, 2, 1).sum(), tx)
+    np.testing.assert_array_equal(np.asarray(g), tg.numpy().transpose(0, 2, 3, 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["max_pool"]
 
@@ -55,7 +55,9 @@ def max_pool(
                 f"is smaller than the "
                 f"kernel {kk}; input shape {x.shape}"
             )
-    init = jnp.array(-jnp.inf, x.dtype)
+    # A concrete (numpy) identity: with a traced one JAX no longer sees the max monoid and the
+    # window reduction loses its VJP under jit.
+    init = np.array(-np.inf, dtype=x.dtype)
     return jax.lax.reduce_window(
         x, init, jax.lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *[(pp, pp) for pp in p], (0, 0))
     )
