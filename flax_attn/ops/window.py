@@ -90,9 +90,7 @@ def check_window_args(where, q, k, v, window_size, shift_size, bias_table) -> No
     if not 0 <= shift_size < ws:
         raise ValueError(f"{where}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
     if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
-        raise ValueError(
-            f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}"
-        )
+        raise ValueError(f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}")
 
 
 def default_implementation() -> str:
