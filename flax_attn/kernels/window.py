@@ -29,9 +29,9 @@ XLA reference materialises (twice, with the broadcast bias) never reach HBM.
 Shapes that do not fit the tiling are padded inside the wrapper, never rejected: on GPU every block
 dimension must be a power of two and ``tl.dot`` needs dimensions >= 16, so ``N`` (49 for M = 7) is
 padded to 64 and the head dim (24, 32, ...) to a power of two >= 16; on TPU the last two block
-dimensions are the full (padded) ``(Np, D)``, with ``Np`` a multiple of 8. The number of windows is
-padded to a multiple of ``T`` (odd window counts are fine); padded windows and tokens are zero,
-give finite statistics, and are sliced off.
+dimensions are the full (padded) ``(Np, D)``, with ``Np`` a multiple of 8 (16 for 16-bit dtypes).
+The number of windows is padded to a multiple of ``T`` (odd window counts are fine); padded windows
+and tokens are zero, give finite statistics, and are sliced off.
 
 Backward: one kernel per ``(head, tile)`` recomputes ``P`` from the saved log-sum-exp
 (flash-attention style) and produces ``dQ``, ``dK``, ``dV`` for its windows (a window's keys only
@@ -98,7 +98,7 @@ class _Plan:
     windows_p: int  # padded to a multiple of t
 
 
-def _make_plan(backend, interpret, shifted, scale, heads, n, d, windows, block_windows) -> _Plan:
+def _make_plan(backend, interpret, shifted, scale, heads, n, d, itemsize, windows, block_windows) -> _Plan:
     t = block_windows or default_block_windows(backend)
     if t < 1:
         raise ValueError(f"window_attention_pallas: `block_windows` must be >= 1, got {t}")
@@ -107,7 +107,9 @@ def _make_plan(backend, interpret, shifted, scale, heads, n, d, windows, block_w
             raise ValueError(f"window_attention_pallas: Triton `block_windows` must be a power of two, got {t}")
         np_, dp = max(16, _next_pow2(n)), max(16, _next_pow2(d))
     else:
-        np_, dp = _round_up(n, 8), d
+        # Sublane multiple of the dtype's packing (8 rows of 32-bit, 16 of 16-bit), so that the
+        # (T, Np, D) -> (Np, D) window slices never split a packed tile.
+        np_, dp = _round_up(n, 8 if itemsize >= 4 else 16), d
     return _Plan(backend, interpret, shifted, float(scale), heads, n, d, np_, dp, t, windows, _round_up(windows, t))
 
 
@@ -115,7 +117,8 @@ def _compiler_params(plan: _Plan):
     if plan.backend == "triton":
         from jax.experimental.pallas import triton as plgpu
 
-        return plgpu.CompilerParams(num_warps=4, num_stages=2)
+        # The (Np, Np) float32 logits live in registers: 8 warps once they pass 64 x 64 (window > 8).
+        return plgpu.CompilerParams(num_warps=4 if plan.np_ <= 64 else 8, num_stages=2)
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
@@ -363,7 +366,9 @@ def window_attention_pallas(
     ws, shift = window_size, shift_size
     n, nw = ws * ws, (h // ws) * (w // ws)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    plan = _make_plan(backend, interpret, bool(shift), scale, heads, n, d, b * nw, block_windows)
+    plan = _make_plan(
+        backend, interpret, bool(shift), scale, heads, n, d, jnp.dtype(dtype).itemsize, b * nw, block_windows
+    )
     pad_w, pad_n, pad_d = plan.windows_p - plan.windows, plan.np_ - n, plan.dp - d
 
     def to_windows(x):  # (B, H, W, heads, D) -> (windows_p, heads, Np, Dp)
