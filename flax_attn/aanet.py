@@ -1191,6 +1191,11 @@ catalogue.register(
         layouts=("official",),
         atol=1e-4,  # a whole model
         rtol=1e-4,
+        # Train mode is left out of the generic check: its outputs match (7e-5 without deformable
+        # layers) but the input gradients through BatchNorm on 2x3 coarse maps are ill-conditioned
+        # (torch float32 differs from torch float64 by 0.24 where |grad| reaches 128; Flax by 0.7).
+        # Train-mode BatchNorm is checked on every block entry above.
+        train_mode=False,
         slow=True,
     )
 )

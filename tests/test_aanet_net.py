@@ -95,7 +95,7 @@ def test_feature_extractor_init_and_keys():
     from flax_attn.aanet import AANetFeature
 
     x = jnp.zeros((1, 13, 17, 3))
-    v = AANetFeature(in_channels=4).init(KEY, x)
+    v = jax.jit(AANetFeature(in_channels=4).init)(KEY, x)
     p = v["params"]
     assert np.all(np.asarray(p["layer2_3"]["bn3"]["scale"]) == 0)  # zero-init residual (plain bottlenecks)
     assert np.all(np.asarray(p["layer3_0"]["bn3"]["scale"]) == 1)  # AANet's DeformBottleneck is not zeroed
@@ -182,6 +182,7 @@ def test_official_config_parity_and_strict_loading(official_aanet):
         np.testing.assert_array_equal(back[k], sd[k])
 
 
+@pytest.mark.slow  # one compile of a whole AANet (about 50 s on 2 shared CPU cores)
 def test_skimage_stereo_motorcycle_shape_range_and_baseline_epe():
     """A real stereo pair with ground truth (Middlebury 2014 motorcycle, via scikit-image).
 
