@@ -320,9 +320,7 @@ class AdaptiveAggregationModule(nn.Module):
                 h = Conv(ci, 1, use_bias=False, name=f"fuse_layers_{i}_{j}_0", **kw)(h)
                 return BatchNorm(name=f"fuse_layers_{i}_{j}_1", **kw)(h, train=train)
             for k in range(i - j - 1):
-                h = Conv(cj, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(
-                    h
-                )
+                h = Conv(cj, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(h)
                 h = _leaky(BatchNorm(name=f"fuse_layers_{i}_{j}_{k}_1", **kw)(h, train=train))
             k = i - j - 1
             h = Conv(ci, 3, stride=2, padding=1, use_bias=False, name=f"fuse_layers_{i}_{j}_{k}_0", **kw)(h)
@@ -334,9 +332,7 @@ class AdaptiveAggregationModule(nn.Module):
             for j in range(1, self.num_scales):
                 exchange = fuse(i, j, x[j])
                 if exchange.shape[1:3] != acc.shape[1:3]:
-                    exchange = interpolate(
-                        exchange, size=acc.shape[1:3], mode="bilinear", align_corners=False
-                    )
+                    exchange = interpolate(exchange, size=acc.shape[1:3], mode="bilinear", align_corners=False)
                 acc = acc + exchange
             fused.append(_leaky(acc))
         return fused
@@ -609,7 +605,9 @@ class FeaturePyramidNetwork(nn.Module):
                     f"upsampling, expected spatial size {want}, got {tuple(inputs[i - 1].shape[1:3])}"
                 )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
-        laterals = [Conv(self.out_channels, 1, name=f"lateral_convs_{i}", **kw)(inputs[i]) for i in range(self.num_levels)]
+        laterals = [
+            Conv(self.out_channels, 1, name=f"lateral_convs_{i}", **kw)(inputs[i]) for i in range(self.num_levels)
+        ]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + interpolate(laterals[i], scale_factor=2, mode="nearest")
         outs = []
@@ -638,7 +636,9 @@ class CostVolumePyramid(nn.Module):
     def __call__(self, left_feature_pyramid, right_feature_pyramid, *, train: bool = False):
         where = "CostVolumePyramid"
         if self.feature_similarity != "correlation":
-            raise ValueError(f"{where}: only feature_similarity='correlation' is implemented, got {self.feature_similarity!r}")
+            raise ValueError(
+                f"{where}: only feature_similarity='correlation' is implemented, got {self.feature_similarity!r}"
+            )
         if len(left_feature_pyramid) != len(right_feature_pyramid):
             raise ValueError(
                 f"{where}: left and right pyramids must have the same number of levels, got "
@@ -755,7 +755,10 @@ class StereoDRNetRefinement(nn.Module):
                 f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
             )
         if low_disp.shape[0] != left_img.shape[0]:
-            raise ValueError(f"{where}: batch of `low_disp` {tuple(low_disp.shape)} does not match `left_img` {tuple(left_img.shape)}")
+            raise ValueError(
+                f"{where}: batch of `low_disp` {tuple(low_disp.shape)} does not match "
+                f"`left_img` {tuple(left_img.shape)}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         disp = low_disp[..., None]
         h, w = left_img.shape[1:3]
@@ -888,7 +891,9 @@ class AANet(nn.Module):
             return fpn(f, train=train) if fpn is not None else f
 
         left_feature, right_feature = extract(left_img), extract(right_img)
-        cost_volume = CostVolumePyramid(max_disp, self.feature_similarity, name="cost_volume")(left_feature, right_feature)
+        cost_volume = CostVolumePyramid(max_disp, self.feature_similarity, name="cost_volume")(
+            left_feature, right_feature
+        )
         if self.num_scales == 1:
             cost_volume = [cost_volume[0]]
         aggregation = AdaptiveAggregation(

@@ -49,8 +49,9 @@ def test_disparity_regression_soft_argmin(match_similarity):
     assert got.min() >= 0 and got.max() <= 8
     # a peaked similarity gives its argmin/argmax candidate
     peaked = jnp.asarray(100.0 * np.eye(9, dtype=np.float32)[[3]].reshape(1, 1, 1, 9))
-    assert float(disparity_regression(peaked if match_similarity else -peaked,
-                                      match_similarity=match_similarity)[0, 0, 0]) == pytest.approx(3.0)
+    assert float(
+        disparity_regression(peaked if match_similarity else -peaked, match_similarity=match_similarity)[0, 0, 0]
+    ) == pytest.approx(3.0)
 
 
 def test_disparity_warp_shifts_by_integer_disparity():
@@ -89,8 +90,15 @@ def test_feature_extractor_deformable_eval():
 def test_feature_extractor_init_and_keys():
     t = tref.AANetFeature(in_channels=4)
     sd = t.state_dict()
-    for k in ("conv1.0.weight", "conv1.1.running_var", "layer1.0.downsample.0.weight", "layer2.0.downsample.1.bias",
-              "layer3.5.conv2.offset_conv.weight", "layer3.0.conv2.deform_conv.weight", "layer2.3.bn3.weight"):
+    for k in (
+        "conv1.0.weight",
+        "conv1.1.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer2.0.downsample.1.bias",
+        "layer3.5.conv2.offset_conv.weight",
+        "layer3.0.conv2.deform_conv.weight",
+        "layer2.3.bn3.weight",
+    ):
         assert k in sd, k
     from flax_attn.aanet import AANetFeature
 
@@ -101,16 +109,19 @@ def test_feature_extractor_init_and_keys():
     assert np.all(np.asarray(p["layer3_0"]["bn3"]["scale"]) == 1)  # AANet's DeformBottleneck is not zeroed
     assert np.any(np.asarray(p["layer3_0"]["conv2"]["offset_conv"]["kernel"]) != 0)  # kaiming loop reaches it
     assert sorted(to_torch(AANetFeature(in_channels=4), v, x)) == sorted(
-        k for k in sd if not k.endswith("num_batches_tracked"))
+        k for k in sd if not k.endswith("num_batches_tracked")
+    )
 
 
 def test_refinement_at_full_resolution():
     """scale 1: the disparity is used as is (no upsampling), as in AANet."""
     entry = catalogue.get("aanet_stereodrnet_refinement")
     rng = np.random.default_rng(4)
-    inputs = {"low_disp": rng.uniform(0, 3, (2, 9, 11)).astype(np.float32),
-              "left_img": rng.standard_normal((2, 9, 11, 3)).astype(np.float32),
-              "right_img": rng.standard_normal((2, 9, 11, 3)).astype(np.float32)}
+    inputs = {
+        "low_disp": rng.uniform(0, 3, (2, 9, 11)).astype(np.float32),
+        "left_img": rng.standard_normal((2, 9, 11, 3)).astype(np.float32),
+        "right_img": rng.standard_normal((2, 9, 11, 3)).astype(np.float32),
+    }
     check_parity(entry, inputs=inputs, train=True)
 
 
@@ -163,10 +174,16 @@ def official_aanet():
 def test_official_config_parity_and_strict_loading(official_aanet):
     cfg, t, sd, left, right = official_aanet
     m = AANet(**cfg)
-    for k in ("feature_extractor.layer3.5.conv2.offset_conv.weight", "fpn.fpn_convs.2.1.running_mean",
-              "fpn.lateral_convs.0.bias", "aggregation.fusions.5.branches.2.0.conv2.deform_conv.weight",
-              "aggregation.final_conv.0.weight", "refinement.1.dilated_blocks.5.conv2.weight",
-              "refinement.0.conv2.1.weight", "refinement.1.final_conv.bias"):
+    for k in (
+        "feature_extractor.layer3.5.conv2.offset_conv.weight",
+        "fpn.fpn_convs.2.1.running_mean",
+        "fpn.lateral_convs.0.bias",
+        "aggregation.fusions.5.branches.2.0.conv2.deform_conv.weight",
+        "aggregation.final_conv.0.weight",
+        "refinement.1.dilated_blocks.5.conv2.weight",
+        "refinement.0.conv2.1.weight",
+        "refinement.1.final_conv.bias",
+    ):
         assert k in sd, k
     assert "aggregation.final_conv.1.weight" not in sd  # no intermediate supervision: one final conv
     variables = from_torch(m, sd, jnp.asarray(left), jnp.asarray(right))  # strict: every key used
@@ -206,8 +223,13 @@ def test_skimage_stereo_motorcycle_shape_range_and_baseline_epe():
     gt_small = resize(np.where(valid, gt, 0.0), (h, w), order=0, anti_aliasing=False) * (w / w0)
     valid_small = resize(valid.astype(np.float64), (h, w), order=0, anti_aliasing=False) > 0.5
     max_disp = 48
-    net = AANet(max_disp=max_disp, num_fusions=2, num_deform_blocks=1, feature_pyramid_network=True,
-                no_intermediate_supervision=True)
+    net = AANet(
+        max_disp=max_disp,
+        num_fusions=2,
+        num_deform_blocks=1,
+        feature_pyramid_network=True,
+        no_intermediate_supervision=True,
+    )
     lj, rj = jnp.asarray(prep(left)), jnp.asarray(prep(right))
     variables = net.init(KEY, lj, rj)
     pyramid = jax.jit(lambda v, a, b: net.apply(v, a, b))(variables, lj, rj)
@@ -219,5 +241,7 @@ def test_skimage_stereo_motorcycle_shape_range_and_baseline_epe():
     assert coarse.min() >= 0 and coarse.max() <= max_disp // 3 - 1
     assert pred.min() >= 0 and pred.max() < max_disp
     epe = float(np.abs(pred - gt_small)[valid_small].mean())
-    print(f"\nstereo_motorcycle {h}x{w} (gt disparity max {gt_small[valid_small].max():.1f}): random-init AANet "
-          f"EPE {epe:.2f} px (baseline before any training)")
+    print(
+        f"\nstereo_motorcycle {h}x{w} (gt disparity max {gt_small[valid_small].max():.1f}): random-init AANet "
+        f"EPE {epe:.2f} px (baseline before any training)"
+    )

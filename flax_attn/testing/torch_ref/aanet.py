@@ -50,9 +50,7 @@ class ModulatedDeformConv(nn.Module):
             self.bias.data.zero_()
 
     def forward(self, x, offset, mask=None):
-        return deform_conv2d(
-            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
 
 class DeformConv2d(nn.Module):
@@ -378,8 +376,9 @@ class Bottleneck(_BottleneckForward):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
+    def __init__(
+        self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -399,8 +398,9 @@ class DeformBottleneck(_BottleneckForward):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
+    def __init__(
+        self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -416,8 +416,15 @@ class DeformBottleneck(_BottleneckForward):
 
 
 class AANetFeature(nn.Module):
-    def __init__(self, in_channels=32, zero_init_residual=True, groups=1, width_per_group=64, feature_mdconv=True,
-                 norm_layer=None):
+    def __init__(
+        self,
+        in_channels=32,
+        zero_init_residual=True,
+        groups=1,
+        width_per_group=64,
+        feature_mdconv=True,
+        norm_layer=None,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self._norm_layer = norm_layer
@@ -455,12 +462,21 @@ class AANetFeature(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
                 norm_layer(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, self.dilation,
-                        norm_layer)]
+        layers = [
+            block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, self.dilation, norm_layer)
+        ]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
-                                dilation=self.dilation, norm_layer=norm_layer))
+            layers.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    groups=self.groups,
+                    base_width=self.base_width,
+                    dilation=self.dilation,
+                    norm_layer=norm_layer,
+                )
+            )
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -567,8 +583,16 @@ def disp_warp(img, disp, padding_mode="border"):
 
 def conv2d(in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=dilation,
-                  dilation=dilation, bias=False, groups=groups),
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            bias=False,
+            groups=groups,
+        ),
         nn.BatchNorm2d(out_channels),
         nn.LeakyReLU(0.2, inplace=True),
     )
@@ -579,8 +603,18 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None, leaky_relu=True):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        downsample=None,
+        groups=1,
+        base_width=64,
+        dilation=1,
+        norm_layer=None,
+        leaky_relu=True,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = conv3x3(inplanes, planes, stride=stride, dilation=dilation)
@@ -633,11 +667,25 @@ class StereoDRNetRefinement(nn.Module):
 class AANet(nn.Module):
     """nets/aanet.py ``AANet`` for feature_type='aanet', adaptive aggregation, stereodrnet refinement."""
 
-    def __init__(self, max_disp, num_downsample=2, feature_type="aanet", no_feature_mdconv=False,
-                 feature_pyramid=False, feature_pyramid_network=False, feature_similarity="correlation",
-                 aggregation_type="adaptive", num_scales=3, num_fusions=6, deformable_groups=2, mdconv_dilation=2,
-                 refinement_type="stereodrnet", no_intermediate_supervision=False, num_stage_blocks=1,
-                 num_deform_blocks=3):
+    def __init__(
+        self,
+        max_disp,
+        num_downsample=2,
+        feature_type="aanet",
+        no_feature_mdconv=False,
+        feature_pyramid=False,
+        feature_pyramid_network=False,
+        feature_similarity="correlation",
+        aggregation_type="adaptive",
+        num_scales=3,
+        num_fusions=6,
+        deformable_groups=2,
+        mdconv_dilation=2,
+        refinement_type="stereodrnet",
+        no_intermediate_supervision=False,
+        num_stage_blocks=1,
+        num_deform_blocks=3,
+    ):
         super().__init__()
         assert feature_type == "aanet" and aggregation_type == "adaptive" and not feature_pyramid
         self.refinement_type = refinement_type
