@@ -21,15 +21,30 @@ from train.trainer import NonFiniteLossError, Trainer, build_optimizer
 
 # A classify run small enough for a few seconds on a loaded CPU.
 TINY_CLASSIFY = [
-    "model.kwargs.widths=(8, 16)", "data.batch_size=16", "steps=12", "log_every=1", "eval_every=6",
-    "checkpoint.every_steps=4", "checkpoint.max_to_keep=3", "checkpoint.async_save=False",
+    "model.kwargs.widths=(8, 16)",
+    "data.batch_size=16",
+    "steps=12",
+    "log_every=1",
+    "eval_every=6",
+    "checkpoint.every_steps=4",
+    "checkpoint.max_to_keep=3",
+    "checkpoint.async_save=False",
     "optim.warmup_steps=2",
 ]
 TINY_SUPERRES = [
-    "model.kwargs.num_feat=8", "model.kwargs.num_blocks=1", "data.batch_size=4", "data.patch_size=12",
-    "data.eval_size=48", "data.eval_batch_size=2", "data.train_images=('astronaut', 'coffee')",
-    "data.eval_images=('camera', 'coins', 'clock')", "steps=6", "eval_every=3", "log_every=1",
-    "checkpoint.every_steps=3", "optim.warmup_steps=1",
+    "model.kwargs.num_feat=8",
+    "model.kwargs.num_blocks=1",
+    "data.batch_size=4",
+    "data.patch_size=12",
+    "data.eval_size=48",
+    "data.eval_batch_size=2",
+    "data.train_images=('astronaut', 'coffee')",
+    "data.eval_images=('camera', 'coins', 'clock')",
+    "steps=6",
+    "eval_every=3",
+    "log_every=1",
+    "checkpoint.every_steps=3",
+    "optim.warmup_steps=1",
 ]
 
 
@@ -48,8 +63,16 @@ def _assert_trees_equal(a, b):
 
 
 def test_overrides_parse_and_validate():
-    c = cfg_lib.get_config("classify", ["optim.learning_rate=1e-2", "steps=7", "model.kwargs.widths=(4, 8)",
-                                        "model.name=flax_attn.se:SEResNet", "optim.clip_grad_norm=None"])
+    c = cfg_lib.get_config(
+        "classify",
+        [
+            "optim.learning_rate=1e-2",
+            "steps=7",
+            "model.kwargs.widths=(4, 8)",
+            "model.name=flax_attn.se:SEResNet",
+            "optim.clip_grad_norm=None",
+        ],
+    )
     assert c.optim.learning_rate == 1e-2 and c.steps == 7 and c.model.kwargs["widths"] == (4, 8)
     assert c.model.name == "flax_attn.se:SEResNet" and c.optim.clip_grad_norm is None
     assert cfg_lib.get_config("classify").steps == 800  # overrides never leak into the registry
@@ -95,7 +118,9 @@ def test_digits_split_is_fixed_and_disjoint():
     # rows of the global batch (what one process loads) equal the slice of the whole batch
     np.testing.assert_array_equal(src.batch(50, slice(8, 24))["image"], a["image"][8:24])
     assert src.position(50) == {"step": 50, "epoch": 50 // 44, "index": 50 % 44}
-    assert not np.array_equal(src.batch(0)["label"], data_lib.DigitsSource(x_tr, y_tr, 32, seed=4).batch(0)["label"])
+    assert not np.array_equal(
+        src.batch(0)["label"], data_lib.DigitsSource(x_tr, y_tr, 32, seed=4).batch(0)["label"]
+    )
 
 
 def test_superres_crops_are_aligned():
@@ -127,8 +152,9 @@ def test_psnr_ssim_match_skimage():
     for i in range(2):
         ya, yb = y(a[i])[2:-2, 2:-2].astype(np.float64), y(b[i])[2:-2, 2:-2].astype(np.float64)
         ref_psnr = metrics.peak_signal_noise_ratio(ya, yb, data_range=255)
-        ref_ssim = metrics.structural_similarity(ya, yb, data_range=255, gaussian_weights=True, sigma=1.5,
-                                                 use_sample_covariance=False)
+        ref_ssim = metrics.structural_similarity(
+            ya, yb, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         np.testing.assert_allclose(float(psnr_y(a, b, 2)[i]), ref_psnr, rtol=1e-5)
         np.testing.assert_allclose(float(ssim_y(a, b, 2)[i]), ref_ssim, rtol=1e-4)
 
@@ -150,7 +176,10 @@ def test_models_reject_bad_input():
 
 
 def test_optimizer_masks_norms_and_biases():
-    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones((2,))}, "bn": {"scale": jnp.ones((2,))}}
+    params = {
+        "conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones((2,))},
+        "bn": {"scale": jnp.ones((2,))},
+    }
     grads = jax.tree_util.tree_map(jnp.zeros_like, params)
     for name in ("adamw", "sgd"):
         oc = cfg_lib.OptimConfig(name=name, learning_rate=0.1, weight_decay=0.5, schedule="constant")
@@ -171,7 +200,10 @@ def test_classify_run_resume_and_no_recompilation(tmp_path):
     config = cfg_lib.get_config("classify", TINY_CLASSIFY)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+        lambda name, *a, **k: (
+            compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
     trainer = Trainer(config, tmp_path / "run")
     state = trainer.initial_state()
     src, mesh = trainer.task.train_source, trainer.mesh
@@ -217,14 +249,22 @@ def test_superres_few_steps_and_bicubic_baseline(tmp_path):
     from skimage.metrics import peak_signal_noise_ratio
 
     y = lambda im: 16 + (65.738 * im[..., 0] + 129.057 * im[..., 1] + 25.064 * im[..., 2]) / 256  # noqa: E731
-    ref = np.mean([peak_signal_noise_ratio(y((h * 255).round())[2:-2, 2:-2], y(b.astype(np.float64))[2:-2, 2:-2],
-                                           data_range=255) for h, b in zip(ev["hr"], ev["bicubic"])])
+    ref = np.mean(
+        [
+            peak_signal_noise_ratio(
+                y((h * 255).round())[2:-2, 2:-2], y(b.astype(np.float64))[2:-2, 2:-2], data_range=255
+            )
+            for h, b in zip(ev["hr"], ev["bicubic"])
+        ]
+    )
     np.testing.assert_allclose(m["bicubic_psnr"], ref, rtol=1e-5)
     assert 20 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
 
 
 def test_superres_bfloat16_runs(tmp_path):
-    config = cfg_lib.get_config("superres", [*TINY_SUPERRES, "precision='bfloat16'", "steps=2", "eval_every=0"])
+    config = cfg_lib.get_config(
+        "superres", [*TINY_SUPERRES, "precision='bfloat16'", "steps=2", "eval_every=0"]
+    )
     trainer = Trainer(config, tmp_path)
     result = trainer.run()
     leaves = jax.tree_util.tree_leaves(result.state.params)
@@ -244,7 +284,9 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         return b
 
     monkeypatch.setattr(trainer.task.train_source, "batch", poisoned)
-    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 6.*last good state \\(step 5\\)"):
+    with pytest.raises(
+        NonFiniteLossError, match="non-finite training loss at step 6.*last good state \\(step 5\\)"
+    ):
         trainer.run()
     steps = trainer_steps(tmp_path)
     assert steps == [5]

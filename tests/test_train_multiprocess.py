@@ -48,29 +48,51 @@ if args.get("delay"):
 cfg = get_config(args["config"], args["overrides"])
 res = Trainer(cfg, args["workdir"]).run()
 if jax.process_index() == 0:
-    flat = jax.tree_util.tree_leaves_with_path({"params": res.state.params, "batch_stats": res.state.batch_stats})
+    tree = {"params": res.state.params, "batch_stats": res.state.batch_stats}
+    flat = jax.tree_util.tree_leaves_with_path(tree)
     np.savez(args["workdir"] + "/final_vars.npz",
              **{jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in flat})
 print("devices", jax.device_count(), "processes", jax.process_count(), "status", res.status, flush=True)
 sys.exit(143 if res.status == "preempted" else 0)
 """
 
-SMALL = ["model.kwargs.widths=(8, 16)", "data.batch_size=32", "steps=6", "log_every=1", "eval_every=0",
-         "checkpoint.every_steps=0", "checkpoint.async_save=False", "optim.warmup_steps=1",
-         "data.eval_batch_size=64"]
+SMALL = [
+    "model.kwargs.widths=(8, 16)",
+    "data.batch_size=32",
+    "steps=6",
+    "log_every=1",
+    "eval_every=0",
+    "checkpoint.every_steps=0",
+    "checkpoint.async_save=False",
+    "optim.warmup_steps=1",
+    "data.eval_batch_size=64",
+]
 
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        **extra,
+    )
     return env
 
 
 def _start(workdir: Path, overrides, devices: int, delay: float = 0.0, **env) -> subprocess.Popen:
-    args = json.dumps({"config": "classify", "overrides": list(overrides), "workdir": str(workdir), "delay": delay})
-    return subprocess.Popen([sys.executable, "-c", WORKER, args], env=_env(devices, **env), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = json.dumps(
+        {"config": "classify", "overrides": list(overrides), "workdir": str(workdir), "delay": delay}
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, args],
+        env=_env(devices, **env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(p: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
@@ -117,8 +139,12 @@ def test_multi_device_and_multi_host_match_single_device(tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "d8"), ref_losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_losses(tmp_path / "h2x2"), _losses(tmp_path / "d4"), rtol=1e-5, atol=1e-6)
 
-    ref_vars = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
-        {"params": one.state.params, "batch_stats": one.state.batch_stats})}
+    ref_vars = {
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(
+            {"params": one.state.params, "batch_stats": one.state.batch_stats}
+        )
+    }
     d8, h22, d4 = _vars(tmp_path / "d8"), _vars(tmp_path / "h2x2"), _vars(tmp_path / "d4")
     assert set(d8) == set(ref_vars) and any("batch_stats" in k for k in d8)
     for k in ref_vars:
@@ -131,8 +157,16 @@ def test_multi_device_and_multi_host_match_single_device(tmp_path):
     np.testing.assert_allclose(final["h2x2"]["loss"], final["d1"]["loss"], rtol=1e-5)
 
 
-INTERRUPT = ["model.kwargs.widths=(8, 16)", "data.batch_size=16", "steps=40", "log_every=1", "eval_every=20",
-             "checkpoint.every_steps=5", "checkpoint.max_to_keep=2", "optim.warmup_steps=2"]
+INTERRUPT = [
+    "model.kwargs.widths=(8, 16)",
+    "data.batch_size=16",
+    "steps=40",
+    "log_every=1",
+    "eval_every=20",
+    "checkpoint.every_steps=5",
+    "checkpoint.max_to_keep=2",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +222,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, uninterrupted):
     assert f"preempted: checkpoint saved at step {stopped}" in out
     res = Trainer(cfg_lib.get_config("classify", INTERRUPT), work).run()  # resume in this process
     assert res.step == 40
-    for (p_, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(res.state.params),
-                               jax.tree_util.tree_leaves_with_path(ref.state.params)):
+    for (p_, x), (_, y) in zip(
+        jax.tree_util.tree_leaves_with_path(res.state.params),
+        jax.tree_util.tree_leaves_with_path(ref.state.params),
+    ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p_))
     assert (work / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()

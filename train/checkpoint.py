@@ -34,8 +34,14 @@ class CorruptCheckpointWarning(UserWarning):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, config: CheckpointConfig, *, best_metric: str | None = None,
-                 best_mode: str = "max"):
+    def __init__(
+        self,
+        workdir: str | Path,
+        config: CheckpointConfig,
+        *,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+    ):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         self.config = config
@@ -44,12 +50,14 @@ class Checkpointer:
         if best_metric is not None:
             if best_mode not in ("max", "min"):
                 raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
-            policies.append(ocm.BestN(
-                get_metric_fn=lambda m, k=best_metric: m[k],
-                reverse=best_mode == "min",  # BestN keeps the *last* n after sorting
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ))
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=lambda m, k=best_metric: m[k],
+                    reverse=best_mode == "min",  # BestN keeps the *last* n after sorting
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=config.async_save,
@@ -60,7 +68,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state: Any, data_position: dict, *, metrics: dict[str, float] | None = None) -> bool:
+    def save(
+        self, step: int, state: Any, data_position: dict, *, metrics: dict[str, float] | None = None
+    ) -> bool:
         """Start saving ``state`` at ``step`` (returns once arrays are copied off the devices)."""
         if step in self.manager.all_steps():
             return False
@@ -70,7 +80,9 @@ class Checkpointer:
             metrics = None
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)
+            ),
             metrics=metrics,
             force=True,
         )
@@ -93,7 +105,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         out = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
         )
         return out["state"], out["data"]
 
@@ -106,15 +120,22 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, data = self.restore(step, abstract_state)
-                bad = [p for p, leaf in jax.tree_util.tree_leaves_with_path(state)
-                       if hasattr(leaf, "dtype") and leaf.dtype.kind == "f" and not bool(jax.numpy.isfinite(leaf).all())]
+                bad = [
+                    p
+                    for p, leaf in jax.tree_util.tree_leaves_with_path(state)
+                    if hasattr(leaf, "dtype")
+                    and leaf.dtype.kind == "f"
+                    and not bool(jax.numpy.isfinite(leaf).all())
+                ]
                 if bad:
                     raise ValueError(f"non-finite values in {jax.tree_util.keystr(bad[0])}")
                 return state, data
             except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
-                msg = (f"checkpoint at step {step} in {self.directory} cannot be restored "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
-                       f"falling back to the previous one")
+                msg = (
+                    f"checkpoint at step {step} in {self.directory} cannot be restored "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                    f"falling back to the previous one"
+                )
                 warnings.warn(msg, CorruptCheckpointWarning, stacklevel=2)
                 log.warning(msg)
                 self._quarantine(step)

@@ -49,10 +49,13 @@ def digits_split(image_size: int = 8, test_fraction: float = 0.2, split_seed: in
     if image_size != 8:
         from skimage.transform import resize
 
-        x = np.stack([resize(im, (image_size, image_size), order=1, anti_aliasing=False, mode="edge")
-                      for im in x]).astype(np.float32)
+        x = np.stack(
+            [resize(im, (image_size, image_size), order=1, anti_aliasing=False, mode="edge") for im in x]
+        ).astype(np.float32)
     y = d.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+    )
     return x_tr, y_tr, x_te, y_te
 
 
@@ -68,13 +71,19 @@ class DigitsSource:
 
     def __post_init__(self):
         if self.batch_size > len(self.images):
-            raise ValueError(f"DigitsSource: batch_size {self.batch_size} exceeds the {len(self.images)} examples")
+            raise ValueError(
+                f"DigitsSource: batch_size {self.batch_size} exceeds the {len(self.images)} examples"
+            )
         self.steps_per_epoch = len(self.images) // self.batch_size
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def position(self, step: int) -> dict[str, int]:
         """The iterator position before ``step``: ``{"epoch", "index"}`` (batch index in the epoch)."""
-        return {"step": int(step), "epoch": step // self.steps_per_epoch, "index": step % self.steps_per_epoch}
+        return {
+            "step": int(step),
+            "epoch": step // self.steps_per_epoch,
+            "index": step % self.steps_per_epoch,
+        }
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
@@ -84,7 +93,7 @@ class DigitsSource:
     def batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
         """Rows ``rows`` (default all) of global batch ``step``."""
         pos = self.position(step)
-        idx = self._perm(pos["epoch"])[pos["index"] * self.batch_size:(pos["index"] + 1) * self.batch_size]
+        idx = self._perm(pos["epoch"])[pos["index"] * self.batch_size : (pos["index"] + 1) * self.batch_size]
         rows = rows or slice(0, self.batch_size)
         x = self.images[idx]
         if self.augment:
@@ -100,7 +109,9 @@ class DigitsSource:
 def _shift(im: np.ndarray, dy: int, dx: int) -> np.ndarray:
     out = np.zeros_like(im)
     h, w = im.shape[:2]
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = im[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = im[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
     return out
 
 
@@ -123,7 +134,8 @@ def load_skimage_image(name: str) -> np.ndarray:
 
 
 def bicubic_resize(im: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """PIL bicubic resize of a uint8 ``(H, W, 3)`` image to ``size = (H', W')`` (antialiased when shrinking)."""
+    """PIL bicubic resize of a uint8 ``(H, W, 3)`` image to ``size = (H', W')`` (antialiased when
+    shrinking)."""
     from PIL import Image
 
     return np.asarray(Image.fromarray(im).resize((size[1], size[0]), Image.BICUBIC))
@@ -155,7 +167,10 @@ class CropSource:
     def __post_init__(self):
         for im in self.lr:
             if min(im.shape[:2]) < self.patch_size:
-                raise ValueError(f"CropSource: an LR image of shape {im.shape} is smaller than patch_size {self.patch_size}")
+                raise ValueError(
+                    f"CropSource: an LR image of shape {im.shape} is smaller than "
+                    f"patch_size {self.patch_size}"
+                )
 
     def position(self, step: int) -> dict[str, int]:
         return {"step": int(step)}
@@ -171,8 +186,8 @@ class CropSource:
             lr_im, hr_im = self.lr[which[i]], self.hr[which[i]]
             y = int(u[i, 0] * (lr_im.shape[0] - p + 1))
             x = int(u[i, 1] * (lr_im.shape[1] - p + 1))
-            lr_c = lr_im[y:y + p, x:x + p]
-            hr_c = hr_im[y * s:(y + p) * s, x * s:(x + p) * s]
+            lr_c = lr_im[y : y + p, x : x + p]
+            hr_c = hr_im[y * s : (y + p) * s, x * s : (x + p) * s]
             if flips[i, 0]:
                 lr_c, hr_c = lr_c[:, ::-1], hr_c[:, ::-1]
             if flips[i, 1]:
@@ -212,7 +227,7 @@ def superres_eval_set(names: tuple[str, ...], eval_size: int, scale: int) -> dic
         if min(h, w) < eval_size:
             raise ValueError(f"superres: eval image {n!r} {im.shape} is smaller than eval_size {eval_size}")
         y, x = (h - eval_size) // 2, (w - eval_size) // 2
-        c = im[y:y + eval_size, x:x + eval_size]
+        c = im[y : y + eval_size, x : x + eval_size]
         small = bicubic_resize(c, (eval_size // scale, eval_size // scale))
         hr.append(c)
         lr.append(small)

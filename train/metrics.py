@@ -31,7 +31,7 @@ def rgb_to_y(rgb255: jax.Array) -> jax.Array:
 
 
 def _shave(y: jax.Array, border: int) -> jax.Array:
-    return y[..., border:y.shape[-2] - border, border:y.shape[-1] - border] if border else y
+    return y[..., border : y.shape[-2] - border, border : y.shape[-1] - border] if border else y
 
 
 def psnr_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
@@ -52,8 +52,8 @@ def _filter_valid(x: jax.Array, g: np.ndarray) -> jax.Array:
     # Separable valid filtering of (B, H, W).
     k = jnp.asarray(g)
     n = len(g)
-    h = sum(k[i] * x[:, i:x.shape[1] - n + 1 + i, :] for i in range(n))
-    return sum(k[i] * h[:, :, i:h.shape[2] - n + 1 + i] for i in range(n))
+    h = sum(k[i] * x[:, i : x.shape[1] - n + 1 + i, :] for i in range(n))
+    return sum(k[i] * h[:, :, i : h.shape[2] - n + 1 + i] for i in range(n))
 
 
 def ssim_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
@@ -90,8 +90,10 @@ class Progress:
         eta = (self.total - step) / r if r == r and r > 0 else float("nan")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         vals = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        return (f"step {step}/{self.total} ({100 * step / self.total:.0f}%) | {r:.2f} steps/s, "
-                f"{r * self.batch:.0f} img/s | ETA {eta_s} | {vals}")
+        return (
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) | {r:.2f} steps/s, "
+            f"{r * self.batch:.0f} img/s | ETA {eta_s} | {vals}"
+        )
 
     def print(self, step: int, metrics: dict[str, float]) -> None:
         print(self.line(step, metrics), file=self.stream, flush=True)
@@ -119,7 +121,9 @@ class MetricsWriter:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [
+            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+        ]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:

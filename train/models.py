@@ -73,7 +73,8 @@ def build_model(name: str, kwargs: dict[str, Any], *, dtype: Dtype | None = None
     cls = resolve(name)
     kwargs = dict(kwargs)
     accepts_dtype = (
-        "dtype" in {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+        "dtype" in {f.name for f in dataclasses.fields(cls)}
+        if dataclasses.is_dataclass(cls)
         else "dtype" in inspect.signature(cls).parameters
     )
     if dtype is not None and accepts_dtype:
@@ -114,9 +115,14 @@ class SqueezeExcitation(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = max(self.channel // self.reduction, 1)
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-        s = nn.relu(Linear(hidden, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_0")(s))
-        s = nn.sigmoid(Linear(self.channel, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="fc_2")(s))
+        s = nn.relu(
+            Linear(hidden, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_0")(s)
+        )
+        s = nn.sigmoid(
+            Linear(self.channel, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_2")(
+                s
+            )
+        )
         return x * s[:, None, None, :].astype(x.dtype)
 
 
@@ -228,7 +234,8 @@ class ConvMHA(nn.Module):
         t = x.reshape(b, h * w, c)
         y = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(t)
         y, _ = MultiheadAttention(self.embed_dim, self.num_heads, name="attn", **kw)(
-            y, y, y, need_weights=False, train=train)
+            y, y, y, need_weights=False, train=train
+        )
         t = t + y
         t = jnp.mean(t.astype(jnp.float32), axis=1)
         return Linear(self.num_classes, name="fc", **kw)(t).astype(jnp.float32)
@@ -280,5 +287,7 @@ class TinySR(nn.Module):
         up = nn.relu(pixel_shuffle(up, self.scale))
         out = Conv(self.in_nc, 3, 1, 1, name="conv_last", **kw)(up)
         mode = self.upsample
-        skip = interpolate(x, scale_factor=self.scale, mode=mode, align_corners=False if mode == "bilinear" else None)
+        skip = interpolate(
+            x, scale_factor=self.scale, mode=mode, align_corners=False if mode == "bilinear" else None
+        )
         return (out + skip.astype(out.dtype)).astype(jnp.float32)

@@ -109,12 +109,20 @@ class SuperResTask(Task):
         overlap = set(d.train_images) & set(d.eval_images)
         if overlap or ({"cat", "chelsea"} <= set(d.train_images) | set(d.eval_images)):
             # skimage.data.cat is chelsea: the same photograph under two names.
-            raise ValueError(f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}")
+            raise ValueError(
+                f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}"
+            )
         self.train_source = data_lib.superres_train_source(
-            d.train_images, batch_size=d.batch_size, patch_size=d.patch_size, scale=d.scale,
-            seed=config.seed, augment=d.augment)
+            d.train_images,
+            batch_size=d.batch_size,
+            patch_size=d.patch_size,
+            scale=d.scale,
+            seed=config.seed,
+            augment=d.augment,
+        )
         self.eval_set = data_lib.EvalSet(
-            dict(data_lib.superres_eval_set(tuple(d.eval_images), d.eval_size, d.scale)), d.eval_batch_size)
+            dict(data_lib.superres_eval_set(tuple(d.eval_images), d.eval_size, d.scale)), d.eval_batch_size
+        )
 
     def loss(self, model, params, batch_stats, batch, rng):
         sr, new_bs = self.apply(model, params, batch_stats, batch["lr"], train=True, rng=rng)

@@ -89,7 +89,9 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(
+    cfg: OptimConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``clip_by_global_norm -> (adamw | weight decay + sgd momentum)`` under the configured schedule.
 
     SGD follows ``torch.optim.SGD``: weight decay is added to the gradient before momentum.
@@ -100,8 +102,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
     if cfg.clip_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
     if cfg.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, mask=mask))
+        parts.append(
+            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        )
     elif cfg.name == "sgd":
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
@@ -131,8 +134,15 @@ class Trainer:
       stream: where the progress line goes (process 0 only).
     """
 
-    def __init__(self, config: Config, workdir: str | os.PathLike, *, init_from: str | None = None,
-                 mesh=None, stream=None):
+    def __init__(
+        self,
+        config: Config,
+        workdir: str | os.PathLike,
+        *,
+        init_from: str | None = None,
+        mesh=None,
+        stream=None,
+    ):
         if config.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {config.precision!r}")
         self.config = config
@@ -172,7 +182,8 @@ class Trainer:
         # 'model' axis would go here.
         self.state_sharding = jax.tree_util.tree_map(lambda _: repl, abstract)
         self.abstract_state = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
+        )
         batch_sh = sh.batch_sharding(self.mesh)
         task, model, tx, schedule = self.task, self.model, self.tx, self.schedule
 
@@ -187,8 +198,13 @@ class Trainer:
             params = optax.apply_updates(state.params, updates)
             grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state.halted
-            new = TrainState(step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state,
-                             halted=state.halted)
+            new = TrainState(
+                step=state.step + 1,
+                params=params,
+                batch_stats=new_bs,
+                opt_state=opt_state,
+                halted=state.halted,
+            )
             # A non-finite step (and every step after it) keeps the previous state, so the host
             # can still checkpoint the last good one when it notices.
             out = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
@@ -222,8 +238,9 @@ class Trainer:
         from flax_attn.convert import from_torch, load_state_dict
 
         example = jax.ShapeDtypeStruct(self._example.shape, self._example.dtype)
-        variables = from_torch(self.model, load_state_dict(path), example,
-                               layout=self.config.model.torch_layout)
+        variables = from_torch(
+            self.model, load_state_dict(path), example, layout=self.config.model.torch_layout
+        )
         params = jax.device_put(variables["params"], self.state_sharding.params)
         bs = jax.device_put(variables.get("batch_stats", {}), self.state_sharding.batch_stats)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -262,7 +279,9 @@ class Trainer:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         best_metric = cfg.checkpoint.best_metric
-        ckpt = Checkpointer(self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode)
+        ckpt = Checkpointer(
+            self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode
+        )
         writer = MetricsWriter(self.workdir, enabled=self.is_main)
         source = self.task.train_source
 
@@ -271,9 +290,13 @@ class Trainer:
             state, data = restored
             start = int(state.step)
             if data.get("position", {}).get("step") != start:
-                raise RuntimeError(f"checkpoint step {start} disagrees with its data position {data.get('position')}")
+                raise RuntimeError(
+                    f"checkpoint step {start} disagrees with its data position {data.get('position')}"
+                )
             if data.get("config") != _jsonable(cfg.to_dict()):
-                self._print("warning: the config differs from the one saved in the checkpoint; using the new one")
+                self._print(
+                    "warning: the config differs from the one saved in the checkpoint; using the new one"
+                )
             self._print(f"resumed from step {start} ({ckpt.directory})")
         else:
             state, start = self.initial_state(), 0
@@ -306,7 +329,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"non-finite training loss at step {s}: loss={m['loss']}, grad_norm={m['grad_norm']}. "
                     f"Stopped; the last good state (step {good}) is checkpointed in {ckpt.directory}. "
-                    f"Lower the learning rate, enable optim.clip_grad_norm, or check the data.")
+                    f"Lower the learning rate, enable optim.clip_grad_norm, or check the data."
+                )
             if s % cfg.log_every == 0 or s == cfg.steps:
                 writer.write(s, "train", m)
                 if self.is_main:
@@ -325,15 +349,21 @@ class Trainer:
                     progress.reset(step)  # the first step includes compilation
                 do_eval = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
                 preempt = self._preempted(step)
-                do_save = (do_eval or preempt or step == cfg.steps
-                           or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0))
+                do_save = (
+                    do_eval
+                    or preempt
+                    or step == cfg.steps
+                    or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                )
                 if do_eval or do_save:
                     check(*pending)  # never evaluate or save a state that saw a NaN
                     pending = None
                 if do_eval:
                     eval_metrics = self.evaluate(state)
                     writer.write(step, "eval", eval_metrics)
-                    self._print(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    self._print(
+                        f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                    )
                 if do_save:
                     ckpt.save(step, state, position(step), metrics=eval_metrics if do_eval else None)
                 if preempt:
@@ -374,4 +404,3 @@ def _json(x: Any) -> str:
     import json
 
     return json.dumps(x, indent=2, sort_keys=True) + "\n"
-
