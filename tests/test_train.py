@@ -175,6 +175,32 @@ def test_models_reject_bad_input():
         TinySR(num_feat=4).init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)))
 
 
+def test_conv_mha_trains():
+    import optax
+
+    from train.models import ConvMHA
+
+    model = ConvMHA(num_classes=3, embed_dim=8, num_heads=2)
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(6, 5, 7, 1)), jnp.float32), jnp.asarray([0, 1, 2, 0, 1, 2])
+    v = model.init(jax.random.PRNGKey(0), x)
+    tx = optax.adam(3e-2)
+
+    def loss(p, bs):
+        logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+
+    p, bs, opt = v["params"], v["batch_stats"], tx.init(v["params"])
+    first = None
+    for _ in range(8):
+        (val, bs), g = jax.value_and_grad(loss, has_aux=True)(p, bs)
+        first = val if first is None else first
+        u, opt = tx.update(g, opt, p)
+        p = optax.apply_updates(p, u)
+    assert float(val) < 0.7 * float(first)
+    assert "attn" in p and not np.allclose(bs["bn1"]["mean"], 0.0)
+
+
 def test_optimizer_masks_norms_and_biases():
     params = {
         "conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones((2,))},
@@ -354,3 +380,16 @@ def test_init_from_converted_pytorch_checkpoint(tmp_path):
     state = t2.initial_state()
     _assert_trees_equal(_params(state), jax.device_get(other["params"]))
     _assert_trees_equal(jax.device_get(state.batch_stats), jax.device_get(other["batch_stats"]))
+
+
+def test_cli_runs_a_config(tmp_path, capsys):
+    from train.__main__ import main
+
+    overrides = [a for o in [*TINY_CLASSIFY, "steps=3", "eval_every=0"] for a in ("--override", o)]
+    assert main(["--config", "classify", "--workdir", str(tmp_path), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3 (100%)" in out and "steps/s" in out and "ETA" in out
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(tmp_path)])  # --config is required

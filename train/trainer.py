@@ -155,7 +155,12 @@ class Trainer:
         self.model = build_model(config.model.name, config.model.kwargs, dtype=_DTYPES[config.precision])
         self.tx, self.schedule = build_optimizer(config.optim, config.steps)
         self.rows = sh.process_rows(self.mesh, config.data.batch_size)
-        self.eval_rows = sh.process_rows(self.mesh, config.data.eval_batch_size)
+        es = self.task.eval_set
+        data_size = self.mesh.shape[sh.DATA]
+        if es.batch_size % data_size:
+            # Evaluation rows are masked, so the eval batch can grow to fit the mesh.
+            es = self.task.eval_set = type(es)(es.arrays, -(-es.batch_size // data_size) * data_size)
+        self.eval_rows = sh.process_rows(self.mesh, es.batch_size)
         key = jax.random.PRNGKey(config.seed)
         self.init_key, self.step_key = jax.random.split(key)
         self._example = self.task.example_input()
@@ -237,7 +242,9 @@ class Trainer:
     def _load_torch(self, state: TrainState, path: str) -> TrainState:
         from flax_attn.convert import from_torch, load_state_dict
 
-        example = jax.ShapeDtypeStruct(self._example.shape, self._example.dtype)
+        # A concrete example: from_torch traces module.init inside a closure, where abstract
+        # ShapeDtypeStruct inputs are not turned into tracers.
+        example = jnp.zeros(self._example.shape, self._example.dtype)
         variables = from_torch(
             self.model, load_state_dict(path), example, layout=self.config.model.torch_layout
         )
