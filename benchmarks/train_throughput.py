@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import tempfile
@@ -234,11 +235,12 @@ def main() -> None:
         f"# Training throughput ({datetime.date.today().isoformat()})",
         "",
         f"- device: {dev.platform} / {dev.device_kind} x {jax.device_count()} "
-        f"({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} logical CPUs)",
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs)",
         f"- versions: jax {jax.__version__}, flax {__import__('flax').__version__}, "
         f"optax {optax.__version__}, "
         f"torch {torch.__version__}, python {platform.python_version()}",
-        f"- median of {reps} steps after a warm-up/compile step; the machine may be shared (see notes)",
+        f"- median of {reps} steps after a warm-up/compile step; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} when measured (other jobs on the machine inflate the times)",
         "",
         "| task | global batch | step (ms) | images/s (step) | step + data (ms) | images/s (loop) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -260,7 +260,8 @@ def test_classify_run_resume_and_no_recompilation(tmp_path):
 
     # Re-running a finished workdir resumes at the end and changes nothing.
     again = Trainer(config, tmp_path / "run").run()
-    assert again.step == 12
+    assert again.step == 12 and again.eval_metrics == result.eval_metrics
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text()) == final
     _assert_trees_equal(_params(again.state), _params(result.state))
 
 

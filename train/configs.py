@@ -165,9 +165,10 @@ class Config:
 def classify() -> Config:
     """Digits classification (scikit-learn ``load_digits``: 1797 real 8x8 scans, 10 classes).
 
-    A small SE-style residual CNN (``train.models:SmallSECNN``) on 16x16 upsampled digits, AdamW
+    A small SE-style residual CNN (``train.models:SmallSECNN``) on the native 8x8 digits (set
+    ``data.image_size`` to upsample; 8x8 is enough for this model), AdamW
     with cosine decay, fixed stratified 80/20 split. Reaches >= 97% test accuracy on one CPU in
-    well under five minutes (measured numbers: ``benchmarks/results/``)::
+    well under five minutes (measured: ``benchmarks/results/train_tasks.md``)::
 
         python -m train --config classify --workdir /tmp/classify
 

@@ -383,6 +383,8 @@ class Trainer:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+        if status == "completed" and not eval_metrics:
+            eval_metrics = self.evaluate(state)  # resumed a finished run: report its metrics again
         ckpt.close()
         writer.close()
         if status == "completed" and self.is_main:
