@@ -31,9 +31,10 @@ TINY_CLASSIFY = [
     "checkpoint.async_save=False",
     "optim.warmup_steps=2",
 ]
-TINY_SUPERRES = [
-    "model.kwargs.num_feat=8",
-    "model.kwargs.num_blocks=1",
+TINY_SUPERRES = [  # the default model (A2N), shrunk
+    "model.kwargs.nf=8",
+    "model.kwargs.unf=6",
+    "model.kwargs.nb=1",
     "data.batch_size=4",
     "data.patch_size=12",
     "data.eval_size=48",

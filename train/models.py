@@ -34,6 +34,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv, LayerNorm, Linear
 from flax_attn.ops import interpolate
 from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.se import SEBasicBlock
 
 __all__ = ["ALIASES", "ConvMHA", "SmallSECNN", "TinySR", "build_model", "pixel_shuffle", "resolve"]
 
@@ -94,70 +95,14 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
 
 
-class SqueezeExcitation(nn.Module):
-    """Squeeze-and-excitation gate (Hu et al., arXiv 1709.01507): ``x * sigmoid(fc(avgpool(x)))``.
-
-    Mirrors the official ``SELayer`` (``fc = Sequential(Linear, ReLU, Linear, Sigmoid)``, no
-    biases dropped), so its keys are ``fc.0.weight``/``fc.2.weight``. The catalogued version lives
-    in ``flax_attn.se``; this copy keeps the training library free of that dependency.
-    """
-
-    channel: int
-    reduction: int = 16
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return [Rename(r"fc_(\d+)\.(.*)", r"fc.\1.\2")]
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = max(self.channel // self.reduction, 1)
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-        s = nn.relu(
-            Linear(hidden, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_0")(s)
-        )
-        s = nn.sigmoid(
-            Linear(self.channel, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_2")(
-                s
-            )
-        )
-        return x * s[:, None, None, :].astype(x.dtype)
-
-
-class SEBasicBlock(nn.Module):
-    """ResNet basic block with an SE gate before the residual sum (the SE-ResNet placement)."""
-
-    planes: int
-    stride: int = 1
-    reduction: int = 16
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return [Rename(r"downsample_(\d+)\.(.*)", r"downsample.\1.\2")]
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        out = Conv(self.planes, 3, self.stride, 1, use_bias=False, name="conv1", **kw)(x)
-        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = Conv(self.planes, 3, 1, 1, use_bias=False, name="conv2", **kw)(out)
-        out = BatchNorm(name="bn2", **kw)(out, train=train)
-        out = SqueezeExcitation(self.planes, self.reduction, name="se", **kw)(out)
-        if self.stride != 1 or x.shape[-1] != self.planes:
-            x = Conv(self.planes, 1, self.stride, 0, use_bias=False, name="downsample_0", **kw)(x)
-            x = BatchNorm(name="downsample_1", **kw)(x, train=train)
-        return nn.relu(out + x)
-
-
 class SmallSECNN(nn.Module):
-    """A small SE-ResNet-style classifier for small images (digits, CIFAR-sized inputs).
+    """A small SE-ResNet for small images (digits, CIFAR-sized inputs), built from the catalogued block.
 
-    ``conv1``-``bn1``-ReLU stem, then one stage of :class:`SEBasicBlock` per entry of ``widths``
-    (the first at stride 1, the others at stride 2), global average pooling and ``fc``.
+    ``conv1``-``bn1``-ReLU stem (3x3, stride 1: an ImageNet 7x7/2 stem + max-pool would reduce 8x8
+    digits to 2x2), then stages of :class:`flax_attn.se.SEBasicBlock` (official senet.pytorch
+    layout) per entry of ``widths`` (the first at stride 1, the others at stride 2), global average
+    pooling and ``fc``. State-dict keys: ``conv1``, ``bn1``, ``layer1.0.*`` (the SE-ResNet keys),
+    ``fc``.
 
     Attributes:
       num_classes: logits.
@@ -200,7 +145,8 @@ class SmallSECNN(nn.Module):
         for i, (w, d) in enumerate(zip(self.widths, depths)):
             for j in range(d):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = SEBasicBlock(w, stride, self.reduction, name=f"layer{i + 1}_{j}", **kw)(x, train=train)
+                x = SEBasicBlock(x.shape[-1], w, stride, self.reduction, se_style="senet",
+                                 name=f"layer{i + 1}_{j}", **kw)(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return Linear(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
 
