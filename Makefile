@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "timm==1.0.31"
 	touch $@
 
+# The main job: parity of one block per family against PyTorch, then the two default trainings
+# (digits classification with an SE-ResNet, A2N x2 super-resolution) with their final metrics.
+# Runs resume from $(WORKDIR); delete it to train from scratch.
+WORKDIR ?= workdir
 demo: $(VENV)/.installed
 	$(PY) -m flax_attn demo
+	$(PY) -m train --config classify --workdir $(WORKDIR)/classify
+	$(PY) -m train --config superres --workdir $(WORKDIR)/superres
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ reference. Importing this package never imports torch.
 
 from flax_attn import catalogue, convert, layers, ops
 from flax_attn.a2n import A2N, AAB, PA, AttentionBranch
-from flax_attn.aanet import AdaptiveAggregation, AdaptiveAggregationModule, DeformSimpleBottleneck
+from flax_attn.aanet import AANet, AdaptiveAggregation, AdaptiveAggregationModule, DeformSimpleBottleneck
 from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.attention import MultiheadAttention, ProjectedMultiHeadAttention
 from flax_attn.augmented_conv import AugmentedConv
@@ -55,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "A2N",
     "AAB",
+    "AANet",
     "ACmix",
     "AdaptiveAggregation",
     "AdaptiveAggregationModule",

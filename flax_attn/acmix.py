@@ -186,6 +186,8 @@ class WindowAttention(nn.Module):
       qkv_bias: bias of the fused ``qkv`` projection.
       qk_scale: logit scale; default ``head_dim ** -0.5``.
       attn_drop, proj_drop: dropout rates (active with ``train=True``, rng stream ``dropout``).
+      implementation: window-attention backend (``None``: the fused Pallas kernel on GPU/TPU, XLA
+        on CPU or when attention dropout is active; ``"xla"``; ``"pallas"``).
 
     Parameters load from Swin's ``WindowAttention`` state dict (``qkv``, ``proj``,
     ``relative_position_bias_table``; the ``relative_position_index`` buffer is recomputed).
@@ -207,6 +209,7 @@ class WindowAttention(nn.Module):
     qk_scale: float | None = None
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    implementation: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -250,6 +253,7 @@ class WindowAttention(nn.Module):
             scale=self.qk_scale,
             dropout_rate=self.attn_drop if rng is not None else 0.0,
             dropout_rng=rng,
+            implementation=self.implementation,
         )
         out = Linear(c, name="proj", **kw)(out.reshape(b, h, w, c))
         return nn.Dropout(self.proj_drop, deterministic=not train)(out)

@@ -26,6 +26,7 @@ from flax_attn.ops.relative_logits import augmented_attention, relative_logits_2
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.sampling import affine_grid, foveate, grid_sample
 from flax_attn.ops.space_to_depth import space_to_depth
+from flax_attn.ops.stereo import correlation_cost_volume, disparity_regression, disparity_warp
 from flax_attn.ops.window import window_attention
 
 __all__ = [
@@ -37,9 +38,12 @@ __all__ = [
     "augmented_attention",
     "channel_attention",
     "channel_pool",
+    "correlation_cost_volume",
     "criss_cross_attention",
     "deform_conv2d",
     "directional_avg_pool",
+    "disparity_regression",
+    "disparity_warp",
     "eca_kernel_size",
     "foveate",
     "global_pool",

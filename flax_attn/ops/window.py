@@ -19,6 +19,7 @@ from flax_attn.ops._checks import check_rank
 from flax_attn.ops.attention import scaled_dot_product_attention
 
 __all__ = [
+    "check_window_args",
     "relative_position_index",
     "shift_attention_mask",
     "window_attention",
@@ -73,6 +74,29 @@ def shift_attention_mask(h: int, w: int, window_size: int, shift_size: int) -> n
     return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
 
 
+def check_window_args(where, q, k, v, window_size, shift_size, bias_table) -> None:
+    """Trace-time validation shared by every implementation; raises ``ValueError`` naming ``where``."""
+    layout = "(batch, height, width, heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(where, name, x, 5, layout)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{where}: q, k, v must have the same shape, got {q.shape}, {k.shape}, {v.shape}")
+    h, w, heads = q.shape[1:4]
+    ws = window_size
+    if ws < 1 or h % ws or w % ws:
+        raise ValueError(
+            f"{where}: height and width must be multiples of `window_size`={ws}, got input shape {q.shape}"
+        )
+    if not 0 <= shift_size < ws:
+        raise ValueError(f"{where}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
+    if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
+        raise ValueError(f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}")
+
+
+def default_implementation() -> str:
+    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+
+
 def window_attention(
     q: jax.Array,
     k: jax.Array,
@@ -84,6 +108,7 @@ def window_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Attention within ``window_size x window_size`` windows, optionally cyclically shifted.
 
@@ -97,29 +122,31 @@ def window_attention(
         :func:`relative_position_index`; ``None`` = no bias.
       scale: default ``D ** -0.5``.
       dropout_rate, dropout_rng: attention dropout (applied when ``dropout_rng`` is given).
+      implementation: ``None`` (the fused Pallas kernel of :mod:`flax_attn.kernels.window` on
+        GPU/TPU, XLA on CPU; XLA whenever dropout is active), ``"xla"`` (this function's reference
+        path) or ``"pallas"``.
 
     Returns:
       ``(B, H, W, heads, D)`` in ``q.dtype``; logits and softmax in float32.
     """
-    layout = "(batch, height, width, heads, head_dim)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_rank(_WHERE, name, x, 5, layout)
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{_WHERE}: q, k, v must have the same shape, got {q.shape}, {k.shape}, {v.shape}")
+    if implementation not in (None, "xla", "pallas"):
+        raise ValueError(f"{_WHERE}: `implementation` must be None, 'xla' or 'pallas', got {implementation!r}")
+    check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
+    dropout = dropout_rng is not None and dropout_rate > 0.0
+    if implementation is None:
+        # The kernel has no attention dropout: training with dropout runs the XLA path.
+        implementation = "xla" if dropout else default_implementation()
+    if implementation == "pallas":
+        if dropout:
+            raise ValueError(f"{_WHERE}: the Pallas kernel has no attention dropout; use implementation='xla'")
+        from flax_attn.kernels.window import window_attention_pallas
+
+        return window_attention_pallas(
+            q, k, v, window_size=window_size, shift_size=shift_size, bias_table=bias_table, scale=scale
+        )
     b, h, w, heads, _ = q.shape
     ws = window_size
-    if ws < 1 or h % ws or w % ws:
-        raise ValueError(
-            f"{_WHERE}: height and width must be multiples of `window_size`={ws}, got input shape {q.shape}"
-        )
-    if not 0 <= shift_size < ws:
-        raise ValueError(f"{_WHERE}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
     n = ws * ws
-    if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
-        raise ValueError(
-            f"{_WHERE}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}"
-        )
-
     if shift_size:
         q, k, v = (jnp.roll(x, (-shift_size, -shift_size), axis=(1, 2)) for x in (q, k, v))
     qw, kw, vw = (window_partition(x, ws) for x in (q, k, v))  # (B, nW, N, heads, D)

@@ -1,0 +1,276 @@
+"""Training throughput of the ``train`` library, and a JAX vs PyTorch training step.
+
+1. Per task (the default configs): images/s of the jitted, sharded train step alone (batch kept
+   on device) and of the whole loop body (host data loading + transfer + step).
+2. A ResNet-style model (``train.models:SmallSECNN`` with 2 blocks per stage, 3 stages,
+   3x32x32 inputs) trained with SGD+momentum: median step time of ``jax.jit`` vs the
+   equivalent eager PyTorch module on the same device (CPU here). The PyTorch model is loaded
+   with the converted JAX weights and checked to give the same logits first. The integrator
+   switches this to SE-ResNet-50 once ``flax_attn.se`` is wired in.
+
+Prints a table and writes ``benchmarks/results/train_throughput.md`` (device, versions, date).
+
+    PYTHONPATH=. python benchmarks/train_throughput.py [--steps 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import sharding as sh
+from train.configs import get_config
+from train.models import SmallSECNN
+from train.trainer import Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def task_throughput(name: str, steps: int) -> dict:
+    cfg = get_config(name)
+    with tempfile.TemporaryDirectory() as d:
+        t = Trainer(cfg, d)
+        state = t.initial_state()
+        src, B = t.task.train_source, cfg.data.batch_size
+        batch = sh.to_global(src.batch(0, t.rows), t.mesh, B)
+        state, m = t.train_step(state, batch, t.step_key)  # compile
+        jax.block_until_ready(m)
+        holder = {"s": state}
+
+        def step_only():
+            holder["s"], mm = t.train_step(holder["s"], batch, t.step_key)
+            jax.block_until_ready(mm)
+
+        def with_data(i=[1]):  # noqa: B006  (a step counter across calls)
+            b = sh.to_global(src.batch(i[0], t.rows), t.mesh, B)
+            i[0] += 1
+            holder["s"], mm = t.train_step(holder["s"], b, t.step_key)
+            jax.block_until_ready(mm)
+
+        s1 = _median_time(step_only, steps)
+        s2 = _median_time(with_data, steps)
+    return {
+        "task": name,
+        "batch": B,
+        "step_ms": 1e3 * s1,
+        "img_s": B / s1,
+        "loop_ms": 1e3 * s2,
+        "loop_img_s": B / s2,
+    }
+
+
+# --------------------------------------------------------------------------- PyTorch equivalent
+
+
+def torch_small_se_cnn(num_classes, widths, depths, reduction, in_chans):
+    """PyTorch twin of :class:`train.models.SmallSECNN` (same attribute names, so the converted
+    state dict loads with ``strict=True``)."""
+    import torch
+    from torch import nn
+
+    class SELayer(nn.Module):
+        def __init__(self, channel, reduction):
+            super().__init__()
+            self.avg_pool = nn.AdaptiveAvgPool2d(1)
+            hidden = max(channel // reduction, 1)
+            self.fc = nn.Sequential(
+                nn.Linear(channel, hidden, bias=False),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, channel, bias=False),
+                nn.Sigmoid(),
+            )
+
+        def forward(self, x):
+            b, c = x.shape[:2]
+            return x * self.fc(self.avg_pool(x).view(b, c)).view(b, c, 1, 1)
+
+    class Block(nn.Module):
+        def __init__(self, inplanes, planes, stride, reduction):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.se = SELayer(planes, reduction)
+            self.downsample = None
+            if stride != 1 or inplanes != planes:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.se(self.bn2(self.conv2(out)))
+            return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            inpl = widths[0]
+            for i, (w, d) in enumerate(zip(widths, depths)):
+                blocks = []
+                for j in range(d):
+                    blocks.append(Block(inpl, w, 2 if i > 0 and j == 0 else 1, reduction))
+                    inpl = w
+                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.n_stages = len(widths)
+            self.fc = nn.Linear(widths[-1], num_classes)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            for i in range(self.n_stages):
+                x = getattr(self, f"layer{i + 1}")(x)
+            return self.fc(x.mean((2, 3)))
+
+    return Net()
+
+
+def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
+    import torch
+
+    from flax_attn.convert import to_torch
+
+    kw = dict(num_classes=10, widths=(64, 128, 256), depths=(2, 2, 2), reduction=16, in_chans=3)
+    model = SmallSECNN(**kw)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    mesh = sh.make_mesh()
+    repl, bsh = sh.replicated(mesh), sh.batch_sharding(mesh)
+
+    def step(params, bs, opt, xb, yb):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": bs}, xb, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
+
+        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), bs, opt, loss
+
+    jstep = jax.jit(
+        step, in_shardings=(repl, repl, repl, bsh, bsh), out_shardings=repl, donate_argnums=(0, 1, 2)
+    )
+    st = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+    xb, yb = jax.device_put(x, bsh), jax.device_put(y, bsh)
+
+    def run_jax():
+        st[0], st[1], st[2], loss = jstep(st[0], st[1], st[2], xb, yb)
+        loss.block_until_ready()
+
+    net = torch_small_se_cnn(**kw)
+    res = net.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in to_torch(model, variables, x[:1]).items()}, strict=False
+    )
+    if res.unexpected_keys or any(not k.endswith("num_batches_tracked") for k in res.missing_keys):
+        raise RuntimeError(f"PyTorch twin does not match SmallSECNN: {res}")
+    net.eval()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    out = np.asarray(model.apply(variables, jnp.asarray(x)))
+    max_err = float(np.abs(out - ref).max())
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2)).contiguous(), torch.from_numpy(y.astype(np.int64))
+
+    def run_torch():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(xt), yt)
+        loss.backward()
+        opt.step()
+
+    run_jax(), run_torch()  # compile / warm up
+    tj = _median_time(run_jax, reps)
+    tt = _median_time(run_torch, reps)
+    return {
+        "batch": batch,
+        "size": size,
+        "jax_ms": 1e3 * tj,
+        "torch_ms": 1e3 * tt,
+        "eval_max_err": max_err,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per measurement (median)")
+    ap.add_argument("--quick", action="store_true", help="a few steps, for a smoke test")
+    args = ap.parse_args()
+    reps = 3 if args.quick else args.steps
+
+    rows = [task_throughput(n, reps) for n in ("classify", "superres")]
+    cmp_ = jax_vs_torch(batch=32, size=32, reps=max(reps // 3, 3))
+
+    import torch
+
+    dev = jax.devices()[0]
+    header = [
+        f"# Training throughput ({datetime.date.today().isoformat()})",
+        "",
+        f"- device: {dev.platform} / {dev.device_kind} x {jax.device_count()} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs)",
+        f"- versions: jax {jax.__version__}, flax {__import__('flax').__version__}, "
+        f"optax {optax.__version__}, "
+        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"- median of {reps} steps after a warm-up/compile step; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} when measured (other jobs on the machine inflate the times)",
+        "",
+        "| task | global batch | step (ms) | images/s (step) | step + data (ms) | images/s (loop) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        header.append(
+            f"| {r['task']} | {r['batch']} | {r['step_ms']:.1f} | {r['img_s']:.0f} | "
+            f"{r['loop_ms']:.1f} | {r['loop_img_s']:.0f} |"
+        )
+    header += [
+        "",
+        f"ResNet-style SmallSECNN (widths 64/128/256, 2 blocks per stage, SE r=16), batch {cmp_['batch']}, "
+        f"3x{cmp_['size']}x{cmp_['size']}, SGD momentum, one training step "
+        "(forward, loss, backward, update); "
+        f"eval logits JAX vs PyTorch max abs err {cmp_['eval_max_err']:.2e}:",
+        "",
+        "| framework | step (ms) | images/s | ratio (torch / jax) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| JAX jit | {cmp_['jax_ms']:.1f} | {cmp_['batch'] * 1e3 / cmp_['jax_ms']:.0f} | "
+        f"{cmp_['torch_ms'] / cmp_['jax_ms']:.2f} |",
+        f"| PyTorch eager ({cmp_['torch_threads']} threads) | {cmp_['torch_ms']:.1f} | "
+        f"{cmp_['batch'] * 1e3 / cmp_['torch_ms']:.0f} | 1.00 |",
+        "",
+    ]
+    text = "\n".join(header)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.quick:
+        (RESULTS / "train_throughput.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Training configurations as data: one frozen-by-convention dataclass tree per task.
+
+A config names everything a run needs: the task, the model (by import string, resolved lazily),
+the data, the optimiser chain, precision, checkpointing and logging. ``python -m train --config
+NAME`` picks one from :data:`CONFIGS`; ``--override key=value`` edits any field by its dotted
+path (``optim.learning_rate=3e-3``, ``model.kwargs.widths=(16,32)``, ``steps=50``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "CONFIGS",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "apply_overrides",
+    "classify",
+    "get_config",
+    "superres",
+]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which Flax module to build.
+
+    Attributes:
+      name: ``"package.module:Class"`` (imported only when the model is built, so a config may
+        name a block family that is not installed yet), or a short alias from
+        :data:`train.models.ALIASES`.
+      kwargs: constructor arguments. ``dtype`` is added from ``Config.precision`` when the class
+        has a ``dtype`` attribute and the kwargs do not set it.
+      torch_layout: state-dict layout for ``--init-from`` (``None`` = the module's default).
+    """
+
+    name: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    torch_layout: str | None = None
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """An Optax chain: clip -> optimiser (with masked weight decay) driven by a schedule.
+
+    Attributes:
+      name: ``"adamw"`` or ``"sgd"`` (SGD with momentum; decoupled weight decay is added the
+        same masked way).
+      learning_rate: peak learning rate.
+      schedule: ``"constant"``, ``"cosine"`` (cosine decay to ``end_lr_factor * lr``) or
+        ``"linear"``; each with ``warmup_steps`` of linear warmup from 0.
+      weight_decay: decoupled weight decay; applied only to parameters with ndim >= 2 (kernels)
+        unless ``decay_norms_and_biases``.
+      clip_grad_norm: global-norm clipping threshold, ``None`` for none.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    end_lr_factor: float = 0.0
+    weight_decay: float = 1e-4
+    decay_norms_and_biases: bool = False
+    momentum: float = 0.9
+    nesterov: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_grad_norm: float | None = None
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Data of a task. The training order is a pure function of ``(Config.seed, epoch)``.
+
+    Attributes:
+      batch_size: *global* batch (all devices, all processes); must divide by the number of
+        devices on the ``data`` mesh axis.
+      eval_batch_size: global eval batch; the eval set is padded (and masked) to a multiple.
+      image_size: classify: digits are resized from 8x8 to this (8 = no resize).
+      test_fraction: classify: held-out fraction of the digits, stratified, split seed fixed.
+      split_seed: classify: seed of the fixed train/test split (independent of ``Config.seed``).
+      scale: superres: upscaling factor.
+      patch_size: superres: low-resolution training crop size.
+      eval_size: superres: high-resolution centre crop of each evaluation image.
+      train_images / eval_images: superres: ``skimage.data`` names (disjoint lists).
+      augment: random flips (superres) / random shifts by one pixel (classify).
+    """
+
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    image_size: int = 8
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    scale: int = 2
+    patch_size: int = 24
+    eval_size: int = 192
+    train_images: tuple[str, ...] = ()
+    eval_images: tuple[str, ...] = ()
+    augment: bool = True
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpointing.
+
+    Attributes:
+      every_steps: save every N steps (0 = only at the end, on SIGTERM and at evaluations).
+      max_to_keep: latest checkpoints kept for resuming.
+      best_metric: eval metric whose best checkpoint is kept in addition (``None`` = none).
+      best_mode: ``"max"`` or ``"min"``.
+      async_save: write in a background thread while training continues.
+    """
+
+    every_steps: int = 100
+    max_to_keep: int = 3
+    best_metric: str | None = None
+    best_mode: str = "max"
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole training run.
+
+    Attributes:
+      name: config name (``--config``).
+      task: ``"classify"`` or ``"superres"`` (see :data:`train.tasks.TASKS`).
+      seed: seeds parameter init, data order and dropout/augmentation rngs.
+      steps: total optimiser steps.
+      eval_every: evaluate every N steps (and at the end); 0 = only at the end.
+      log_every: progress line and metrics line every N steps.
+      precision: ``"float32"`` or ``"bfloat16"`` (bf16 compute, float32 parameters/optimiser).
+      model_axis: size of the ``model`` mesh axis (1 = pure data parallelism); the ``data`` axis
+        takes the remaining devices.
+    """
+
+    name: str
+    task: str
+    model: ModelConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    seed: int = 0
+    steps: int = 1000
+    eval_every: int = 0
+    log_every: int = 50
+    precision: str = "float32"
+    model_axis: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- the configs
+
+
+def classify() -> Config:
+    """Digits classification (scikit-learn ``load_digits``: 1797 real 8x8 scans, 10 classes).
+
+    A small SE-style residual CNN (``train.models:SmallSECNN``) on the native 8x8 digits (set
+    ``data.image_size`` to upsample; 8x8 is enough for this model), AdamW
+    with cosine decay, fixed stratified 80/20 split. Reaches >= 97% test accuracy on one CPU in
+    well under five minutes (measured: ``benchmarks/results/train_tasks.md``)::
+
+        python -m train --config classify --workdir /tmp/classify
+
+    When the catalogued SE-ResNet lands (``flax_attn.se``), switch with
+    ``--override model.name=flax_attn.se:SEResNet --override model.kwargs={...}``; the default
+    will point there once the integrator wires it.
+    """
+    return Config(
+        name="classify",
+        task="classify",
+        model=ModelConfig("train.models:SmallSECNN", {"num_classes": 10, "widths": (32, 64), "reduction": 4}),
+        optim=OptimConfig(
+            name="adamw",
+            learning_rate=3e-3,
+            schedule="cosine",
+            warmup_steps=50,
+            weight_decay=5e-4,
+            clip_grad_norm=1.0,
+        ),
+        data=DataConfig(batch_size=64, eval_batch_size=512, image_size=8, augment=True),
+        checkpoint=CheckpointConfig(every_steps=200, max_to_keep=2, best_metric="accuracy", best_mode="max"),
+        steps=800,
+        eval_every=200,
+        log_every=50,
+    )
+
+
+def superres() -> Config:
+    """x2 super-resolution with A2N on crops of the real photographs bundled with scikit-image.
+
+    Bicubic-downscaled (PIL) inputs, L1 loss, PSNR/SSIM on the Y channel (BT.601, border of
+    ``scale`` pixels shaved) against the bicubic baseline on a disjoint list of evaluation
+    images. The model is the catalogued A2N (``flax_attn.a2n:A2N``) at the paper's size (nf=40,
+    unf=24, nb=16), trained for a CPU-sized budget; ``model.name=tiny_sr`` selects a tiny residual
+    CNN for quick experiments. Measured margin over bicubic: ``benchmarks/results/train_tasks.md``::
+
+        python -m train --config superres --workdir /tmp/superres
+    """
+    return Config(
+        name="superres",
+        task="superres",
+        model=ModelConfig("flax_attn.a2n:A2N", {"scale": 2, "nf": 40, "unf": 24, "nb": 16}),
+        optim=OptimConfig(
+            name="adamw",
+            learning_rate=1e-3,
+            schedule="cosine",
+            warmup_steps=50,
+            weight_decay=0.0,
+            clip_grad_norm=1.0,
+        ),
+        data=DataConfig(
+            batch_size=16,
+            eval_batch_size=4,
+            scale=2,
+            patch_size=32,
+            eval_size=192,
+            train_images=(
+                "astronaut",
+                "coffee",
+                "rocket",
+                "immunohistochemistry",
+                "hubble_deep_field",
+                "retina",
+                "moon",
+                "grass",
+                "gravel",
+                "brick",
+            ),
+            eval_images=("chelsea", "camera", "coins", "clock"),
+        ),
+        checkpoint=CheckpointConfig(every_steps=200, max_to_keep=2, best_metric="psnr", best_mode="max"),
+        steps=600,
+        eval_every=200,
+        log_every=50,
+    )
+
+
+CONFIGS: dict[str, Callable[[], Config]] = {"classify": classify, "superres": superres}
+
+
+def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    """The config called ``name`` with ``overrides`` (``"dotted.key=value"``) applied."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known configs: {sorted(CONFIGS)}")
+    return apply_overrides(CONFIGS[name](), overrides)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # bare strings: model.name=flax_attn.se:SEResNet
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation (the subset used in these configs)."""
+    hint = annotation if not isinstance(annotation, str) else None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is None:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"override {key}: {value!r} does not fit {hint}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not isinstance(value, hint):
+        raise ValueError(f"override {key}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ValueError(f"override {key}: expected int, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"override {key}: expected a tuple, got {value!r}")
+        return tuple(value)
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"override {key}: expected a dict, got {value!r}")
+    return value
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """A copy of ``config`` with each ``"a.b.c=value"`` applied (values parsed as Python literals).
+
+    Keys below ``model.kwargs`` are free-form (they are the model's constructor arguments); every
+    other key must name an existing field, and the value must fit its type.
+    """
+    config = _deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        value = _parse_value(raw.strip())
+        parts = key.strip().split(".")
+        obj: Any = config
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(obj, dict):
+                if last:
+                    obj[part] = value
+                else:
+                    obj = obj.setdefault(part, {})
+                continue
+            fields = {f.name: f for f in dataclasses.fields(obj)}
+            if part not in fields:
+                where = ".".join(parts[:i]) or "config"
+                raise KeyError(f"override {key!r}: {where} has no field {part!r}; fields: {sorted(fields)}")
+            if last:
+                hints = typing.get_type_hints(type(obj))
+                setattr(obj, part, _coerce(value, hints[part], key))
+            else:
+                obj = getattr(obj, part)
+    return config
+
+
+def _deepcopy(config: Config) -> Config:
+    import copy
+
+    return copy.deepcopy(config)

@@ -1,0 +1,150 @@
+"""Image metrics (PSNR/SSIM on the Y channel), the progress line and the metrics log.
+
+PSNR and SSIM follow the super-resolution benchmark convention (as used by A2N/EDSR): RGB in
+[0, 255] -> Y of ITU-R BT.601 (``16 + (65.738 R + 129.057 G + 25.064 B) / 256``), a border of
+``scale`` pixels shaved, data range 255; SSIM with the 11x11 Gaussian window (sigma 1.5) of Wang
+et al. and valid filtering (equal to ``skimage.metrics.structural_similarity`` with
+``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["MetricsWriter", "Progress", "psnr_y", "rgb_to_y", "ssim_y"]
+
+
+def rgb_to_y(rgb255: jax.Array) -> jax.Array:
+    """BT.601 luma of ``(..., 3)`` RGB in [0, 255]; returns ``(...)`` in [16, 235]."""
+    w = jnp.asarray([65.738, 129.057, 25.064], jnp.float32) / 256.0
+    return 16.0 + jnp.sum(rgb255.astype(jnp.float32) * w, axis=-1)
+
+
+def _shave(y: jax.Array, border: int) -> jax.Array:
+    return y[..., border : y.shape[-2] - border, border : y.shape[-1] - border] if border else y
+
+
+def psnr_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
+    """Per-image PSNR (dB) on Y between RGB batches ``(B, H, W, 3)`` in [0, 255]."""
+    ya, yb = _shave(rgb_to_y(a255), border), _shave(rgb_to_y(b255), border)
+    mse = jnp.mean(jnp.square(ya - yb), axis=(-2, -1))
+    return 10.0 * jnp.log10(255.0**2 / jnp.maximum(mse, 1e-10))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    r = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(r**2) / (2 * sigma**2))
+    g /= g.sum()
+    return g.astype(np.float32)
+
+
+def _filter_valid(x: jax.Array, g: np.ndarray) -> jax.Array:
+    # Separable valid filtering of (B, H, W).
+    k = jnp.asarray(g)
+    n = len(g)
+    h = sum(k[i] * x[:, i : x.shape[1] - n + 1 + i, :] for i in range(n))
+    return sum(k[i] * h[:, :, i : h.shape[2] - n + 1 + i] for i in range(n))
+
+
+def ssim_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
+    """Per-image SSIM on Y between RGB batches ``(B, H, W, 3)`` in [0, 255]."""
+    x, y = _shave(rgb_to_y(a255), border), _shave(rgb_to_y(b255), border)
+    g = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _filter_valid(x, g), _filter_valid(y, g)
+    sxx = _filter_valid(x * x, g) - mx * mx
+    syy = _filter_valid(y * y, g) - my * my
+    sxy = _filter_valid(x * y, g) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return jnp.mean(s, axis=(-2, -1))
+
+
+class Progress:
+    """``step 120/800 (15%) | 23.4 steps/s, 1497 img/s | ETA 0:00:29 | loss 0.1234`` lines."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, stream=None):
+        self.total, self.batch = total_steps, batch_size
+        self.stream = stream or sys.stdout
+        self._t0, self._s0 = time.perf_counter(), start_step
+
+    def reset(self, step: int) -> None:
+        """Start the rate clock here (e.g. after the first step, which includes compilation)."""
+        self._t0, self._s0 = time.perf_counter(), step
+
+    def rate(self, step: int) -> float:
+        dt = time.perf_counter() - self._t0
+        return (step - self._s0) / dt if dt > 0 and step > self._s0 else float("nan")
+
+    def line(self, step: int, metrics: dict[str, float]) -> str:
+        r = self.rate(step)
+        eta = (self.total - step) / r if r == r and r > 0 else float("nan")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        vals = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return (
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) | {r:.2f} steps/s, "
+            f"{r * self.batch:.0f} img/s | ETA {eta_s} | {vals}"
+        )
+
+    def print(self, step: int, metrics: dict[str, float]) -> None:
+        print(self.line(step, metrics), file=self.stream, flush=True)
+
+
+class MetricsWriter:
+    """Metrics as JSON lines (``metrics.jsonl``) in the workdir, plus TensorBoard when installed.
+
+    Only process 0 writes. :meth:`truncate_after` drops lines past a resumed step, so a run that
+    is killed and resumed ends with the same file as an uninterrupted one.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:  # optional: only when tensorboardX or torch's writer is importable without torch here
+                from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
+
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [
+            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+        ]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "kind": kind, **{k: _py(v) for k, v in metrics.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(_py(v), (int, float)):
+                    self._tb.add_scalar(f"{kind}/{k}", _py(v), step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, (np.generic, np.ndarray, jax.Array)):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+    return v

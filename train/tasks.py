@@ -1,0 +1,162 @@
+"""Tasks: what the data is, what the loss is, what evaluation reports.
+
+A task bundles a training source (``batch(step, rows)``, a pure function of ``(seed, step)``), a
+fixed evaluation set, the loss and the evaluation metrics. The trainer is task-agnostic: it jits
+:meth:`Task.loss` into the train step and :meth:`Task.eval_sums` into the eval step.
+
+Extension point for hard attention (REINFORCE, the recurrent attention model of
+``flax_attn.hard_attention``): add a ``Task`` subclass to :data:`TASKS` whose :meth:`loss`
+unrolls the glimpses with the per-step ``rng`` it receives (the trainer folds the step into the
+run's key, so sampled locations are reproducible and resumable), and returns the hybrid loss
+(classification NLL + REINFORCE term with the baseline as a stop-gradient + baseline MSE) with
+the reward and accuracy in its metrics; the trainer, checkpointing and sharding need no change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import data as data_lib
+from train.configs import Config
+from train.metrics import psnr_y, ssim_y
+
+__all__ = ["ClassifyTask", "SuperResTask", "TASKS", "Task", "make_task"]
+
+
+class Task:
+    """Base class. Subclasses set ``train_source``, ``eval_set``, ``input_key`` and the two methods."""
+
+    name = "task"
+    input_key = "image"
+    #: metric whose best checkpoint is kept when the config names none
+    default_best = ("loss", "min")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.train_source: Any = None
+        self.eval_set: data_lib.EvalSet | None = None
+
+    def example_input(self) -> np.ndarray:
+        """One example batch (host numpy) for ``model.init``."""
+        return self.train_source.batch(0, slice(0, 1))[self.input_key]
+
+    def apply(self, model, params, batch_stats, x, *, train: bool, rng=None):
+        """Model forward; returns ``(outputs, new_batch_stats)``."""
+        variables = {"params": params, "batch_stats": batch_stats}
+        rngs = {"dropout": rng} if rng is not None else None
+        if train:
+            out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
+            return out, updates.get("batch_stats", batch_stats)
+        return model.apply(variables, x, train=False), batch_stats
+
+    def loss(self, model, params, batch_stats, batch, rng) -> tuple[jax.Array, tuple[dict, Any]]:
+        """``(scalar loss, (metrics dict, new batch_stats))`` for one training batch."""
+        raise NotImplementedError
+
+    def eval_sums(self, model, variables, batch) -> dict[str, jax.Array]:
+        """Sums over the real (``mask``) rows of one eval batch, including ``count``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def finalize(sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.pop("count"), 1.0)
+        return {k: v / n for k, v in sums.items()}
+
+
+class ClassifyTask(Task):
+    """Digits classification: softmax cross-entropy, accuracy."""
+
+    name = "classify"
+    default_best = ("accuracy", "max")
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        d = config.data
+        x_tr, y_tr, x_te, y_te = data_lib.digits_split(d.image_size, d.test_fraction, d.split_seed)
+        self.train_source = data_lib.DigitsSource(x_tr, y_tr, d.batch_size, config.seed, d.augment)
+        self.eval_set = data_lib.EvalSet({"image": x_te, "label": y_te}, d.eval_batch_size)
+
+    def loss(self, model, params, batch_stats, batch, rng):
+        logits, new_bs = self.apply(model, params, batch_stats, batch["image"], train=True, rng=rng)
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, ({"loss": loss, "accuracy": acc}, new_bs)
+
+    def eval_sums(self, model, variables, batch):
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        m = batch["mask"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {"loss": jnp.sum(ce * m), "accuracy": jnp.sum(correct * m), "count": jnp.sum(m)}
+
+
+class SuperResTask(Task):
+    """x``scale`` super-resolution: L1 loss; PSNR/SSIM on Y for the model and the bicubic baseline."""
+
+    name = "superres"
+    input_key = "lr"
+    default_best = ("psnr", "max")
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        d = config.data
+        overlap = set(d.train_images) & set(d.eval_images)
+        if overlap or ({"cat", "chelsea"} <= set(d.train_images) | set(d.eval_images)):
+            # skimage.data.cat is chelsea: the same photograph under two names.
+            raise ValueError(
+                f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}"
+            )
+        self.train_source = data_lib.superres_train_source(
+            d.train_images,
+            batch_size=d.batch_size,
+            patch_size=d.patch_size,
+            scale=d.scale,
+            seed=config.seed,
+            augment=d.augment,
+        )
+        self.eval_set = data_lib.EvalSet(
+            dict(data_lib.superres_eval_set(tuple(d.eval_images), d.eval_size, d.scale)), d.eval_batch_size
+        )
+
+    def loss(self, model, params, batch_stats, batch, rng):
+        sr, new_bs = self.apply(model, params, batch_stats, batch["lr"], train=True, rng=rng)
+        loss = jnp.mean(jnp.abs(sr.astype(jnp.float32) - batch["hr"]))
+        return loss, ({"loss": loss}, new_bs)
+
+    def eval_sums(self, model, variables, batch):
+        sr = model.apply(variables, batch["lr"], train=False).astype(jnp.float32)
+        # Benchmark convention: the output is an 8-bit image.
+        sr255 = jnp.round(jnp.clip(sr, 0.0, 1.0) * 255.0)
+        hr255 = jnp.round(batch["hr"] * 255.0)
+        bic = batch["bicubic"].astype(jnp.float32)
+        s = self.config.data.scale
+        m = batch["mask"]
+        return {
+            "psnr": jnp.sum(psnr_y(sr255, hr255, s) * m),
+            "ssim": jnp.sum(ssim_y(sr255, hr255, s) * m),
+            "bicubic_psnr": jnp.sum(psnr_y(bic, hr255, s) * m),
+            "bicubic_ssim": jnp.sum(ssim_y(bic, hr255, s) * m),
+            "l1": jnp.sum(jnp.mean(jnp.abs(sr - batch["hr"]), axis=(1, 2, 3)) * m),
+            "count": jnp.sum(m),
+        }
+
+    @staticmethod
+    def finalize(sums):
+        out = Task.finalize(sums)
+        out["psnr_gain"] = out["psnr"] - out["bicubic_psnr"]
+        return out
+
+
+TASKS: dict[str, type[Task]] = {"classify": ClassifyTask, "superres": SuperResTask}
+
+
+def make_task(config: Config) -> Task:
+    if config.task not in TASKS:
+        raise KeyError(f"unknown task {config.task!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[config.task](config)
