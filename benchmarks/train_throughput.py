@@ -2,11 +2,9 @@
 
 1. Per task (the default configs): images/s of the jitted, sharded train step alone (batch kept
    on device) and of the whole loop body (host data loading + transfer + step).
-2. A ResNet-style model (``train.models:SmallSECNN`` with 2 blocks per stage, 3 stages,
-   3x32x32 inputs) trained with SGD+momentum: median step time of ``jax.jit`` vs the
-   equivalent eager PyTorch module on the same device (CPU here). The PyTorch model is loaded
-   with the converted JAX weights and checked to give the same logits first. The integrator
-   switches this to SE-ResNet-50 once ``flax_attn.se`` is wired in.
+2. SE-ResNet-50 (senet.pytorch layout) trained with SGD+momentum: median step time of
+   ``jax.jit`` vs the equivalent eager PyTorch module on the same device (CPU here). The Flax
+   model is loaded from the PyTorch model's weights and checked to give the same logits first.
 
 Prints a table and writes ``benchmarks/results/train_throughput.md`` (device, versions, date).
 
@@ -31,7 +29,6 @@ import optax
 
 from train import sharding as sh
 from train.configs import get_config
-from train.models import SmallSECNN
 from train.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,82 +79,25 @@ def task_throughput(name: str, steps: int) -> dict:
 # --------------------------------------------------------------------------- PyTorch equivalent
 
 
-def torch_small_se_cnn(num_classes, widths, depths, reduction, in_chans):
-    """PyTorch twin of :class:`train.models.SmallSECNN` (same attribute names, so the converted
-    state dict loads with ``strict=True``)."""
-    import torch
-    from torch import nn
-
-    class SELayer(nn.Module):
-        def __init__(self, channel, reduction):
-            super().__init__()
-            self.avg_pool = nn.AdaptiveAvgPool2d(1)
-            hidden = max(channel // reduction, 1)
-            self.fc = nn.Sequential(
-                nn.Linear(channel, hidden, bias=False),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden, channel, bias=False),
-                nn.Sigmoid(),
-            )
-
-        def forward(self, x):
-            b, c = x.shape[:2]
-            return x * self.fc(self.avg_pool(x).view(b, c)).view(b, c, 1, 1)
-
-    class Block(nn.Module):
-        def __init__(self, inplanes, planes, stride, reduction):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.se = SELayer(planes, reduction)
-            self.downsample = None
-            if stride != 1 or inplanes != planes:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-                )
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.se(self.bn2(self.conv2(out)))
-            return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(widths[0])
-            inpl = widths[0]
-            for i, (w, d) in enumerate(zip(widths, depths)):
-                blocks = []
-                for j in range(d):
-                    blocks.append(Block(inpl, w, 2 if i > 0 and j == 0 else 1, reduction))
-                    inpl = w
-                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            self.n_stages = len(widths)
-            self.fc = nn.Linear(widths[-1], num_classes)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            for i in range(self.n_stages):
-                x = getattr(self, f"layer{i + 1}")(x)
-            return self.fc(x.mean((2, 3)))
-
-    return Net()
-
-
 def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
+    """SE-ResNet-50 (senet.pytorch layout), one SGD+momentum training step, JAX jit vs PyTorch eager.
+
+    The PyTorch model is the parity reference (``flax_attn.testing.torch_ref.se``); its weights are
+    converted into the Flax model with ``from_torch`` and the eval logits are compared first.
+    """
     import torch
 
-    from flax_attn.convert import to_torch
+    from flax_attn import se_resnet50
+    from flax_attn.convert import from_torch
+    from flax_attn.testing.torch_ref.se import se_resnet50 as torch_se_resnet50
 
-    kw = dict(num_classes=10, widths=(64, 128, 256), depths=(2, 2, 2), reduction=16, in_chans=3)
-    model = SmallSECNN(**kw)
+    torch.manual_seed(0)
+    net = torch_se_resnet50(num_classes=1000, se_style="senet")
+    model = se_resnet50(num_classes=1000, se_style="senet")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
+    y = rng.integers(0, 1000, batch).astype(np.int32)
+    variables = from_torch(model, net.state_dict(), x[:1])
     tx = optax.sgd(0.01, momentum=0.9)
 
     mesh = sh.make_mesh()
@@ -177,6 +117,11 @@ def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
     jstep = jax.jit(
         step, in_shardings=(repl, repl, repl, bsh, bsh), out_shardings=repl, donate_argnums=(0, 1, 2)
     )
+    net.eval()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    out = np.asarray(model.apply(variables, jnp.asarray(x)))
+    max_err = float(np.abs(out - ref).max())
     st = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
     xb, yb = jax.device_put(x, bsh), jax.device_put(y, bsh)
 
@@ -184,17 +129,6 @@ def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
         st[0], st[1], st[2], loss = jstep(st[0], st[1], st[2], xb, yb)
         loss.block_until_ready()
 
-    net = torch_small_se_cnn(**kw)
-    res = net.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in to_torch(model, variables, x[:1]).items()}, strict=False
-    )
-    if res.unexpected_keys or any(not k.endswith("num_batches_tracked") for k in res.missing_keys):
-        raise RuntimeError(f"PyTorch twin does not match SmallSECNN: {res}")
-    net.eval()
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    out = np.asarray(model.apply(variables, jnp.asarray(x)))
-    max_err = float(np.abs(out - ref).max())
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2)).contiguous(), torch.from_numpy(y.astype(np.int64))
@@ -226,7 +160,7 @@ def main() -> None:
     reps = 3 if args.quick else args.steps
 
     rows = [task_throughput(n, reps) for n in ("classify", "superres")]
-    cmp_ = jax_vs_torch(batch=32, size=32, reps=max(reps // 3, 3))
+    cmp_ = jax_vs_torch(batch=16, size=64, reps=max(reps // 3, 3))
 
     import torch
 
@@ -252,7 +186,7 @@ def main() -> None:
         )
     header += [
         "",
-        f"ResNet-style SmallSECNN (widths 64/128/256, 2 blocks per stage, SE r=16), batch {cmp_['batch']}, "
+        f"SE-ResNet-50 (senet layout, 1000 classes), batch {cmp_['batch']}, "
         f"3x{cmp_['size']}x{cmp_['size']}, SGD momentum, one training step "
         "(forward, loss, backward, update); "
         f"eval logits JAX vs PyTorch max abs err {cmp_['eval_max_err']:.2e}:",

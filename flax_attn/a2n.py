@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
@@ -275,8 +274,6 @@ class A2N(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _image(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 _PAPER = "Chen et al., Attention in Attention Network for Image Super-Resolution, 2021"
@@ -289,9 +286,9 @@ catalogue.register(catalogue.Entry(
     flax=AAB,
     torch="flax_attn.testing.torch_ref.a2n:AAB",
     config=dict(nf=8, reduction=4, K=2, t=30),
-    inputs=_image(3, 13, 17, 8),
+    inputs=catalogue.image_inputs(3, 13, 17, 8),
     bench_config=dict(nf=40, reduction=4, K=2, t=30),
-    bench_inputs=_image(16, 64, 64, 40),
+    bench_inputs=catalogue.image_inputs(16, 64, 64, 40),
     train_mode=False,
 ))
 
@@ -303,9 +300,9 @@ catalogue.register(catalogue.Entry(
     flax=PA,
     torch="flax_attn.testing.torch_ref.a2n:PA",
     config=dict(nf=6),
-    inputs=_image(3, 13, 17, 6),
+    inputs=catalogue.image_inputs(3, 13, 17, 6),
     bench_config=dict(nf=24),
-    bench_inputs=_image(16, 128, 128, 24),
+    bench_inputs=catalogue.image_inputs(16, 128, 128, 24),
     train_mode=False,
 ))
 
@@ -318,9 +315,9 @@ catalogue.register(catalogue.Entry(
     torch="flax_attn.testing.torch_ref.a2n:AAN",
     # Tiny network with the reference's argument names; scale 4 exercises both reconstruction stages.
     config=dict(in_nc=3, out_nc=3, nf=8, unf=6, nb=2, scale=4),
-    inputs=_image(3, 13, 17, 3),
+    inputs=catalogue.image_inputs(3, 13, 17, 3),
     bench_config=dict(in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4),
-    bench_inputs=_image(1, 64, 64, 3),
+    bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
     atol=1e-4,
     rtol=1e-4,
     train_mode=False,

@@ -262,10 +262,6 @@ class WindowAttention(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
-
-
 _ACMIX = dict(
     family="acmix",
     paper="Pan et al., CVPR 2022",
@@ -280,9 +276,9 @@ catalogue.register(
     catalogue.Entry(
         name="acmix",
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
-        inputs=_images(3, 13, 17, 8),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
-        bench_inputs=_images(32, 56, 56, 256),
+        bench_inputs=catalogue.image_inputs(32, 56, 56, 256),
         **_ACMIX,
     )
 )
@@ -292,9 +288,9 @@ catalogue.register(
         name="acmix_stride2",
         # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
-        inputs=_images(3, 10, 14, 8),
+        inputs=catalogue.image_inputs(3, 10, 14, 8),
         bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
-        bench_inputs=_images(32, 56, 56, 256),
+        bench_inputs=catalogue.image_inputs(32, 56, 56, 256),
         **_ACMIX,
     )
 )
@@ -308,9 +304,9 @@ catalogue.register(
         flax=WindowAttention,
         torch="flax_attn.testing.torch_ref.acmix:ShiftedWindowAttention",
         config=dict(dim=12, window_size=3, num_heads=3, shift_size=1),
-        inputs=_images(3, 9, 15, 12),
+        inputs=catalogue.image_inputs(3, 9, 15, 12),
         bench_config=dict(dim=96, window_size=7, num_heads=3, shift_size=3),
-        bench_inputs=_images(32, 56, 56, 96),
+        bench_inputs=catalogue.image_inputs(32, 56, 56, 96),
         output_layout="same",
         image_inputs=(),
         train_mode=False,

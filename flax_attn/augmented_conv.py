@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.layers import Conv
@@ -140,8 +139,6 @@ class AugmentedConv(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(shape):
-    return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
 
 
 _COMMON = dict(
@@ -157,9 +154,9 @@ catalogue.register(
     catalogue.Entry(
         name="augmented_conv",
         config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2),
-        inputs=_images((3, 13, 17, 6)),
+        inputs=catalogue.image_inputs(3, 13, 17, 6),
         bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8),
-        bench_inputs=_images((8, 32, 32, 64)),
+        bench_inputs=catalogue.image_inputs(8, 32, 32, 64),
         **_COMMON,
     )
 )
@@ -171,11 +168,11 @@ catalogue.register(
         config=dict(
             in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2
         ),
-        inputs=_images((3, 25, 26, 6)),
+        inputs=catalogue.image_inputs(3, 25, 26, 6),
         bench_config=dict(
             in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True
         ),
-        bench_inputs=_images((8, 32, 32, 64)),
+        bench_inputs=catalogue.image_inputs(8, 32, 32, 64),
         **_COMMON,
     )
 )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Entry", "entries", "get", "markdown_table", "register", "torch_factory"]
+__all__ = ["Entry", "entries", "get", "image_inputs", "markdown_table", "register", "torch_factory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,11 @@ class Entry:
         if self.torch is None:
             raise ValueError(f"catalogue entry {self.name!r} has no PyTorch reference")
         return torch_factory(self.torch)(**dict(self.config if config is None else config))
+
+
+def image_inputs(*shape: int, name: str = "x") -> Callable[[np.random.Generator], dict[str, np.ndarray]]:
+    """``inputs`` for a block taking one NHWC image batch: ``image_inputs(3, 13, 17, 8)``."""
+    return lambda rng: {name: rng.standard_normal(shape, dtype=np.float32)}
 
 
 _REGISTRY: dict[str, Entry] = {}

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
@@ -266,8 +265,6 @@ class SpatialAttention(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 _PAPER = "Woo et al., ECCV 2018"
@@ -281,9 +278,9 @@ catalogue.register(catalogue.Entry(
     flax=CBAM,
     torch="flax_attn.testing.torch_ref.cbam:CBAM",
     config=dict(gate_channels=32, reduction_ratio=4),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(gate_channels=64, reduction_ratio=16),
-    bench_inputs=_images(16, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
 ))
 
 catalogue.register(catalogue.Entry(
@@ -294,9 +291,9 @@ catalogue.register(catalogue.Entry(
     flax=ChannelAttention,
     torch="flax_attn.testing.torch_ref.cbam:ChannelAttention",
     config=dict(channel=32, rate=4),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(channel=64, rate=4),
-    bench_inputs=_images(16, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
     layouts=("seed",),
     train_mode=False,
 ))
@@ -309,9 +306,9 @@ catalogue.register(catalogue.Entry(
     flax=SpatialAttention,
     torch="flax_attn.testing.torch_ref.cbam:SpatialAttention",
     config=dict(kernel_size=3),
-    inputs=_images(3, 13, 17, 8),
+    inputs=catalogue.image_inputs(3, 13, 17, 8),
     bench_config=dict(kernel_size=7),
-    bench_inputs=_images(16, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
     layouts=("seed",),
     train_mode=False,
 ))

@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
@@ -171,8 +170,6 @@ class RCCAModule(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _image(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 catalogue.register(catalogue.Entry(
@@ -183,9 +180,9 @@ catalogue.register(catalogue.Entry(
     flax=CrissCrossAttention,
     torch="flax_attn.testing.torch_ref.ccnet:CrissCrossAttention",
     config=dict(in_dim=16),
-    inputs=_image(3, 13, 17, 16),
+    inputs=catalogue.image_inputs(3, 13, 17, 16),
     bench_config=dict(in_dim=512),
-    bench_inputs=_image(8, 97, 97, 512),
+    bench_inputs=catalogue.image_inputs(8, 97, 97, 512),
     kernel="criss_cross",
     train_mode=False,
 ))
@@ -199,8 +196,8 @@ catalogue.register(catalogue.Entry(
     torch="flax_attn.testing.torch_ref.ccnet:RCCAModule",
     # Dropout off for parity: torch and JAX draw different masks (Dropout2d is tested separately).
     config=dict(in_channels=64, out_channels=24, num_classes=5, recurrence=2, dropout=0.0),
-    inputs=_image(3, 13, 17, 64),
+    inputs=catalogue.image_inputs(3, 13, 17, 64),
     bench_config=dict(in_channels=2048, out_channels=512, num_classes=19, recurrence=2),
-    bench_inputs=_image(2, 97, 97, 2048),
+    bench_inputs=catalogue.image_inputs(2, 97, 97, 2048),
     kernel="criss_cross",
 ))

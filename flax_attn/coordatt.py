@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
@@ -92,8 +91,6 @@ class CoordAtt(nn.Module):
         return x * a_w.astype(x.dtype) * a_h.astype(x.dtype)
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 catalogue.register(catalogue.Entry(
@@ -104,7 +101,7 @@ catalogue.register(catalogue.Entry(
     flax=CoordAtt,
     torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
     config=dict(inp=32, oup=32, reduction=2),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(inp=64, oup=64, reduction=32),
-    bench_inputs=_images(16, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
 ))

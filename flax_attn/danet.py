@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
@@ -176,8 +175,6 @@ class DANetHead(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(shape):
-    return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
 
 
 _COMMON = dict(family="danet", paper="Fu et al., CVPR 2019", arxiv="1809.02983")
@@ -188,9 +185,9 @@ catalogue.register(
         flax=PAM_Module,
         torch="flax_attn.testing.torch_ref.danet:PAM_Module",
         config=dict(in_dim=16),
-        inputs=_images((3, 13, 17, 16)),
+        inputs=catalogue.image_inputs(3, 13, 17, 16),
         bench_config=dict(in_dim=512),
-        bench_inputs=_images((2, 64, 64, 512)),
+        bench_inputs=catalogue.image_inputs(2, 64, 64, 512),
         train_mode=False,
         **_COMMON,
     )
@@ -202,9 +199,9 @@ catalogue.register(
         flax=CAM_Module,
         torch="flax_attn.testing.torch_ref.danet:CAM_Module",
         config=dict(in_dim=12),
-        inputs=_images((3, 13, 17, 12)),
+        inputs=catalogue.image_inputs(3, 13, 17, 12),
         bench_config=dict(in_dim=512),
-        bench_inputs=_images((2, 64, 64, 512)),
+        bench_inputs=catalogue.image_inputs(2, 64, 64, 512),
         # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
         # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
         # tests/test_danet.py checks 1e-5 on well-conditioned inputs.
@@ -223,9 +220,9 @@ catalogue.register(
         # Dropout off so train-mode parity checks the BatchNorm statistics (torch's dropout RNG differs);
         # tests/test_danet.py checks the Dropout2d semantics separately.
         config=dict(in_channels=64, out_channels=5, dropout=0.0),
-        inputs=_images((3, 13, 17, 64)),
+        inputs=catalogue.image_inputs(3, 13, 17, 64),
         bench_config=dict(in_channels=2048, out_channels=19),
-        bench_inputs=_images((2, 64, 64, 2048)),
+        bench_inputs=catalogue.image_inputs(2, 64, 64, 2048),
         **_COMMON,
     )
 )

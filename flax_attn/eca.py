@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.layers import Conv
@@ -75,8 +74,6 @@ class ECALayer(nn.Module):
         return x * nn.sigmoid(y[:, None, None, :, 0]).astype(x.dtype)
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 catalogue.register(catalogue.Entry(
@@ -87,8 +84,8 @@ catalogue.register(catalogue.Entry(
     flax=ECALayer,
     torch="flax_attn.testing.torch_ref.eca:eca_layer",
     config=dict(channel=32, k_size=5),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(channel=256, k_size=5),
-    bench_inputs=_images(16, 56, 56, 256),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
     train_mode=False,
 ))

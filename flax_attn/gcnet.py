@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename, Reshape
@@ -118,8 +117,6 @@ class ContextBlock(nn.Module):
         return out
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 catalogue.register(catalogue.Entry(
@@ -130,8 +127,8 @@ catalogue.register(catalogue.Entry(
     flax=ContextBlock,
     torch="flax_attn.testing.torch_ref.gcnet:ContextBlock",
     config=dict(inplanes=32, ratio=1 / 4, pooling_type="att", fusion_types=("channel_add", "channel_mul")),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(inplanes=256, ratio=1 / 16, pooling_type="att", fusion_types=("channel_add",)),
-    bench_inputs=_images(16, 28, 28, 256),
+    bench_inputs=catalogue.image_inputs(16, 28, 28, 256),
     train_mode=False,
 ))

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
@@ -263,13 +262,6 @@ class NonLocalMNISTNet(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(shape, bench=False):
-    def make(rng):
-        return {"x": rng.standard_normal(shape, dtype=np.float32)}
-
-    return make
-
-
 for _mode in NON_LOCAL_MODES:
     catalogue.register(
         catalogue.Entry(
@@ -282,9 +274,9 @@ for _mode in NON_LOCAL_MODES:
             config=dict(
                 in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode
             ),
-            inputs=_images((3, 13, 17, 12)),
+            inputs=catalogue.image_inputs(3, 13, 17, 12),
             bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-            bench_inputs=_images((8, 64, 64, 256)),
+            bench_inputs=catalogue.image_inputs(8, 64, 64, 256),
         )
     )
 
@@ -299,9 +291,9 @@ catalogue.register(
         # Dropout off so train-mode parity checks the BatchNorm batch statistics
         # (torch's dropout RNG differs).
         config=dict(dropout=0.0),
-        inputs=_images((3, 28, 28, 1)),
+        inputs=catalogue.image_inputs(3, 28, 28, 1),
         bench_config=dict(dropout=0.5),
-        bench_inputs=_images((256, 28, 28, 1)),
+        bench_inputs=catalogue.image_inputs(256, 28, 28, 1),
         atol=1e-4,
         rtol=1e-4,
     )

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
@@ -305,8 +304,6 @@ class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(shape):
-    return lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)}
 
 
 _COMMON = dict(family="residual_attention", paper="Wang et al., CVPR 2017", arxiv="1704.06904")
@@ -318,9 +315,9 @@ catalogue.register(
         flax=ResidualBlock,
         torch=f"{_REF}:ResidualBlock",
         config=dict(input_channels=12, output_channels=16, stride=2),
-        inputs=_images((3, 13, 17, 12)),
+        inputs=catalogue.image_inputs(3, 13, 17, 12),
         bench_config=dict(input_channels=256, output_channels=256),
-        bench_inputs=_images((8, 56, 56, 256)),
+        bench_inputs=catalogue.image_inputs(8, 56, 56, 256),
         **_COMMON,
     )
 )
@@ -331,9 +328,9 @@ catalogue.register(
         flax=AttentionModule_stage1,
         torch=f"{_REF}:AttentionModule_stage1",
         config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9), size3=(4, 5)),
-        inputs=_images((3, 13, 17, 8)),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_channels=256, out_channels=256),
-        bench_inputs=_images((8, 56, 56, 256)),
+        bench_inputs=catalogue.image_inputs(8, 56, 56, 256),
         # 18 pre-activation residual blocks (55 BatchNorms) deep, and in train mode the deepest mask level
         # (2x3 pixels x batch 3) normalises over 18 values per channel, amplifying float32 rounding in
         # the input gradient to ~2e-5: the whole-model tolerance applies.
@@ -349,9 +346,9 @@ catalogue.register(
         flax=AttentionModule_stage2,
         torch=f"{_REF}:AttentionModule_stage2",
         config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9)),
-        inputs=_images((3, 13, 17, 8)),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_channels=512, out_channels=512),
-        bench_inputs=_images((8, 28, 28, 512)),
+        bench_inputs=catalogue.image_inputs(8, 28, 28, 512),
         **_COMMON,
     )
 )
@@ -362,9 +359,9 @@ catalogue.register(
         flax=AttentionModule_stage3,
         torch=f"{_REF}:AttentionModule_stage3",
         config=dict(in_channels=8, out_channels=8, size1=(13, 17)),
-        inputs=_images((3, 13, 17, 8)),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_channels=1024, out_channels=1024),
-        bench_inputs=_images((8, 14, 14, 1024)),
+        bench_inputs=catalogue.image_inputs(8, 14, 14, 1024),
         **_COMMON,
     )
 )
@@ -378,8 +375,8 @@ for _depth, _cls in ((56, ResidualAttentionModel_56), (92, ResidualAttentionMode
             # The reference only takes 224x224 (fixed mask sizes, 7x7 average pool): batch 1 keeps it
             # to a few CPU seconds per pass; train mode is covered by the stage entries.
             config=dict(num_classes=10),
-            inputs=_images((1, 224, 224, 3)),
-            bench_inputs=_images((8, 224, 224, 3)),
+            inputs=catalogue.image_inputs(1, 224, 224, 3),
+            bench_inputs=catalogue.image_inputs(8, 224, 224, 3),
             atol=1e-4,
             rtol=1e-4,
             train_mode=False,

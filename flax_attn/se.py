@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
@@ -393,8 +392,6 @@ def se_resnet50(num_classes: int = 1000, **kwargs) -> SEResNet:
 # --------------------------------------------------------------------------- catalogue
 
 
-def _images(b, h, w, c):
-    return lambda rng: {"x": rng.standard_normal((b, h, w, c), dtype=np.float32)}
 
 
 _PAPER = "Hu et al., CVPR 2018"
@@ -408,9 +405,9 @@ catalogue.register(catalogue.Entry(
     flax=SELayer,
     torch="flax_attn.testing.torch_ref.se:SELayer",
     config=dict(channel=32, reduction=4),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(channel=64, reduction=16),
-    bench_inputs=_images(32, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(32, 56, 56, 64),
     layouts=("official", "conv", "timm"),
     train_mode=False,
 ))
@@ -423,9 +420,9 @@ catalogue.register(catalogue.Entry(
     flax=SEBasicBlock,
     torch="flax_attn.testing.torch_ref.se:se_basic_block",
     config=dict(inplanes=16, planes=32, stride=2, reduction=16),
-    inputs=_images(3, 13, 17, 16),
+    inputs=catalogue.image_inputs(3, 13, 17, 16),
     bench_config=dict(inplanes=64, planes=64, stride=1, reduction=16),
-    bench_inputs=_images(16, 56, 56, 64),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
     layouts=("senet", "timm"),
 ))
 
@@ -437,9 +434,9 @@ catalogue.register(catalogue.Entry(
     flax=SEBottleneck,
     torch="flax_attn.testing.torch_ref.se:se_bottleneck",
     config=dict(inplanes=32, planes=16, stride=2, reduction=16),
-    inputs=_images(3, 13, 17, 32),
+    inputs=catalogue.image_inputs(3, 13, 17, 32),
     bench_config=dict(inplanes=256, planes=64, stride=1, reduction=16),
-    bench_inputs=_images(16, 56, 56, 256),
+    bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
     layouts=("senet", "timm"),
 ))
 
@@ -453,9 +450,9 @@ catalogue.register(catalogue.Entry(
     # senet style so that the generic test needs plain torch only; tests/test_se.py checks the
     # timm style against timm's own model.
     config=dict(num_classes=10, se_style="senet"),
-    inputs=_images(3, 33, 29, 3),
+    inputs=catalogue.image_inputs(3, 33, 29, 3),
     bench_config=dict(num_classes=1000, se_style="timm"),
-    bench_inputs=_images(8, 64, 64, 3),
+    bench_inputs=catalogue.image_inputs(8, 64, 64, 3),
     layouts=("senet", "timm"),
     atol=1e-4,
     rtol=1e-4,
@@ -474,10 +471,10 @@ catalogue.register(catalogue.Entry(
     # it: at 3x97x81 the train-mode input gradient differs by 3.9e-3 (max |grad| 0.59) while eval
     # matches to 3.5e-10 and outputs to 5e-6 in both modes. At 2x65x57 the whole model meets 1e-4;
     # a single SE bottleneck meets 1e-5 at any size (tests/test_se.py).
-    inputs=_images(2, 65, 57, 3),
+    inputs=catalogue.image_inputs(2, 65, 57, 3),
     # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
     bench_config=dict(num_classes=1000, se_style="timm"),
-    bench_inputs=_images(1, 64, 64, 3),
+    bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
     layouts=("senet", "timm"),
     atol=1e-4,
     rtol=1e-4,
