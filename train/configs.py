@@ -240,8 +240,8 @@ def superres() -> Config:
             eval_images=("chelsea", "camera", "coins", "clock"),
         ),
         checkpoint=CheckpointConfig(every_steps=200, max_to_keep=2, best_metric="psnr", best_mode="max"),
-        steps=600,
-        eval_every=200,
+        steps=300,
+        eval_every=100,
         log_every=50,
     )
 
