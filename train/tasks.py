@@ -4,12 +4,10 @@ A task bundles a training source (``batch(step, rows)``, a pure function of ``(s
 fixed evaluation set, the loss and the evaluation metrics. The trainer is task-agnostic: it jits
 :meth:`Task.loss` into the train step and :meth:`Task.eval_sums` into the eval step.
 
-Extension point for hard attention (REINFORCE, the recurrent attention model of
-``flax_attn.hard_attention``): add a ``Task`` subclass to :data:`TASKS` whose :meth:`loss`
-unrolls the glimpses with the per-step ``rng`` it receives (the trainer folds the step into the
-run's key, so sampled locations are reproducible and resumable), and returns the hybrid loss
-(classification NLL + REINFORCE term with the baseline as a stop-gradient + baseline MSE) with
-the reward and accuracy in its metrics; the trainer, checkpointing and sharding need no change.
+Models whose call takes more than the image (the recurrent attention model also takes the first
+location and the policy noise) say so with :meth:`Task.init_args`; :class:`HardAttentionTask`
+is the example: its :meth:`~HardAttentionTask.loss` draws those from the per-step ``rng`` the
+trainer folds from ``(seed, step)``, so sampled glimpse locations are reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -21,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_attn.hard_attention import ram_hybrid_loss
 from train import data as data_lib
 from train.configs import Config
 from train.metrics import psnr_y, ssim_y
 
-__all__ = ["ClassifyTask", "SuperResTask", "TASKS", "Task", "make_task"]
+__all__ = ["ClassifyTask", "HardAttentionTask", "SuperResTask", "TASKS", "Task", "make_task"]
 
 
 class Task:
@@ -44,6 +43,10 @@ class Task:
     def example_input(self) -> np.ndarray:
         """One example batch (host numpy) for ``model.init``."""
         return self.train_source.batch(0, slice(0, 1))[self.input_key]
+
+    def init_args(self, model, example) -> tuple:
+        """Positional arguments of ``model.init`` (and ``from_torch``) for the example input."""
+        return (jnp.asarray(example),)
 
     def apply(self, model, params, batch_stats, x, *, train: bool, rng=None):
         """Model forward; returns ``(outputs, new_batch_stats)``."""
@@ -109,9 +112,7 @@ class SuperResTask(Task):
         overlap = set(d.train_images) & set(d.eval_images)
         if overlap or ({"cat", "chelsea"} <= set(d.train_images) | set(d.eval_images)):
             # skimage.data.cat is chelsea: the same photograph under two names.
-            raise ValueError(
-                f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}"
-            )
+            raise ValueError(f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}")
         self.train_source = data_lib.superres_train_source(
             d.train_images,
             batch_size=d.batch_size,
@@ -153,7 +154,104 @@ class SuperResTask(Task):
         return out
 
 
-TASKS: dict[str, type[Task]] = {"classify": ClassifyTask, "superres": SuperResTask}
+class HardAttentionTask(Task):
+    """Digits with the Recurrent Attention Model (Mnih et al., arXiv 1406.6247) trained by REINFORCE.
+
+    The digits (the classify task's fixed split) are bilinearly resized to ``data.image_size`` and
+    centred, zero-padded, on a square ``data.canvas_size`` canvas (the official retina's
+    ``denormalize`` assumes square images), so the glimpse policy has somewhere to look. Training
+    follows kevinzakka/recurrent-visual-attention: ``l_0 ~ U(-1, 1)``, the policy noise
+    ``~ N(0, 1)``, both drawn from the step's folded ``rng`` inside the jitted step (a pure function
+    of ``(seed, step)``, hence resumable), and :func:`flax_attn.hard_attention.ram_hybrid_loss`
+    (NLL + REINFORCE with the baseline as a stop-gradient + baseline MSE).
+
+    Evaluation reports ``accuracy`` the official way (the class log-probabilities averaged over
+    :attr:`eval_samples` Monte-Carlo rollouts, each with its own ``l_0`` and policy noise, drawn
+    from a key fixed by ``Config.seed`` so evaluations are deterministic) and ``accuracy_mean``
+    with the mean policy (``l_0 = 0``, no noise), plus the NLL of the averaged prediction.
+    """
+
+    name = "hard_attention"
+    default_best = ("accuracy", "max")
+    #: Monte-Carlo rollouts averaged at evaluation (the official ``--M``, default 10)
+    eval_samples = 10
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        d = config.data
+        if d.canvas_size < d.image_size:
+            raise ValueError(
+                f"hard_attention: data.canvas_size ({d.canvas_size}) must be >= data.image_size ({d.image_size})"
+            )
+        x_tr, y_tr, x_te, y_te = data_lib.digits_split(d.image_size, d.test_fraction, d.split_seed)
+        x_tr, x_te = _centre_on_canvas(x_tr, d.canvas_size), _centre_on_canvas(x_te, d.canvas_size)
+        self.train_source = data_lib.DigitsSource(x_tr, y_tr, d.batch_size, config.seed, d.augment)
+        self.eval_set = data_lib.EvalSet({"image": x_te, "label": y_te}, d.eval_batch_size)
+
+    def init_args(self, model, example):
+        x = jnp.asarray(example)
+        b = x.shape[0]
+        return (x, jnp.zeros((b, 2), x.dtype), jnp.zeros((b, model.num_glimpses, 2), x.dtype))
+
+    @staticmethod
+    def _draws(model, key, b, dtype=jnp.float32):
+        k_l, k_n = jax.random.split(key)
+        l_0 = jax.random.uniform(k_l, (b, 2), dtype, -1.0, 1.0)
+        noise = jax.random.normal(k_n, (b, model.num_glimpses, 2), dtype)
+        return l_0, noise
+
+    def loss(self, model, params, batch_stats, batch, rng):
+        x = batch["image"]
+        l_0, noise = self._draws(model, rng, x.shape[0])
+        out = model.apply({"params": params}, x, l_0, noise, train=True)
+        loss, aux = ram_hybrid_loss(
+            out["log_probas"].astype(jnp.float32),
+            out["log_pi"].astype(jnp.float32),
+            out["baselines"].astype(jnp.float32),
+            batch["label"],
+        )
+        return loss, ({"loss": loss, **aux}, batch_stats)
+
+    def eval_sums(self, model, variables, batch):
+        x, labels, m = batch["image"], batch["label"], batch["mask"]
+        b = x.shape[0]
+        variables = {"params": variables["params"]}
+        key = jax.random.PRNGKey(self.config.seed)
+
+        def sample(k):
+            l_0, noise = self._draws(model, k, b)
+            return model.apply(variables, x, l_0, noise)["log_probas"].astype(jnp.float32)
+
+        # The official test: log-probabilities averaged over M rollouts, then argmax.
+        log_probas = jnp.mean(jax.vmap(sample)(jax.random.split(key, self.eval_samples)), axis=0)
+        mean_policy = model.apply(
+            variables, x, jnp.zeros((b, 2), x.dtype), jnp.zeros((b, model.num_glimpses, 2), x.dtype)
+        )["log_probas"].astype(jnp.float32)
+        nll = -jnp.take_along_axis(log_probas, labels[:, None], axis=1)[:, 0]
+        correct = (jnp.argmax(log_probas, -1) == labels).astype(jnp.float32)
+        correct_mean = (jnp.argmax(mean_policy, -1) == labels).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(nll * m),
+            "accuracy": jnp.sum(correct * m),
+            "accuracy_mean": jnp.sum(correct_mean * m),
+            "count": jnp.sum(m),
+        }
+
+
+def _centre_on_canvas(x: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad ``(N, h, w, c)`` images to ``(N, size, size, c)`` with the image centred."""
+    h, w = x.shape[1:3]
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((x.shape[0], size, size, x.shape[3]), x.dtype)
+    out[:, top : top + h, left : left + w] = x
+    return out
+
+
+TASKS: dict[str, type[Task]] = {
+    "classify": ClassifyTask,
+    "superres": SuperResTask,
+    "hard_attention": HardAttentionTask,
+}
 
 
 def make_task(config: Config) -> Task:
