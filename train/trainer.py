@@ -89,7 +89,9 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(
+    cfg: OptimConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``clip_by_global_norm -> (adamw | weight decay + sgd momentum)`` under the configured schedule.
 
     SGD follows ``torch.optim.SGD``: weight decay is added to the gradient before momentum.
@@ -100,7 +102,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
     if cfg.clip_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
     if cfg.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
+        parts.append(
+            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        )
     elif cfg.name == "sgd":
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
@@ -242,7 +246,9 @@ class Trainer:
         # A concrete example: from_torch traces module.init inside a closure, where abstract
         # ShapeDtypeStruct inputs are not turned into tracers.
         example = [jnp.zeros(a.shape, a.dtype) for a in self.task.init_args(self.model, self._example)]
-        variables = from_torch(self.model, load_state_dict(path), *example, layout=self.config.model.torch_layout)
+        variables = from_torch(
+            self.model, load_state_dict(path), *example, layout=self.config.model.torch_layout
+        )
         params = jax.device_put(variables["params"], self.state_sharding.params)
         bs = jax.device_put(variables.get("batch_stats", {}), self.state_sharding.batch_stats)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -281,7 +287,9 @@ class Trainer:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         best_metric = cfg.checkpoint.best_metric
-        ckpt = Checkpointer(self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode)
+        ckpt = Checkpointer(
+            self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode
+        )
         writer = MetricsWriter(self.workdir, enabled=self.is_main)
         source = self.task.train_source
 
@@ -290,9 +298,13 @@ class Trainer:
             state, data = restored
             start = int(state.step)
             if data.get("position", {}).get("step") != start:
-                raise RuntimeError(f"checkpoint step {start} disagrees with its data position {data.get('position')}")
+                raise RuntimeError(
+                    f"checkpoint step {start} disagrees with its data position {data.get('position')}"
+                )
             if data.get("config") != _jsonable(cfg.to_dict()):
-                self._print("warning: the config differs from the one saved in the checkpoint; using the new one")
+                self._print(
+                    "warning: the config differs from the one saved in the checkpoint; using the new one"
+                )
             self._print(f"resumed from step {start} ({ckpt.directory})")
         else:
             state, start = self.initial_state(), 0
@@ -357,7 +369,9 @@ class Trainer:
                 if do_eval:
                     eval_metrics = self.evaluate(state)
                     writer.write(step, "eval", eval_metrics)
-                    self._print(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    self._print(
+                        f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                    )
                 if do_save:
                     ckpt.save(step, state, position(step), metrics=eval_metrics if do_eval else None)
                 if preempt:
