@@ -23,7 +23,6 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
