@@ -1,6 +1,6 @@
 # Two entry points, each self-contained on a fresh machine with Python >= 3.10 and pip:
-#   make demo   builds a venv, installs flax-attn with the torch extra, runs the demo
-#   make test   builds a venv, installs everything the tests need, runs the whole suite
+#   make demo   builds a venv, installs everything, runs the parity demo and the two default trainings
+#   make test   builds a venv, installs everything the tests need, runs the whole suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

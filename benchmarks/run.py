@@ -84,7 +84,7 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     train = entry.train_mode
 
     def loss(params, v, x):
-        v = {**v, "params": params}
+        v = {**v, "params": params} if params else v
         if train:
             out, _ = fmod.apply(
                 v, **x, **kwargs, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
@@ -97,7 +97,8 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     other_in = {k: v for k, v in jin.items() if k not in float_names}
 
     def fwd_bwd(v, fx):
-        return jax.grad(lambda p, f: loss(p, v, {**other_in, **f}), argnums=(0, 1))(v["params"], fx)
+        # parameter-free blocks (cost volumes, soft-argmin) differentiate w.r.t. their inputs only
+        return jax.grad(lambda p, f: loss(p, v, {**other_in, **f}), argnums=(0, 1))(v.get("params", {}), fx)
 
     fwd_c = jax.jit(fwd).lower(variables, jin).compile()
     bwd_c = jax.jit(fwd_bwd).lower(variables, float_in).compile()
