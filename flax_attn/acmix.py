@@ -278,7 +278,7 @@ catalogue.register(
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
         inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
-        bench_inputs=catalogue.image_inputs(32, 56, 56, 256),
+        bench_inputs=catalogue.image_inputs(4, 56, 56, 256),
         **_ACMIX,
     )
 )
@@ -290,7 +290,7 @@ catalogue.register(
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
         inputs=catalogue.image_inputs(3, 10, 14, 8),
         bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
-        bench_inputs=catalogue.image_inputs(32, 56, 56, 256),
+        bench_inputs=catalogue.image_inputs(4, 56, 56, 256),
         **_ACMIX,
     )
 )

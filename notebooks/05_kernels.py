@@ -109,7 +109,7 @@ if block_tables:
         y = np.arange(len(rows))
         ax.barh(y - 0.2, [as_float(r["torch/JAX fwd"]) for r in rows], 0.4, label="forward (eval)")
         ax.barh(y + 0.2, [as_float(r.get("torch/JAX fwd+bwd")) for r in rows], 0.4, label="forward + backward")
-        ax.set_yticks(y, [r["block"] for r in rows], fontsize=8)
+        ax.set_yticks(y, [next(iter(r.values())) for r in rows], fontsize=8)  # "block" or "op" column
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("PyTorch time / JAX time (> 1: JAX faster)")
