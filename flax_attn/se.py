@@ -160,7 +160,18 @@ def _check_style(where: str, se_style: str) -> str:
 
 
 class _SEResidualBlock(nn.Module):
-    """Shared rename table of the SE residual blocks (``downsample_0`` -> ``downsample.0``)."""
+    """What the SE residual blocks share: their constructor arguments (documented on each block),
+    the shortcut, and the rename table (``downsample_0`` -> ``downsample.0``)."""
+
+    inplanes: int
+    planes: int
+    stride: int = 1
+    reduction: int = 16
+    downsample: bool | None = None
+    se_style: str = "senet"
+    zero_init_last: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
 
@@ -203,16 +214,6 @@ class SEBasicBlock(_SEResidualBlock):
       (2, 5, 6, 32)
     """
 
-    inplanes: int
-    planes: int
-    stride: int = 1
-    reduction: int = 16
-    downsample: bool | None = None
-    se_style: str = "senet"
-    zero_init_last: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     expansion: ClassVar[int] = 1
 
     @nn.compact
@@ -252,16 +253,6 @@ class SEBottleneck(_SEResidualBlock):
       >>> block.apply(variables, x).shape
       (2, 5, 6, 64)
     """
-
-    inplanes: int
-    planes: int
-    stride: int = 1
-    reduction: int = 16
-    downsample: bool | None = None
-    se_style: str = "senet"
-    zero_init_last: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     expansion: ClassVar[int] = 4
 
