@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["scaled_dot_product_attention", "masked_softmax"]
 
@@ -19,7 +20,7 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int =
     ``mask`` (bool, True = keep) is applied before the softmax; ``-inf`` entries already in ``logits``
     count as masked too. Rows that are entirely masked produce all-zero weights and zero gradients.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(statistics_dtype(logits.dtype))
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=axis, keepdims=True)
@@ -109,7 +110,8 @@ def scaled_dot_product_attention(
         scale = d**-0.5
 
     logits_shape = (b, h, l, s)
-    logits = jnp.einsum("blhd,bshd->bhls", query, key, preferred_element_type=jnp.float32) * scale
+    acc = statistics_dtype(query.dtype, key.dtype, value.dtype)
+    logits = jnp.einsum("blhd,bshd->bhls", query, key, preferred_element_type=acc) * scale
 
     keep = None
     if mask is not None:
@@ -117,9 +119,9 @@ def scaled_dot_product_attention(
         if mask.dtype == jnp.bool_:
             keep = _broadcast_to_logits("mask", mask, logits_shape)
         else:
-            logits = logits + _broadcast_to_logits("mask", mask, logits_shape).astype(jnp.float32)
+            logits = logits + _broadcast_to_logits("mask", mask, logits_shape).astype(acc)
     if bias is not None:
-        logits = logits + _broadcast_to_logits("bias", jnp.asarray(bias), logits_shape).astype(jnp.float32)
+        logits = logits + _broadcast_to_logits("bias", jnp.asarray(bias), logits_shape).astype(acc)
     if is_causal:
         causal = jnp.tril(jnp.ones((l, s), dtype=jnp.bool_))
         keep = causal if keep is None else keep & causal
@@ -129,7 +131,7 @@ def scaled_dot_product_attention(
         survive = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(survive, weights / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum(
-        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32
+        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=acc
     ).astype(value.dtype)
     if return_weights:
         return out, weights.astype(value.dtype)

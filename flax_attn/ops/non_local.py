@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["NON_LOCAL_MODES", "non_local_attention"]
 
@@ -30,8 +31,8 @@ def _concat_terms(theta, phi, concat_kernel):
             f"non_local_attention: `concat_kernel` must have 2 * {ck} = {2 * ck} entries "
             f"(theta channels then phi channels), got shape {jnp.shape(concat_kernel)}"
         )
-    a = jnp.einsum("bnc,c->bn", theta, w[:ck], preferred_element_type=jnp.float32)
-    b = jnp.einsum("bmc,c->bm", phi, w[ck:], preferred_element_type=jnp.float32)
+    a = jnp.einsum("bnc,c->bn", theta, w[:ck], preferred_element_type=statistics_dtype(theta.dtype))
+    b = jnp.einsum("bmc,c->bm", phi, w[ck:], preferred_element_type=statistics_dtype(phi.dtype))
     return a, b
 
 
@@ -39,7 +40,7 @@ def _concat_sorted(a, b, g):
     """``sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix: b sorted, suffix sums, one search."""
     order = jnp.argsort(b, axis=-1)
     bs = jnp.take_along_axis(b, order, axis=-1)  # (B, M) ascending
-    gs = jnp.take_along_axis(g.astype(jnp.float32), order[..., None], axis=1)  # (B, M, Cv)
+    gs = jnp.take_along_axis(g.astype(statistics_dtype(g.dtype)), order[..., None], axis=1)  # (B, M, Cv)
 
     def suffix(t):  # suffix[k] = sum_{j >= k} t[j], with suffix[M] = 0
         s = jnp.flip(jnp.cumsum(jnp.flip(t, axis=1), axis=1), axis=1)
@@ -103,22 +104,22 @@ def non_local_attention(
     out_dtype = g.dtype
 
     if mode in ("embedded_gaussian", "gaussian"):
-        logits = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=statistics_dtype(g.dtype))
         weights = jax.nn.softmax(logits, axis=-1)
     elif mode == "dot_product":
         if not return_weights:
             # Linear in f: associate the other way round and never form (N, M).
-            kv = jnp.einsum("bmc,bmd->bcd", phi, g, preferred_element_type=jnp.float32)
-            y = jnp.einsum("bnc,bcd->bnd", theta.astype(jnp.float32), kv) / m
+            kv = jnp.einsum("bmc,bmd->bcd", phi, g, preferred_element_type=statistics_dtype(g.dtype))
+            y = jnp.einsum("bnc,bcd->bnd", theta.astype(kv.dtype), kv) / m
             return y.astype(out_dtype)
-        weights = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=jnp.float32) / m
+        weights = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=statistics_dtype(g.dtype)) / m
     else:
         a, b = _concat_terms(theta, phi, concat_kernel)
         if not return_weights:
             return (_concat_sorted(a, b, g) / m).astype(out_dtype)
         weights = jax.nn.relu(a[:, :, None] + b[:, None, :]) / m
 
-    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=jnp.float32).astype(
+    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=statistics_dtype(g.dtype)).astype(
         out_dtype
     )
     if return_weights:

@@ -31,24 +31,27 @@ def _nearest_index(in_size: int, out_size: int, scale: float) -> np.ndarray:
     return np.minimum(idx, in_size - 1)
 
 
-def _linear_coords(in_size: int, out_size: int, scale: float, align_corners: bool):
-    dst = np.arange(out_size, dtype=np.float32)
+def _linear_coords(in_size: int, out_size: int, scale: float, align_corners: bool, dtype=np.float32):
+    # torch evaluates the source coordinates in the input's accumulation type: float32 for 16- and
+    # 32-bit inputs, float64 for float64 ones.
+    f = np.dtype(dtype).type
+    dst = np.arange(out_size, dtype=dtype)
     if align_corners:
-        ratio = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0.0)
+        ratio = f((in_size - 1) / (out_size - 1)) if out_size > 1 else f(0.0)
         src = dst * ratio
     else:
-        src = (dst + np.float32(0.5)) * np.float32(scale) - np.float32(0.5)
-        src = np.maximum(src, 0.0)
+        src = (dst + f(0.5)) * f(scale) - f(0.5)
+        src = np.maximum(src, f(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = (src - i0).astype(np.float32)
+    frac = (src - i0).astype(dtype)
     return i0, i1, frac
 
 
 def _lerp_axis(x: jax.Array, axis: int, i0, i1, frac) -> jax.Array:
     shape = [1] * x.ndim
     shape[axis] = -1
-    w = jnp.asarray(frac, dtype=jnp.float32).reshape(shape).astype(x.dtype)
+    w = jnp.asarray(frac).reshape(shape).astype(x.dtype)
     a = jnp.take(x, jnp.asarray(i0), axis=axis)
     b = jnp.take(x, jnp.asarray(i1), axis=axis)
     return a * (1 - w) + b * w
@@ -94,5 +97,6 @@ def interpolate(
         if mode == "nearest":
             out = jnp.take(out, jnp.asarray(_nearest_index(in_size, o, scale)), axis=axis)
         else:
-            out = _lerp_axis(out, axis, *_linear_coords(in_size, o, scale, bool(align_corners)))
+            cdt = np.float64 if x.dtype == jnp.float64 else np.float32
+            out = _lerp_axis(out, axis, *_linear_coords(in_size, o, scale, bool(align_corners), cdt))
     return out
