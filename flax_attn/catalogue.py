@@ -51,6 +51,8 @@ class Entry:
         float32-vs-float64 difference (``testing.parity.measure_conditioning``) uses up a large part
         of the float32 tolerance, so the result would depend on the CPU's kernels.
       conditioning: the measured reason for ``float64_modes`` (or for a loosened tolerance).
+      float64_tolerance: atol and rtol of the float64 comparison; 1e-9 unless part of the
+        reference is float32 by definition (DETR's sine position encoding), with a comment why.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Entry:
     slow: bool = False
     float64_modes: tuple[str, ...] = ()
     conditioning: str = ""
+    float64_tolerance: float = 1e-9
 
     def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None):
         """Example inputs; ``inputs`` may take ``(rng)`` or ``(rng, config)`` to follow overrides."""
