@@ -581,7 +581,7 @@ def clean_stale_temporaries(path: Path) -> None:
         legacy = name in (f"{prefix}tmp", f"{prefix}old")
         if not (pid.isdigit() or legacy):
             continue  # not one of ours
-        if not legacy and int(pid) == os.getpid() or _alive(int(pid)):
+        if not legacy and (int(pid) == os.getpid() or _alive(int(pid))):
             continue  # a live writer (this process or another) owns it
         if name.endswith(".old") and not path.exists():
             continue  # the only copy of the previous output: recovery renames it back first
