@@ -72,6 +72,7 @@ BAD_SAFETENSORS = [
     ("not json", "notjson", b"", "not valid JSON"),
     ("duplicate keys", "dup", BODY8 + BODY8, "'a' twice"),
     ("header too long", "long", b"", "runs past the end"),
+    ("header over the bound", "huge", b"", "exceeds the 100000000-byte limit"),
 ]
 
 
@@ -88,8 +89,8 @@ def _bad_file(tmp_path, header, body, case_id):
         raw = ('{"a": ' + e + ', "a": ' + e.replace("[0, 8]", "[8, 16]") + "}").encode()
     elif case_id == "header string":
         raw = b'"abc"'
-    elif case_id == "header too long":
-        data = struct.pack("<Q", 10**6) + b"{}"
+    elif case_id in ("header too long", "header over the bound"):
+        data = struct.pack("<Q", 10**6 if case_id == "header too long" else 2 * 10**8) + b"{}"
         p = tmp_path / "bad.safetensors"
         p.write_bytes(data)
         return p
