@@ -86,10 +86,12 @@ def test_reset_keeps_the_old_run_aside_and_starts_afresh(finished, tmp_path, cap
     assert json.loads((work / "final_metrics.json").read_text())["step"] == 2
 
 
-def test_logging_cadence_may_change_on_resume(finished, tmp_path):
+def test_cadence_and_length_may_change_on_resume(finished, tmp_path, capsys):
     work = _copy(finished, tmp_path)
-    res = Trainer(cfg_lib.get_config("classify", [*TINY, "log_every=2", "checkpoint.max_to_keep=2"]), work).run()
-    assert res.step == 4
+    config = cfg_lib.get_config("classify", [*TINY, "log_every=2", "checkpoint.max_to_keep=2", "steps=6"])
+    res = Trainer(config, work).run()
+    assert res.step == 6  # extending a finished run is a resume, not a new run
+    assert "resumed from step 4" in capsys.readouterr().out and not (work / "previous").exists()
 
 
 def test_a_readable_checkpoint_of_another_structure_is_not_quarantined(finished, tmp_path):

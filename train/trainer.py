@@ -69,9 +69,12 @@ class ConfigMismatchError(ValueError):
         self.keys = keys
 
 
-# Keys that may change between a run and its resumption: they decide what is logged and how often
-# checkpoints are written, never the arithmetic of the run.
-RESUMABLE_KEYS = frozenset({"log_every", "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.async_save"})
+# Keys that may change between a run and its resumption: how often it logs, evaluates and saves,
+# and how long it runs (extending a finished run is a resume; with a decaying schedule the rate
+# then follows the new total, which the resume message says).
+RESUMABLE_KEYS = frozenset(
+    {"steps", "log_every", "eval_every", "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.async_save"}
+)
 
 
 @flax.struct.dataclass
@@ -404,12 +407,15 @@ class Trainer:
             if data.get("position", {}).get("step") != start:
                 raise RuntimeError(f"checkpoint step {start} disagrees with its data position {data.get('position')}")
             saved = data.get("config")
+            changed = ""
             if isinstance(saved, dict):
                 diff = _config_diff(saved, _jsonable(cfg.to_dict()))
                 if [k for k in diff if k not in RESUMABLE_KEYS]:
                     ckpt.close()
                     raise self._mismatch(diff, saved, f"checkpoint at step {start}")
-            self._print(f"resumed from step {start} ({ckpt.directory})")
+                if diff:
+                    changed = "; changed since: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            self._print(f"resumed from step {start} ({ckpt.directory}){changed}")
         else:
             state, start = self.initial_state(), 0
             if self.is_main:
