@@ -245,6 +245,21 @@ def test_pth_junk_is_not_called_unsafe(tmp_path, data, rule):
     assert not isinstance(err.value, UnsafeCheckpointError)
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+def test_pickles_of_every_protocol_that_reach_for_code_are_unsafe(tmp_path, protocol):
+    import os
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / f"evil{protocol}.pth"
+    path.write_bytes(pickle.dumps({"w": np.zeros(2), "e": Exploit()}, protocol=protocol))
+    with pytest.raises(UnsafeCheckpointError, match="could execute code. Nothing was executed"):
+        load_state_dict(path)
+
+
 def test_pth_truncated_pickle_is_not_called_unsafe(tmp_path):
     path = tmp_path / "cut.pth"
     torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)

@@ -409,7 +409,7 @@ def _read_torch(path: Path, cap: int) -> Any:
         raise CheckpointIntegrityError(path, "empty file (0 bytes)")
     if _is_zip(path):
         _check_zip(path, cap)  # torch's own reader skips the CRC: one flipped bit would load silently
-    elif head[:1] != b"\x80":
+    elif head[:1] != b"\x80" and not _is_text_pickle(path):
         raise CheckpointFormatError(
             path, f"not a PyTorch checkpoint: neither a zip archive nor a pickle (first bytes {head!r})"
         )
@@ -434,6 +434,19 @@ def _read_torch(path: Path, cap: int) -> Any:
         raise CheckpointFormatError(
             path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {reason[:300]})"
         ) from None
+
+
+def _is_text_pickle(path: Path) -> bool:
+    """Whether the file opens with a well-formed protocol 0/1 pickle (which has no leading 0x80)."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    try:
+        pickletools.dis(data, out=io.StringIO())  # checks opcodes and the stack, executes nothing
+    except Exception:
+        return False
+    return True
 
 
 # Modules whose globals torch's own checkpoints reference (tensor rebuilders, storages, dtypes).
