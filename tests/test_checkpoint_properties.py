@@ -1,6 +1,6 @@
 """Property tests of the checkpoint readers (hypothesis): any generated malformed safetensors, npz or
-torch zip file ends in a CheckpointError or in a load equal to the reference reader's, within
-bounded time and memory.
+torch zip file ends in a CheckpointError or in a load equal to the reference reader's (and, for the
+CRC-protected zip formats, to the tensors originally written), within bounded time and memory.
 
 ``FLAX_ATTN_PROPERTY_EXAMPLES=N`` raises the number of examples per property (default 100);
 ``FLAX_ATTN_PROPERTY_REPORT=path.json`` writes the outcome counts there.
@@ -47,8 +47,13 @@ def _report():
             json.dump({k: dict(v) for k, v in COUNTS.items()}, f, indent=2, sort_keys=True)
 
 
-def _check(kind: str, path, data: bytes, reference):
-    """Load ``path``; classify the outcome; anything but a CheckpointError or a correct load fails."""
+def _check(kind: str, path, data: bytes, reference, originals=None):
+    """Load ``path``; classify the outcome; anything but a CheckpointError or a correct load fails.
+
+    A load is correct when it equals the reference reader's, bit for bit, and, for formats whose
+    members carry a CRC (``originals`` given), when every tensor it shares a name with the file
+    before mutation still holds the original bytes: a damaged file must not load as other values.
+    """
     path.write_bytes(data)
     tracemalloc.start()
     try:
@@ -77,6 +82,10 @@ def _check(kind: str, path, data: bytes, reference):
         w = np.asarray(want[k])
         assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
         assert got[k].tobytes() == np.ascontiguousarray(w).tobytes(), k  # bitwise, NaNs included
+    for k, v in (originals or {}).items():
+        if k in got and (got[k].dtype != v.dtype or got[k].shape != v.shape or got[k].tobytes() != v.tobytes()):
+            COUNTS[kind]["anything else"] += 1
+            raise AssertionError(f"{kind}: tensor {k!r} loaded with other values than were written")
     COUNTS[kind]["loaded correctly"] += 1
 
 
@@ -217,7 +226,8 @@ def npz_files(draw):
             elif kind == "member":
                 member = _byte_mutations(draw, member)
             z.writestr(k + ".npy", member)
-    return _byte_mutations(draw, buf.getvalue()) if kind == "bytes" else buf.getvalue()
+    data = _byte_mutations(draw, _flip_in_payload(draw, buf.getvalue(), arrays)) if kind == "bytes" else buf.getvalue()
+    return data, (arrays if kind == "bytes" else None)
 
 
 def _reference_npz(path):
@@ -229,9 +239,10 @@ def _reference_npz(path):
 
 
 @SETTINGS
-@given(data=npz_files())
-def test_generated_npz_files(tmp_path, data):
-    _check("npz", tmp_path / "x.npz", data, _reference_npz)
+@given(case=npz_files())
+def test_generated_npz_files(tmp_path, case):
+    data, originals = case
+    _check("npz", tmp_path / "x.npz", data, _reference_npz, originals)
 
 
 # --------------------------------------------------------------------------- torch zip
@@ -243,7 +254,20 @@ def torch_files(draw):
     arrays = draw(tensors())
     buf = io.BytesIO()
     torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, buf)
-    return _byte_mutations(draw, buf.getvalue())
+    return _byte_mutations(draw, _flip_in_payload(draw, buf.getvalue(), arrays)), arrays
+
+
+def _flip_in_payload(draw, data: bytes, arrays) -> bytes:
+    """Sometimes flip one bit inside a tensor's stored bytes: what only a checksum can catch."""
+    payloads = [v.tobytes() for v in arrays.values() if v.nbytes]
+    if not payloads or not draw(st.booleans()):
+        return data
+    raw = draw(st.sampled_from(payloads))
+    start = data.find(raw)
+    if start < 0:
+        return data
+    at = start + draw(st.integers(0, len(raw) - 1))
+    return data[:at] + bytes([data[at] ^ (1 << draw(st.integers(0, 7)))]) + data[at + 1 :]
 
 
 def _reference_torch(path):
@@ -257,7 +281,8 @@ def _reference_torch(path):
 
 
 @SETTINGS
-@given(data=torch_files())
-def test_generated_torch_zip_files(tmp_path, data):
+@given(case=torch_files())
+def test_generated_torch_zip_files(tmp_path, case):
     pytest.importorskip("torch")
-    _check("torch zip", tmp_path / "x.pth", data, _reference_torch)
+    data, originals = case
+    _check("torch zip", tmp_path / "x.pth", data, _reference_torch, originals)
