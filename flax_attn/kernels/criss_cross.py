@@ -39,32 +39,28 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["BlockSizes", "criss_cross_attention_pallas", "default_block_sizes"]
+from flax_attn.kernels._common import (
+    MASK_VALUE,
+    BlockSizes,
+    compiler_params,
+    dot,
+    dot_nt,
+    next_pow2,
+    resolve_backend,
+    resolve_interpret,
+    round_up,
+)
+from flax_attn.kernels.checks import check_criss_cross_args
 
-# Finite, so that exp(mask - m) is exactly 0 without inf - inf = nan anywhere.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+__all__ = ["criss_cross_attention_pallas", "default_block_sizes"]
 
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Pixel tile ``(block_h, block_w)`` owned by one grid step (untuned defaults per backend)."""
-
-    block_h: int
-    block_w: int
+_WHERE = "criss_cross_attention_pallas"
 
 
 def default_block_sizes(backend: str) -> BlockSizes:
     # Triton: a 64-query tile keeps the tensor-core M dimension >= 16. Mosaic: 8 sublanes by 16 so
     # that flattening bfloat16 blocks never splits a packed (16, 128) tile.
-    return BlockSizes(8, 8) if backend == "triton" else BlockSizes(8, 16)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    return BlockSizes(block_h=8, block_w=8) if backend == "triton" else BlockSizes(block_h=8, block_w=16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,25 +81,16 @@ def _geometry(backend, interpret, h, w, cqk, cv, blocks: BlockSizes) -> _Geometr
     ty, tx = blocks.block_h, blocks.block_w
     if backend == "triton":
         if ty & (ty - 1) or tx & (tx - 1):
-            raise ValueError(f"criss_cross_attention_pallas: Triton tiles must be powers of two, got {blocks}")
-        hp, wp = max(_next_pow2(h), ty), max(_next_pow2(w), tx)
+            raise ValueError(f"{_WHERE}: Triton tiles must be powers of two, got {blocks}")
+        hp, wp = max(next_pow2(h), ty), max(next_pow2(w), tx)
         # tl.dot needs every matmul dimension >= 16.
-        return _Geometry(backend, interpret, h, w, ty, tx, hp, wp, max(_next_pow2(cqk), 16), max(_next_pow2(cv), 16))
+        return _Geometry(backend, interpret, h, w, ty, tx, hp, wp, max(next_pow2(cqk), 16), max(next_pow2(cv), 16))
     if ty % 8 or tx % 8:
-        raise ValueError(f"criss_cross_attention_pallas: Mosaic tiles must be multiples of 8, got {blocks}")
-    return _Geometry(backend, interpret, h, w, ty, tx, _round_up(h, ty), _round_up(w, tx), cqk, cv)
+        raise ValueError(f"{_WHERE}: Mosaic TPU tiles must be multiples of 8, got {blocks}")
+    return _Geometry(backend, interpret, h, w, ty, tx, round_up(h, ty), round_up(w, tx), cqk, cv)
 
 
 # --------------------------------------------------------------------------- kernel bodies
-
-
-def _dot_nt(a, b):
-    """``a @ b.T`` with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _iotas(shape):
@@ -132,8 +119,13 @@ def _key_tile_masks(g: _Geometry, iy, ix):
     row = (qr // g.wp == ki // g.tx) & (qr % g.wp < g.w) & (iy * g.ty + qr // g.wp < g.h) & key_ok(ki)
     qc, ki = _iotas((g.hp * g.tx, n))
     q_y = qc // g.tx
-    col = ((qc % g.tx == ki % g.tx) & (q_y != iy * g.ty + ki // g.tx) & (q_y < g.h)
-           & (ix * g.tx + qc % g.tx < g.w) & key_ok(ki))
+    col = (
+        (qc % g.tx == ki % g.tx)
+        & (q_y != iy * g.ty + ki // g.tx)
+        & (q_y < g.h)
+        & (ix * g.tx + qc % g.tx < g.w)
+        & key_ok(ki)
+    )
     return row, col
 
 
@@ -146,12 +138,12 @@ def _fwd_kernel(q_ref, kr_ref, kc_ref, vr_ref, vc_ref, o_ref, lse_ref, *, g: _Ge
     iy, ix = pl.program_id(1), pl.program_id(2)
     q, kr, kc, vr, vc = (_flat(r) for r in (q_ref, kr_ref, kc_ref, vr_ref, vc_ref))
     mask_r, mask_c = _query_tile_masks(g, iy, ix)
-    s_r = jnp.where(mask_r, _dot_nt(q, kr), _MASK_VALUE)
-    s_c = jnp.where(mask_c, _dot_nt(q, kc), _MASK_VALUE)
+    s_r = jnp.where(mask_r, dot_nt(q, kr), MASK_VALUE)
+    s_c = jnp.where(mask_c, dot_nt(q, kc), MASK_VALUE)
     m = jnp.maximum(jnp.max(s_r, axis=1, keepdims=True), jnp.max(s_c, axis=1, keepdims=True))
     p_r, p_c = jnp.exp(s_r - m), jnp.exp(s_c - m)
     l = jnp.sum(p_r, axis=1, keepdims=True) + jnp.sum(p_c, axis=1, keepdims=True)
-    acc = _dot(p_r.astype(vr.dtype), vr) + _dot(p_c.astype(vc.dtype), vc)
+    acc = dot(p_r.astype(vr.dtype), vr) + dot(p_c.astype(vc.dtype), vc)
     o_ref[...] = (acc / l).reshape(o_ref.shape).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log(l)).reshape(lse_ref.shape)
 
@@ -161,16 +153,17 @@ def _dq_kernel(q_ref, kr_ref, kc_ref, vr_ref, vc_ref, do_ref, lse_ref, d_ref, dq
     q, kr, kc, vr, vc, do = (_flat(r) for r in (q_ref, kr_ref, kc_ref, vr_ref, vc_ref, do_ref))
     lse, d = _flat(lse_ref), _flat(d_ref)
     mask_r, mask_c = _query_tile_masks(g, iy, ix)
-    p_r = jnp.exp(jnp.where(mask_r, _dot_nt(q, kr), _MASK_VALUE) - lse)
-    p_c = jnp.exp(jnp.where(mask_c, _dot_nt(q, kc), _MASK_VALUE) - lse)
-    ds_r = p_r * (_dot_nt(do, vr) - d)
-    ds_c = p_c * (_dot_nt(do, vc) - d)
-    dq = _dot(ds_r.astype(kr.dtype), kr) + _dot(ds_c.astype(kc.dtype), kc)
+    p_r = jnp.exp(jnp.where(mask_r, dot_nt(q, kr), MASK_VALUE) - lse)
+    p_c = jnp.exp(jnp.where(mask_c, dot_nt(q, kc), MASK_VALUE) - lse)
+    ds_r = p_r * (dot_nt(do, vr) - d)
+    ds_c = p_c * (dot_nt(do, vc) - d)
+    dq = dot(ds_r.astype(kr.dtype), kr) + dot(ds_c.astype(kc.dtype), kc)
     dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref, lser_ref, lsec_ref, dr_ref, dc_ref,
-                dk_ref, dv_ref, *, g: _Geometry):
+def _dkv_kernel(
+    k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref, lser_ref, lsec_ref, dr_ref, dc_ref, dk_ref, dv_ref, *, g: _Geometry
+):
     iy, ix = pl.program_id(1), pl.program_id(2)
     k, v, qr, qc, do_r, do_c = (_flat(r) for r in (k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref))
     lse_r, lse_c, d_r, d_c = (_flat(r) for r in (lser_ref, lsec_ref, dr_ref, dc_ref))
@@ -179,10 +172,10 @@ def _dkv_kernel(k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref, lser_ref, lsec_r
     dv = jnp.zeros(v.shape, jnp.float32)
     for mask, qq, do, lse, d in ((mask_r, qr, do_r, lse_r, d_r), (mask_c, qc, do_c, lse_c, d_c)):
         # (queries, keys) orientation: the statistics are per-query column vectors.
-        p = jnp.exp(jnp.where(mask, _dot_nt(qq, k), _MASK_VALUE) - lse)
-        ds = p * (_dot_nt(do, v) - d)
-        dv = dv + _dot(p.T.astype(do.dtype), do)
-        dk = dk + _dot(ds.T.astype(qq.dtype), qq)
+        p = jnp.exp(jnp.where(mask, dot_nt(qq, k), MASK_VALUE) - lse)
+        ds = p * (dot_nt(do, v) - d)
+        dv = dv + dot(p.T.astype(do.dtype), do)
+        dk = dk + dot(ds.T.astype(qq.dtype), qq)
     dk_ref[...] = dk.reshape(dk_ref.shape).astype(dk_ref.dtype)
     dv_ref[...] = dv.reshape(dv_ref.shape).astype(dv_ref.dtype)
 
@@ -201,14 +194,7 @@ def _specs(g: _Geometry, c: int):
 
 def _call(kernel, g: _Geometry, batch: int, in_specs, out_specs, out_shape, *args):
     grid = (batch, g.hp // g.ty, g.wp // g.tx)
-    if g.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-
-        params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    else:
-        from jax.experimental.pallas import tpu as pltpu
-
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    params = compiler_params(g.backend, 3)
     return pl.pallas_call(
         functools.partial(kernel, g=g),
         grid=grid,
@@ -235,12 +221,20 @@ def _forward(q, k, v, g: _Geometry):
     s_tile = _specs(g, 1)[0]
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     out, lse = _call(
-        _fwd_kernel, g, b,
+        _fwd_kernel,
+        g,
+        b,
         [q_tile, k_rows, k_cols, v_rows, v_cols],
         [v_tile, s_tile],
-        [jax.ShapeDtypeStruct((b, g.hp, g.wp, g.cv_p), out_dtype),
-         jax.ShapeDtypeStruct((b, g.hp, g.wp, 1), jnp.float32)],
-        qp, kp, kp, vp, vp,
+        [
+            jax.ShapeDtypeStruct((b, g.hp, g.wp, g.cv_p), out_dtype),
+            jax.ShapeDtypeStruct((b, g.hp, g.wp, 1), jnp.float32),
+        ],
+        qp,
+        kp,
+        kp,
+        vp,
+        vp,
     )
     return out, lse
 
@@ -256,18 +250,38 @@ def _backward(q, k, v, out_p, lse, dout, g: _Geometry):
     v_tile, v_rows, v_cols = _specs(g, g.cv_p)
     s_tile, s_rows, s_cols = _specs(g, 1)
     dq = _call(
-        _dq_kernel, g, b,
+        _dq_kernel,
+        g,
+        b,
         [q_tile, q_rows, q_cols, v_rows, v_cols, v_tile, s_tile, s_tile],
         q_tile,
         jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        qp, kp, kp, vp, vp, dop, lse, d,
+        qp,
+        kp,
+        kp,
+        vp,
+        vp,
+        dop,
+        lse,
+        d,
     )
     dk, dv = _call(
-        _dkv_kernel, g, b,
+        _dkv_kernel,
+        g,
+        b,
         [q_tile, v_tile, q_rows, q_cols, v_rows, v_cols, s_rows, s_cols, s_rows, s_cols],
         [q_tile, v_tile],
         [jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        kp, vp, qp, qp, dop, dop, lse, lse, d, d,
+        kp,
+        vp,
+        qp,
+        qp,
+        dop,
+        dop,
+        lse,
+        lse,
+        d,
+        d,
     )
     return dq[:, :h, :w, :cqk], dk[:, :h, :w, :cqk], dv[:, :h, :w, :cv]
 
@@ -291,31 +305,36 @@ def _cc_bwd(g, res, dout):
 _cc.defvjp(_cc_fwd, _cc_bwd)
 
 
-def criss_cross_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None,
-                                 interpret: Any = False, block_sizes: BlockSizes | None = None) -> jax.Array:
+def criss_cross_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    backend: str | None = None,
+    interpret: Any = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """Fused criss-cross attention; differentiable (custom VJP with fused backward kernels).
 
     Args:
       q, k: ``(B, H, W, Cqk)``; v: ``(B, H, W, Cv)``. Any H, W, C (padded inside).
-      backend: ``"triton"`` (GPU) or ``"mosaic"`` (TPU); default from ``jax.default_backend()``.
-      interpret: run the kernels in the Pallas interpreter: ``True``, or for Mosaic a
-        ``pltpu.InterpretParams(...)`` (TPU interpret mode, with race detection if asked).
-      block_sizes: pixel tile per grid step (default :func:`default_block_sizes`).
+      backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
+        platform's lowering (Triton rules on CPU, where only interpret mode runs).
+      interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
+        Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
+        detection; an ``InterpretParams`` is passed through.
+      block_sizes: ``BlockSizes(block_h=..., block_w=...)``: the pixel tile per grid step
+        (default :func:`default_block_sizes`).
 
     Returns:
       ``(B, H, W, Cv)`` in the inputs' result dtype.
     """
-    from flax_attn.ops.criss_cross import _check_inputs
-
-    _check_inputs("criss_cross_attention_pallas", q, k, v)
-    if backend is None:
-        platform = jax.default_backend()
-        backend = {"gpu": "triton", "tpu": "mosaic"}.get(platform)
-        if backend is None:
-            raise ValueError(f"criss_cross_attention_pallas: no Pallas backend for platform {platform!r}; "
-                             "pass backend='triton' or 'mosaic' with interpret=True")
-    if backend not in ("triton", "mosaic"):
-        raise ValueError(f"criss_cross_attention_pallas: `backend` must be 'triton' or 'mosaic', got {backend!r}")
+    check_criss_cross_args(_WHERE, q, k, v)
+    backend = resolve_backend(_WHERE, backend)
+    blocks = block_sizes or BlockSizes()
+    blocks.check(_WHERE, ("block_h", "block_w"))
+    default = default_block_sizes(backend)
+    blocks = BlockSizes(block_h=blocks.block_h or default.block_h, block_w=blocks.block_w or default.block_w)
     _, h, w, cqk = q.shape
-    g = _geometry(backend, interpret, h, w, cqk, v.shape[-1], block_sizes or default_block_sizes(backend))
+    g = _geometry(backend, resolve_interpret(backend, interpret), h, w, cqk, v.shape[-1], blocks)
     return _cc(q, k, v, g)

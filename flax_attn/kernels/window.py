@@ -22,7 +22,7 @@ XLA reference materialises (twice, with the broadcast bias) never reach HBM.
   hold a large negative value: that is how padded keys are masked, no in-kernel iota needed.
 * Shift mask: Swin's mask is ``-100`` between tokens of different regions of the rolled map. Each
   window's tokens get a region code (float32, constant per call, from
-  :func:`flax_attn.ops.window.shift_attention_mask`'s region layout); the kernel compares the
+  :func:`flax_attn.kernels.layout.shift_regions`); the kernel compares the
   query codes ``(Np, 1)`` with the key codes ``(1, Np)``. This costs ``2 * Np`` floats per window
   instead of an ``(Np, Np)`` mask per window.
 
@@ -56,10 +56,23 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flax_attn.kernels._common import (
+    MASK_VALUE,
+    BlockSizes,
+    compiler_params,
+    dot,
+    dot_nt,
+    next_pow2,
+    resolve_backend,
+    resolve_interpret,
+    round_up,
+)
+from flax_attn.kernels.checks import check_window_args
+from flax_attn.kernels.layout import relative_position_index, shift_regions, window_partition, window_reverse
+
 __all__ = ["default_block_windows", "window_attention_pallas"]
 
-# Finite, so that exp(mask - m) is exactly 0 without inf - inf = nan anywhere.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_WHERE = "window_attention_pallas"
 # Swin's value for tokens of different regions after the cyclic shift (not -inf: part of its semantics).
 _SHIFT_MASK = -100.0
 
@@ -69,22 +82,14 @@ def default_block_windows(backend: str) -> int:
     # Mosaic: ~0.35 us per grid step is worth amortising over 8 windows. Triton: 4 keeps the number
     # of programs (heads * windows / 4) well above the SM count at Swin sizes, while the backward's
     # partial bias gradients stay a fraction of the q/k/v size.
-    return 8 if backend == "mosaic" else 4
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    return 8 if backend == "mosaic_tpu" else 4
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static geometry of one call (hashable: a ``custom_vjp`` non-differentiable argument)."""
 
-    backend: str  # "triton" or "mosaic": tiling rules, independent of where it runs
+    backend: str  # "triton" or "mosaic_tpu": tiling rules, independent of where it runs
     interpret: Any
     shifted: bool
     scale: float
@@ -101,43 +106,23 @@ class _Plan:
 def _make_plan(backend, interpret, shifted, scale, heads, n, d, itemsize, windows, block_windows) -> _Plan:
     t = block_windows or default_block_windows(backend)
     if t < 1:
-        raise ValueError(f"window_attention_pallas: `block_windows` must be >= 1, got {t}")
+        raise ValueError(f"{_WHERE}: `block_sizes.block_windows` must be >= 1, got {t}")
     if backend == "triton":
         if t & (t - 1):
-            raise ValueError(f"window_attention_pallas: Triton `block_windows` must be a power of two, got {t}")
-        np_, dp = max(16, _next_pow2(n)), max(16, _next_pow2(d))
+            raise ValueError(f"{_WHERE}: Triton `block_sizes.block_windows` must be a power of two, got {t}")
+        np_, dp = max(16, next_pow2(n)), max(16, next_pow2(d))
     else:
         # Sublane multiple of the dtype's packing (8 rows of 32-bit, 16 of 16-bit), so that the
         # (T, Np, D) -> (Np, D) window slices never split a packed tile.
-        np_, dp = _round_up(n, 8 if itemsize >= 4 else 16), d
-    return _Plan(backend, interpret, shifted, float(scale), heads, n, d, np_, dp, t, windows, _round_up(windows, t))
-
-
-def _compiler_params(plan: _Plan):
-    if plan.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-
-        # The (Np, Np) float32 logits live in registers: 8 warps once they pass 64 x 64 (window > 8).
-        return plgpu.CompilerParams(num_warps=4 if plan.np_ <= 64 else 8, num_stages=2)
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        np_, dp = round_up(n, 8 if itemsize >= 4 else 16), d
+    return _Plan(backend, interpret, shifted, float(scale), heads, n, d, np_, dp, t, windows, round_up(windows, t))
 
 
 # --------------------------------------------------------------------------- kernel bodies
 
 
-def _dot_nt(a, b):
-    """``a @ b.T`` with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _logits(plan: _Plan, q, k, bias, codes, i):
-    s = _dot_nt(q, k) * plan.scale + bias
+    s = dot_nt(q, k) * plan.scale + bias
     if plan.shifted:
         cq_ref, ck_ref = codes
         s = s + jnp.where(cq_ref[i] != ck_ref[i], _SHIFT_MASK, 0.0)
@@ -164,7 +149,7 @@ def _fwd_kernel(*refs, plan: _Plan):
         m = jnp.max(s, axis=1, keepdims=True)
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=1, keepdims=True)
-        o_ref[i] = (_dot(p.astype(v.dtype), v) / l).astype(o_ref.dtype)
+        o_ref[i] = (dot(p.astype(v.dtype), v) / l).astype(o_ref.dtype)
         lse_ref[i] = m + jnp.log(l)
         return carry
 
@@ -179,10 +164,10 @@ def _bwd_kernel(*refs, plan: _Plan):
     def body(i, dbias):
         q, k, v, do = q_ref[i], k_ref[i], v_ref[i], do_ref[i]
         p = jnp.exp(_logits(plan, q, k, bias, codes, i) - lse_ref[i])
-        ds = p * (_dot_nt(do, v) - delta_ref[i])
-        dv_ref[i] = _dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
-        dq_ref[i] = (_dot(ds.astype(k.dtype), k) * plan.scale).astype(dq_ref.dtype)
-        dk_ref[i] = (_dot(ds.T.astype(q.dtype), q) * plan.scale).astype(dk_ref.dtype)
+        ds = p * (dot_nt(do, v) - delta_ref[i])
+        dv_ref[i] = dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
+        dq_ref[i] = (dot(ds.astype(k.dtype), k) * plan.scale).astype(dq_ref.dtype)
+        dk_ref[i] = (dot(ds.T.astype(q.dtype), q) * plan.scale).astype(dk_ref.dtype)
         return dbias + ds
 
     dbias_ref[...] = lax.fori_loop(0, plan.t, body, jnp.zeros((plan.np_, plan.np_), jnp.float32))
@@ -210,7 +195,8 @@ def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(plan),
+        # The (Np, Np) float32 logits live in registers: 8 warps once they pass 64 x 64 (window > 8).
+        compiler_params=compiler_params(plan.backend, 2, num_warps=4 if plan.np_ <= 64 else 8),
         interpret=plan.interpret,
         name=name,
     )(*args)
@@ -289,42 +275,6 @@ _wa.defvjp(_wa_fwd, _wa_bwd)
 # --------------------------------------------------------------------------- wrapper
 
 
-def _region_codes(h: int, w: int, ws: int, shift: int) -> np.ndarray:
-    """Per window of one image, the Swin region (0..8) of each token: ``(nW, N)`` float32.
-
-    Two tokens of a window get Swin's -100 exactly when their codes differ
-    (:func:`flax_attn.ops.window.shift_attention_mask` is this comparison, made dense).
-    """
-    region = np.zeros((h, w), np.float32)
-    bounds = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for i, hs in enumerate(bounds):
-        for j, wsl in enumerate(bounds):
-            region[hs, wsl] = 3 * i + j
-    return region.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
-
-
-def _resolve_backend(backend):
-    if backend is None:
-        platform = jax.default_backend()
-        # CPU has no Pallas lowering: default to the Triton tiling rules, which only run interpreted.
-        return "mosaic" if platform == "tpu" else "triton"
-    if backend not in ("triton", "mosaic"):
-        raise ValueError(f"window_attention_pallas: `backend` must be 'triton' or 'mosaic', got {backend!r}")
-    return backend
-
-
-def _resolve_interpret(backend, interpret):
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if interpret is True and backend == "mosaic":
-        from jax.experimental.pallas import tpu as pltpu
-
-        # The TPU interpreter models VMEM, DMAs and the grid; detect_races checks that no two
-        # programs touch the same output block concurrently.
-        return pltpu.InterpretParams(detect_races=True)
-    return interpret
-
-
 def window_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -336,7 +286,7 @@ def window_attention_pallas(
     scale: float | None = None,
     backend: str | None = None,
     interpret: Any = None,
-    block_windows: int | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Fused window attention: arguments and result of :func:`flax_attn.ops.window.window_attention`.
 
@@ -345,21 +295,22 @@ def window_attention_pallas(
     as by the op; call it through ``window_attention(..., implementation="pallas")`` unless testing.
 
     Args:
-      backend: ``"triton"`` (GPU) or ``"mosaic"`` (TPU); default from ``jax.default_backend()``
-        (Triton tiling rules on CPU, where only interpret mode runs).
-      interpret: run in the Pallas interpreter (default: ``True`` on CPU). For Mosaic, ``True``
-        means TPU interpret mode with race detection (``pltpu.InterpretParams(detect_races=True)``);
-        an ``InterpretParams`` is passed through.
-      block_windows: windows per grid step (default :func:`default_block_windows`).
+      backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
+        platform's lowering (Triton rules on CPU, where only interpret mode runs).
+      interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
+        Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
+        detection; an ``InterpretParams`` is passed through.
+      block_sizes: ``BlockSizes(block_windows=...)``: windows per program (default
+        :func:`default_block_windows`).
 
     Returns:
       ``(B, H, W, heads, D)`` in the inputs' result dtype.
     """
-    from flax_attn.ops.window import check_window_args, relative_position_index, window_partition, window_reverse
-
-    check_window_args("window_attention_pallas", q, k, v, window_size, shift_size, bias_table)
-    backend = _resolve_backend(backend)
-    interpret = _resolve_interpret(backend, interpret)
+    check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
+    backend = resolve_backend(_WHERE, backend)
+    interpret = resolve_interpret(backend, interpret)
+    blocks = block_sizes or BlockSizes()
+    blocks.check(_WHERE, ("block_windows",))
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     b, h, w, heads, d = q.shape
@@ -367,7 +318,7 @@ def window_attention_pallas(
     n, nw = ws * ws, (h // ws) * (w // ws)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     plan = _make_plan(
-        backend, interpret, bool(shift), scale, heads, n, d, jnp.dtype(dtype).itemsize, b * nw, block_windows
+        backend, interpret, bool(shift), scale, heads, n, d, jnp.dtype(dtype).itemsize, b * nw, blocks.block_windows
     )
     pad_w, pad_n, pad_d = plan.windows_p - plan.windows, plan.np_ - n, plan.dp - d
 
@@ -383,11 +334,11 @@ def window_attention_pallas(
         rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
         bias = jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))
     key_ok = np.arange(plan.np_) < n
-    bias = jnp.where(key_ok, jnp.pad(bias, ((0, 0), (0, pad_n), (0, pad_n))), _MASK_VALUE)
+    bias = jnp.where(key_ok, jnp.pad(bias, ((0, 0), (0, pad_n), (0, pad_n))), MASK_VALUE)
 
     codes = ()
     if shift:
-        c = jnp.tile(jnp.asarray(_region_codes(h, w, ws, shift)), (b, 1))
+        c = jnp.tile(jnp.asarray(shift_regions(h, w, ws, shift)), (b, 1))
         c = jnp.pad(c, ((0, pad_w), (0, pad_n)))
         codes = (c[:, :, None], c[:, None, :])
 
