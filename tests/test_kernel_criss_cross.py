@@ -87,6 +87,24 @@ def test_interpret_exact_tiling_and_other_tiles():
         _assert_close(g, rg, 1e-5, 1e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_one_row_image_and_channel_blocks(backend):
+    # H = 1: the column pass has no key at all (only the centre, which the row counts), so its
+    # log-sum-exp must drop out of the merge; 40 value channels in blocks of 16 (Triton: padded to
+    # 64, four blocks) / 128-multiples or whole (Mosaic) exercise the channel tiling of P @ V and dV.
+    blocks = BlockSizes(block_h=16, block_w=16, block_c=16 if backend == "triton" else None)
+    fn = lambda *a: criss_cross_attention_pallas(  # noqa: E731
+        *a, backend=backend, interpret=BACKENDS[backend], block_sizes=blocks
+    )
+    for shape, cv in (((2, 1, 7), 5), ((1, 6, 3), 40)):
+        q, k, v, ct = _inputs(shape, 3, cv, seed=5)
+        out, grads = _value_and_grads(fn, q, k, v, ct)
+        ref_out, ref_grads = _reference(q, k, v, ct)
+        _assert_close(out, ref_out, 1e-5, 1e-5, f"output {shape}")
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            _assert_close(g, rg, 1e-5, 1e-5, f"d{name} {shape}")
+
+
 def test_custom_vjp_check_grads():
     q, k, v, _ = _inputs((1, 3, 4), 2, 3, seed=3)
     fn = lambda q, k, v: criss_cross_attention_pallas(q, k, v, backend="triton", interpret=True)  # noqa: E731
@@ -97,7 +115,7 @@ def test_bad_arguments():
     q, k, v, _ = _inputs((1, 3, 4), 2, 3)
     with pytest.raises(ValueError, match=r"`backend` must be one of \('triton', 'mosaic_tpu'\), got 'cuda'"):
         criss_cross_attention_pallas(q, k, v, backend="cuda", interpret=True)
-    with pytest.raises(ValueError, match="Triton tiles must be powers of two"):
+    with pytest.raises(ValueError, match=r"Triton block sizes must be powers of two >= 16, got BlockSizes\(block_h=8"):
         criss_cross_attention_pallas(
             q, k, v, backend="triton", interpret=True, block_sizes=BlockSizes(block_h=8, block_w=12)
         )

@@ -67,8 +67,10 @@ def window_attention(
       dropout_rate, dropout_rng: attention dropout (applied when ``dropout_rng`` is given).
       implementation: ``None`` (:func:`flax_attn.kernels.default_implementation`: XLA unless the
         kernel is recorded as verified on this platform; XLA whenever dropout is active),
-        ``"xla"`` (this function's reference path) or ``"pallas"`` (the fused kernel of
-        :mod:`flax_attn.kernels.window`; interpreted on CPU).
+        ``"xla"`` (this function's reference path), ``"pallas"`` (the fused kernel of
+        :mod:`flax_attn.kernels.window`; interpreted on CPU) or ``"cudnn"``: the same dense
+        attention per window with the bias and mask, through
+        ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only; no dropout).
 
     Returns:
       ``(B, H, W, heads, D)`` in ``q.dtype``; logits and softmax in float32.
@@ -77,7 +79,7 @@ def window_attention(
     if implementation is None and dropout:
         # Neither the kernel nor the fused route has attention dropout: training with it runs XLA.
         implementation = "xla"
-    implementation = resolve_implementation(_WHERE, "window", implementation)
+    implementation = resolve_implementation(_WHERE, "window", implementation, allowed=("xla", "pallas", "cudnn"))
     check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
     if implementation == "pallas":
         if dropout:
@@ -108,6 +110,7 @@ def window_attention(
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        implementation=implementation,
     )
     out = window_reverse(out.reshape(b, nw, n, heads, -1), ws, h, w)
     if shift_size:
