@@ -64,9 +64,16 @@ def _cases(backend: str):
             q, k, v, window_size=7, shift_size=3, bias_table=table, backend=backend, interpret=False
         )
 
-    yield "criss_cross [8, 97, 97] q/k 64, v 512", cc, [(*CCNET, 64), (*CCNET, 64), (*CCNET, 512)], 0
-    yield "neighborhood 7x7 [32, 56, 56, 8x32]", na, [NA] * 3, 0
-    yield "window Swin-T st.1 [32, 56, 56, 3x32]", swin, [SWIN_T1] * 3, 1
+    both = (jnp.float32, jnp.bfloat16)
+    yield "criss_cross [8, 97, 97] q/k 64, v 512", cc, [(*CCNET, 64), (*CCNET, 64), (*CCNET, 512)], 0, both
+    yield "neighborhood 7x7 [32, 56, 56, 8x32]", na, [NA] * 3, 0, both
+    yield "window Swin-T st.1 [32, 56, 56, 3x32]", swin, [SWIN_T1] * 3, 1, both
+    if backend == "triton":
+        # The Mosaic GPU port (forward kernel; 16-bit operands only, so bfloat16 alone).
+        def swin_mgpu(q, k, v, table):
+            return window_attention_pallas(q, k, v, window_size=7, shift_size=3, bias_table=table, backend="mosaic_gpu")
+
+        yield "window mosaic_gpu Swin-T st.1 [32, 56, 56, 3x32]", swin_mgpu, [SWIN_T1] * 3, 1, (jnp.bfloat16,)
 
 
 def _devices(target: str):
@@ -100,10 +107,10 @@ def run(target: str, only=()):
     devices = _devices(target)
     sharding = NamedSharding(Mesh(devices[:1], ("x",)), PartitionSpec())
     rows = []
-    for name, fn, shapes, extra in _cases(TARGETS[target][1]):
+    for name, fn, shapes, extra, dtypes in _cases(TARGETS[target][1]):
         if only and not name.startswith(tuple(only)):
             continue
-        for dtype in (jnp.float32, jnp.bfloat16):
+        for dtype in dtypes:
             for grad in (False, True):
                 case = dict(kernel=name, dtype=jnp.dtype(dtype).name, pass_="fwd+bwd" if grad else "fwd")
                 try:
@@ -126,7 +133,7 @@ def run(target: str, only=()):
                     )
                 rows.append(case)
                 status = "ok" if case["ok"] else "FAILED"
-                print(f"{target:5} {name:42} {case['dtype']:9} {case['pass_']:8} {status}", flush=True)
+                print(f"{target:5} {name:50} {case['dtype']:9} {case['pass_']:8} {status}", flush=True)
     return devices[0].device_kind, rows
 
 

@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flax_attn.kernels import window_attention_pallas  # noqa: E402
 from flax_attn.ops import (  # noqa: E402
     criss_cross_attention,
     neighborhood_attention,
@@ -104,7 +105,7 @@ def _criss_cross_dpa(q, k, v):
     return (jnp.exp(l_r - lse)[..., None] * o_r + jnp.exp(l_c - lse)[..., None] * o_c).astype(q.dtype)
 
 
-def _forms(op, g, on_gpu):
+def _forms(op, g, on_gpu, dtype=None):
     """name -> function of the op's inputs. "pallas" and "xla" always; fused routes where they exist."""
     if op == "criss_cross":
         forms = {
@@ -137,6 +138,10 @@ def _forms(op, g, on_gpu):
             forms["jax.nn.dot_product_attention cudnn"] = lambda q, k, v, t: window_attention(
                 q, k, v, bias_table=t, implementation="cudnn", **kw
             )
+            if jnp.dtype(dtype) == jnp.bfloat16:  # the Mosaic GPU port takes 16-bit operands only
+                forms["pallas mosaic_gpu (port; XLA backward)"] = lambda q, k, v, t: window_attention_pallas(
+                    q, k, v, bias_table=t, backend="mosaic_gpu", **kw
+                )
     return forms
 
 
@@ -240,9 +245,9 @@ def _min_bytes(args, out_nbytes, backward) -> int:
 def check_op(op, g, dtype, on_gpu, smoke, reps):
     dtype_name = jnp.dtype(dtype).name
     args = _inputs(op, g, dtype)
-    ct = jnp.asarray(np.random.default_rng(1).standard_normal(_forms(op, g, on_gpu)["xla"](*args).shape), jnp.float32)
+    forms = _forms(op, g, on_gpu, dtype)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(forms["xla"](*args).shape), jnp.float32)
     f32 = [a.astype(jnp.float32) for a in args]
-    forms = _forms(op, g, on_gpu)
     with jax.default_matmul_precision("highest"):
         ref_out, ref_grads = _vjp_fn(forms["xla"])(f32, ct)
     # float32 on the device runs matmuls at the default precision (TF32 on GPU, bf16 passes on TPU).

@@ -146,3 +146,52 @@ def test_explicit_pallas_interprets_on_cpu(op):
         out_x = xla.apply(variables, x)
         assert _uses_pallas(lambda x, m=pallas, v=variables: m.apply(v, x), x)
         np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_import_nothing_above_themselves():
+    """Imports run one way, ops -> kernels: no kernel module imports flax_attn.ops or a block."""
+    import ast
+    from pathlib import Path
+
+    for path in Path(kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name.startswith("flax_attn"):
+                    assert name.startswith("flax_attn.kernels"), f"{path.name} imports {name}"
+
+
+def test_one_backend_vocabulary_and_block_sizes():
+    q = _x((1, 6, 6, 1, 4))
+    calls = {
+        "criss_cross": lambda **kw: kernels.criss_cross_attention_pallas(
+            q[..., 0, :], q[..., 0, :], q[..., 0, :], **kw
+        ),
+        "neighborhood": lambda **kw: kernels.neighborhood_attention_pallas(q, q, q, kernel_size=3, **kw),
+        "window": lambda **kw: kernels.window_attention_pallas(q, q, q, window_size=3, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"`backend` must be one of \('triton', 'mosaic_tpu'\), got 'gpu'"):
+            call(backend="gpu")
+        with pytest.raises(ValueError, match=r"`block_sizes.block_\w+` is not used by this kernel"):
+            call(
+                block_sizes=kernels.BlockSizes(block_w=16)
+                if name != "criss_cross"
+                else kernels.BlockSizes(block_windows=2)
+            )
+
+
+def test_triton_lowering_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    from jax.experimental import pallas
+
+    monkeypatch.delattr(pallas, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+    q = _x((1, 5, 7, 4))
+    with pytest.raises(ValueError, match="no longer ships the Pallas Triton lowering.*use implementation='xla'"):
+        kernels.criss_cross_attention_pallas(q, q, q, backend="triton", interpret=True)

@@ -239,3 +239,32 @@ def test_compiled_gpu(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_tpu(dtype):
     _compiled_case(dtype)
+
+
+def test_mosaic_gpu_route_data_movement(monkeypatch):
+    """The Mosaic GPU port's wrapper (roll, partition, folded bias and shift mask, padding) and its
+    XLA backward, with the kernel body swapped for the same math in XLA: Pallas cannot interpret
+    Mosaic GPU kernels, whose body is compile-checked by benchmarks/compile_check.py instead."""
+    from flax_attn.kernels import window_mosaic_gpu
+
+    monkeypatch.setattr(window_mosaic_gpu, "_forward", window_mosaic_gpu._dense_windows)
+    for shape, ws, shift in (((2, 6, 9, 2, 5), 3, 1), ((1, 8, 8, 3, 24), 4, 0)):
+        q, k, v, table, ct = _inputs(shape, ws, jnp.bfloat16, seed=11)
+        kw = dict(window_size=ws, shift_size=shift)
+        fn = lambda q, k, v, t, kw=kw: window_attention_pallas(q, k, v, bias_table=t, backend="mosaic_gpu", **kw)  # noqa: E731
+        out, grads = _value_and_grads(fn, q, k, v, table, ct)
+        ref_out, ref_grads = _reference(q, k, v, table, ct, **kw)
+        _assert_close(out, ref_out, 5e-2, 5e-2, "output")
+        for name, g, r in zip(("dq", "dk", "dv", "d bias_table"), grads, ref_grads):
+            _assert_close(g, r, 1e-1, 5e-2, name)
+
+
+def test_mosaic_gpu_limits():
+    q, k, v, table, _ = _inputs((1, 12, 12, 1, 8), 12)
+    with pytest.raises(ValueError, match="inputs must be bfloat16 or float16 \\(wgmma operands\\), got float32"):
+        window_attention_pallas(q, k, v, window_size=3, backend="mosaic_gpu")
+    qb = q.astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="windows of at most 128 tokens .* got 144 tokens"):
+        window_attention_pallas(qb, qb, qb, window_size=12, backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="backend='mosaic_gpu' has no Pallas interpreter"):
+        window_attention_pallas(qb, qb, qb, window_size=3, backend="mosaic_gpu", interpret=True)

@@ -94,14 +94,29 @@ def compiler_params(
     """Compiler parameters for a grid of ``n_axes`` independent axes (``vmem_limit_bytes``: Mosaic
     TPU's scoped VMEM limit, default the compiler's: 16 MiB on v5e, 32 MiB on v6e)."""
     if backend == "triton":
-        # The Triton lowering is deprecated from JAX 0.11 on (see docs/mosaic_gpu.md); the
-        # import is the one place that touches it, so the warning surfaces here once per call site.
-        from jax.experimental.pallas import triton as pltriton
-
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        return _triton_params(num_warps, num_stages)
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_axes, vmem_limit_bytes=vmem_limit_bytes)
+
+
+# JAX 0.11 deprecated the Pallas Triton lowering ("will be removed in a future JAX version"; it
+# warns with DeprecationWarning id "jax-pallas-triton" when a kernel is lowered for a GPU). The
+# kernels keep using it on 0.10 and 0.11: nothing picks it by default (VERIFIED is empty), an
+# explicit implementation="pallas" on a GPU shows JAX's warning, and a JAX without the lowering
+# gets the error below instead of an ImportError. docs/mosaic_gpu.md has the migration plan.
+TRITON_DEPRECATED = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def _triton_params(num_warps: int, num_stages: int):
+    try:
+        from jax.experimental.pallas import triton as pltriton
+    except ImportError as e:
+        raise ValueError(
+            f"backend='triton': this jax ({jax.__version__}) no longer ships the Pallas Triton lowering "
+            f"({e}); use implementation='xla' (the default) or, for window attention, backend='mosaic_gpu'"
+        ) from None
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def next_pow2(n: int) -> int:

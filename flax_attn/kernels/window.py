@@ -56,6 +56,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flax_attn.kernels import window_mosaic_gpu
 from flax_attn.kernels._common import (
     MASK_VALUE,
     BlockSizes,
@@ -296,7 +297,10 @@ def window_attention_pallas(
 
     Args:
       backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
-        platform's lowering (Triton rules on CPU, where only interpret mode runs).
+        platform's lowering (Triton rules on CPU, where only interpret mode runs). Also
+        ``"mosaic_gpu"``: the forward-only Mosaic GPU port of
+        :mod:`flax_attn.kernels.window_mosaic_gpu` (16-bit inputs, compile-checked, not yet run on
+        a GPU; no interpreter, so never the default).
       interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
         Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
         detection; an ``InterpretParams`` is passed through.
@@ -307,6 +311,15 @@ def window_attention_pallas(
       ``(B, H, W, heads, D)`` in the inputs' result dtype.
     """
     check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
+    if backend == "mosaic_gpu":
+        if interpret:
+            raise ValueError(
+                f"{_WHERE}: backend='mosaic_gpu' has no Pallas interpreter; it compiles for a GPU only "
+                f"(got interpret={interpret!r})"
+            )
+        blocks = block_sizes or BlockSizes()
+        blocks.check(_WHERE, ())
+        return _mosaic_gpu(q, k, v, window_size, shift_size, bias_table, scale)
     backend = resolve_backend(_WHERE, backend)
     interpret = resolve_interpret(backend, interpret)
     blocks = block_sizes or BlockSizes()
@@ -344,6 +357,39 @@ def window_attention_pallas(
 
     out = _wa(plan, to_windows(q), to_windows(k), to_windows(v), bias, codes)
     out = jnp.swapaxes(out[: plan.windows, :, :n, :d], 1, 2).reshape(b, nw, n, heads, d)
+    out = window_reverse(out, ws, h, w)
+    if shift:
+        out = jnp.roll(out, (shift, shift), axis=(1, 2))
+    return out
+
+
+def _mosaic_gpu(q, k, v, window_size, shift_size, bias_table, scale):
+    """The Mosaic GPU route: Swin's data movement here, the kernel in :mod:`window_mosaic_gpu`."""
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    b, h, w, heads, d = q.shape
+    ws, shift = window_size, shift_size
+    n, nw = ws * ws, (h // ws) * (w // ws)
+    np_, dp = window_mosaic_gpu.padded_sizes(n, d, dtype)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    def to_windows(x):  # (B, H, W, heads, D) -> (B * nW, heads, Np, Dp)
+        x = x.astype(dtype)
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+        x = jnp.swapaxes(window_partition(x, ws).reshape(b * nw, n, heads, d), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, np_ - n), (0, dp - d)))
+
+    bias = jnp.zeros((1, heads, n, n), jnp.float32)
+    if bias_table is not None:
+        rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
+        bias = jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))[None]
+    if shift:
+        regions = shift_regions(h, w, ws, shift)  # (nW, N)
+        bias = bias + np.where(regions[:, :, None] != regions[:, None, :], _SHIFT_MASK, 0.0)[:, None]
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, np_ - n), (0, np_ - n)))
+    bias = jnp.where(np.arange(np_) < n, bias, MASK_VALUE)  # padded keys
+    out = window_mosaic_gpu.window_attention_windows(to_windows(q), to_windows(k), to_windows(v), bias, scale)
+    out = jnp.swapaxes(out[:, :, :n, :d], 1, 2).reshape(b, nw, n, heads, d)
     out = window_reverse(out, ws, h, w)
     if shift:
         out = jnp.roll(out, (shift, shift), axis=(1, 2))
