@@ -2,7 +2,8 @@
 decides when ``implementation=None`` may pick one.
 
 One contract for every kernel here: ``backend`` is ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU)
-and only selects tiling rules; ``interpret=None`` interprets exactly where the local platform has
+and only selects tiling rules (the window kernel also has a ``"mosaic_gpu"`` port, see
+``docs/mosaic_gpu.md``); ``interpret=None`` interprets exactly where the local platform has
 no Pallas lowering; tiling is one :class:`BlockSizes`; arguments are checked by
 :mod:`flax_attn.kernels.checks`, which the ops import too. Imports run one way: ``ops`` ->
 ``kernels``; nothing here imports ``flax_attn.ops``.
