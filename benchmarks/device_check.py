@@ -19,7 +19,7 @@ On a GPU (one command, within 8 minutes on one H200 with jax, flax, optax, orbax
 
 ``--smoke`` runs the same code on a CPU in minutes: tiny shapes, kernels in interpret mode, the
 tests left out. It checks the script, not the hardware; CI runs it (``make device-smoke``).
-Exit status 1 when any correctness check fails.
+Exit status 1 when a Pallas kernel fails its correctness check.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def check_op(op, g, dtype, on_gpu, smoke, reps):
     return correctness, timings
 
 
-def run_gpu_tests(timeout_s=240) -> str:
+def run_gpu_tests(timeout_s=180) -> str:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -420,7 +420,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.md").write_text(text)
     print(text)
-    return 0 if all(c["ok"] for c in correctness) else 1
+    # The kernels decide the exit status; the fused routes' rows are information (cuDNN refuses
+    # some shapes, e.g. head dims it does not support).
+    return 0 if all(c["ok"] for c in correctness if c["form"].startswith("pallas")) else 1
 
 
 if __name__ == "__main__":
