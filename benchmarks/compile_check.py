@@ -145,7 +145,8 @@ def to_markdown(target: str, device_kind: str, rows) -> str:
         f"`benchmarks/compile_check.py` (backend {TARGETS[target][1]}). Compiling proves the compiler accepts "
         "the kernel; it verifies neither numerics nor speed. Memory in MiB from `compiled.memory_analysis()`; "
         "flops and bytes from `compiled.cost_analysis()`, '-' where the target reports none: XLA's "
-        "estimate, in which the Pallas calls (which declare no `cost_estimate`) do not count their own work.",
+        "estimate, each Pallas call counted as its declared `cost_estimate` (the work its kernel does, "
+        "padded and masked work included).",
         "",
         "| kernel | dtype | pass | compiles | args MiB | out MiB | temp MiB | GFLOP | GB accessed | error |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---|",

@@ -10,6 +10,7 @@ either backend runs in the Pallas interpreter.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -117,6 +118,16 @@ def _triton_params(num_warps: int, num_stages: int):
             f"({e}); use implementation='xla' (the default) or, for window attention, backend='mosaic_gpu'"
         ) from None
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def cost_estimate(flops: int, transcendentals: int, args, out_shape):
+    """``pl.CostEstimate`` of a call: the work its kernel does (masked and padded work included) and
+    the bytes of its operands and results, so that XLA's cost analysis and scheduling see it."""
+    from jax.experimental import pallas as pl
+
+    leaves = list(args) + jax.tree_util.tree_leaves(out_shape)
+    nbytes = sum(int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=nbytes)
 
 
 def next_pow2(n: int) -> int:

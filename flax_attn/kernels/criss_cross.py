@@ -52,6 +52,7 @@ from flax_attn.kernels._common import (
     MASK_VALUE,
     BlockSizes,
     compiler_params,
+    cost_estimate,
     dot,
     dot_nt,
     next_pow2,
@@ -227,7 +228,8 @@ def _dv_kernel(k_ref, q_ref, do_ref, lse_ref, dv_ref, *, p: _Plan):
 # --------------------------------------------------------------------------- pallas_call plumbing
 
 
-def _call(kernel, p: _Plan, grid, in_specs, out_specs, out_shape, name, *args):
+def _call(kernel, p: _Plan, grid, in_specs, out_specs, out_shape, name, *args, work=(0, 0)):
+    """``work``: (flops, transcendentals) of the whole call, for its cost estimate."""
     return pl.pallas_call(
         functools.partial(kernel, p=p),
         grid=grid,
@@ -237,6 +239,7 @@ def _call(kernel, p: _Plan, grid, in_specs, out_specs, out_shape, name, *args):
         compiler_params=compiler_params(p.backend, len(grid)),
         interpret=p.interpret,
         name=name,
+        cost_estimate=cost_estimate(*work, args, out_shape),
     )(*args)
 
 
@@ -255,7 +258,9 @@ def _forward(p: _Plan, q, k, v):
         pl.BlockSpec((None, None, p.tq, 1), lambda b, i, c: (c, b, i, 0)),
     ]
     out_shape = [jax.ShapeDtypeStruct((s, p.lp, p.cv_p), v.dtype), jax.ShapeDtypeStruct((n_c, s, p.lp, 1), jnp.float32)]
-    o, lse = _call(_fwd_kernel, p, grid, in_specs, out_specs, out_shape, "criss_cross_pass_fwd", q, k, v)
+    pairs = s * p.lp * p.lp  # (query, key) pairs; the logits are recomputed per value-channel block
+    work = (2 * pairs * (p.cqk_p * n_c + p.cv_p), pairs * n_c)
+    o, lse = _call(_fwd_kernel, p, grid, in_specs, out_specs, out_shape, "criss_cross_pass_fwd", q, k, v, work=work)
     return o, lse[0]
 
 
@@ -264,6 +269,8 @@ def _backward(p: _Plan, q, k, v, o, lse, do, dlse):
     n_c = p.cv_p // p.tc
     # D_i = dO_i . O_i - dlse_i: the softmax-backward correction, with the lse cotangent folded in.
     d = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True) - dlse
+    pairs = s * p.lp * p.lp
+    work_qk = (2 * pairs * (2 * p.cqk_p + p.cv_p), pairs)  # logits, dO V^T, and dS K (or dS^T Q)
     seq = lambda c: pl.BlockSpec((None, p.lp, c), lambda b, i: (b, 0, 0))  # noqa: E731
     q_tile = pl.BlockSpec((None, p.tq, p.cqk_p), lambda b, i: (b, i, 0))
     dq = _call(
@@ -287,6 +294,7 @@ def _backward(p: _Plan, q, k, v, o, lse, do, dlse):
         do,
         lse,
         d,
+        work=work_qk,
     )
     k_tile = pl.BlockSpec((None, p.tk, p.cqk_p), lambda b, j: (b, j, 0))
     dk = _call(
@@ -303,6 +311,7 @@ def _backward(p: _Plan, q, k, v, o, lse, do, dlse):
         do,
         lse,
         d,
+        work=work_qk,
     )
     dv = _call(
         _dv_kernel,
@@ -321,6 +330,7 @@ def _backward(p: _Plan, q, k, v, o, lse, do, dlse):
         q,
         do,
         lse,
+        work=(2 * pairs * (p.cqk_p * n_c + p.cv_p), pairs * n_c),
     )
     return dq, dk, dv
 

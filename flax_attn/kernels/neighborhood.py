@@ -52,6 +52,7 @@ from flax_attn.kernels._common import (
     MASK_VALUE,
     BlockSizes,
     compiler_params,
+    cost_estimate,
     next_pow2,
     resolve_backend,
     resolve_interpret,
@@ -154,6 +155,12 @@ def _window_valid(plan: _Plan, x, length: int, t):
     t0 = start - m + (k - 1)
     tf = jnp.asarray(t, jnp.int32).astype(jnp.float32)
     return (tf >= t0) & (tf <= t0 + (k - 1))
+
+
+def _cost(per_offset: int, positions: int, plan: _Plan, inputs, outputs):
+    """Cost estimate of a call: ``per_offset`` flops per head-dim element, window offset and position."""
+    offsets = plan.n_off * plan.n_off
+    return cost_estimate(per_offset * positions * offsets * plan.dp, positions * offsets, inputs, outputs)
 
 
 def _params(plan: _Plan):
@@ -325,6 +332,13 @@ def _forward(plan: _Plan, qb, kb, vb):
         compiler_params=_params(plan),
         interpret=plan.interpret,
         name="neighborhood_attention_fwd",
+        cost_estimate=_cost(
+            4,
+            bh * plan.hp * plan.wp,
+            plan,
+            (qp, kp, vp),
+            [qp, jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32)],
+        ),
     )(qp, kp, vp)
     return out[:, : plan.h, : plan.w, : plan.d], lse
 
@@ -350,6 +364,7 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
         compiler_params=_params(plan),
         interpret=plan.interpret,
         name="neighborhood_attention_dq",
+        cost_estimate=_cost(6, bh * plan.hp * plan.wp, plan, (qp, kp, vp, dop, lse, delta_p), [qp]),
     )(qp, kp, vp, dop, lse, delta_p)
 
     qh, doh = _halo_queries(plan, qb), _halo_queries(plan, dob)
@@ -367,6 +382,13 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
         compiler_params=_params(plan),
         interpret=plan.interpret,
         name="neighborhood_attention_dkv",
+        cost_estimate=_cost(
+            8,
+            bh * plan.hk * plan.wk,
+            plan,
+            (kp, vp, qh, doh, lseh, deltah),
+            [jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
+        ),
     )(kp, vp, qh, doh, lseh, deltah)
 
     # The padding is linear: its adjoint folds reflected/halo gradients back onto the image.

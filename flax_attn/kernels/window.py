@@ -61,6 +61,7 @@ from flax_attn.kernels._common import (
     MASK_VALUE,
     BlockSizes,
     compiler_params,
+    cost_estimate,
     dot,
     dot_nt,
     next_pow2,
@@ -189,7 +190,9 @@ def _specs(plan: _Plan):
     return tile, stat, bias, codes if plan.shifted else []
 
 
-def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args):
+def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args, matmuls: int = 2):
+    """``matmuls``: ``(Np, Np, Dp)`` products per window and head, for the cost estimate."""
+    pairs = plan.windows_p * plan.heads * plan.np_ * plan.np_
     return pl.pallas_call(
         functools.partial(kernel, plan=plan),
         grid=(plan.heads, plan.windows_p // plan.t),
@@ -200,6 +203,7 @@ def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args):
         compiler_params=compiler_params(plan.backend, 2, num_warps=4 if plan.np_ <= 64 else 8),
         interpret=plan.interpret,
         name=name,
+        cost_estimate=cost_estimate(2 * matmuls * pairs * plan.dp, pairs, args, out_shape),
     )(*args)
 
 
@@ -249,6 +253,7 @@ def _backward(plan: _Plan, q, k, v, bias, codes, out, lse, dout):
         dout,
         lse,
         delta,
+        matmuls=5,  # Q K^T, dO V^T, P^T dO, dS K, dS^T Q
     )
     return dq, dk, dv, jnp.sum(dbias, axis=1)
 
