@@ -75,7 +75,10 @@ def _env(devices: int, **extra) -> dict:
         PYTHONPATH=str(ROOT),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # Extend, not replace, the caller's flags: a run under a non-native CPU setting
+        # (--xla_cpu_max_isa) must compile its children the same way as the in-process reference,
+        # or the bit-exact comparisons would compare two ISAs' rounding.
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
         **extra,
     )
     return env
