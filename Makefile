@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test test-isa lint bench clean wheel-check
+.PHONY: demo test test-isa lint bench clean wheel-check docs doctest
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ wheel-check: $(VENV)/.installed
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q dist/flax_attn-*.whl
 	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/check_wheel.py $(CURDIR)/dist/flax_attn-*.whl
+
+# The API reference (mkdocs + mkdocstrings, from the docstrings) into build/site; any warning fails.
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict
+
+# Every `>>>` example in the package's docstrings, run as a doctest.
+doctest: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider --doctest-modules flax_attn
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check flax_attn train tests benchmarks
