@@ -71,6 +71,12 @@ def _fmt_config(config) -> str:
 
 def _class_name(entry) -> str:
     f = entry.flax
+    if not isinstance(f, type):
+        # A factory function: name the class it builds, not the function.
+        try:
+            f = type(entry.build_flax())
+        except Exception:  # a factory that needs arguments the catalogue does not give keeps its own name
+            pass
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', getattr(f, '__name__', repr(f)))}"
 
 

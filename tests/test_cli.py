@@ -27,7 +27,12 @@ def _mha_checkpoint(tmp_path):
 
 def test_blocks_lists_catalogue(capsys):
     assert main(["blocks"]) == 0
-    assert "multihead_attention" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "multihead_attention" in out
+    # Each block with its Flax class and the catalogue's constructor arguments.
+    assert "flax_attn.cbam.CBAM(gate_channels=32, reduction_ratio=4)" in out
+    # A catalogue factory function is named by the public class it builds.
+    assert "flax_attn.stn.SpatialTransformer(in_channels=2" in out and "_spatial_transformer" not in out
 
 
 @pytest.mark.parametrize("out_name", ["mha.msgpack", "mha_orbax"])
