@@ -27,13 +27,13 @@ class UsageError(Exception):
     """A mistake in the command line or its files: printed as one ``error:`` line, exit status 2."""
 
 
-def _entry(name: str):
+def _entry(name: str, arg: str = "--block"):
     from flax_attn import catalogue
 
     try:
         return catalogue.get(name)
     except KeyError as e:
-        raise UsageError(f"--block: {e.args[0]}") from None
+        raise UsageError(f"{arg}: {e.args[0]}") from None
 
 
 def _parse_config(pairs):
@@ -321,7 +321,7 @@ def cmd_demo(args) -> int:
     worst = 0.0
     failed = []
     for name in names:
-        entry = catalogue.get(name)
+        entry = _entry(name, arg="demo BLOCKS")
         for train in (False, True) if entry.train_mode else (False,):
             r = run_parity(entry, train=train)
             out_err = max((a for k, (a, _) in r.errors.items() if k.startswith("output")), default=0.0)
