@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test test-isa lint bench clean compile-check device-smoke
+.PHONY: demo test test-isa lint bench clean compile-check device-smoke wheel-check docs doctest
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,24 @@ test: $(VENV)/.installed
 NON_NATIVE_CPU ?= ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 XLA_FLAGS=--xla_cpu_max_isa=SSE4_2
 test-isa: $(VENV)/.installed
 	$(NON_NATIVE_CPU) $(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests/test_catalogue_parity.py
+
+# Build the wheel, install it into a fresh venv without torch (only the wheel's own dependencies),
+# then, outside the source tree, check LICENSE and py.typed are in it, import every module and run one block.
+WHEEL_VENV ?= build/wheel-venv
+wheel-check: $(VENV)/.installed
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/flax_attn-*.whl
+	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/check_wheel.py $(CURDIR)/dist/flax_attn-*.whl
+
+# The API reference (mkdocs + mkdocstrings, from the docstrings) into build/site; any warning fails.
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict
+
+# Every `>>>` example in the package's docstrings, run as a doctest.
+doctest: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider --doctest-modules flax_attn
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check flax_attn train tests benchmarks

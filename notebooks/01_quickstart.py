@@ -24,6 +24,7 @@
 # *before* JAX is imported: XLA reads the flag once, when its backend starts.
 
 # %%
+# %matplotlib inline
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
@@ -33,9 +34,6 @@ import tempfile  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
@@ -58,6 +56,7 @@ print("devices:", jax.devices())
 # Each block takes `train=` like the rest of the library; `CrissCrossAttention` starts with its
 # residual scale `gamma = 0` (the paper's init), so at initialisation it is the identity and
 # learns how much attention to mix in.
+
 
 # %%
 class TinyAttentionNet(nn.Module):

@@ -19,13 +19,11 @@
 # variables back into a PyTorch state dict that `load_state_dict(strict=True)` accepts.
 
 # %%
+# %matplotlib inline
 import os
 import tempfile
 
 import jax
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -61,8 +59,9 @@ for flax_name, torch_name in list(mapping(mha, q, kv_k, kv_v).items())[:6]:
 # %%
 flax_out, flax_w = jax.jit(lambda v: mha.apply(v, q, kv_k, kv_v, key_padding_mask=pad))(variables)
 with torch.no_grad():
-    t_out, t_w = torch_mha(torch.from_numpy(q), torch.from_numpy(kv_k), torch.from_numpy(kv_v),
-                           key_padding_mask=torch.from_numpy(pad))
+    t_out, t_w = torch_mha(
+        torch.from_numpy(q), torch.from_numpy(kv_k), torch.from_numpy(kv_v), key_padding_mask=torch.from_numpy(pad)
+    )
 err = np.abs(np.asarray(flax_out) - t_out.numpy())
 print(f"outputs: max abs error {err.max():.2e}, mean {err.mean():.2e}")
 print(f"weights: max abs error {np.abs(np.asarray(flax_w) - t_w.numpy()).max():.2e}")

@@ -33,15 +33,13 @@
 # falls back to random weights and says so in its output.
 
 # %%
+# %matplotlib inline
 import os
 import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
@@ -152,8 +150,14 @@ for row, (name, (y, x)) in enumerate(pixels.items()):
 fig.suptitle("criss-cross weights, log10 of weight / max (3 decades)")
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "ccnet_recurrences.png"), dpi=70)
-print("pixels reached after 1 / 2 recurrences:",
-      int((cross_map(w1, 30, 50) > 0).sum()), "/", int((two_hop_map(30, 50) > 0).sum()), "of", H * W)
+print(
+    "pixels reached after 1 / 2 recurrences:",
+    int((cross_map(w1, 30, 50) > 0).sum()),
+    "/",
+    int((two_hop_map(30, 50) > 0).sum()),
+    "of",
+    H * W,
+)
 
 # %% [markdown]
 # The middle column is exactly zero off the cross: a single criss-cross pass cannot see
@@ -343,8 +347,10 @@ for ax, border in zip(axes[:2], ("reflect", "clamp")):
         for ky, kx in zip(*np.nonzero(hits > 1)):
             ax.text(kx, ky, str(hits[ky, kx]), ha="center", va="center", fontsize=7)
         ax.plot(x, y, "k+", ms=10, mew=2)
-    ax.set_title({"reflect": "ACmix window (reflect): digits = key counted n times",
-                  "clamp": "NATTEN window (clamp)"}[border], fontsize=9)
+    ax.set_title(
+        {"reflect": "ACmix window (reflect): digits = key counted n times", "clamp": "NATTEN window (clamp)"}[border],
+        fontsize=9,
+    )
 for ax, shift in zip(axes[2:], (0, 4)):
     ax.imshow(grey, cmap="gray", vmin=0, vmax=1.4)
     for (y, x), colour in zip([(7, 7), (8, 8), (1, 2)], ("tab:red", "tab:blue", "tab:green")):
@@ -362,8 +368,10 @@ fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "local_windows.png"), dpi=70)
 _, h_reflect = window_weights("reflect", 1, 2)
 _, h_clamp = window_weights("clamp", 1, 2)
-print(f"corner pixel (1, 2): reflect covers {int((h_reflect > 0).sum())} distinct keys with {KS * KS} weights,",
-      f"clamp {int((h_clamp > 0).sum())}")
+print(
+    f"corner pixel (1, 2): reflect covers {int((h_reflect > 0).sum())} distinct keys with {KS * KS} weights,",
+    f"clamp {int((h_clamp > 0).sum())}",
+)
 
 # %% [markdown]
 # With reflection (first panel) the corner query's window folds back on itself: it covers 30
@@ -450,9 +458,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 from flax_attn.non_local import NonLocalMNISTNet  # noqa: E402
 
 digits = load_digits()
-mnist_like = np.stack([
-    np.pad(np.clip(skimage.transform.resize(im / 16.0, (16, 16), order=3), 0, 1), 6) for im in digits.images[:300]
-])[..., None].astype(np.float32)
+mnist_like = np.stack(
+    [np.pad(np.clip(skimage.transform.resize(im / 16.0, (16, 16), order=3), 0, 1), 6) for im in digits.images[:300]]
+)[..., None].astype(np.float32)
 NL_CKPT = SHARED / "nonlocal_mnist" / "net.pth"
 nl_net = NonLocalMNISTNet()
 if NL_CKPT.exists():
@@ -462,8 +470,10 @@ else:
     print("NOTE: net.pth not found: random weights, the maps below show structure only")
 nl_logits, (nl_map1, nl_map2) = jax.jit(lambda v, x: nl_net.apply(v, x, True))(nl_vars, mnist_like)
 pred = np.asarray(nl_logits.argmax(-1))
-print(f"accuracy on 300 upsampled sklearn digits: {(pred == digits.target[:300]).mean():.1%}"
-      f" ({'released weights' if NL_CKPT.exists() else 'random weights'}); maps {nl_map1.shape}, {nl_map2.shape}")
+print(
+    f"accuracy on 300 upsampled sklearn digits: {(pred == digits.target[:300]).mean():.1%}"
+    f" ({'released weights' if NL_CKPT.exists() else 'random weights'}); maps {nl_map1.shape}, {nl_map2.shape}"
+)
 
 # %%
 examples = [int(np.nonzero(digits.target[:300] == d)[0][0]) for d in (0, 3, 7)]
@@ -519,8 +529,9 @@ class FreeTheta(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return self.param("theta", lambda key, shape: jnp.tile(jnp.array([1.0, 0, 0, 0, 1, 0]), (shape[0], 1)),
-                          (self.n, 6))
+        return self.param(
+            "theta", lambda key, shape: jnp.tile(jnp.array([1.0, 0, 0, 0, 1, 0]), (shape[0], 1)), (self.n, 6)
+        )
 
 
 target = jnp.asarray(mnist_like[examples + [1, 2, 4]])  # six digits, (6, 28, 28, 1)
@@ -528,10 +539,12 @@ n_img = target.shape[0]
 rng = np.random.default_rng(0)
 angle, scale = rng.uniform(-0.5, 0.5, n_img), rng.uniform(0.8, 1.2, n_img)
 shift = rng.uniform(-0.15, 0.15, (n_img, 2))
-warp = np.stack([
-    np.array([[s * np.cos(a), -s * np.sin(a), t[0]], [s * np.sin(a), s * np.cos(a), t[1]]])
-    for a, s, t in zip(angle, scale, shift)
-]).astype(np.float32)
+warp = np.stack(
+    [
+        np.array([[s * np.cos(a), -s * np.sin(a), t[0]], [s * np.sin(a), s * np.cos(a), t[1]]])
+        for a, s, t in zip(angle, scale, shift)
+    ]
+).astype(np.float32)
 moved = grid_sample(target, affine_grid(jnp.asarray(warp), target.shape))
 
 stn = SpatialTransformer(localization=FreeTheta(n_img))
@@ -558,8 +571,9 @@ for _ in range(300):
 recovered = stn.apply({"params": params}, moved)
 print(f"pixel MSE: {losses[0]:.4f} at identity -> {losses[-1]:.4f} after 300 Adam steps")
 
-fig, axes = plt.subplots(3, n_img + 1, figsize=(2 * (n_img + 1), 6.4),
-                         gridspec_kw={"width_ratios": [1] * n_img + [1.6]})
+fig, axes = plt.subplots(
+    3, n_img + 1, figsize=(2 * (n_img + 1), 6.4), gridspec_kw={"width_ratios": [1] * n_img + [1.6]}
+)
 for j in range(n_img):
     for r, (im, title) in enumerate(((target, "digit"), (moved, "warped input"), (recovered, "STN output"))):
         axes[r, j].imshow(np.asarray(im[j, ..., 0]), cmap="gray", vmin=0, vmax=1)

@@ -31,6 +31,7 @@
 # the curves show the machinery working, not converged numbers.
 
 # %%
+# %matplotlib inline
 import json
 import os
 import sys
@@ -39,9 +40,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -78,8 +76,14 @@ def read_metrics(workdir):
 # only at evaluations. `train.get_config(name, overrides)` is what `--override` does on the CLI.
 
 # %%
-overrides = ["steps=200", "eval_every=50", "log_every=10", "checkpoint.every_steps=0",
-             "checkpoint.async_save=False", "optim.warmup_steps=20"]
+overrides = [
+    "steps=200",
+    "eval_every=50",
+    "log_every=10",
+    "checkpoint.every_steps=0",
+    "checkpoint.async_save=False",
+    "optim.warmup_steps=20",
+]
 cls_cfg = get_config("classify", overrides)
 print(cls_cfg.model)
 cls_dir = WORK / "classify"
@@ -114,16 +118,23 @@ fig.savefig(os.path.join(FIG_DIR, "training_classify_curves.png"), dpi=70)
 # such as the released A2N weights.)
 
 # %%
-sr_overrides = ["steps=150", "eval_every=50", "log_every=10", "checkpoint.every_steps=0",
-                "checkpoint.async_save=False", "data.eval_size=96", "optim.warmup_steps=20",
-                "model.kwargs.nb=4", "data.batch_size=8"]
+sr_overrides = [
+    "steps=150",
+    "eval_every=50",
+    "log_every=10",
+    "checkpoint.every_steps=0",
+    "checkpoint.async_save=False",
+    "data.eval_size=96",
+    "optim.warmup_steps=20",
+    "model.kwargs.nb=4",
+    "data.batch_size=8",
+]
 sr_cfg = get_config("superres", sr_overrides)
 print(sr_cfg.model, "| train images:", sr_cfg.data.train_images, "| eval images:", sr_cfg.data.eval_images)
 sr_dir = WORK / "superres"
 sr_trainer = Trainer(sr_cfg, sr_dir)
 sr_result = sr_trainer.run()
-print("status:", sr_result.status, "| final eval:",
-      {k: round(v, 3) for k, v in sr_result.eval_metrics.items()})
+print("status:", sr_result.status, "| final eval:", {k: round(v, 3) for k, v in sr_result.eval_metrics.items()})
 
 # %%
 sr_m = read_metrics(sr_dir)
@@ -159,7 +170,7 @@ for r, name in enumerate(names):
     gy, gx = np.gradient(arrays["hr"][r].mean(-1))
     energy = np.hypot(gy, gx)
     corners = [(y, x) for y in range(0, 49, 8) for x in range(0, 49, 8)]
-    y0, x0 = max(corners, key=lambda c: energy[c[0]:c[0] + 48, c[1]:c[1] + 48].sum())  # the most detailed patch
+    y0, x0 = max(corners, key=lambda c: energy[c[0] : c[0] + 48, c[1] : c[1] + 48].sum())  # the most detailed patch
     panels = [
         ("LR (nearest)", np.kron(arrays["lr"][r], np.ones((scale, scale, 1)))),
         ("bicubic", arrays["bicubic"][r] / 255.0),
@@ -167,14 +178,16 @@ for r, name in enumerate(names):
         ("HR", arrays["hr"][r]),
     ]
     for c, (title, img) in enumerate(panels):
-        axes[r, c].imshow(np.clip(img[y0:y0 + 48, x0:x0 + 48], 0, 1), interpolation="nearest")
+        axes[r, c].imshow(np.clip(img[y0 : y0 + 48, x0 : x0 + 48], 0, 1), interpolation="nearest")
         axes[r, c].set_title(f"{name}: {title}" if c == 0 else title, fontsize=9)
         axes[r, c].axis("off")
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "training_superres_crops.png"), dpi=70)
 gain = sr_result.eval_metrics["psnr"] - sr_result.eval_metrics["bicubic_psnr"]
-print(f"after {sr_result.step} steps: model {sr_result.eval_metrics['psnr']:.2f} dB vs bicubic "
-      f"{sr_result.eval_metrics['bicubic_psnr']:.2f} dB ({gain:+.2f} dB)")
+print(
+    f"after {sr_result.step} steps: model {sr_result.eval_metrics['psnr']:.2f} dB vs bicubic "
+    f"{sr_result.eval_metrics['bicubic_psnr']:.2f} dB ({gain:+.2f} dB)"
+)
 
 # %% [markdown]
 # A2N starts from its bilinear global skip, so it begins a little below bicubic and climbs past

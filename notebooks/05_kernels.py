@@ -31,6 +31,7 @@
 # no GPU was available. The GPU side is therefore limited to the analytical roofline of section 4.
 
 # %%
+# %matplotlib inline
 import os
 import re
 import tempfile
@@ -39,9 +40,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -60,6 +58,7 @@ print("backend:", jax.default_backend(), jax.devices()[0].device_kind)
 # (jit) against PyTorch eager for every catalogued block, with the device in the first line.
 # We read every table there and plot the speed ratios (PyTorch time / JAX time; above 1, JAX is
 # faster).
+
 
 # %%
 def read_tables(path):
@@ -102,8 +101,9 @@ print(f"{len(files)} result file(s); GPU tables: {gpu_files or 'none: GPU timing
 
 # %%
 if block_tables:
-    fig, axes = plt.subplots(len(block_tables), 1, figsize=(10, 0.32 * sum(len(t) for _, t in block_tables) + 1.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(block_tables), 1, figsize=(10, 0.32 * sum(len(t) for _, t in block_tables) + 1.5), squeeze=False
+    )
     for ax, (name, rows) in zip(axes[:, 0], block_tables):
         rows = [r for r in rows if not np.isnan(as_float(r.get("torch/JAX fwd")))]
         y = np.arange(len(rows))
@@ -118,8 +118,10 @@ if block_tables:
     fig.tight_layout()
     fig.savefig(os.path.join(FIG_DIR, "recorded_block_speed.png"), dpi=70)
 else:
-    print("No block tables in benchmarks/results/ yet: run `python benchmarks/run.py --out "
-          "benchmarks/results/cpu.md` (and the same on a GPU) to fill this section.")
+    print(
+        "No block tables in benchmarks/results/ yet: run `python benchmarks/run.py --out "
+        "benchmarks/results/cpu.md` (and the same on a GPU) to fill this section."
+    )
 
 # %% [markdown]
 # ## 2. Compiled peak memory against image size (live, compile only)
@@ -131,6 +133,7 @@ else:
 # for forward + backward (gradients of `sum(out)` with respect to q, k, v), batch 1, 8 query/key
 # channels, 64 value channels, float32. The dashed line is the size of the dense energy matrix
 # alone.
+
 
 # %%
 def size_axis(ax, sizes):
@@ -182,14 +185,15 @@ for i, s in enumerate(SIZES):
 # shifted copies of keys and values at once (written here in JAX), and dense attention is the
 # yardstick. 4 heads of 16 channels, window 7, reflection border.
 
+
 # %%
 def unfold_form(q, k, v, ks=7):
     p = ks // 2
     h, w = q.shape[1:3]
     pad = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)), mode="reflect")  # noqa: E731
     kp, vp = pad(k), pad(v)
-    ku = jnp.stack([kp[:, i:i + h, j:j + w] for i in range(ks) for j in range(ks)], axis=-2)  # (B,H,W,n,k2,D)
-    vu = jnp.stack([vp[:, i:i + h, j:j + w] for i in range(ks) for j in range(ks)], axis=-2)
+    ku = jnp.stack([kp[:, i : i + h, j : j + w] for i in range(ks) for j in range(ks)], axis=-2)  # (B,H,W,n,k2,D)
+    vu = jnp.stack([vp[:, i : i + h, j : j + w] for i in range(ks) for j in range(ks)], axis=-2)
     att = jax.nn.softmax(jnp.einsum("bhwnd,bhwnkd->bhwnk", q, ku) * q.shape[-1] ** -0.5, -1)
     return jnp.einsum("bhwnk,bhwnkd->bhwnd", att, vu)
 
@@ -219,14 +223,24 @@ for (name, passes), colour in zip(mem.items(), ("tab:blue", "tab:red")):
     axes[0].plot(SIZES, passes["fwd"], "o-", color=colour, label=f"{name}, forward")
     axes[0].plot(SIZES, passes["fwd+bwd"], "s--", color=colour, alpha=0.6, label=f"{name}, fwd + bwd")
 axes[0].plot(SIZES, energy, "k:", label="dense energy (HW)^2 alone")
-axes[0].set(xscale="log", yscale="log", xlabel="H = W", ylabel="compiled peak MiB",
-            title="criss-cross vs dense attention (B=1, C=64, float32)")
+axes[0].set(
+    xscale="log",
+    yscale="log",
+    xlabel="H = W",
+    ylabel="compiled peak MiB",
+    title="criss-cross vs dense attention (B=1, C=64, float32)",
+)
 size_axis(axes[0], SIZES)
 axes[0].legend(fontsize=8)
 for (name, vals), colour in zip(na_mem.items(), ("tab:green", "tab:orange", "tab:red")):
     axes[1].plot(NA_SIZES, vals, "o-", color=colour, label=name)
-axes[1].set(xscale="log", yscale="log", xlabel="H = W", ylabel="compiled peak MiB (fwd + bwd)",
-            title="7x7 neighbourhood attention (4 heads x 16)")
+axes[1].set(
+    xscale="log",
+    yscale="log",
+    xlabel="H = W",
+    ylabel="compiled peak MiB (fwd + bwd)",
+    title="7x7 neighbourhood attention (4 heads x 16)",
+)
 size_axis(axes[1], NA_SIZES)
 axes[1].legend(fontsize=8)
 fig.tight_layout()
@@ -252,6 +266,7 @@ print(f"at {SIZES[-1]}x{SIZES[-1]}: dense forward + backward needs {ratio:.0f}x 
 #
 # Median of 5 runs of the jitted forward pass, batch 1, same shapes as above. This is whatever
 # CPU executes the notebook (in CI a small shared runner), so only the trend means anything.
+
 
 # %%
 def median_ms(fn, *args, repeats=5):
@@ -279,8 +294,13 @@ for name, ts in times.items():
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for (name, ts), colour in zip(times.items(), ("tab:blue", "tab:red")):
     ax.plot(T_SIZES, ts, "o-", color=colour, label=name)
-ax.set(xscale="log", yscale="log", xlabel="H = W", ylabel="median ms (forward, jit)",
-       title=f"this machine's {jax.devices()[0].platform.upper()}, batch 1, C = 64 (noisy)")
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="H = W",
+    ylabel="median ms (forward, jit)",
+    title=f"this machine's {jax.devices()[0].platform.upper()}, batch 1, C = 64 (noisy)",
+)
 size_axis(ax, T_SIZES)
 ax.legend()
 fig.tight_layout()
@@ -306,8 +326,13 @@ fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.plot(sizes, fwd_bytes / HBM * 1e6, "o-", label="forward: read q, k, v, write out")
 ax.plot(sizes, bwd_bytes / HBM * 1e6, "s-", label="fwd + bwd: also dO, out, dq, dk, dv")
 gpu_note = "measured GPU points: none recorded" if not gpu_files else f"see {', '.join(gpu_files)}"
-ax.set(xlabel="H = W", ylabel="lower bound, microseconds", xscale="log", yscale="log",
-       title=f"criss-cross H100 roofline (bf16, B=8, C=512)\n{gpu_note}")
+ax.set(
+    xlabel="H = W",
+    ylabel="lower bound, microseconds",
+    xscale="log",
+    yscale="log",
+    title=f"criss-cross H100 roofline (bf16, B=8, C=512)\n{gpu_note}",
+)
 size_axis(ax, sizes)
 ax.legend(fontsize=8)
 fig.tight_layout()
