@@ -30,6 +30,7 @@ from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import global_pool
+from flax_attn.ops.max_pool import max_pool
 
 __all__ = [
     "SEBasicBlock",
@@ -283,9 +284,8 @@ _BLOCKS = {"basic": SEBasicBlock, "bottleneck": SEBottleneck}
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    # torch MaxPool2d(3, 2, padding=1): the padding never wins the max (pads with -inf).
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # torch MaxPool2d(3, 2, padding=1); the op's gradient is a mask, not select_and_scatter.
+    return max_pool(x, 3, 2, 1)
 
 
 class SEResNet(nn.Module):

@@ -21,6 +21,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.sampling import affine_grid, grid_sample
 
 __all__ = [
@@ -53,7 +54,7 @@ def _accepts_train(module: nn.Module) -> bool:
 
 def _max_pool2(x):
     # torch MaxPool2d(2): stride 2, floor mode (trailing odd row/column dropped).
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    return max_pool(x, 2)
 
 
 class SpatialTransformer(nn.Module):
