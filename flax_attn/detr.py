@@ -31,6 +31,7 @@ from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
 from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
 
@@ -586,6 +587,16 @@ class PositionEmbeddingSine(nn.Module):
         return sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
 
 
+def _first_rows(embed: nn.Embed, n: int) -> jax.Array:
+    """Rows ``0..n-1`` of an ``nn.Embed`` table in its compute dtype, as a static slice.
+
+    ``embed(jnp.arange(n))`` is the same values through a gather, whose gradient is a scatter-add
+    (a serial loop on XLA:CPU and TPU); the slice's gradient is a pad.
+    """
+    (table,) = embed.promote_dtype(embed.embedding, dtype=embed.dtype, inexact=False)
+    return table[:n]
+
+
 class PositionEmbeddingLearned(nn.Module):
     """DETR's learned absolute position embedding: ``row_embed``/``col_embed`` tables of 50 positions.
 
@@ -623,8 +634,8 @@ class PositionEmbeddingLearned(nn.Module):
             )
         init = nn.initializers.uniform(1.0)
         kw = dict(embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
-        x_emb = nn.Embed(50, self.num_pos_feats, name="col_embed", **kw)(jnp.arange(w))
-        y_emb = nn.Embed(50, self.num_pos_feats, name="row_embed", **kw)(jnp.arange(h))
+        x_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="col_embed", **kw), w)
+        y_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="row_embed", **kw), h)
         pos = jnp.concatenate(
             [
                 jnp.broadcast_to(x_emb[None], (h, w, self.num_pos_feats)),
@@ -743,7 +754,7 @@ class ResNetBody(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(64, 7, stride=2, padding=3, use_bias=False, name="conv1", **kw)(x)
         x = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1)
         inplanes, cur_dilation = 64, 1
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
             stride = 1 if stage == 1 else 2
@@ -919,13 +930,16 @@ class DETR(nn.Module):
         )
         pos = pos_module(feats, fmask).astype(feats.dtype)
         src = Conv(self.hidden_dim, 1, name="input_proj", **kw)(feats)
-        query_embed = nn.Embed(
+        query_embed = _first_rows(
+            nn.Embed(
+                self.num_queries,
+                self.hidden_dim,
+                embedding_init=nn.initializers.normal(1.0),
+                name="query_embed",
+                **kw,
+            ),
             self.num_queries,
-            self.hidden_dim,
-            embedding_init=nn.initializers.normal(1.0),
-            name="query_embed",
-            **kw,
-        )(jnp.arange(self.num_queries))
+        )
         hs, _ = Transformer(
             self.hidden_dim,
             self.nheads,

@@ -3,16 +3,18 @@
 
 Relative logits: ``rel_w[x, y, y'] = q[x, y] . key_rel_w[y' - y + W - 1]`` and likewise along height.
 The reference builds them with ``rel_to_abs`` and then *repeats* them to ``(H*W, H*W)`` per head;
-here each is gathered once as ``(H, W, W)`` / ``(H, W, H)`` per head (the ``(W, W, d)`` table of
-relative embeddings is indexed, not the logits) and broadcast into the content logits, so nothing
-beyond the ``(H*W, H*W)`` logits themselves is formed.
+here each is formed once as ``(H, W, W)`` / ``(H, W, H)`` per head from a ``(W, W, d)`` table of
+relative embeddings and broadcast into the content logits, so nothing beyond the ``(H*W, H*W)``
+logits themselves is formed. The table is built by the reshape "skew" (the trick behind
+``rel_to_abs``, applied to the small embedding table rather than to the logits): a broadcast, a
+static slice and reshapes, whose gradient is a pad and a sum; an index gather there would make the
+gradient a scatter-add.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn.ops._checks import check_rank
 
@@ -25,9 +27,15 @@ def _relative_table(rel: jax.Array, length: int, where: str, name: str) -> jax.A
             f"{where}: `{name}` has {rel.shape[0]} rows; a size-{length} axis needs 2 * {length} - 1 = "
             f"{2 * length - 1} (table shape {tuple(rel.shape)})"
         )
-    # idx[i, j] = j - i + L - 1: the relative offset of key j seen from query i.
-    idx = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1
-    return rel[jnp.asarray(idx)]  # (L, L, d)
+    # table[i, j] = rel[j - i + L - 1]: the embedding of key j's offset seen from query i.
+    if length == 1:
+        return rel[None]
+    d = rel.shape[1]
+    # L copies of rel laid end to end, read from offset L - 1 in rows of 2L - 2 (one short of a
+    # copy): row i starts at copy position L - 1 - i, which is exactly row i of the table.
+    flat = jnp.broadcast_to(rel, (length, 2 * length - 1, d)).reshape(length * (2 * length - 1), d)
+    flat = flat[length - 1 : length - 1 + length * (2 * length - 2)]
+    return flat.reshape(length, 2 * length - 2, d)[:, :length]  # (L, L, d)
 
 
 def relative_logits_2d(q: jax.Array, key_rel_h: jax.Array, key_rel_w: jax.Array):
@@ -81,9 +89,7 @@ def augmented_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(where, name, t, 5, "(batch, height, width, heads, head_dim)")
     if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
-        raise ValueError(
-            f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+        raise ValueError(f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if (key_rel_h is None) != (key_rel_w is None):
         raise ValueError(f"{where}: give both `key_rel_h` and `key_rel_w`, or neither")
     b, h, w, nh, _ = q.shape
