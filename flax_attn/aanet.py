@@ -962,6 +962,12 @@ _VOLUME_NAMES = ("cost0", "cost1", "cost2")
 catalogue.register(
     catalogue.Entry(
         name="aanet_deform_simple_bottleneck",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet intra-scale aggregation)",
         arxiv="2004.09548",
@@ -978,6 +984,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_adaptive_aggregation_module",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet ISA + cross-scale aggregation)",
         arxiv="2004.09548",
@@ -996,6 +1008,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_adaptive_aggregation",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet stacked adaptive aggregation)",
         arxiv="2004.09548",
@@ -1158,6 +1176,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_stereodrnet_refinement",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "disparity_warp: grid_sample of the right image at disparity-shifted, data-dependent positions "
+                "(packed corner gather; its transpose is the scatter)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet's StereoDRNet disparity refinement)",
         arxiv="2004.09548",
@@ -1177,6 +1201,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deformable convolutions (bilinear sampling at learned offsets) and the disparity warp (grid_sample "
+                "at data-dependent positions): the transposes of their packed corner gathers"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet stereo network)",
         arxiv="2004.09548",

@@ -238,6 +238,12 @@ def _deform_inputs(n, h, w, c, ho, wo, k, og, scale=2.0):
 catalogue.register(
     catalogue.Entry(
         name="deform_conv2d",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="deform",
         paper="Dai et al., ICCV 2017; Zhu et al., CVPR 2019 (torchvision.ops.DeformConv2d)",
         arxiv="1703.06211",
@@ -260,6 +266,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="deform_conv2d_pack",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="deform",
         paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
         arxiv="1703.06211",
@@ -277,6 +289,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="modulated_deform_conv2d_pack",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
+                "corners; its transpose is the scatter)"
+            )
+        },
         family="deform",
         paper="Zhu et al., CVPR 2019 (mmcv ModulatedDeformConv2dPack, DCNv2)",
         arxiv="1811.11168",

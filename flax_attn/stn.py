@@ -237,6 +237,12 @@ def _spatial_transformer(
 catalogue.register(
     catalogue.Entry(
         name="spatial_transformer",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+                "corner gather; its transpose is the scatter)"
+            )
+        },
         family="stn",
         paper="Jaderberg et al., NeurIPS 2015",
         arxiv="1506.02025",
@@ -258,6 +264,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="stn_tutorial_net",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+                "corner gather; its transpose is the scatter)"
+            )
+        },
         family="stn",
         paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
         arxiv="1506.02025",
