@@ -311,11 +311,6 @@ def _ram_inputs(b, hw, c, t):
 catalogue.register(
     catalogue.Entry(
         name="recurrent_attention",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "TODO(issue 11): the glimpse crops at data-dependent locations are vmapped dynamic slices (gathers)"
-            )
-        },
         family="hard_attention",
         paper="Mnih et al., NeurIPS 2014 (kevinzakka/recurrent-visual-attention)",
         arxiv="1406.6247",

@@ -146,13 +146,9 @@ def grid_sample(
     check_rank("grid_sample", "x", x, 4, "(N, H, W, C)")
     check_rank("grid_sample", "grid", grid, 4, "(N, Ho, Wo, 2)")
     if grid.shape[-1] != 2:
-        raise ValueError(
-            f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}"
-        )
+        raise ValueError(f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}")
     if grid.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"grid_sample: batch of `grid` {tuple(grid.shape)} does not match `x` {tuple(x.shape)}"
-        )
+        raise ValueError(f"grid_sample: batch of `grid` {tuple(grid.shape)} does not match `x` {tuple(x.shape)}")
     if mode not in _MODES:
         raise ValueError(f"grid_sample: `mode` must be one of {_MODES}, got {mode!r}")
     if padding_mode not in _PADDING:
@@ -222,19 +218,26 @@ def foveate(x: jax.Array, l: jax.Array, g: int, k: int, s: float) -> jax.Array:
     for size in sizes[1:]:
         if (size // (size // g)) != g or size % (size // g):
             raise ValueError(f"{where}: patch of size {size} does not pool to {g}x{g} (g={g}, s={s})")
-    pad = max(sizes) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    # Each patch, average-pooled to g x g, is separable: out[b, i, j] = sum_{h, w} A[b, i, h] x[b, h, w]
+    # B[b, j, w] with A (g, H) averaging rows [start + i r, start + (i + 1) r), B likewise for columns.
+    # The selectors are built by comparing an iota with the (data-dependent) start, so the crop is
+    # two small batched matmuls: rows outside the image select nothing (the official zero padding)
+    # and the gradient is two matmuls, where vmapped dynamic slices gather and transpose to a
+    # scatter-add.
     centre = jnp.trunc(0.5 * ((jax.lax.stop_gradient(l).astype(jnp.float32) + 1.0) * h)).astype(jnp.int32)
+    cdt = jnp.promote_types(x.dtype, jnp.float32)
     patches = []
     for size in sizes:
-        start = centre - size // 2 + pad  # (B, 2) as (x, y)
+        r = size // g
+        start = centre - size // 2  # (B, 2) as (x, y)
 
-        def cut(img, st, size=size):
-            return jax.lax.dynamic_slice(img, (st[1], st[0], 0), (size, size, c))
+        def selector(st, length, r=r):
+            rel = jnp.arange(length)[None, None, :] - st[:, None, None]  # (B, 1, length)
+            o = jnp.arange(g)[None, :, None]
+            return jnp.where((rel >= o * r) & (rel < (o + 1) * r), jnp.asarray(1.0 / r, cdt), jnp.zeros((), cdt))
 
-        p = jax.vmap(cut)(xp, start)
-        if size != g:
-            r = size // g
-            p = p.reshape(b, g, r, g, r, c).mean(axis=(2, 4))
-        patches.append(p)
+        rows, cols = selector(start[:, 1], h), selector(start[:, 0], w)  # (B, g, H), (B, g, W)
+        p = jnp.einsum("bih,bhwc->biwc", rows, x.astype(cdt), precision="highest")
+        p = jnp.einsum("bjw,biwc->bijc", cols, p, precision="highest")
+        patches.append(p.astype(x.dtype))
     return jnp.concatenate(patches, axis=-1)
