@@ -116,6 +116,21 @@ def _gather(flat: jax.Array, iy: jax.Array, ix: jax.Array, w: int, valid: jax.Ar
     return vals * valid[..., None].astype(flat.dtype)
 
 
+def corner_pack(x: jax.Array) -> jax.Array:
+    """The 2x2 neighbourhood of every pixel as one row: ``(N, H, W, C) -> (N, (H + 1) * (W + 1), 4, C)``.
+
+    Row ``(y + 1) * (W + 1) + (x + 1)`` holds pixels ``(y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)``
+    for ``-1 <= y < H`` and ``-1 <= x < W``, zero where a corner lies outside the image. Bilinear
+    sampling then reads all four corners with *one* gather (the way scenic packs them); its
+    gradient is one scatter-add of rows four times as wide instead of four scatters, and the
+    transpose of the packing itself is pads and adds. Built from a pad and four static slices.
+    """
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    corners = [xp[:, dy : dy + h + 1, dx : dx + w + 1] for dy in (0, 1) for dx in (0, 1)]
+    return jnp.stack(corners, axis=3).reshape(n, (h + 1) * (w + 1), 4, c)
+
+
 def grid_sample(
     x: jax.Array,
     grid: jax.Array,
@@ -178,11 +193,16 @@ def grid_sample(
     wx0 = (x0f + 1) - gx
     wy1 = gy - y0f
     wy0 = (y0f + 1) - gy
+    # Every corner of a cell with -1 <= y0 < H and -1 <= x0 < W is in the packed table (zeros for
+    # the ones outside the image); a cell further out has all four corners outside.
+    valid = (y0 >= -1) & (y0 < h) & (x0 >= -1) & (x0 < w)
+    idx = jnp.where(valid, (y0 + 1) * (w + 1) + (x0 + 1), 0)
+    packed = corner_pack(x).reshape(n, (h + 1) * (w + 1), 4 * c)
+    vals = jnp.take_along_axis(packed, idx[..., None], axis=1).reshape(n, -1, 4, c)
+    vals = vals * valid[..., None, None].astype(x.dtype)
     out = 0
-    for iy, wy in ((y0, wy0), (y0 + 1, wy1)):
-        for ix, wx in ((x0, wx0), (x0 + 1, wx1)):
-            wgt = (wy * wx).astype(x.dtype)
-            out = out + _gather(flat, iy, ix, w, inb(iy, ix)) * wgt[..., None]
+    for corner, (wy, wx) in enumerate(((wy0, wx0), (wy0, wx1), (wy1, wx0), (wy1, wx1))):
+        out = out + vals[:, :, corner] * (wy * wx).astype(x.dtype)[..., None]
     return out.reshape(n, ho, wo, c).astype(x.dtype)
 
 
