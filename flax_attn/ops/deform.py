@@ -14,7 +14,9 @@
 * the sampled columns are contracted with the weight as a grouped convolution.
 
 Memory: the sampled columns ``(N, Ho, Wo, kh * kw, C)`` are the only large intermediate (the
-im2col buffer torchvision also builds); there is one gather per bilinear corner and one matmul.
+im2col buffer torchvision also builds); one gather reads all four bilinear corners from a packed
+corner table (:func:`flax_attn.ops.sampling.corner_pack`), so the backward has one scatter-add
+(the positions are data-dependent) instead of four, and the contraction is one matmul.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.sampling import corner_pack
 
 __all__ = ["deform_conv2d"]
 
@@ -90,9 +93,7 @@ def deform_conv2d(
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if ho <= 0 or wo <= 0:
-        raise ValueError(
-            f"{where}: input {tuple(x.shape)} is too small for kernel {(kh, kw)} (output {ho}x{wo})"
-        )
+        raise ValueError(f"{where}: input {tuple(x.shape)} is too small for kernel {(kh, kw)} (output {ho}x{wo})")
     oc = offset.shape[-1]
     if oc == 0 or oc % (2 * k):
         raise ValueError(
@@ -101,13 +102,10 @@ def deform_conv2d(
         )
     og = oc // (2 * k)
     if c % og:
-        raise ValueError(
-            f"{where}: input channels {c} must be divisible by offset_groups={og} (from `offset`)"
-        )
+        raise ValueError(f"{where}: input channels {c} must be divisible by offset_groups={og} (from `offset`)")
     if tuple(offset.shape[:3]) != (n, ho, wo):
         raise ValueError(
-            f"{where}: `offset` must be ({n}, {ho}, {wo}, {oc}) for this input and kernel, "
-            f"got {tuple(offset.shape)}"
+            f"{where}: `offset` must be ({n}, {ho}, {wo}, {oc}) for this input and kernel, got {tuple(offset.shape)}"
         )
     if mask is not None:
         check_rank(where, "mask", mask, 4, "(N, Ho, Wo, offset_groups * kh * kw)")
@@ -128,43 +126,32 @@ def deform_conv2d(
     py = base_y[None, :, :, None, :].astype(cdt) + off[..., 0]  # (N, Ho, Wo, G, K)
     px = base_x[None, :, :, None, :].astype(cdt) + off[..., 1]
 
-    # Offset-group-major view of x: (N, G, H*W, C/G).
-    xg = x.reshape(n, h * w, og, c // og).transpose(0, 2, 1, 3)
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0f = jnp.floor(jax.lax.stop_gradient(py))
     x0f = jnp.floor(jax.lax.stop_gradient(px))
-    y0 = y0f.astype(jnp.int32)
-    x0 = x0f.astype(jnp.int32)
     ly, lx = py - y0f, px - x0f
+    # A point inside (-1, H) x (-1, W) has its cell's four corners in the packed table, zero where
+    # a corner lies outside the image: one gather of offset-group-major rows (N, G, (H+1)(W+1),
+    # 4 * C/G) reads all four.
+    cg = c // og
+    table = corner_pack(x).reshape(n, (h + 1) * (w + 1), 4, og, cg).transpose(0, 3, 1, 2, 4)
+    table = table.reshape(n, og, (h + 1) * (w + 1), 4 * cg)
+    idx = jnp.where(inside, (y0f.astype(jnp.int32) + 1) * (w + 1) + (x0f.astype(jnp.int32) + 1), 0)
+    idx = idx.transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k)
+    vals = jnp.take_along_axis(table, idx[..., None], axis=2).reshape(n, og, ho * wo * k, 4, cg)
 
-    def corner(iy, ix, wgt):
-        ok = inside & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-        idx = jnp.where(ok, iy * w + ix, 0)  # (N, Ho, Wo, G, K)
-        idx = idx.transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k)
-        vals = jnp.take_along_axis(xg, idx[..., None], axis=2)  # (N, G, P*K, C/G)
-        wgt = jnp.where(ok, wgt, 0).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1)
-        return vals * wgt.astype(dtype)
+    def spread(wgt):
+        return jnp.where(inside, wgt, 0).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1).astype(dtype)
 
-    cols = (
-        corner(y0, x0, (1 - ly) * (1 - lx))
-        + corner(y0, x0 + 1, (1 - ly) * lx)
-        + corner(y0 + 1, x0, ly * (1 - lx))
-        + corner(y0 + 1, x0 + 1, ly * lx)
-    )
+    corner_weights = ((1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx)
+    cols = vals[..., 0, :] * spread(corner_weights[0])
+    for i in (1, 2, 3):
+        cols = cols + vals[..., i, :] * spread(corner_weights[i])
     if mask is not None:
-        m = (
-            mask.astype(dtype)
-            .reshape(n, ho, wo, og, k)
-            .transpose(0, 3, 1, 2, 4)
-            .reshape(n, og, ho * wo * k, 1)
-        )
+        m = mask.astype(dtype).reshape(n, ho, wo, og, k).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1)
         cols = cols * m
     # (N, G, P, K, C/G) -> (N, P, K, C) with channels back in their original order.
-    cols = (
-        cols.reshape(n, og, ho * wo, k, c // og)
-        .transpose(0, 2, 3, 1, 4)
-        .reshape(n, ho * wo, k, groups, cin_g)
-    )
+    cols = cols.reshape(n, og, ho * wo, k, c // og).transpose(0, 2, 3, 1, 4).reshape(n, ho * wo, k, groups, cin_g)
     wmat = weight.astype(dtype).reshape(k, cin_g, groups, out_c // groups)
     out = jnp.einsum("npkgc,kcgo->npgo", cols.astype(dtype), wmat).reshape(n, ho, wo, out_c)
     if bias is not None:
