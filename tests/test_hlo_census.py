@@ -33,7 +33,10 @@ def test_counter_sees_scatter_and_select_and_scatter():
     assert gather_counts["stablehlo.scatter"] >= 1 and gather_counts["stablehlo.select_and_scatter"] == 0
     assert pool_counts == {"stablehlo.scatter": 0, "stablehlo.select_and_scatter": 1}
     # Both printed forms of an op name count; longer names that merely contain it do not.
-    text = '%0 = "stablehlo.scatter"(%a) %1 = stablehlo.scatter %b "stablehlo.scatter_like"(%c)'
+    text = (
+        '%0 = "stablehlo.scatter"(%a) <{dims = #stablehlo.scatter<update_window_dims = [3]>}> '
+        '%1 = stablehlo.scatter %b "stablehlo.scatter_like"(%c)'
+    )
     assert count_ops(text, ["stablehlo.scatter"]) == {"stablehlo.scatter": 2}
 
 

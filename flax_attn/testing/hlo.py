@@ -65,10 +65,11 @@ def count_ops(text: str, names: Iterable[str]) -> dict[str, int]:
     """How often each op ``name`` (``"stablehlo.scatter"``) occurs in StableHLO ``text``.
 
     Matches the op name as a whole word in both the pretty (``stablehlo.scatter``) and the generic
-    (``"stablehlo.scatter"(...)``) printed forms, so ``stablehlo.scatter`` does not count
-    ``stablehlo.select_and_scatter``.
+    (``"stablehlo.scatter"(...)``) printed forms, but not inside longer names
+    (``stablehlo.select_and_scatter``) nor as an attribute (``#stablehlo.scatter<...>``, the
+    dimension numbers every scatter op carries).
     """
-    return {n: len(re.findall(rf"(?<![\w.]){re.escape(n)}(?![\w.])", text)) for n in names}
+    return {n: len(re.findall(rf"(?<![\w.#]){re.escape(n)}(?![\w.<])", text)) for n in names}
 
 
 def serial_op_counts(entry: Entry, config: Mapping | None = None) -> dict[str, int]:
