@@ -310,11 +310,6 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="window_attention",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "TODO(issue 11): the window is read with static-index gathers; to be rewritten as static slices"
-            )
-        },
         family="acmix",
         paper="Liu et al., ICCV 2021 (Swin Transformer)",
         arxiv="2103.14030",

@@ -18,7 +18,32 @@ import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
 
-__all__ = ["augmented_attention", "relative_logits_2d"]
+__all__ = ["augmented_attention", "relative_logits_2d", "skew"]
+
+
+def skew(rel: jax.Array, length: int, axis: int = 0) -> jax.Array:
+    """Relative to absolute positions: ``out[..., i, j, ...] = rel[..., j - i + length - 1, ...]``.
+
+    ``rel`` has ``2 * length - 1`` entries along ``axis`` (offsets ``-(length - 1) .. length - 1``);
+    they are replaced by two axes ``(length, length)`` (query ``i``, key ``j``). Built from a
+    broadcast, one static slice and reshapes, with no index gather, so the gradient is a pad and a
+    sum rather than a scatter-add.
+    """
+    if rel.shape[axis] != 2 * length - 1:
+        raise ValueError(f"skew: axis {axis} of `rel` must have 2 * {length} - 1 entries, got shape {rel.shape}")
+    moved = jnp.moveaxis(rel, axis, 0)
+    rest = moved.shape[1:]
+    flat = moved.reshape(2 * length - 1, -1)
+    if length == 1:
+        out = flat[None]
+    else:
+        # `length` copies of rel end to end, read from offset L - 1 in rows of 2L - 2 (one short
+        # of a copy): row i then starts at copy position L - 1 - i, which is row i of the table.
+        tiled = jnp.broadcast_to(flat, (length, *flat.shape)).reshape(length * (2 * length - 1), -1)
+        tiled = tiled[length - 1 : length - 1 + length * (2 * length - 2)]
+        out = tiled.reshape(length, 2 * length - 2, -1)[:, :length]
+    out = out.reshape(length, length, *rest)
+    return jnp.moveaxis(out, (0, 1), (axis, axis + 1))
 
 
 def _relative_table(rel: jax.Array, length: int, where: str, name: str) -> jax.Array:
@@ -27,15 +52,7 @@ def _relative_table(rel: jax.Array, length: int, where: str, name: str) -> jax.A
             f"{where}: `{name}` has {rel.shape[0]} rows; a size-{length} axis needs 2 * {length} - 1 = "
             f"{2 * length - 1} (table shape {tuple(rel.shape)})"
         )
-    # table[i, j] = rel[j - i + L - 1]: the embedding of key j's offset seen from query i.
-    if length == 1:
-        return rel[None]
-    d = rel.shape[1]
-    # L copies of rel laid end to end, read from offset L - 1 in rows of 2L - 2 (one short of a
-    # copy): row i starts at copy position L - 1 - i, which is exactly row i of the table.
-    flat = jnp.broadcast_to(rel, (length, 2 * length - 1, d)).reshape(length * (2 * length - 1), d)
-    flat = flat[length - 1 : length - 1 + length * (2 * length - 2)]
-    return flat.reshape(length, 2 * length - 2, d)[:, :length]  # (L, L, d)
+    return skew(rel, length)  # (L, L, d)
 
 
 def relative_logits_2d(q: jax.Array, key_rel_h: jax.Array, key_rel_w: jax.Array):
