@@ -275,12 +275,6 @@ _ACMIX = dict(
 catalogue.register(
     catalogue.Entry(
         name="acmix",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "TODO(issue 11): the reflect-padded 7x7 window is read with static-index gathers; to be rewritten as "
-                "static slices"
-            )
-        },
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
         inputs=catalogue.image_inputs(3, 13, 17, 8),
         bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
@@ -292,12 +286,6 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="acmix_stride2",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "TODO(issue 11): the reflect-padded 7x7 window is read with static-index gathers; to be rewritten as "
-                "static slices"
-            )
-        },
         # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
         config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
         inputs=catalogue.image_inputs(3, 10, 14, 8),
