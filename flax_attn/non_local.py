@@ -277,12 +277,6 @@ for _mode in NON_LOCAL_MODES:
             inputs=catalogue.image_inputs(3, 13, 17, 12),
             bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
             bench_inputs=catalogue.image_inputs(8, 64, 64, 256),
-            allowed_hlo={
-                "stablehlo.scatter": "TODO(issue 11): the concatenation mode's sort-and-suffix-sum "
-                "(argsort + take_along_axis) transposes to scatters"
-            }
-            if _mode == "concatenation"
-            else {},
         )
     )
 
