@@ -110,9 +110,7 @@ class DeformConv2d(_DeformWeights):
     def __call__(self, x, offset, mask=None, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
         fan_in = self.in_channels // self.groups * kh * kw
-        kernel, bias = self._params(
-            "DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in)
-        )
+        kernel, bias = self._params("DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in))
         return self._conv(x, offset, kernel, bias, mask)
 
 
@@ -250,9 +248,7 @@ catalogue.register(
         flax=DeformConv2d,
         torch="flax_attn.testing.torch_ref.deform:DeformConv2d",
         # stride 2, padding 1, dilation (1, 2) on 13x17: Ho = 7, Wo = 9; offset groups 2, groups 2.
-        config=dict(
-            in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2
-        ),
+        config=dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2),
         inputs=_deform_inputs(3, 13, 17, 4, 7, 9, 6, 2),
         bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
         bench_inputs=_deform_inputs(8, 64, 64, 64, 64, 64, 9, 1),
