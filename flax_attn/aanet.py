@@ -964,8 +964,8 @@ catalogue.register(
         name="aanet_deform_simple_bottleneck",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="aanet",
@@ -986,8 +986,8 @@ catalogue.register(
         name="aanet_adaptive_aggregation_module",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="aanet",
@@ -1010,8 +1010,8 @@ catalogue.register(
         name="aanet_adaptive_aggregation",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="aanet",
@@ -1204,7 +1204,7 @@ catalogue.register(
         allowed_hlo={
             "stablehlo.scatter": (
                 "deformable convolutions (bilinear sampling at learned offsets) and the disparity warp (grid_sample "
-                "at data-dependent positions): the transposes of their packed corner gathers"
+                "at data-dependent positions): the transposes of their corner gathers"
             )
         },
         family="aanet",

@@ -238,8 +238,8 @@ catalogue.register(
         name="deform_conv2d",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="deform",
@@ -264,8 +264,8 @@ catalogue.register(
         name="deform_conv2d_pack",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="deform",
@@ -287,8 +287,8 @@ catalogue.register(
         name="modulated_deform_conv2d_pack",
         allowed_hlo={
             "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets (one packed gather of the four "
-                "corners; its transpose is the scatter)"
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
             )
         },
         family="deform",

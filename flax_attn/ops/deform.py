@@ -14,9 +14,11 @@
 * the sampled columns are contracted with the weight as a grouped convolution.
 
 Memory: the sampled columns ``(N, Ho, Wo, kh * kw, C)`` are the only large intermediate (the
-im2col buffer torchvision also builds); one gather reads all four bilinear corners from a packed
-corner table (:func:`flax_attn.ops.sampling.corner_pack`), so the backward has one scatter-add
-(the positions are data-dependent) instead of four, and the contraction is one matmul.
+im2col buffer torchvision also builds); there is one gather per bilinear corner and one matmul.
+The sampling positions are data-dependent, so the backward keeps a scatter-add per corner. Reading
+the four corners with one gather of a packed table (as ``grid_sample`` does) was measured and not
+kept: 0.8x the speed of four gathers at 8x64x64x64, 3x3 (``benchmarks/dense_ops.py``), where the
+packed table costs more than the three gathers and scatters it saves.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
-from flax_attn.ops.sampling import corner_pack
 
 __all__ = ["deform_conv2d"]
 
@@ -126,27 +127,29 @@ def deform_conv2d(
     py = base_y[None, :, :, None, :].astype(cdt) + off[..., 0]  # (N, Ho, Wo, G, K)
     px = base_x[None, :, :, None, :].astype(cdt) + off[..., 1]
 
+    # Offset-group-major view of x: (N, G, H*W, C/G).
+    xg = x.reshape(n, h * w, og, c // og).transpose(0, 2, 1, 3)
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0f = jnp.floor(jax.lax.stop_gradient(py))
     x0f = jnp.floor(jax.lax.stop_gradient(px))
+    y0 = y0f.astype(jnp.int32)
+    x0 = x0f.astype(jnp.int32)
     ly, lx = py - y0f, px - x0f
-    # A point inside (-1, H) x (-1, W) has its cell's four corners in the packed table, zero where
-    # a corner lies outside the image: one gather of offset-group-major rows (N, G, (H+1)(W+1),
-    # 4 * C/G) reads all four.
-    cg = c // og
-    table = corner_pack(x).reshape(n, (h + 1) * (w + 1), 4, og, cg).transpose(0, 3, 1, 2, 4)
-    table = table.reshape(n, og, (h + 1) * (w + 1), 4 * cg)
-    idx = jnp.where(inside, (y0f.astype(jnp.int32) + 1) * (w + 1) + (x0f.astype(jnp.int32) + 1), 0)
-    idx = idx.transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k)
-    vals = jnp.take_along_axis(table, idx[..., None], axis=2).reshape(n, og, ho * wo * k, 4, cg)
 
-    def spread(wgt):
-        return jnp.where(inside, wgt, 0).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1).astype(dtype)
+    def corner(iy, ix, wgt):
+        ok = inside & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        idx = jnp.where(ok, iy * w + ix, 0)  # (N, Ho, Wo, G, K)
+        idx = idx.transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k)
+        vals = jnp.take_along_axis(xg, idx[..., None], axis=2)  # (N, G, P*K, C/G)
+        wgt = jnp.where(ok, wgt, 0).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1)
+        return vals * wgt.astype(dtype)
 
-    corner_weights = ((1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx)
-    cols = vals[..., 0, :] * spread(corner_weights[0])
-    for i in (1, 2, 3):
-        cols = cols + vals[..., i, :] * spread(corner_weights[i])
+    cols = (
+        corner(y0, x0, (1 - ly) * (1 - lx))
+        + corner(y0, x0 + 1, (1 - ly) * lx)
+        + corner(y0 + 1, x0, ly * (1 - lx))
+        + corner(y0 + 1, x0 + 1, ly * lx)
+    )
     if mask is not None:
         m = mask.astype(dtype).reshape(n, ho, wo, og, k).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1)
         cols = cols * m
