@@ -6,6 +6,8 @@ forward + backward (gradient of ``sum(out * cotangent)`` w.r.t. every floating i
 ``--repeats`` runs after warm-up, with the two versions interleaved run by run so that load on a
 shared machine hits both alike; and XLA's compiled peak memory of that step. Ratio = old / new
 (> 1: the rewrite is faster). Also counts serial ops (scatter, select_and_scatter) in each lowering.
+The ``layers.Conv`` rows compare ``lax.conv_general_dilated`` with the patch matmul that ``Conv``
+now uses for tiny output maps on CPU.
 
     python benchmarks/dense_ops.py [--baseline main] [--repeats 15] [--out benchmarks/results/dense_ops_cpu.md]
 
@@ -38,9 +40,11 @@ def _old_module(ref: str, path: str) -> types.ModuleType:
 
 
 def _cases(ref: str):
+    import jax
     import jax.numpy as jnp
 
     from flax_attn import ops
+    from flax_attn.layers import _patch_matmul_conv
     from flax_attn.ops import neighborhood, non_local, relative_logits, sampling
 
     old = {
@@ -73,6 +77,13 @@ def _cases(ref: str):
             return window_attention(q, k, v, bias_table=table, **kw)
 
         return f
+
+    def conv_general(x, w):
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=dn)
+
+    def conv_patches(x, w):
+        return _patch_matmul_conv(x, w, (1, 1), [(1, 1), (1, 1)], (1, 1))
 
     def concat_terms(mod):
         def f(th, ph, g):
@@ -224,6 +235,14 @@ def _cases(ref: str):
         ),
         {},
     )
+    for b, hw, ch in ((8, 2, 512), (8, 4, 512), (8, 7, 512), (8, 8, 256)):
+        yield (
+            f"layers.Conv 3x3 {ch}->{ch} at {b}x{hw}x{hw} (conv vs patch matmul)",
+            conv_general,
+            conv_patches,
+            (a(b, hw, hw, ch), 0.02 * a(3, 3, ch, ch)),
+            {},
+        )
 
 
 def _step(fn, args, kwargs):

@@ -141,3 +141,43 @@ def test_corner_pack_rows_are_the_four_corners():
         row = packed[:, (y + 1) * (w + 1) + (xx + 1)]
         want = np.stack([px(y, xx), px(y, xx + 1), px(y + 1, xx), px(y + 1, xx + 1)], axis=1)
         np.testing.assert_array_equal(row, want)
+
+
+@pytest.mark.parametrize(
+    "shape,ks,strides,pads,dilation",
+    [
+        ((3, 2, 3, 16), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+        ((2, 8, 7, 8), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+        ((2, 5, 6, 4), (3, 2), (1, 2), ((2, 0), (1, 1)), (2, 1)),
+        ((1, 1, 1, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ],
+)
+def test_patch_matmul_conv_matches_conv(shape, ks, strides, pads, dilation):
+    from flax_attn.layers import _patch_matmul_conv
+
+    x = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(RNG.standard_normal((*ks, shape[-1], 5)), jnp.float32)
+
+    def conv(x, w):
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=dn)
+
+    y, vjp = jax.vjp(lambda x, w: _patch_matmul_conv(x, w, strides, pads, dilation), x, w)
+    y_ref, vjp_ref = jax.vjp(conv, x, w)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    cot = jnp.asarray(RNG.standard_normal(y.shape), jnp.float32)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_on_a_tiny_map_is_one_matmul_on_cpu():
+    from flax_attn.layers import Conv
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the patch-matmul path is CPU-only")
+    conv = Conv(8, 3, padding=1)
+    for hw, want_conv in ((4, False), (13, True)):  # 4x4 -> one matmul; 13x13 (169 outputs) keeps the conv
+        x = jnp.zeros((2, hw, hw, 4))
+        v = conv.init(jax.random.PRNGKey(0), x)
+        text = jax.jit(jax.grad(lambda v, x: jnp.sum(conv.apply(v, x)))).lower(v, x).as_text()
+        assert (count_ops(text, ["stablehlo.convolution"])["stablehlo.convolution"] > 0) == want_conv, hw
