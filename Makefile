@@ -1,6 +1,8 @@
 # Two entry points, each self-contained on a fresh machine with Python >= 3.10 and pip:
 #   make demo   builds a venv, installs everything, runs the parity demo and the two default trainings
 #   make test   builds a venv, installs everything the tests need, runs the whole suite (what CI runs)
+# CI also runs `make compile-check` (its own venv with the CUDA plugin and libtpu, kept out of the core
+# install: compiles every Pallas kernel for H100 and TPU v5e/v6e without either) and `make device-smoke`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-isa lint bench clean compile-check device-smoke
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-isa
+
+# The catalogue parity again on other CPU code paths than this machine's native ones: torch's
+# unvectorised ATen kernels, oneDNN limited to SSE4.1 and XLA's CPU backend to SSE4.2. A float32
+# tolerance that holds only for one ISA's rounding fails here instead of on a user's machine.
+NON_NATIVE_CPU ?= ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 XLA_FLAGS=--xla_cpu_max_isa=SSE4_2
+test-isa: $(VENV)/.installed
+	$(NON_NATIVE_CPU) $(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests/test_catalogue_parity.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check flax_attn train tests benchmarks
@@ -39,5 +49,25 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py
 
+# Deviceless compilation for GPU and TPU. The CUDA plugin (several GB, with ptxas) and libtpu go into
+# a venv of their own, at the jax version of the core install; no GPU or TPU is needed.
+JAX_VERSION ?= $(shell $(PY) -c "import jax; print(jax.__version__)")
+COMPILE_VENV ?= .venv-compile
+COMPILE_PY := $(COMPILE_VENV)/bin/python
+COMPILE_OUT ?= benchmarks/results
+
+$(COMPILE_VENV)/.installed: $(VENV)/.installed pyproject.toml Makefile
+	$(PYTHON) -m venv $(COMPILE_VENV)
+	$(COMPILE_PY) -m pip install -q --upgrade pip
+	$(COMPILE_PY) -m pip install -q "jax[tpu]==$(JAX_VERSION)" "jax[cuda12]==$(JAX_VERSION)" -e .
+	touch $@
+
+compile-check: $(COMPILE_VENV)/.installed
+	JAX_PLATFORMS=cpu $(COMPILE_PY) benchmarks/compile_check.py --targets h100,v5e,v6e --out $(COMPILE_OUT)
+
+# The one-shot hardware check in its CPU form: tiny shapes, kernels in interpret mode.
+device-smoke: $(VENV)/.installed
+	$(PY) benchmarks/device_check.py --smoke --out $(or $(SMOKE_OUT),/tmp/flax-attn-device-smoke)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPILE_VENV) .pytest_cache

@@ -70,7 +70,9 @@ class ACmix(nn.Module):
         requires it).
       dilation: kept for the official signature; only 1 is consistent there (its ``Unfold`` is
         undilated while its padding is dilated).
-      implementation: neighbourhood-attention backend (``None``, ``"xla"``, ``"pallas"``).
+      implementation: neighbourhood-attention backend: ``None``
+        (:func:`flax_attn.kernels.default_implementation`: XLA unless the kernel is recorded as
+        verified on this platform), ``"xla"`` or ``"pallas"`` (interpreted on CPU).
 
     Input ``(B, H, W, in_planes)``; output ``(B, H // stride, W // stride, out_planes)``.
 
@@ -102,9 +104,7 @@ class ACmix(nn.Module):
         check_channels(where, "x", x, self.in_planes)
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
         if self.dilation != 1:
-            raise ValueError(
-                f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}"
-            )
+            raise ValueError(f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}")
         if self.kernel_conv != 3:
             raise ValueError(
                 f"{where}: `kernel_conv` must be 3 (official dep_conv has padding=1), got {self.kernel_conv}"
@@ -114,9 +114,7 @@ class ACmix(nn.Module):
         b, h, w, _ = x.shape
         s = self.stride
         if h % s or w % s:
-            raise ValueError(
-                f"{where}: height and width must be multiples of `stride`={s}, got input {x.shape}"
-            )
+            raise ValueError(f"{where}: height and width must be multiples of `stride`={s}, got input {x.shape}")
         pad = self.kernel_att // 2
         if pad >= h or pad >= w:
             raise ValueError(
@@ -186,8 +184,9 @@ class WindowAttention(nn.Module):
       qkv_bias: bias of the fused ``qkv`` projection.
       qk_scale: logit scale; default ``head_dim ** -0.5``.
       attn_drop, proj_drop: dropout rates (active with ``train=True``, rng stream ``dropout``).
-      implementation: window-attention backend (``None``: the fused Pallas kernel on GPU/TPU, XLA
-        on CPU or when attention dropout is active; ``"xla"``; ``"pallas"``).
+      implementation: window-attention backend (see :func:`flax_attn.ops.window.window_attention`):
+        ``None`` (XLA unless the kernel is recorded as verified on this platform, and whenever
+        attention dropout is active), ``"xla"`` or ``"pallas"`` (interpreted on CPU).
 
     Parameters load from Swin's ``WindowAttention`` state dict (``qkv``, ``proj``,
     ``relative_position_bias_table``; the ``relative_position_index`` buffer is recomputed).
@@ -228,9 +227,7 @@ class WindowAttention(nn.Module):
         b, h, w, c = x.shape
         ws = self.window_size
         if h % ws or w % ws:
-            raise ValueError(
-                f"{where}: height and width must be multiples of `window_size`={ws}, got input {x.shape}"
-            )
+            raise ValueError(f"{where}: height and width must be multiples of `window_size`={ws}, got input {x.shape}")
         if not 0 <= self.shift_size < ws:
             raise ValueError(f"{where}: `shift_size` must be in [0, {ws}), got {self.shift_size}")
         nh, hd = self.num_heads, self.dim // self.num_heads

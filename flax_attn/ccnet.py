@@ -32,7 +32,9 @@ class CrissCrossAttention(nn.Module):
 
     Attributes:
       in_dim: input (and output) channels; at least 8.
-      implementation: ``None`` (Pallas kernel on GPU/TPU, XLA on CPU), ``"xla"`` or ``"pallas"``.
+      implementation: ``None`` (:func:`flax_attn.kernels.default_implementation`: XLA unless the
+        kernel is recorded as verified on this platform), ``"xla"`` or ``"pallas"`` (the fused
+        kernel; interpreted on CPU).
       dtype, param_dtype: compute and parameter dtypes.
 
     Input ``(B, H, W, in_dim)``; output the same shape. ``return_weights=True`` also returns the
@@ -143,8 +145,10 @@ class RCCAModule(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "RCCAModule"
         if self.in_channels < 32:
-            raise ValueError(f"{where}: `in_channels`={self.in_channels} must be at least 32 "
-                             "(the attention's queries/keys have in_channels // 32 channels)")
+            raise ValueError(
+                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
+                "(the attention's queries/keys have in_channels // 32 channels)"
+            )
         if self.recurrence < 0:
             raise ValueError(f"{where}: `recurrence` must be >= 0, got {self.recurrence}")
         check_rank(where, "x", x, 4, "(B, H, W, in_channels)")
@@ -170,34 +174,36 @@ class RCCAModule(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
+catalogue.register(
+    catalogue.Entry(
+        name="criss_cross_attention",
+        family="ccnet",
+        paper="Huang et al., ICCV 2019 (CCNet)",
+        arxiv="1811.11721",
+        flax=CrissCrossAttention,
+        torch="flax_attn.testing.torch_ref.ccnet:CrissCrossAttention",
+        config=dict(in_dim=16),
+        inputs=catalogue.image_inputs(3, 13, 17, 16),
+        bench_config=dict(in_dim=512),
+        bench_inputs=catalogue.image_inputs(8, 97, 97, 512),
+        kernel="criss_cross",
+        train_mode=False,
+    )
+)
 
-
-catalogue.register(catalogue.Entry(
-    name="criss_cross_attention",
-    family="ccnet",
-    paper="Huang et al., ICCV 2019 (CCNet)",
-    arxiv="1811.11721",
-    flax=CrissCrossAttention,
-    torch="flax_attn.testing.torch_ref.ccnet:CrissCrossAttention",
-    config=dict(in_dim=16),
-    inputs=catalogue.image_inputs(3, 13, 17, 16),
-    bench_config=dict(in_dim=512),
-    bench_inputs=catalogue.image_inputs(8, 97, 97, 512),
-    kernel="criss_cross",
-    train_mode=False,
-))
-
-catalogue.register(catalogue.Entry(
-    name="rcca_module",
-    family="ccnet",
-    paper="Huang et al., ICCV 2019 (CCNet)",
-    arxiv="1811.11721",
-    flax=RCCAModule,
-    torch="flax_attn.testing.torch_ref.ccnet:RCCAModule",
-    # Dropout off for parity: torch and JAX draw different masks (Dropout2d is tested separately).
-    config=dict(in_channels=64, out_channels=24, num_classes=5, recurrence=2, dropout=0.0),
-    inputs=catalogue.image_inputs(3, 13, 17, 64),
-    bench_config=dict(in_channels=2048, out_channels=512, num_classes=19, recurrence=2),
-    bench_inputs=catalogue.image_inputs(2, 97, 97, 2048),
-    kernel="criss_cross",
-))
+catalogue.register(
+    catalogue.Entry(
+        name="rcca_module",
+        family="ccnet",
+        paper="Huang et al., ICCV 2019 (CCNet)",
+        arxiv="1811.11721",
+        flax=RCCAModule,
+        torch="flax_attn.testing.torch_ref.ccnet:RCCAModule",
+        # Dropout off for parity: torch and JAX draw different masks (Dropout2d is tested separately).
+        config=dict(in_channels=64, out_channels=24, num_classes=5, recurrence=2, dropout=0.0),
+        inputs=catalogue.image_inputs(3, 13, 17, 64),
+        bench_config=dict(in_channels=2048, out_channels=512, num_classes=19, recurrence=2),
+        bench_inputs=catalogue.image_inputs(2, 97, 97, 2048),
+        kernel="criss_cross",
+    )
+)

@@ -204,10 +204,11 @@ catalogue.register(
         bench_inputs=catalogue.image_inputs(2, 64, 64, 512),
         # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
         # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
-        # tests/test_danet.py checks 1e-5 on well-conditioned inputs.
-        atol=1e-4,
-        rtol=1e-4,
+        # it compares in float64. tests/test_danet.py checks float32 at 1e-5 on well-conditioned inputs.
         train_mode=False,
+        float64_modes=("eval",),
+        conditioning="eval: float32 rounding moves grad[x] by 4.3e-5 (torch) / 1.3e-4 (Flax), 0.41 of the "
+        "loosened 1e-4 tolerance (4x the 1e-5 one)",
         **_COMMON,
     )
 )

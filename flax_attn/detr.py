@@ -31,6 +31,7 @@ from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
 from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
@@ -641,7 +642,7 @@ class FrozenBatchNorm2d(nn.Module):
     All four tensors are torch buffers (``weight``, ``bias``, ``running_mean``, ``running_var``; no
     ``num_batches_tracked``), so here they live in the ``batch_stats`` collection, which optimisers
     do not touch, and are never updated (``train`` changes nothing). ``y = x * s + (b - mean * s)``
-    with ``s = weight * rsqrt(var + eps)``, computed in float32.
+    with ``s = weight * rsqrt(var + eps)``, computed in float32 (float64 for float64 inputs).
 
     Attributes:
       eps: 1e-5 (DETR adds it inside the rsqrt).
@@ -657,9 +658,10 @@ class FrozenBatchNorm2d(nn.Module):
         bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
         mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
         var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
-        scale = weight.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.eps)
-        shift = bias.astype(jnp.float32) - mean.astype(jnp.float32) * scale
-        return (x.astype(jnp.float32) * scale + shift).astype(self.dtype or x.dtype)
+        sdt = statistics_dtype(x.dtype)
+        scale = weight.astype(sdt) * jax.lax.rsqrt(var.astype(sdt) + self.eps)
+        shift = bias.astype(sdt) - mean.astype(sdt) * scale
+        return (x.astype(sdt) * scale + shift).astype(self.dtype or x.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -1194,4 +1196,14 @@ _entry(
     torch_call=_torch_nested_call,
     atol=1e-4,
     rtol=1e-4,
+    # The input gradient runs back through a ReLU/max-pool ResNet: a unit within float32 rounding of
+    # its threshold flips on another CPU path and reroutes the gradient, so it compares in float64.
+    float64_modes=("eval",),
+    conditioning="eval: with XLA on SSE4.2 and torch on its default kernels, float32 grad[samples] of one "
+    "image moved by up to 8e-4 in 3468 elements (Flax vs float64: 8e-4; torch vs float64: 1.3e-6; outputs "
+    "1.7e-6): a gradient discontinuity (a ReLU/max-pool selection flipped by rounding), not a formula error",
+    # DETR's sine position encoding is float32 by definition in the reference (float32 cumsum and
+    # frequency table) in both precisions; the frameworks' float32 sin differ by ~5e-7, which the
+    # float64 transformer carries into its outputs at ~1.3e-8.
+    float64_tolerance=1e-7,
 )

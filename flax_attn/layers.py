@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_attn.ops.dtypes import statistics_dtype
+
 Dtype = Any
 
 __all__ = [
@@ -202,7 +204,7 @@ class BatchNorm(nn.Module):
 
     Call with ``train=True`` to normalise with batch statistics and update ``batch_stats``
     (``mutable=['batch_stats']``); the running variance is updated with the unbiased batch
-    variance, exactly as PyTorch does. Statistics are computed in float32.
+    variance, exactly as PyTorch does. Statistics are computed in float32 (float64 for float64 inputs).
     """
 
     momentum: float = 0.1
@@ -220,7 +222,8 @@ class BatchNorm(nn.Module):
         mean_var = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         var_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         axes = tuple(range(x.ndim - 1))
-        xf = x.astype(jnp.float32)
+        sdt = statistics_dtype(x.dtype)
+        xf = x.astype(sdt)
         if train:
             mean = jnp.mean(xf, axis=axes)
             n = 1
@@ -241,8 +244,8 @@ class BatchNorm(nn.Module):
             mean, var = mean_var.value, var_var.value
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
-            y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
+            y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(sdt)
+            y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(sdt)
         return y.astype(self.dtype or x.dtype)
 
 

@@ -262,6 +262,17 @@ class NonLocalMNISTNet(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
+# Train-mode entries whose float32 rounding uses a sizeable part of the tolerance (measured with
+# benchmarks/parity_conditioning.py): the train-mode BN of W over the sub-sampled attention output.
+_NON_LOCAL_CONDITIONING = {
+    "concatenation": dict(float64_modes=("train",), conditioning="train: float32 rounding moves grad[x] by "
+                          "3.4e-6 (torch) / 9.5e-7 (Flax), 0.18 of the 1e-5 tolerance; eval uses 0.009"),
+    "embedded_gaussian": dict(float64_modes=("train",), conditioning="train: float32 rounding moves the output "
+                              "by 9.9e-7 (torch) / 1.7e-6 (Flax), 0.16 of the 1e-5 tolerance; eval uses 0.010"),
+    "gaussian": dict(float64_modes=("train",), conditioning="train: float32 rounding moves grad[x] by 4.0e-6 "
+                     "(torch) / 6.9e-6 (Flax), 0.27 of the 1e-5 tolerance; eval uses 0.084"),
+}
+
 for _mode in NON_LOCAL_MODES:
     catalogue.register(
         catalogue.Entry(
@@ -277,6 +288,7 @@ for _mode in NON_LOCAL_MODES:
             inputs=catalogue.image_inputs(3, 13, 17, 12),
             bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
             bench_inputs=catalogue.image_inputs(8, 64, 64, 256),
+            **_NON_LOCAL_CONDITIONING.get(_mode, {}),
         )
     )
 

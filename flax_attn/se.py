@@ -30,6 +30,7 @@ from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import global_pool
+from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 
 __all__ = [
@@ -367,7 +368,7 @@ class SEResNet(nn.Module):
                     **kw,
                 )(x, train=train)
                 inplanes = planes * block_cls.expansion
-        x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+        x = jnp.mean(x, axis=(1, 2), dtype=statistics_dtype(x.dtype)).astype(x.dtype)
         if self.num_classes:
             x = Linear(self.num_classes, name="fc", **kw)(x)
         return x
@@ -473,11 +474,9 @@ catalogue.register(
         torch="flax_attn.testing.torch_ref.se:se_resnet50",
         config=dict(num_classes=10, se_style="senet"),
         # Train-mode BatchNorm makes a randomly initialised 50-layer network amplify its input gradient
-        # ~1e9-fold (BN gradient explosion at init, Yang et al., ICLR 2019), and float32 rounding with
-        # it: at 3x97x81 the train-mode input gradient differs by 3.9e-3 (max |grad| 0.59) while eval
-        # matches to 3.5e-10 and outputs to 5e-6 in both modes. At 2x65x57 the whole model meets 1e-4;
-        # a single SE bottleneck meets 1e-5 at any size (tests/test_se.py).
-        inputs=catalogue.image_inputs(2, 65, 57, 3),
+        # by orders of magnitude (BN gradient explosion at init, Yang et al., ICLR 2019), and float32
+        # rounding with it, so train mode compares in float64 (see `conditioning`).
+        inputs=catalogue.image_inputs(3, 97, 81, 3),
         # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
         bench_config=dict(num_classes=1000, se_style="timm"),
         bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
@@ -485,5 +484,9 @@ catalogue.register(
         atol=1e-4,
         rtol=1e-4,
         slow=True,
+        float64_modes=("train",),
+        conditioning="train: float32 rounding alone moves grad[x] by 6.4e-3 in torch and in Flax (each against "
+        "its own float64 run; 63x the 1e-4 tolerance at 3x97x81, 111x at 2x65x57), so float32 agreement depends "
+        "on the CPU; eval uses 0.002 of it",
     )
 )

@@ -21,6 +21,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.sampling import affine_grid, grid_sample
 
@@ -205,7 +206,7 @@ class STNTutorialNet(nn.Module):
         x = nn.relu(Linear(50, name="fc1", **kw)(x))
         x = nn.Dropout(0.5, deterministic=not train)(x)
         x = Linear(10, name="fc2", **kw)(x)
-        return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+        return jax.nn.log_softmax(x.astype(statistics_dtype(x.dtype)), axis=-1).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -244,10 +245,11 @@ catalogue.register(
         bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
         layouts=("tutorial",),
         # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
-        # times the image gradient, so outputs and input gradients agree to ~5e-5 (whole-model bound).
-        atol=1e-4,
-        rtol=1e-4,
+        # times the image gradient, so it compares in float64.
         train_mode=False,
+        float64_modes=("eval",),
+        conditioning="eval: float32 rounding moves grad[x] by 3.2e-5 (torch) / 5.0e-5 (Flax), 0.27 of the "
+        "loosened 1e-4 tolerance (2.7x the 1e-5 one)",
     )
 )
 

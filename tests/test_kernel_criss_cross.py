@@ -14,12 +14,12 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.test_util import check_grads
 
-from flax_attn.kernels.criss_cross import BlockSizes, criss_cross_attention_pallas
+from flax_attn.kernels import BlockSizes, criss_cross_attention_pallas
 from flax_attn.ops.criss_cross import criss_cross_attention
 
 BACKENDS = {
     "triton": True,
-    "mosaic": pltpu.InterpretParams(detect_races=True),
+    "mosaic_tpu": pltpu.InterpretParams(detect_races=True),
 }
 
 
@@ -46,8 +46,9 @@ def _reference(q, k, v, ct):
 
 
 def _assert_close(got, want, atol, rtol, what):
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=rtol,
-                               err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=rtol, err_msg=what
+    )
 
 
 # (B, H, W), Cqk, Cv: odd sizes that need spatial and channel padding on both backends.
@@ -56,7 +57,8 @@ def _assert_close(got, want, atol, rtol, what):
 def test_interpret_matches_reference(backend, dtype):
     q, k, v, ct = _inputs((2, 5, 9), 3, 5, jnp.dtype(dtype), seed=1)
     out, grads = _value_and_grads(
-        lambda *a: criss_cross_attention_pallas(*a, backend=backend, interpret=BACKENDS[backend]), q, k, v, ct)
+        lambda *a: criss_cross_attention_pallas(*a, backend=backend, interpret=BACKENDS[backend]), q, k, v, ct
+    )
     ref_out, ref_grads = _reference(q, k, v, ct)
     assert out.dtype == q.dtype and out.shape == v.shape
     # float32: 1e-5. bfloat16 against the float32 reference: 5e-2 (bf16 inputs, P cast to bf16 for P @ V).
@@ -72,11 +74,35 @@ def test_interpret_exact_tiling_and_other_tiles():
     q, k, v, ct = _inputs((1, 16, 16), 4, 8, seed=2)
     ref_out, ref_grads = _reference(q, k, v, ct)
     out, grads = _value_and_grads(
-        lambda *a: criss_cross_attention_pallas(*a, backend="mosaic", interpret=True, block_sizes=BlockSizes(8, 8)),
-        q, k, v, ct)
+        lambda *a: criss_cross_attention_pallas(
+            *a, backend="mosaic_tpu", interpret=True, block_sizes=BlockSizes(block_h=8, block_w=8)
+        ),
+        q,
+        k,
+        v,
+        ct,
+    )
     _assert_close(out, ref_out, 1e-5, 1e-5, "output")
     for name, g, rg in zip("qkv", grads, ref_grads):
         _assert_close(g, rg, 1e-5, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_one_row_image_and_channel_blocks(backend):
+    # H = 1: the column pass has no key at all (only the centre, which the row counts), so its
+    # log-sum-exp must drop out of the merge; 40 value channels in blocks of 16 (Triton: padded to
+    # 64, four blocks) / 128-multiples or whole (Mosaic) exercise the channel tiling of P @ V and dV.
+    blocks = BlockSizes(block_h=16, block_w=16, block_c=16 if backend == "triton" else None)
+    fn = lambda *a: criss_cross_attention_pallas(  # noqa: E731
+        *a, backend=backend, interpret=BACKENDS[backend], block_sizes=blocks
+    )
+    for shape, cv in (((2, 1, 7), 5), ((1, 6, 3), 40)):
+        q, k, v, ct = _inputs(shape, 3, cv, seed=5)
+        out, grads = _value_and_grads(fn, q, k, v, ct)
+        ref_out, ref_grads = _reference(q, k, v, ct)
+        _assert_close(out, ref_out, 1e-5, 1e-5, f"output {shape}")
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            _assert_close(g, rg, 1e-5, 1e-5, f"d{name} {shape}")
 
 
 def test_custom_vjp_check_grads():
@@ -87,15 +113,16 @@ def test_custom_vjp_check_grads():
 
 def test_bad_arguments():
     q, k, v, _ = _inputs((1, 3, 4), 2, 3)
-    with pytest.raises(ValueError, match="`backend` must be 'triton' or 'mosaic'"):
+    with pytest.raises(ValueError, match=r"`backend` must be one of \('triton', 'mosaic_tpu'\), got 'cuda'"):
         criss_cross_attention_pallas(q, k, v, backend="cuda", interpret=True)
-    with pytest.raises(ValueError, match="Triton tiles must be powers of two"):
-        criss_cross_attention_pallas(q, k, v, backend="triton", interpret=True, block_sizes=BlockSizes(8, 12))
+    with pytest.raises(ValueError, match=r"Triton block sizes must be powers of two >= 16, got BlockSizes\(block_h=8"):
+        criss_cross_attention_pallas(
+            q, k, v, backend="triton", interpret=True, block_sizes=BlockSizes(block_h=8, block_w=12)
+        )
     with pytest.raises(ValueError, match="`v` must share"):
         criss_cross_attention_pallas(q, k, v[:, :2], backend="triton", interpret=True)
-    if jax.default_backend() == "cpu":
-        with pytest.raises(ValueError, match="no Pallas backend"):
-            criss_cross_attention_pallas(q, k, v)
+    with pytest.raises(ValueError, match="`block_sizes.block_windows` is not used by this kernel"):
+        criss_cross_attention_pallas(q, k, v, interpret=True, block_sizes=BlockSizes(block_windows=2))
 
 
 def _compiled_case(dtype):
@@ -118,10 +145,3 @@ def test_compiled_gpu(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_tpu(dtype):
     _compiled_case(dtype)
-
-
-@pytest.mark.gpu
-def test_default_dispatch_uses_pallas_on_gpu():
-    q, k, v, _ = _inputs((1, 13, 17), 8, 16)
-    np.testing.assert_allclose(criss_cross_attention(q, k, v), criss_cross_attention(q, k, v, implementation="xla"),
-                               atol=2e-2, rtol=2e-2)

@@ -40,10 +40,10 @@ def _fwd_and_grads(fn, q, k, v, ct):
 # Each backend's tiling rules meet both borders, both dtypes, dilation 1 and 2 and stride 2, on odd
 # shapes (widths and head dims that are not powers of two, heights that are not tile multiples).
 CASES = [  # backend, dtype, border, kernel_size, dilation, stride, (B, H, W, heads, D)
-    ("gpu", jnp.float32, "reflect", 3, 1, 1, (2, 5, 7, 1, 3)),
-    ("gpu", jnp.bfloat16, "clamp", 3, 2, 2, (1, 7, 8, 1, 5)),
-    ("tpu", jnp.float32, "clamp", 3, 2, 1, (1, 9, 7, 1, 3)),
-    ("tpu", jnp.bfloat16, "reflect", 5, 1, 2, (1, 6, 9, 1, 4)),
+    ("triton", jnp.float32, "reflect", 3, 1, 1, (2, 5, 7, 1, 3)),
+    ("triton", jnp.bfloat16, "clamp", 3, 2, 2, (1, 7, 8, 1, 5)),
+    ("mosaic_tpu", jnp.float32, "clamp", 3, 2, 1, (1, 9, 7, 1, 3)),
+    ("mosaic_tpu", jnp.bfloat16, "reflect", 5, 1, 2, (1, 6, 9, 1, 4)),
 ]
 
 
@@ -81,7 +81,7 @@ def test_large_window_forward():
     """k = 13 (the largest window the kernels are meant for) with reflection on a 7x9 image."""
     q, k, v = _inputs((1, 7, 9, 1, 2), 1, jnp.float32)
     kw = dict(kernel_size=13, border="reflect")
-    out = jax.jit(lambda *a: neighborhood_attention_pallas(*a, backend="gpu", interpret=True, **kw))(q, k, v)
+    out = jax.jit(lambda *a: neighborhood_attention_pallas(*a, backend="triton", interpret=True, **kw))(q, k, v)
     ref = neighborhood_attention(q, k, v, implementation="xla", **kw)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
@@ -91,7 +91,7 @@ def test_check_grads_custom_vjp(border):
     q, k, v = _inputs((1, 3, 4, 1, 2), 1, jnp.float32, seed=3)
     f = jax.jit(
         lambda q, k, v: neighborhood_attention_pallas(
-            q, k, v, kernel_size=3, border=border, backend="gpu", interpret=True
+            q, k, v, kernel_size=3, border=border, backend="triton", interpret=True
         )
     )
     check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-2, rtol=1e-2, eps=1e-3)
@@ -105,7 +105,7 @@ def test_op_dispatches_to_pallas():
 
 
 @pytest.mark.parametrize(
-    "backend,platform,marker", [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")]
+    "backend,platform,marker", [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic_tpu", "tpu", "tpu_custom_call")]
 )
 def test_lowers_for_device(backend, platform, marker):
     """Forward and backward lower to Triton (CUDA) / Mosaic (TPU) at the benchmark size, bf16."""
@@ -140,9 +140,9 @@ def _device_check(backend):
 
 @pytest.mark.gpu
 def test_compiled_gpu():
-    _device_check("gpu")
+    _device_check("triton")
 
 
 @pytest.mark.tpu
 def test_compiled_tpu():
-    _device_check("tpu")
+    _device_check("mosaic_tpu")

@@ -138,12 +138,6 @@ def test_bfloat16_close_to_float32():
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=5e-2, rtol=5e-2)
 
 
-def test_default_implementation_is_xla_on_cpu():
-    from flax_attn.ops.neighborhood import default_implementation
-
-    assert default_implementation() == ("xla" if jax.default_backend() == "cpu" else "pallas")
-
-
 @pytest.mark.parametrize(
     "kwargs,shapes,match",
     [

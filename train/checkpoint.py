@@ -5,12 +5,20 @@ batch statistics, optimiser state) and ``data`` (JSON: the data-iterator positio
 Orbax writes each step into a temporary directory and renames it only once complete, so a killed
 or failed write never touches the previous checkpoint, and unfinished temporaries are ignored.
 
-:meth:`Checkpointer.restore_latest` tries the newest step first; if it cannot be read (truncated
-or missing files) it warns, moves it to ``<workdir>/corrupt/`` and falls back to the previous one.
+Integrity: ``data`` also holds a SHA-256 digest of every array of the state (path, dtype, shape
+and bytes), computed from the arrays being saved. Orbax's own files carry no checksum of the
+values, so without it a flipped bit in a data file restores silently as a different number.
+
+:meth:`Checkpointer.restore_latest` tries the newest step first. A checkpoint that cannot be read
+(truncated or missing files, a digest that does not match, non-finite values) is moved to
+``<workdir>/corrupt/`` with a warning and the previous one is tried. A checkpoint that reads fine
+but holds a different model (other shapes or structure) is *not* damaged: it raises
+:class:`CheckpointMismatchError` and nothing is moved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -19,18 +27,55 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from train.configs import CheckpointConfig
 
-__all__ = ["Checkpointer", "CorruptCheckpointWarning"]
+__all__ = ["CheckpointMismatchError", "Checkpointer", "CorruptCheckpointWarning", "state_digest"]
 
 log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointWarning(UserWarning):
     """The newest checkpoint could not be restored; an older one was used."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint holds a state of another structure than the model being trained."""
+
+
+class _IntegrityError(Exception):
+    pass
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def _host_copy(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # Replicated across processes: every process holds the whole array in each shard.
+        return np.asarray(leaf.addressable_data(0))
+    return np.asarray(jax.device_get(leaf))
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over every array of ``state``: its path, dtype, shape and bytes, in tree order."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        arr = np.ascontiguousarray(_host_copy(leaf))
+        h.update(f"{_path_str(path)}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    return {_path_str(p): tuple(getattr(leaf, "shape", ())) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:
@@ -64,13 +109,16 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        # Handlers named up front, so item_metadata can read a step before anything is restored.
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        )
 
     # ------------------------------------------------------------------ save
 
-    def save(
-        self, step: int, state: Any, data_position: dict, *, metrics: dict[str, float] | None = None
-    ) -> bool:
+    def save(self, step: int, state: Any, data_position: dict, *, metrics: dict[str, float] | None = None) -> bool:
         """Start saving ``state`` at ``step`` (returns once arrays are copied off the devices)."""
         if step in self.manager.all_steps():
             return False
@@ -78,11 +126,10 @@ class Checkpointer:
             metrics = {self.best_metric: float(metrics[self.best_metric])}
         else:
             metrics = None
+        data_position = {**data_position, "state_sha256": state_digest(state)}
         return self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
             metrics=metrics,
             force=True,
         )
@@ -105,27 +152,48 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         out = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         return out["state"], out["data"]
+
+    def _check_structure(self, step: int, abstract_state: Any) -> None:
+        """Raise :class:`CheckpointMismatchError` when step's metadata reads but describes other shapes."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+            tree = getattr(meta, "tree", meta)
+        except Exception:  # unreadable metadata: the restore below decides (and quarantines)
+            return
+        if tree is None:
+            return
+        saved = _shapes(tree)
+        want = _shapes(abstract_state)
+        if saved != want:
+            diff = sorted(set(saved) ^ set(want)) or sorted(k for k in want if saved[k] != want[k])
+            k = diff[0]
+            raise CheckpointMismatchError(
+                f"checkpoint at step {step} in {self.directory} holds another model: {k} has shape "
+                f"{saved.get(k, 'absent')} there and {want.get(k, 'absent')} now ({len(diff)} differences); "
+                "nothing was moved"
+            )
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest readable checkpoint as ``(state, data)``, or ``None`` when there is none.
 
         Unreadable checkpoints are moved aside (``<workdir>/corrupt/<step>-<time>``) with a
-        :class:`CorruptCheckpointWarning`, so later saves at those steps start clean.
+        :class:`CorruptCheckpointWarning`, so later saves at those steps start clean. A readable
+        checkpoint of another structure raises :class:`CheckpointMismatchError` instead.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
+            self._check_structure(step, abstract_state)
             try:
                 state, data = self.restore(step, abstract_state)
+                want = data.get("state_sha256") if isinstance(data, dict) else None
+                if want is not None and state_digest(state) != want:
+                    raise _IntegrityError("the restored arrays do not match the SHA-256 digest saved with them")
                 bad = [
                     p
                     for p, leaf in jax.tree_util.tree_leaves_with_path(state)
-                    if hasattr(leaf, "dtype")
-                    and leaf.dtype.kind == "f"
-                    and not bool(jax.numpy.isfinite(leaf).all())
+                    if hasattr(leaf, "dtype") and leaf.dtype.kind == "f" and not bool(jax.numpy.isfinite(leaf).all())
                 ]
                 if bad:
                     raise ValueError(f"non-finite values in {jax.tree_util.keystr(bad[0])}")

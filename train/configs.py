@@ -18,6 +18,7 @@ __all__ = [
     "CONFIGS",
     "CheckpointConfig",
     "Config",
+    "ConfigError",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
@@ -26,7 +27,19 @@ __all__ = [
     "get_config",
     "hard_attention",
     "superres",
+    "validate",
 ]
+
+
+class ConfigError(ValueError):
+    """A config or an override is not valid; the message names the key, the expected and the actual value."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """An override names a field that does not exist (or a config name that is not registered)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclasses.dataclass
@@ -306,7 +319,7 @@ CONFIGS: dict[str, Callable[[], Config]] = {
 def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
     """The config called ``name`` with ``overrides`` (``"dotted.key=value"``) applied."""
     if name not in CONFIGS:
-        raise KeyError(f"unknown config {name!r}; known configs: {sorted(CONFIGS)}")
+        raise UnknownKeyError(f"unknown config {name!r}; known configs: {sorted(CONFIGS)}")
     return apply_overrides(CONFIGS[name](), overrides)
 
 
@@ -335,21 +348,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise ValueError(f"override {key}: {value!r} does not fit {hint}")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ConfigError(f"override {key}: {value!r} does not fit {hint}")
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"override {key}: expected a number, got {value!r}")
         return float(value)
     if hint in (int, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"override {key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"override {key}: expected {hint.__name__}, got {value!r}")
     if hint is int and isinstance(value, bool):
-        raise ValueError(f"override {key}: expected int, got {value!r}")
+        raise ConfigError(f"override {key}: expected int, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
             value = (value,)
         if not isinstance(value, (tuple, list)):
-            raise ValueError(f"override {key}: expected a tuple, got {value!r}")
+            raise ConfigError(f"override {key}: expected a tuple, got {value!r}")
         return tuple(value)
     if origin is dict and not isinstance(value, dict):
-        raise ValueError(f"override {key}: expected a dict, got {value!r}")
+        raise ConfigError(f"override {key}: expected a dict, got {value!r}")
     return value
 
 
@@ -363,7 +378,7 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"override {item!r} must look like key=value")
         value = _parse_value(raw.strip())
         parts = key.strip().split(".")
         obj: Any = config
@@ -374,17 +389,125 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
                     obj[part] = value
                 else:
                     obj = obj.setdefault(part, {})
+                    if not isinstance(obj, dict):
+                        raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is {obj!r}, not a dict")
                 continue
+            if not dataclasses.is_dataclass(obj):
+                where = ".".join(parts[:i])
+                raise ConfigError(f"override {key!r}: {where} is {obj!r}, which has no fields")
             fields = {f.name: f for f in dataclasses.fields(obj)}
             if part not in fields:
                 where = ".".join(parts[:i]) or "config"
-                raise KeyError(f"override {key!r}: {where} has no field {part!r}; fields: {sorted(fields)}")
+                raise UnknownKeyError(f"override {key!r}: {where} has no field {part!r}; fields: {sorted(fields)}")
             if last:
                 hints = typing.get_type_hints(type(obj))
                 setattr(obj, part, _coerce(value, hints[part], key))
             else:
                 obj = getattr(obj, part)
+    validate(config)
     return config
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "task": ("classify", "superres", "hard_attention"),
+    "precision": ("float32", "bfloat16"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "checkpoint.best_mode": ("max", "min"),
+}
+# (key, lower bound, upper bound, lower inclusive, upper inclusive); None = unbounded.
+_RANGES = [
+    ("steps", 1, None, True, True),
+    ("log_every", 1, None, True, True),
+    ("eval_every", 0, None, True, True),
+    ("model_axis", 1, None, True, True),
+    ("seed", 0, 2**32 - 1, True, True),
+    ("optim.learning_rate", 0, None, False, True),
+    ("optim.warmup_steps", 0, None, True, True),
+    ("optim.end_lr_factor", 0, 1, True, True),
+    ("optim.weight_decay", 0, None, True, True),
+    ("optim.momentum", 0, 1, True, False),
+    ("optim.b1", 0, 1, True, False),
+    ("optim.b2", 0, 1, True, False),
+    ("optim.eps", 0, None, False, True),
+    ("optim.clip_grad_norm", 0, None, False, True),
+    ("data.batch_size", 1, None, True, True),
+    ("data.eval_batch_size", 1, None, True, True),
+    ("data.image_size", 1, None, True, True),
+    ("data.canvas_size", 1, None, True, True),
+    ("data.test_fraction", 0, 1, False, False),
+    ("data.split_seed", 0, 2**32 - 1, True, True),
+    ("data.scale", 1, None, True, True),
+    ("data.patch_size", 1, None, True, True),
+    ("data.eval_size", 1, None, True, True),
+    ("checkpoint.every_steps", 0, None, True, True),
+    ("checkpoint.max_to_keep", 1, None, True, True),
+]
+
+
+def _get(config: Config, key: str) -> Any:
+    obj: Any = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, key + ".")
+            continue
+        try:
+            _coerce(value, hints[f.name], key)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("override ", "config ", 1)) from None
+
+
+def validate(config: Config) -> None:
+    """Check every field's type, range and finiteness; raise :class:`ConfigError` naming the first bad one.
+
+    Called by :func:`apply_overrides` and by the trainer, so a bad value stops the run before
+    any work (not as a ``ZeroDivisionError`` or inside the jitted step).
+    """
+    import math
+
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be a train.configs.Config, got {type(config).__name__}")
+    _check_types(config, "")
+    for key, allowed in _CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ConfigError(f"config {key}: expected one of {list(allowed)}, got {_get(config, key)!r}")
+    for key, lo, hi, lo_in, hi_in in _RANGES:
+        v = _get(config, key)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config {key}: expected a finite number, got {v!r}")
+        bad = (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi))
+        if bad:
+            lo_s = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+            hi_s = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+            raise ConfigError(f"config {key}: expected {' and '.join(x for x in (lo_s, hi_s) if x)}, got {v!r}")
+    if not config.model.name or not isinstance(config.model.name, str):
+        raise ConfigError(f"config model.name: expected a non-empty string, got {config.model.name!r}")
+    for k, v in _walk(config.model.kwargs, "model.kwargs"):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config {k}: expected a finite number, got {v!r}")
+
+
+def _walk(tree: Any, prefix: str):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _walk(v, f"{prefix}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _walk(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
 
 
 def _deepcopy(config: Config) -> Config:

@@ -119,12 +119,33 @@ class MetricsWriter:
                 self._tb = None
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records of steps ``<= step``; drop lines torn by a kill mid-write.
+
+        A process killed while appending leaves a partial last line (no newline, not JSON); it
+        and any other line that is not a JSON record with a ``step`` are dropped. The file is
+        rewritten atomically, so a kill here cannot lose the records kept.
+        """
         if not self.enabled or not self.path.exists():
             return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        from flax_attn.convert.io import atomic_write_bytes
+
+        keep, torn = [], 0
+        for ln in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            if not ln.strip():
+                continue
+            try:
+                rec = json.loads(ln)
+                rec_step = rec["step"]
+                if not isinstance(rec_step, int):
+                    raise TypeError(rec_step)
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if rec_step <= step:
+                keep.append(ln)
+        if torn:
+            print(f"warning: dropped {torn} torn line(s) from {self.path}", file=sys.stderr, flush=True)
+        atomic_write_bytes(self.path, "".join(ln + "\n" for ln in keep).encode())
 
     def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -9,10 +9,14 @@ Failure handling:
   * SIGTERM (preemption): the current step finishes, a checkpoint is written and the run returns
     with ``status="preempted"`` (the CLI exits with 143). With several processes the JAX
     preemption sync point decides the common step to stop at.
-  * NaN/Inf loss or gradients: the train step leaves the state untouched from that step on (the
-    update is masked on device, so nothing waits for the host), the host notices one step later,
-    saves that last good state and raises :class:`NonFiniteLossError`.
+  * NaN/Inf loss, gradients or updated parameters/optimiser state: the train step leaves the
+    state untouched from that step on (the update is masked on device, so nothing waits for the
+    host), the host notices one step later, saves that last good state (checked finite first)
+    and raises :class:`NonFiniteLossError`.
   * A corrupt newest checkpoint: resume falls back to the previous one (see :mod:`train.checkpoint`).
+  * A workdir written with another config: refused before anything is read or moved
+    (:class:`ConfigMismatchError`) unless ``reset=True``, which moves the old run aside to
+    ``<workdir>/previous/<time>/`` and starts afresh.
 """
 
 from __future__ import annotations
@@ -31,20 +35,46 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax_attn.convert import io as _io
 from train import sharding as sh
 from train.checkpoint import Checkpointer
-from train.configs import Config, OptimConfig
+from train.configs import Config, OptimConfig, validate
 from train.metrics import MetricsWriter, Progress
 from train.models import build_model
 from train.tasks import Task, make_task
 
-__all__ = ["NonFiniteLossError", "RunResult", "TrainState", "Trainer", "build_optimizer", "train"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "ConfigMismatchError",
+    "NonFiniteLossError",
+    "RunResult",
+    "TrainState",
+    "Trainer",
+    "build_optimizer",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients became NaN/Inf; the last good state was checkpointed."""
+    """The loss, the gradients or the updated state became NaN/Inf; the last good state was checkpointed."""
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run of another config; ``.keys`` lists the dotted keys that differ."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
+# Keys that may change between a run and its resumption: how often it logs, evaluates and saves,
+# and how long it runs (extending a finished run is a resume; with a decaying schedule the rate
+# then follows the new total, which the resume message says).
+RESUMABLE_KEYS = frozenset(
+    {"steps", "log_every", "eval_every", "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.async_save"}
+)
 
 
 @flax.struct.dataclass
@@ -89,9 +119,7 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def build_optimizer(
-    cfg: OptimConfig, total_steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``clip_by_global_norm -> (adamw | weight decay + sgd momentum)`` under the configured schedule.
 
     SGD follows ``torch.optim.SGD``: weight decay is added to the gradient before momentum.
@@ -102,9 +130,7 @@ def build_optimizer(
     if cfg.clip_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
     if cfg.name == "adamw":
-        parts.append(
-            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
-        )
+        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
     elif cfg.name == "sgd":
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay, mask))
@@ -118,6 +144,7 @@ def build_optimizer(
 
 
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+_APPLIED = "_update_applied"  # per-step flag from the device; not logged
 
 
 class Trainer:
@@ -132,6 +159,9 @@ class Trainer:
         ``config.model.torch_layout``. Ignored when resuming.
       mesh: defaults to all devices, ``(data, model)`` with ``config.model_axis``.
       stream: where the progress line goes (process 0 only).
+      reset: when the workdir holds a run of another config, move it aside to
+        ``<workdir>/previous/<time>/`` and start afresh instead of raising
+        :class:`ConfigMismatchError`.
     """
 
     def __init__(
@@ -142,12 +172,13 @@ class Trainer:
         init_from: str | None = None,
         mesh=None,
         stream=None,
+        reset: bool = False,
     ):
-        if config.precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {config.precision!r}")
+        validate(config)
         self.config = config
         self.workdir = Path(workdir).absolute()
         self.init_from = init_from
+        self.reset = reset
         self.mesh = mesh or sh.make_mesh(config.model_axis)
         self.stream = stream or sys.stdout
         self.is_main = jax.process_index() == 0
@@ -203,7 +234,19 @@ class Trainer:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state.halted
+            # A finite loss and gradient can still overflow the parameters (a huge learning rate):
+            # the new state must be finite too before it replaces the last good one.
+            finite_state = jnp.all(
+                jnp.asarray(
+                    [
+                        jnp.isfinite(x).all()
+                        for x in jax.tree_util.tree_leaves((params, opt_state, new_bs))
+                        if jnp.issubdtype(x.dtype, jnp.inexact)
+                    ]
+                    or [True]
+                )
+            )
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_state & ~state.halted
             new = TrainState(
                 step=state.step + 1,
                 params=params,
@@ -215,7 +258,7 @@ class Trainer:
             # can still checkpoint the last good one when it notices.
             out = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
             out = out.replace(halted=~ok)
-            metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step)}
+            metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step), _APPLIED: ok}
             return out, metrics
 
         def eval_step(params, batch_stats, batch):
@@ -246,9 +289,7 @@ class Trainer:
         # A concrete example: from_torch traces module.init inside a closure, where abstract
         # ShapeDtypeStruct inputs are not turned into tracers.
         example = [jnp.zeros(a.shape, a.dtype) for a in self.task.init_args(self.model, self._example)]
-        variables = from_torch(
-            self.model, load_state_dict(path), *example, layout=self.config.model.torch_layout
-        )
+        variables = from_torch(self.model, load_state_dict(path), *example, layout=self.config.model.torch_layout)
         params = jax.device_put(variables["params"], self.state_sharding.params)
         bs = jax.device_put(variables.get("batch_stats", {}), self.state_sharding.batch_stats)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -283,13 +324,79 @@ class Trainer:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._terminate
 
+    # ------------------------------------------------------------------ the workdir
+
+    def _saved_config(self) -> dict | None:
+        """The config the workdir's run was started with (``config.json``, else the newest checkpoint's)."""
+        import json
+
+        path = self.workdir / "config.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass  # a torn config.json: fall back to what the checkpoints recorded
+        steps = sorted(
+            (int(p.name) for p in (self.workdir / "checkpoints").glob("*") if p.name.isdigit()), reverse=True
+        )
+        for step in steps:
+            try:
+                data = json.loads((self.workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
+                if isinstance(data.get("config"), dict):
+                    return data["config"]
+            except (OSError, ValueError, AttributeError):
+                continue
+        return None
+
+    def _mismatch(self, diff: dict, saved: dict, where: str) -> ConfigMismatchError:
+        keys = [k for k in diff if k not in RESUMABLE_KEYS]
+        shown = "; ".join(f"{k}: {diff[k][0]!r} there, {diff[k][1]!r} now" for k in keys[:4])
+        more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
+        return ConfigMismatchError(
+            f"{self.workdir} holds a run with another config ({where}): {shown}{more}. Nothing was changed; "
+            f"rerun with the same config, or pass --reset to move that run to {self.workdir / 'previous'} "
+            "and start afresh",
+            keys,
+        )
+
+    def _check_workdir(self) -> None:
+        """Refuse (or, with ``reset``, move aside) a workdir that holds a run of another config."""
+        saved = self._saved_config()
+        if saved is None:
+            return
+        diff = _config_diff(saved, _jsonable(self.config.to_dict()))
+        if not [k for k in diff if k not in RESUMABLE_KEYS]:
+            return
+        if not self.reset:
+            raise self._mismatch(diff, saved, "config.json")
+        self._move_aside()
+
+    def _move_aside(self) -> None:
+        import time
+
+        dest = self.workdir / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        if self.is_main:
+            n = 0
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+            dest.mkdir(parents=True)
+            for name in _RUN_FILES:
+                src = self.workdir / name
+                if src.exists():
+                    os.replace(src, dest / name)
+            self._print(f"--reset: the previous run in {self.workdir} was moved to {dest}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("train-reset")
+
     def run(self) -> RunResult:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._check_workdir()  # before the checkpointer touches anything
         best_metric = cfg.checkpoint.best_metric
-        ckpt = Checkpointer(
-            self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode
-        )
+        ckpt = Checkpointer(self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode)
         writer = MetricsWriter(self.workdir, enabled=self.is_main)
         source = self.task.train_source
 
@@ -298,18 +405,21 @@ class Trainer:
             state, data = restored
             start = int(state.step)
             if data.get("position", {}).get("step") != start:
-                raise RuntimeError(
-                    f"checkpoint step {start} disagrees with its data position {data.get('position')}"
-                )
-            if data.get("config") != _jsonable(cfg.to_dict()):
-                self._print(
-                    "warning: the config differs from the one saved in the checkpoint; using the new one"
-                )
-            self._print(f"resumed from step {start} ({ckpt.directory})")
+                raise RuntimeError(f"checkpoint step {start} disagrees with its data position {data.get('position')}")
+            saved = data.get("config")
+            changed = ""
+            if isinstance(saved, dict):
+                diff = _config_diff(saved, _jsonable(cfg.to_dict()))
+                if [k for k in diff if k not in RESUMABLE_KEYS]:
+                    ckpt.close()
+                    raise self._mismatch(diff, saved, f"checkpoint at step {start}")
+                if diff:
+                    changed = "; changed since: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            self._print(f"resumed from step {start} ({ckpt.directory}){changed}")
         else:
             state, start = self.initial_state(), 0
             if self.is_main:
-                (self.workdir / "config.json").write_text(_json(cfg.to_dict()))
+                _io.atomic_write_bytes(self.workdir / "config.json", _json(cfg.to_dict()).encode())
         writer.truncate_after(start)
 
         old_handler = None
@@ -325,19 +435,34 @@ class Trainer:
 
         def check(s: int, metrics: Any) -> None:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                # The state in hand is the last good one (steps after the bad one were masked).
+            applied = bool(m.pop(_APPLIED, 1.0))
+            finite = all(math.isfinite(m[k]) for k in ("loss", "grad_norm"))
+            if not (finite and applied):
+                # The state in hand is the last good one (steps after the bad one were masked);
+                # it is saved only once checked finite, so a restart can resume from it.
                 good = int(state.step)
                 ckpt.wait()
-                if good not in ckpt.all_steps():
+                if good not in ckpt.all_steps() and _all_finite(state):
                     ckpt.save(good, state.replace(halted=jnp.zeros((), jnp.bool_)), position(good))
+                ckpt.wait()
+                saved = sorted(ckpt.all_steps())
                 ckpt.close()
                 writer.write(s, "error", {"loss": m["loss"], "grad_norm": m["grad_norm"]})
                 writer.close()
+                what = (
+                    "training loss"
+                    if not finite
+                    else "parameters or optimiser state after the update (the loss and gradients were finite)"
+                )
+                where = (
+                    f"the last good state (step {good}) is checkpointed in {ckpt.directory}"
+                    if good in saved
+                    else f"no finite state could be checkpointed; the newest checkpoint is "
+                    f"{saved[-1] if saved else 'none'}"
+                )
                 raise NonFiniteLossError(
-                    f"non-finite training loss at step {s}: loss={m['loss']}, grad_norm={m['grad_norm']}. "
-                    f"Stopped; the last good state (step {good}) is checkpointed in {ckpt.directory}. "
-                    f"Lower the learning rate, enable optim.clip_grad_norm, or check the data."
+                    f"non-finite {what} at step {s}: loss={m['loss']}, grad_norm={m['grad_norm']}. "
+                    f"Stopped; {where}. Lower the learning rate, enable optim.clip_grad_norm, or check the data."
                 )
             if s % cfg.log_every == 0 or s == cfg.steps:
                 writer.write(s, "train", m)
@@ -369,9 +494,7 @@ class Trainer:
                 if do_eval:
                     eval_metrics = self.evaluate(state)
                     writer.write(step, "eval", eval_metrics)
-                    self._print(
-                        f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-                    )
+                    self._print(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if do_save:
                     ckpt.save(step, state, position(step), metrics=eval_metrics if do_eval else None)
                 if preempt:
@@ -389,13 +512,40 @@ class Trainer:
         ckpt.close()
         writer.close()
         if status == "completed" and self.is_main:
-            (self.workdir / "final_metrics.json").write_text(_json({"step": step, **eval_metrics}))
+            _io.atomic_write_bytes(self.workdir / "final_metrics.json", _json({"step": step, **eval_metrics}).encode())
         return RunResult(status, step, state, eval_metrics)
 
 
 def train(config: Config, workdir: str | os.PathLike, **kwargs) -> RunResult:
-    """Build a :class:`Trainer` and run it."""
+    """Build a :class:`Trainer` and run it (``kwargs``: ``init_from``, ``reset``, ``mesh``, ``stream``)."""
     return Trainer(config, workdir, **kwargs).run()
+
+
+# What a run writes into its workdir (moved aside together by --reset).
+_RUN_FILES = ("checkpoints", "corrupt", "metrics.jsonl", "config.json", "final_metrics.json", "tensorboard")
+
+
+def _all_finite(state: Any) -> bool:
+    return all(
+        bool(jnp.isfinite(x).all())
+        for x in jax.tree_util.tree_leaves(state)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: tree}
+    return {prefix[:-1]: tree}
+
+
+def _config_diff(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, current value)}`` for every key whose value differs."""
+    a, b = _flat(saved), _flat(now)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def _is_main_thread() -> bool:

@@ -214,9 +214,7 @@ def _trace(module: nn.Module, layout: str | None, args, kwargs):
     """Variable shapes of ``module`` and the rename table of every submodule, by scope path."""
     supported = getattr(type(module), "torch_layouts", None)
     if layout is not None and supported is not None and layout not in supported:
-        raise ValueError(
-            f"{type(module).__name__}: unknown layout {layout!r}; supported layouts: {list(supported)}"
-        )
+        raise ValueError(f"{type(module).__name__}: unknown layout {layout!r}; supported layouts: {list(supported)}")
     tables: dict[tuple[str, ...], tuple] = {}
 
     def interceptor(next_fun, a, kw, ctx):
@@ -277,8 +275,11 @@ def _flax_paths(shapes, collections) -> dict[tuple[str, ...], Any]:
 
 
 def mapping(
-    module: nn.Module, *example_args, layout: str | None = None,
-    collections: Sequence[str] = ("params", "batch_stats"), **example_kwargs,
+    module: nn.Module,
+    *example_args,
+    layout: str | None = None,
+    collections: Sequence[str] = ("params", "batch_stats"),
+    **example_kwargs,
 ) -> dict[str, str]:
     """``{"params/fc_0/kernel": "fc.0.weight", ...}``: the name table, for review and debugging."""
     shapes, tables = _trace(module, layout, example_args, example_kwargs)
@@ -300,11 +301,12 @@ class ConversionReport:
     unexpected: list[tuple[str, tuple]] = dataclasses.field(default_factory=list)
     mismatched: list[tuple[str, tuple, str, tuple, tuple]] = dataclasses.field(default_factory=list)
     bad_dtype: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    overflow: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     loaded: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched or self.bad_dtype)
+        return not (self.missing or self.unexpected or self.mismatched or self.bad_dtype or self.overflow)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.loaded} tensors"]
@@ -319,6 +321,8 @@ class ConversionReport:
             )
         for key, dtype, flax_path in self.bad_dtype:
             lines.append(f"  torch {key!r} has non-float dtype {dtype}; Flax {flax_path} needs a float")
+        for key, src, dst, flax_path in self.overflow:
+            lines.append(f"  torch {key!r} holds finite {src} values that overflow to inf in {dst} (Flax {flax_path})")
         return "\n".join(lines)
 
 
@@ -327,7 +331,7 @@ class StateDictMismatchError(ValueError):
 
     def __init__(self, module_name: str, report: ConversionReport):
         self.report = report
-        n = len(report.missing) + len(report.unexpected) + len(report.mismatched) + len(report.bad_dtype)
+        n = sum(map(len, (report.missing, report.unexpected, report.mismatched, report.bad_dtype, report.overflow)))
         super().__init__(f"{module_name}: state dict does not match ({n} problems)\n{report}")
 
 
@@ -395,10 +399,18 @@ def from_torch(
                 piece = np.split(arr, n, axis=0)[i]
             piece = target.transform.to_flax(piece)
         except ValueError:
-            report.mismatched.append((flax_path, tuple(sds.shape), target.key, tuple(arr.shape), expected))
+            # The chunks of one fused tensor (in_proj_bias [i/3]) share its shape: report it once.
+            if target.key not in {m[2] for m in report.mismatched}:
+                report.mismatched.append((flax_path, tuple(sds.shape), target.key, tuple(arr.shape), expected))
             continue
-        flat_out[key] = jnp.asarray(np.asarray(piece, dtype=np.float32) if arr.dtype.name == "bfloat16" else piece,
-                                    dtype=sds.dtype)
+        piece = np.asarray(piece, dtype=np.float32) if arr.dtype.name == "bfloat16" else piece
+        with np.errstate(over="ignore"):
+            cast = np.asarray(piece).astype(sds.dtype)
+        if not np.array_equal(np.isfinite(cast), np.isfinite(piece)):
+            # A float64 1e300 would silently become inf in float32.
+            report.overflow.append((target.key, str(arr.dtype), str(np.dtype(sds.dtype)), flax_path))
+            continue
+        flat_out[key] = jnp.asarray(cast, dtype=sds.dtype)
         report.loaded += 1
     ignores = [re.compile(p) for p in (r"(^|\.)num_batches_tracked$", *_ignores(tables))]
     for k, v in sd.items():
@@ -408,10 +420,14 @@ def from_torch(
         if not report.ok:
             raise StateDictMismatchError(type(module).__name__, report)
         return traverse_util.unflatten_dict(flat_out)
-    if report.missing or report.mismatched or report.bad_dtype:
-        fresh = traverse_util.flatten_dict(unfreeze(
-            module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                        *example_args, **example_kwargs)))
+    if report.missing or report.mismatched or report.bad_dtype or report.overflow:
+        fresh = traverse_util.flatten_dict(
+            unfreeze(
+                module.init(
+                    {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, *example_args, **example_kwargs
+                )
+            )
+        )
         for key in _flax_paths(shapes, collections):
             flat_out.setdefault(key, fresh[key])
     return traverse_util.unflatten_dict(flat_out), report
@@ -440,9 +456,7 @@ def to_torch(
             raise KeyError(f"to_torch: variables lack {'/'.join(key)} (shape {tuple(sds.shape)})")
         arr = np.asarray(flat[key])
         if tuple(arr.shape) != tuple(sds.shape):
-            raise ValueError(
-                f"to_torch: {'/'.join(key)} has shape {arr.shape}, the module expects {tuple(sds.shape)}"
-            )
+            raise ValueError(f"to_torch: {'/'.join(key)} has shape {arr.shape}, the module expects {tuple(sds.shape)}")
         target = _resolve(key, arr.ndim, tables)
         t = target.transform.to_torch(arr)
         if target.chunk:

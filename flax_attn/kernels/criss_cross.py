@@ -1,27 +1,36 @@
-"""Fused criss-cross attention in Pallas: forward and backward, for GPU (Triton) and TPU (Mosaic).
+"""Fused criss-cross attention in Pallas as two passes of dense attention merged by log-sum-exp.
 
 The op (see :mod:`flax_attn.ops.criss_cross`): pixel ``(y, x)`` attends to its row ``(y, :)`` and
-its column ``(:, x)`` without the centre, one softmax over both, no scaling. The kernels never write
-the ``(B, H, W, H + W - 1)`` energy: the forward pass keeps logits, the joint log-sum-exp and the
-weighted sum of V on chip and writes only the output and the float32 log-sum-exp per pixel; the
-backward pass recomputes the probabilities from that log-sum-exp (flash-attention style) in two
-kernels, one over query tiles (dQ) and one over key tiles (dK, dV).
+its column ``(:, x)`` without the centre, one softmax over both, no scaling. One softmax over the
+union of two disjoint key sets is the log-sum-exp merge of a softmax over each set:
 
-Tiling. A grid step owns a ``(TY, TX)`` tile of pixels (``N = TY * TX``, flattened). Its keys are
-the ``TY`` full rows of the tile, a ``(TY, Wp, C)`` block, and the ``TX`` full columns, a
-``(Hp, TX, C)`` block. Both are flattened and multiplied with the flattened queries as plain 2-D
-matmuls, ``(N, C) x (C, TY * Wp)`` and ``(N, C) x (C, Hp * TX)``, and a mask keeps, for each query,
-only its own row / its own column minus the centre (and drops padding). The masked products are
-wasted work (a factor ``TY`` on the row part, ``TX`` on the column part) traded for a body made of
-2-D dots, elementwise math, lane reductions and iotas only, which both Pallas lowerings accept:
-the Triton lowering has no batched ``dot_general`` and Mosaic is happiest with 2-D matmuls.
+* the *row pass* is dense attention over each image row (``B * H`` sequences of length ``W``, the
+  centre included);
+* the *column pass* is dense attention over each image column (``B * W`` sequences of length
+  ``H``) with the diagonal masked, which removes the centre exactly (it is counted once, in the row);
+* with ``lse = logaddexp(lse_row, lse_col)``, the output is
+  ``exp(lse_row - lse) * o_row + exp(lse_col - lse) * o_col``.
 
-Shapes that do not fit the tiling are padded inside the wrapper, never rejected: on GPU every block
-dimension must be a power of two (Triton), so H, W and the channels are padded to powers of two;
-on TPU the last two block dimensions must be multiples of (8, 128) or the full array dimension, so
-the channel blocks span the full (unpadded) channels and H, W are padded to multiples of the tile
-(``TX = 16`` keeps bfloat16 sublane packing aligned when blocks are flattened). Padded keys are
-masked out, padded queries are sliced off.
+Both passes run one kernel, :func:`_sequence_attention`: flash-style dense attention over short
+sequences that returns the output and the float32 log-sum-exp per query and takes cotangents for
+both (``d lse_i / d s_ij = p_ij``, so the lse cotangent folds into the usual ``D_i = dO_i . O_i``
+term). The merge is XLA elementwise math, differentiated by autodiff. Nothing of the size of the
+``(B, H, W, H + W - 1)`` energy is written.
+
+Tiling. A program owns ``block_h`` queries of one sequence and ``block_c`` value channels; it
+walks the keys ``block_w`` at a time with an online softmax, so what is live on chip is a
+``(block_h, C)`` query tile, a ``(block_w, C)`` key chunk and a ``(block_w, block_c)`` value chunk,
+whatever the image size and channel count. (The previous design kept ``TY`` full rows and ``TX``
+full columns of keys and values on chip per tile and asked for 2 MiB of shared memory at CCNet's
+geometry, where an H100 has 227 KiB.) The backward pass has three kernels: dQ over query tiles,
+dK over key tiles, dV over key tiles and value-channel blocks; each recomputes the probabilities
+from the saved log-sum-exp and none writes another program's block (no atomics).
+
+Shapes that do not fit the tiling are padded inside the wrapper, never rejected: on GPU every
+block dimension must be a power of two and ``tl.dot`` dimensions >= 16 (Triton), so sequence
+lengths and channels are padded to powers of two >= 16; on TPU the sequence length is padded to a
+multiple of the tiles and channel blocks span the full channels (or multiples of 128). Padded keys
+are masked out, padded queries and channels are sliced off.
 
 Precision: logits, softmax statistics and all accumulations are float32; probabilities are cast
 to the value dtype before the ``P @ V`` matmul (as flash attention does), so bfloat16 inputs use
@@ -39,283 +48,364 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["BlockSizes", "criss_cross_attention_pallas", "default_block_sizes"]
+from flax_attn.kernels._common import (
+    MASK_VALUE,
+    BlockSizes,
+    compiler_params,
+    cost_estimate,
+    dot,
+    dot_nt,
+    next_pow2,
+    resolve_backend,
+    resolve_interpret,
+    round_up,
+)
+from flax_attn.kernels.checks import check_criss_cross_args
 
-# Finite, so that exp(mask - m) is exactly 0 without inf - inf = nan anywhere.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+__all__ = ["criss_cross_attention_pallas", "default_block_sizes"]
+
+_WHERE = "criss_cross_attention_pallas"
+
+
+def default_block_sizes(backend: str, cv: int) -> BlockSizes:
+    """Untuned defaults: 32-query tiles and 32-key steps (``tl.dot`` needs >= 16 on GPU), value
+    channels in blocks of 128 on GPU (bounds shared memory) and whole on TPU (VMEM holds them)."""
+    if backend == "triton":
+        return BlockSizes(block_h=32, block_w=32, block_c=min(max(16, next_pow2(cv)), 128))
+    return BlockSizes(block_h=32, block_w=32, block_c=cv)
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Pixel tile ``(block_h, block_w)`` owned by one grid step (untuned defaults per backend)."""
+class _Plan:
+    """Static geometry of one pass (hashable: a ``custom_vjp`` non-differentiable argument)."""
 
-    block_h: int
-    block_w: int
-
-
-def default_block_sizes(backend: str) -> BlockSizes:
-    # Triton: a 64-query tile keeps the tensor-core M dimension >= 16. Mosaic: 8 sublanes by 16 so
-    # that flattening bfloat16 blocks never splits a packed (16, 128) tile.
-    return BlockSizes(8, 8) if backend == "triton" else BlockSizes(8, 16)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
     backend: str
     interpret: Any
-    h: int
-    w: int
-    ty: int
-    tx: int
-    hp: int
-    wp: int
+    skip_diagonal: bool  # the column pass masks query == key (the centre, counted in the row pass)
+    length: int  # real sequence length
+    lp: int  # padded sequence length, a multiple of tq and tk
+    tq: int
+    tk: int
+    tc: int
     cqk_p: int
     cv_p: int
 
 
-def _geometry(backend, interpret, h, w, cqk, cv, blocks: BlockSizes) -> _Geometry:
-    ty, tx = blocks.block_h, blocks.block_w
+def _plan(backend, interpret, skip_diagonal, length, cqk, cv, blocks: BlockSizes) -> _Plan:
+    tq, tk, tc = blocks.block_h, blocks.block_w, blocks.block_c
     if backend == "triton":
-        if ty & (ty - 1) or tx & (tx - 1):
-            raise ValueError(f"criss_cross_attention_pallas: Triton tiles must be powers of two, got {blocks}")
-        hp, wp = max(_next_pow2(h), ty), max(_next_pow2(w), tx)
-        # tl.dot needs every matmul dimension >= 16.
-        return _Geometry(backend, interpret, h, w, ty, tx, hp, wp, max(_next_pow2(cqk), 16), max(_next_pow2(cv), 16))
-    if ty % 8 or tx % 8:
-        raise ValueError(f"criss_cross_attention_pallas: Mosaic tiles must be multiples of 8, got {blocks}")
-    return _Geometry(backend, interpret, h, w, ty, tx, _round_up(h, ty), _round_up(w, tx), cqk, cv)
+        if any(t & (t - 1) or t < 16 for t in (tq, tk, tc)):
+            raise ValueError(f"{_WHERE}: Triton block sizes must be powers of two >= 16, got {blocks}")
+        cqk_p, cv_p = max(16, next_pow2(cqk)), max(16, next_pow2(cv), tc)
+        # The key/value blocks span the whole (padded) sequence: a power of two on Triton.
+        lp = max(next_pow2(length), tq, tk)
+    else:
+        if tq % 8 or tk % 8:
+            raise ValueError(f"{_WHERE}: Mosaic TPU `block_h`/`block_w` must be multiples of 8, got {blocks}")
+        if tc != cv and tc % 128:
+            raise ValueError(
+                f"{_WHERE}: Mosaic TPU `block_c` must be the value channels {cv} or a multiple of 128, got {tc}"
+            )
+        cqk_p, cv_p = cqk, round_up(cv, tc)
+        lp = round_up(length, tq * tk // _gcd(tq, tk))
+    return _Plan(backend, interpret, skip_diagonal, length, lp, tq, tk, tc, cqk_p, cv_p)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
 
 
 # --------------------------------------------------------------------------- kernel bodies
 
 
-def _dot_nt(a, b):
-    """``a @ b.T`` with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _mask(p: _Plan, q0, k0, shape):
+    """Which (query, key) pairs of a (queries from q0, keys from k0) block take part."""
+    qi = q0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    kj = k0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    ok = kj < p.length
+    if p.skip_diagonal:
+        ok = ok & (kj != qi)
+    return ok
 
 
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _probs(p: _Plan, q, k, lse, q0, k0):
+    """Recomputed probabilities ``exp(q k^T - lse)`` of a block, zero where masked."""
+    s = dot_nt(q, k)
+    ok = _mask(p, q0, k0, s.shape)
+    return jnp.where(ok, jnp.exp(jnp.where(ok, s, MASK_VALUE) - lse), 0.0)
 
 
-def _iotas(shape):
-    return lax.broadcasted_iota(jnp.int32, shape, 0), lax.broadcasted_iota(jnp.int32, shape, 1)
+def _dp(p: _Plan, do_ref, do_rows, v_ref, v_rows):
+    """``dO V^T`` of a block, summed over value-channel chunks so only ``tc`` channels are live."""
+    acc = None
+    for c in range(p.cv_p // p.tc):
+        cols = pl.ds(c * p.tc, p.tc)
+        part = dot_nt(do_ref[do_rows, cols], v_ref[v_rows, cols])
+        acc = part if acc is None else acc + part
+    return acc
 
 
-def _query_tile_masks(g: _Geometry, iy, ix):
-    """Masks for a query tile (rows: its N pixels) against its row keys and its column keys."""
-    n = g.ty * g.tx
-    qi, kr = _iotas((n, g.ty * g.wp))
-    row = (qi // g.tx == kr // g.wp) & (kr % g.wp < g.w)
-    qi, kc = _iotas((n, g.hp * g.tx))
-    key_y = kc // g.tx
-    col = (qi % g.tx == kc % g.tx) & (key_y != iy * g.ty + qi // g.tx) & (key_y < g.h)
-    return row, col
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, p: _Plan):
+    q0 = pl.program_id(1) * p.tq
+    q = q_ref[...]
+
+    def body(j, carry):
+        m, l, acc = carry
+        k0 = pl.multiple_of(j * p.tk, p.tk)
+        k, v = k_ref[pl.ds(k0, p.tk), :], v_ref[pl.ds(k0, p.tk), :]
+        s = dot_nt(q, k)
+        ok = _mask(p, q0, k0, s.shape)
+        s = jnp.where(ok, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        pr = jnp.where(ok, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
+        acc = acc * alpha + dot(pr.astype(v.dtype), v)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((p.tq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((p.tq, 1), jnp.float32),
+        jnp.zeros((p.tq, p.tc), jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(0, p.lp // p.tk, body, init)
+    # A query with no key (the column pass of a one-row image) gets output 0 and lse = MASK_VALUE,
+    # so the merge gives it weight exp(MASK_VALUE - lse) = 0.
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log(l_safe))
 
 
-def _key_tile_masks(g: _Geometry, iy, ix):
-    """Masks for the queries of a key tile's rows / columns (rows) against its N keys (columns)."""
-    n = g.ty * g.tx
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, *, p: _Plan):
+    q0 = pl.program_id(1) * p.tq
+    q, lse, d = q_ref[...], lse_ref[...], d_ref[...]
 
-    def key_ok(ki):
-        return (iy * g.ty + ki // g.tx < g.h) & (ix * g.tx + ki % g.tx < g.w)
+    def body(j, dq):
+        k0 = pl.multiple_of(j * p.tk, p.tk)
+        k = k_ref[pl.ds(k0, p.tk), :]
+        pr = _probs(p, q, k, lse, q0, k0)
+        ds = pr * (_dp(p, do_ref, slice(None), v_ref, pl.ds(k0, p.tk)) - d)
+        return dq + dot(ds.astype(k.dtype), k)
 
-    qr, ki = _iotas((g.ty * g.wp, n))
-    row = (qr // g.wp == ki // g.tx) & (qr % g.wp < g.w) & (iy * g.ty + qr // g.wp < g.h) & key_ok(ki)
-    qc, ki = _iotas((g.hp * g.tx, n))
-    q_y = qc // g.tx
-    col = ((qc % g.tx == ki % g.tx) & (q_y != iy * g.ty + ki // g.tx) & (q_y < g.h)
-           & (ix * g.tx + qc % g.tx < g.w) & key_ok(ki))
-    return row, col
-
-
-def _flat(ref):
-    x = ref[...]
-    return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+    dq = lax.fori_loop(0, p.lp // p.tk, body, jnp.zeros((p.tq, p.cqk_p), jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _fwd_kernel(q_ref, kr_ref, kc_ref, vr_ref, vc_ref, o_ref, lse_ref, *, g: _Geometry):
-    iy, ix = pl.program_id(1), pl.program_id(2)
-    q, kr, kc, vr, vc = (_flat(r) for r in (q_ref, kr_ref, kc_ref, vr_ref, vc_ref))
-    mask_r, mask_c = _query_tile_masks(g, iy, ix)
-    s_r = jnp.where(mask_r, _dot_nt(q, kr), _MASK_VALUE)
-    s_c = jnp.where(mask_c, _dot_nt(q, kc), _MASK_VALUE)
-    m = jnp.maximum(jnp.max(s_r, axis=1, keepdims=True), jnp.max(s_c, axis=1, keepdims=True))
-    p_r, p_c = jnp.exp(s_r - m), jnp.exp(s_c - m)
-    l = jnp.sum(p_r, axis=1, keepdims=True) + jnp.sum(p_c, axis=1, keepdims=True)
-    acc = _dot(p_r.astype(vr.dtype), vr) + _dot(p_c.astype(vc.dtype), vc)
-    o_ref[...] = (acc / l).reshape(o_ref.shape).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log(l)).reshape(lse_ref.shape)
+def _dk_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, d_ref, dk_ref, *, p: _Plan):
+    k0 = pl.program_id(1) * p.tk
+    k = k_ref[...]
+
+    def body(i, dk):
+        q0 = pl.multiple_of(i * p.tq, p.tq)
+        rows = pl.ds(q0, p.tq)
+        q = q_ref[rows, :]
+        pr = _probs(p, q, k, lse_ref[rows, :], q0, k0)
+        ds = pr * (_dp(p, do_ref, rows, v_ref, slice(None)) - d_ref[rows, :])
+        return dk + dot(ds.T.astype(q.dtype), q)
+
+    dk = lax.fori_loop(0, p.lp // p.tq, body, jnp.zeros((p.tk, p.cqk_p), jnp.float32))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
-def _dq_kernel(q_ref, kr_ref, kc_ref, vr_ref, vc_ref, do_ref, lse_ref, d_ref, dq_ref, *, g: _Geometry):
-    iy, ix = pl.program_id(1), pl.program_id(2)
-    q, kr, kc, vr, vc, do = (_flat(r) for r in (q_ref, kr_ref, kc_ref, vr_ref, vc_ref, do_ref))
-    lse, d = _flat(lse_ref), _flat(d_ref)
-    mask_r, mask_c = _query_tile_masks(g, iy, ix)
-    p_r = jnp.exp(jnp.where(mask_r, _dot_nt(q, kr), _MASK_VALUE) - lse)
-    p_c = jnp.exp(jnp.where(mask_c, _dot_nt(q, kc), _MASK_VALUE) - lse)
-    ds_r = p_r * (_dot_nt(do, vr) - d)
-    ds_c = p_c * (_dot_nt(do, vc) - d)
-    dq = _dot(ds_r.astype(kr.dtype), kr) + _dot(ds_c.astype(kc.dtype), kc)
-    dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
+def _dv_kernel(k_ref, q_ref, do_ref, lse_ref, dv_ref, *, p: _Plan):
+    k0 = pl.program_id(1) * p.tk
+    k = k_ref[...]
 
+    def body(i, dv):
+        q0 = pl.multiple_of(i * p.tq, p.tq)
+        rows = pl.ds(q0, p.tq)
+        pr = _probs(p, q_ref[rows, :], k, lse_ref[rows, :], q0, k0)
+        do = do_ref[rows, :]
+        return dv + dot(pr.T.astype(do.dtype), do)
 
-def _dkv_kernel(k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref, lser_ref, lsec_ref, dr_ref, dc_ref,
-                dk_ref, dv_ref, *, g: _Geometry):
-    iy, ix = pl.program_id(1), pl.program_id(2)
-    k, v, qr, qc, do_r, do_c = (_flat(r) for r in (k_ref, v_ref, qr_ref, qc_ref, dor_ref, doc_ref))
-    lse_r, lse_c, d_r, d_c = (_flat(r) for r in (lser_ref, lsec_ref, dr_ref, dc_ref))
-    mask_r, mask_c = _key_tile_masks(g, iy, ix)
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
-    for mask, qq, do, lse, d in ((mask_r, qr, do_r, lse_r, d_r), (mask_c, qc, do_c, lse_c, d_c)):
-        # (queries, keys) orientation: the statistics are per-query column vectors.
-        p = jnp.exp(jnp.where(mask, _dot_nt(qq, k), _MASK_VALUE) - lse)
-        ds = p * (_dot_nt(do, v) - d)
-        dv = dv + _dot(p.T.astype(do.dtype), do)
-        dk = dk + _dot(ds.T.astype(qq.dtype), qq)
-    dk_ref[...] = dk.reshape(dk_ref.shape).astype(dk_ref.dtype)
-    dv_ref[...] = dv.reshape(dv_ref.shape).astype(dv_ref.dtype)
+    dv = lax.fori_loop(0, p.lp // p.tq, body, jnp.zeros((p.tk, p.tc), jnp.float32))
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # --------------------------------------------------------------------------- pallas_call plumbing
 
 
-def _specs(g: _Geometry, c: int):
-    """BlockSpecs of a (B, Hp, Wp, c) array: the pixel tile, its rows and its columns."""
-    sq = pl.squeezed
-    tile = pl.BlockSpec((sq, g.ty, g.tx, c), lambda b, i, j: (b, i, j, 0))
-    rows = pl.BlockSpec((sq, g.ty, g.wp, c), lambda b, i, j: (b, i, 0, 0))
-    cols = pl.BlockSpec((sq, g.hp, g.tx, c), lambda b, i, j: (b, 0, j, 0))
-    return tile, rows, cols
-
-
-def _call(kernel, g: _Geometry, batch: int, in_specs, out_specs, out_shape, *args):
-    grid = (batch, g.hp // g.ty, g.wp // g.tx)
-    if g.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-
-        params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    else:
-        from jax.experimental.pallas import tpu as pltpu
-
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+def _call(kernel, p: _Plan, grid, in_specs, out_specs, out_shape, name, *args, work=(0, 0)):
+    """``work``: (flops, transcendentals) of the whole call, for its cost estimate."""
     return pl.pallas_call(
-        functools.partial(kernel, g=g),
+        functools.partial(kernel, p=p),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=params,
-        interpret=g.interpret,
+        compiler_params=compiler_params(p.backend, len(grid)),
+        interpret=p.interpret,
+        name=name,
+        cost_estimate=cost_estimate(*work, args, out_shape),
     )(*args)
 
 
-def _pad(x, g: _Geometry, c: int):
-    b, h, w, cx = x.shape
-    if (h, w, cx) == (g.hp, g.wp, c):
-        return x
-    return jnp.pad(x, ((0, 0), (0, g.hp - h), (0, g.wp - w), (0, c - cx)))
+def _forward(p: _Plan, q, k, v):
+    s = q.shape[0]
+    n_c = p.cv_p // p.tc
+    grid = (s, p.lp // p.tq, n_c)
+    in_specs = [
+        pl.BlockSpec((None, p.tq, p.cqk_p), lambda b, i, c: (b, i, 0)),
+        pl.BlockSpec((None, p.lp, p.cqk_p), lambda b, i, c: (b, 0, 0)),
+        pl.BlockSpec((None, p.lp, p.tc), lambda b, i, c: (b, 0, c)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, p.tq, p.tc), lambda b, i, c: (b, i, c)),
+        # One log-sum-exp block per channel block (all equal): no two programs write one block.
+        pl.BlockSpec((None, None, p.tq, 1), lambda b, i, c: (c, b, i, 0)),
+    ]
+    out_shape = [jax.ShapeDtypeStruct((s, p.lp, p.cv_p), v.dtype), jax.ShapeDtypeStruct((n_c, s, p.lp, 1), jnp.float32)]
+    pairs = s * p.lp * p.lp  # (query, key) pairs; the logits are recomputed per value-channel block
+    work = (2 * pairs * (p.cqk_p * n_c + p.cv_p), pairs * n_c)
+    o, lse = _call(_fwd_kernel, p, grid, in_specs, out_specs, out_shape, "criss_cross_pass_fwd", q, k, v, work=work)
+    return o, lse[0]
 
 
-def _forward(q, k, v, g: _Geometry):
-    b = q.shape[0]
-    qp, kp, vp = _pad(q, g, g.cqk_p), _pad(k, g, g.cqk_p), _pad(v, g, g.cv_p)
-    q_tile, k_rows, k_cols = _specs(g, g.cqk_p)
-    v_tile, v_rows, v_cols = _specs(g, g.cv_p)
-    s_tile = _specs(g, 1)[0]
-    out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    out, lse = _call(
-        _fwd_kernel, g, b,
-        [q_tile, k_rows, k_cols, v_rows, v_cols],
-        [v_tile, s_tile],
-        [jax.ShapeDtypeStruct((b, g.hp, g.wp, g.cv_p), out_dtype),
-         jax.ShapeDtypeStruct((b, g.hp, g.wp, 1), jnp.float32)],
-        qp, kp, kp, vp, vp,
-    )
-    return out, lse
-
-
-def _backward(q, k, v, out_p, lse, dout, g: _Geometry):
-    b, h, w, cqk = q.shape
-    cv = v.shape[-1]
-    qp, kp, vp = _pad(q, g, g.cqk_p), _pad(k, g, g.cqk_p), _pad(v, g, g.cv_p)
-    dop = _pad(dout, g, g.cv_p)
-    # D_i = dO_i . O_i, the softmax-backward correction per query (zero on padded queries).
-    d = jnp.sum(dop.astype(jnp.float32) * out_p.astype(jnp.float32), axis=-1, keepdims=True)
-    q_tile, q_rows, q_cols = _specs(g, g.cqk_p)
-    v_tile, v_rows, v_cols = _specs(g, g.cv_p)
-    s_tile, s_rows, s_cols = _specs(g, 1)
+def _backward(p: _Plan, q, k, v, o, lse, do, dlse):
+    s = q.shape[0]
+    n_c = p.cv_p // p.tc
+    # D_i = dO_i . O_i - dlse_i: the softmax-backward correction, with the lse cotangent folded in.
+    d = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True) - dlse
+    pairs = s * p.lp * p.lp
+    work_qk = (2 * pairs * (2 * p.cqk_p + p.cv_p), pairs)  # logits, dO V^T, and dS K (or dS^T Q)
+    seq = lambda c: pl.BlockSpec((None, p.lp, c), lambda b, i: (b, 0, 0))  # noqa: E731
+    q_tile = pl.BlockSpec((None, p.tq, p.cqk_p), lambda b, i: (b, i, 0))
     dq = _call(
-        _dq_kernel, g, b,
-        [q_tile, q_rows, q_cols, v_rows, v_cols, v_tile, s_tile, s_tile],
+        _dq_kernel,
+        p,
+        (s, p.lp // p.tq),
+        [
+            q_tile,
+            seq(p.cqk_p),
+            seq(p.cv_p),
+            pl.BlockSpec((None, p.tq, p.cv_p), lambda b, i: (b, i, 0)),
+            pl.BlockSpec((None, p.tq, 1), lambda b, i: (b, i, 0)),
+            pl.BlockSpec((None, p.tq, 1), lambda b, i: (b, i, 0)),
+        ],
         q_tile,
-        jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        qp, kp, kp, vp, vp, dop, lse, d,
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        "criss_cross_pass_dq",
+        q,
+        k,
+        v,
+        do,
+        lse,
+        d,
+        work=work_qk,
     )
-    dk, dv = _call(
-        _dkv_kernel, g, b,
-        [q_tile, v_tile, q_rows, q_cols, v_rows, v_cols, s_rows, s_cols, s_rows, s_cols],
-        [q_tile, v_tile],
-        [jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        kp, vp, qp, qp, dop, dop, lse, lse, d, d,
+    k_tile = pl.BlockSpec((None, p.tk, p.cqk_p), lambda b, j: (b, j, 0))
+    dk = _call(
+        _dk_kernel,
+        p,
+        (s, p.lp // p.tk),
+        [k_tile, pl.BlockSpec((None, p.tk, p.cv_p), lambda b, j: (b, j, 0)), seq(p.cqk_p), seq(p.cv_p), seq(1), seq(1)],
+        k_tile,
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        "criss_cross_pass_dk",
+        k,
+        v,
+        q,
+        do,
+        lse,
+        d,
+        work=work_qk,
     )
-    return dq[:, :h, :w, :cqk], dk[:, :h, :w, :cqk], dv[:, :h, :w, :cv]
+    dv = _call(
+        _dv_kernel,
+        p,
+        (s, p.lp // p.tk, n_c),
+        [
+            pl.BlockSpec((None, p.tk, p.cqk_p), lambda b, j, c: (b, j, 0)),
+            pl.BlockSpec((None, p.lp, p.cqk_p), lambda b, j, c: (b, 0, 0)),
+            pl.BlockSpec((None, p.lp, p.tc), lambda b, j, c: (b, 0, c)),
+            pl.BlockSpec((None, p.lp, 1), lambda b, j, c: (b, 0, 0)),
+        ],
+        pl.BlockSpec((None, p.tk, p.tc), lambda b, j, c: (b, j, c)),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        "criss_cross_pass_dv",
+        k,
+        q,
+        do,
+        lse,
+        work=(2 * pairs * (p.cqk_p * n_c + p.cv_p), pairs * n_c),
+    )
+    return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cc(q, k, v, g):
-    out, _ = _forward(q, k, v, g)
-    return out[:, : g.h, : g.w, : v.shape[-1]]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sequence_attention(p: _Plan, q, k, v):
+    """Dense attention over each padded sequence ``(S, Lp, C)``: output and lse ``(S, Lp, 1)``."""
+    return _forward(p, q, k, v)
 
 
-def _cc_fwd(q, k, v, g):
-    out, lse = _forward(q, k, v, g)
-    return out[:, : g.h, : g.w, : v.shape[-1]], (q, k, v, out, lse)
+def _sequence_attention_fwd(p, q, k, v):
+    o, lse = _forward(p, q, k, v)
+    return (o, lse), (q, k, v, o, lse)
 
 
-def _cc_bwd(g, res, dout):
-    q, k, v, out, lse = res
-    return _backward(q, k, v, out, lse, dout, g)
+def _sequence_attention_bwd(p, res, cts):
+    q, k, v, o, lse = res
+    do, dlse = cts
+    return _backward(p, q, k, v, o, lse, do, dlse)
 
 
-_cc.defvjp(_cc_fwd, _cc_bwd)
+_sequence_attention.defvjp(_sequence_attention_fwd, _sequence_attention_bwd)
 
 
-def criss_cross_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None,
-                                 interpret: Any = False, block_sizes: BlockSizes | None = None) -> jax.Array:
+def _pass(p: _Plan, q, k, v):
+    """One pass over sequences ``(S, L, C)``: pads, runs the kernel, returns (out f32, lse)."""
+    pad = lambda x, c: jnp.pad(x, ((0, 0), (0, p.lp - x.shape[1]), (0, c - x.shape[2])))  # noqa: E731
+    o, lse = _sequence_attention(p, pad(q, p.cqk_p), pad(k, p.cqk_p), pad(v, p.cv_p))
+    return o[:, : p.length, : v.shape[-1]].astype(jnp.float32), lse[:, : p.length, 0]
+
+
+def criss_cross_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    backend: str | None = None,
+    interpret: Any = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """Fused criss-cross attention; differentiable (custom VJP with fused backward kernels).
 
     Args:
       q, k: ``(B, H, W, Cqk)``; v: ``(B, H, W, Cv)``. Any H, W, C (padded inside).
-      backend: ``"triton"`` (GPU) or ``"mosaic"`` (TPU); default from ``jax.default_backend()``.
-      interpret: run the kernels in the Pallas interpreter: ``True``, or for Mosaic a
-        ``pltpu.InterpretParams(...)`` (TPU interpret mode, with race detection if asked).
-      block_sizes: pixel tile per grid step (default :func:`default_block_sizes`).
+      backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
+        platform's lowering (Triton rules on CPU, where only interpret mode runs).
+      interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
+        Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
+        detection; an ``InterpretParams`` is passed through.
+      block_sizes: ``BlockSizes(block_h=..., block_w=..., block_c=...)``: queries per program,
+        keys per inner step and value channels per program, in both passes (defaults:
+        :func:`default_block_sizes`).
 
     Returns:
       ``(B, H, W, Cv)`` in the inputs' result dtype.
     """
-    from flax_attn.ops.criss_cross import _check_inputs
+    check_criss_cross_args(_WHERE, q, k, v)
+    backend = resolve_backend(_WHERE, backend)
+    interpret = resolve_interpret(backend, interpret)
+    b, h, w, cqk = q.shape
+    cv = v.shape[-1]
+    blocks = block_sizes or BlockSizes()
+    blocks.check(_WHERE, ("block_h", "block_w", "block_c"))
+    default = default_block_sizes(backend, cv)
+    blocks = BlockSizes(*(getattr(blocks, f) or getattr(default, f) for f in ("block_h", "block_w", "block_c")))
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
 
-    _check_inputs("criss_cross_attention_pallas", q, k, v)
-    if backend is None:
-        platform = jax.default_backend()
-        backend = {"gpu": "triton", "tpu": "mosaic"}.get(platform)
-        if backend is None:
-            raise ValueError(f"criss_cross_attention_pallas: no Pallas backend for platform {platform!r}; "
-                             "pass backend='triton' or 'mosaic' with interpret=True")
-    if backend not in ("triton", "mosaic"):
-        raise ValueError(f"criss_cross_attention_pallas: `backend` must be 'triton' or 'mosaic', got {backend!r}")
-    _, h, w, cqk = q.shape
-    g = _geometry(backend, interpret, h, w, cqk, v.shape[-1], block_sizes or default_block_sizes(backend))
-    return _cc(q, k, v, g)
+    rows = lambda x: x.reshape(b * h, w, x.shape[-1])  # noqa: E731
+    cols = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * w, h, x.shape[-1])  # noqa: E731
+    o_r, lse_r = _pass(_plan(backend, interpret, False, w, cqk, cv, blocks), rows(q), rows(k), rows(v))
+    o_c, lse_c = _pass(_plan(backend, interpret, True, h, cqk, cv, blocks), cols(q), cols(k), cols(v))
+    o_r, lse_r = o_r.reshape(b, h, w, cv), lse_r.reshape(b, h, w)
+    o_c = jnp.swapaxes(o_c.reshape(b, w, h, cv), 1, 2)
+    lse_c = jnp.swapaxes(lse_c.reshape(b, w, h), 1, 2)
+    lse = jnp.logaddexp(lse_r, lse_c)
+    out = jnp.exp(lse_r - lse)[..., None] * o_r + jnp.exp(lse_c - lse)[..., None] * o_c
+    return out.astype(dtype)

@@ -13,8 +13,8 @@ of a query is the ``2k - 1`` shifts around it; a per-query mask keeps the ``k`` 
 selects). Each program handles a tile of ``block_rows`` query rows across the full (padded) width.
 A program's keys/values block is the whole padded image of its (batch, head); on TPU it is copied
 into VMEM once per (batch, head) (consecutive row tiles map to the same block, so the pipeline does
-not re-fetch it) and every window offset is a slice of that on-chip copy. On GPU (the Pallas
-*Triton* lowering: ``pallas_call`` with ``jax.experimental.pallas.triton.CompilerParams``), blocks
+not re-fetch it) and every window offset is a slice of that on-chip copy. On GPU (backend ``"triton"``, the Pallas
+Triton lowering), blocks
 are global-memory windows: the ``k^2`` shifted tile loads overlap, so the halo of a tile comes from
 HBM once and is then served from L1/L2.
 
@@ -42,30 +42,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from flax_attn.kernels._common import (
+    MASK_VALUE,
+    BlockSizes,
+    compiler_params,
+    cost_estimate,
+    next_pow2,
+    resolve_backend,
+    resolve_interpret,
+    round_up,
+)
+from flax_attn.kernels.checks import check_neighborhood_args
+
 __all__ = ["neighborhood_attention_pallas"]
 
-_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+_WHERE = "neighborhood_attention_pallas"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static geometry of one call (hashable: it is a ``custom_vjp`` non-differentiable argument)."""
 
-    backend: str  # "gpu" or "tpu" (tiling rules), independent of where it runs
-    interpret: bool
+    backend: str  # "triton" or "mosaic_tpu" (tiling rules), independent of where it runs
+    interpret: Any
     kernel_size: int
     dilation: int
     border: str
@@ -89,15 +94,13 @@ class _Plan:
 
 def _make_plan(backend, interpret, kernel_size, dilation, border, scale, h, w, d, block_rows=None) -> _Plan:
     pad = (kernel_size // 2) * dilation if border == "reflect" else (kernel_size - 1) * dilation
-    if backend == "gpu":
-        wp, dp = _next_pow2(w), _next_pow2(d)
-        wk = _next_pow2(wp + 2 * pad)
+    if backend == "triton":
+        wp, dp = next_pow2(w), next_pow2(d)
+        wk = next_pow2(wp + 2 * pad)
         # ~4K float32 elements per live (rows, width, head_dim) tile keeps 4 warps in registers.
         budget = 4096
-        th = block_rows or max(1, min(_next_pow2(h), _next_pow2(max(1, budget // (wp * dp)) + 1) // 2))
-        tu = block_rows or max(
-            1, min(_next_pow2(h + 2 * pad), _next_pow2(max(1, budget // (wk * dp)) + 1) // 2)
-        )
+        th = block_rows or max(1, min(next_pow2(h), next_pow2(max(1, budget // (wp * dp)) + 1) // 2))
+        tu = block_rows or max(1, min(next_pow2(h + 2 * pad), next_pow2(max(1, budget // (wk * dp)) + 1) // 2))
     else:
         # TPU: full-width/full-head-dim blocks satisfy the (8, 128) rule; row tiles are multiples of 8
         # because the (rows, width) log-sum-exp block puts rows on the sublane axis.
@@ -106,11 +109,9 @@ def _make_plan(backend, interpret, kernel_size, dilation, border, scale, h, w, d
         th = block_rows or 8
         tu = block_rows or 8
         if th % 8:
-            raise ValueError(
-                f"neighborhood_attention_pallas: TPU block_rows must be a multiple of 8, got {th}"
-            )
-    hp = _round_up(h, th)
-    hk = _round_up(hp + 2 * pad, tu)
+            raise ValueError(f"{_WHERE}: Mosaic TPU `block_sizes.block_h` must be a multiple of 8, got {th}")
+    hp = round_up(h, th)
+    hk = round_up(hp + 2 * pad, tu)
     return _Plan(
         backend,
         interpret,
@@ -156,26 +157,17 @@ def _window_valid(plan: _Plan, x, length: int, t):
     return (tf >= t0) & (tf <= t0 + (k - 1))
 
 
-def _compiler_params(plan: _Plan, n_axes: int = 2):
-    if plan.backend == "gpu":
-        from jax.experimental.pallas import triton as plgpu
-
-        return plgpu.CompilerParams(num_warps=4, num_stages=1)
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_axes)
+def _cost(per_offset: int, positions: int, plan: _Plan, inputs, outputs):
+    """Cost estimate of a call: ``per_offset`` flops per head-dim element, window offset and position."""
+    offsets = plan.n_off * plan.n_off
+    return cost_estimate(per_offset * positions * offsets * plan.dp, positions * offsets, inputs, outputs)
 
 
-def _interpret_arg(plan: _Plan):
-    if not plan.interpret:
-        return False
-    if plan.backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        # The TPU interpreter models VMEM, DMAs and the grid; detect_races checks that no two
-        # programs touch the same output block concurrently.
-        return pltpu.InterpretParams(detect_races=True)
-    return True
+def _params(plan: _Plan):
+    # Mosaic: the key-centric dk/dv kernel holds whole padded images of q, dO and their statistics
+    # plus the unrolled window loop's temporaries: 18.2 MiB in float32 at [32, 56, 56, 8 x 32],
+    # over v5e's default 16 MiB scoped VMEM (v5e and v6e have 128 MiB of VMEM).
+    return compiler_params(plan.backend, 2, num_stages=1, vmem_limit_bytes=48 * 2**20)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -196,7 +188,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
             s = jnp.sum(q * ks, axis=-1)
             if plan.border == "clamp":
                 ok = _window_valid(plan, rows, plan.h, a) & _window_valid(plan, cols, plan.w, b)
-                s = jnp.where(ok, s, _MASK)
+                s = jnp.where(ok, s, MASK_VALUE)
             logits.append(s)
             values.append(b)
         m_new = functools.reduce(jnp.maximum, logits, m)
@@ -211,7 +203,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
         return m_new, l, acc
 
     init = (
-        jnp.full((th, wp), _MASK, jnp.float32),
+        jnp.full((th, wp), MASK_VALUE, jnp.float32),
         jnp.zeros((th, wp), jnp.float32),
         jnp.zeros((th, wp, plan.dp), jnp.float32),
     )
@@ -305,9 +297,7 @@ def _pad_keys(plan: _Plan, x):
         lo = 0
     else:
         lo = p
-    return jnp.pad(
-        x, ((0, 0), (lo, plan.hk - x.shape[1] - lo), (lo, plan.wk - x.shape[2] - lo), (0, plan.dp - plan.d))
-    )
+    return jnp.pad(x, ((0, 0), (lo, plan.hk - x.shape[1] - lo), (lo, plan.wk - x.shape[2] - lo), (0, plan.dp - plan.d)))
 
 
 def _pad_queries(plan: _Plan, x):
@@ -339,9 +329,16 @@ def _forward(plan: _Plan, qb, kb, vb):
             jax.ShapeDtypeStruct(qp.shape, qb.dtype),
             jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32),
         ],
-        compiler_params=_compiler_params(plan),
-        interpret=_interpret_arg(plan),
+        compiler_params=_params(plan),
+        interpret=plan.interpret,
         name="neighborhood_attention_fwd",
+        cost_estimate=_cost(
+            4,
+            bh * plan.hp * plan.wp,
+            plan,
+            (qp, kp, vp),
+            [qp, jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32)],
+        ),
     )(qp, kp, vp)
     return out[:, : plan.h, : plan.w, : plan.d], lse
 
@@ -364,9 +361,10 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
         in_specs=[tile, whole_k, whole_k, tile, tile2, tile2],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(qp.shape, qb.dtype),
-        compiler_params=_compiler_params(plan),
-        interpret=_interpret_arg(plan),
+        compiler_params=_params(plan),
+        interpret=plan.interpret,
         name="neighborhood_attention_dq",
+        cost_estimate=_cost(6, bh * plan.hp * plan.wp, plan, (qp, kp, vp, dop, lse, delta_p), [qp]),
     )(qp, kp, vp, dop, lse, delta_p)
 
     qh, doh = _halo_queries(plan, qb), _halo_queries(plan, dob)
@@ -381,9 +379,16 @@ def _backward(plan: _Plan, qb, kb, vb, ob, lse, dob):
         in_specs=[ktile, ktile, whole_q, whole_q, whole_s, whole_s],
         out_specs=[ktile, ktile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
-        compiler_params=_compiler_params(plan),
-        interpret=_interpret_arg(plan),
+        compiler_params=_params(plan),
+        interpret=plan.interpret,
         name="neighborhood_attention_dkv",
+        cost_estimate=_cost(
+            8,
+            bh * plan.hk * plan.wk,
+            plan,
+            (kp, vp, qh, doh, lseh, deltah),
+            [jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
+        ),
     )(kp, vp, qh, doh, lseh, deltah)
 
     # The padding is linear: its adjoint folds reflected/halo gradients back onto the image.
@@ -411,10 +416,6 @@ def _na_bh_bwd(plan, res, dout):
 _na_bh.defvjp(_na_bh_fwd, _na_bh_bwd)
 
 
-def _default_backend() -> str:
-    return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 def neighborhood_attention_pallas(
     q,
     k,
@@ -426,30 +427,32 @@ def neighborhood_attention_pallas(
     border: str = "reflect",
     scale: float | None = None,
     backend: str | None = None,
-    interpret: bool | None = None,
-    block_rows: int | None = None,
+    interpret: Any = None,
+    block_sizes: BlockSizes | None = None,
 ):
     """Pallas neighbourhood attention: arguments and result of :func:`flax_attn.ops.neighborhood_attention`.
 
-    Arguments are validated by the op; call it through ``neighborhood_attention(...,
-    implementation="pallas")`` unless testing. Extra arguments:
+    Differentiable (custom VJP with fused backward kernels). The kernel contract shared with
+    :mod:`flax_attn.kernels.criss_cross` and :mod:`flax_attn.kernels.window`:
 
     Args:
-      backend: ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic); default: the JAX backend (GPU
-        rules on CPU, where only interpret mode runs).
-      interpret: run in the Pallas interpreter (default: True on CPU). TPU interpret mode uses
-        ``pltpu.InterpretParams(detect_races=True)``.
-      block_rows: query rows per program (and padded key rows per dk/dv program).
+      backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
+        platform's lowering (Triton rules on CPU, where only interpret mode runs).
+      interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
+        Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
+        detection; an ``InterpretParams`` is passed through.
+      block_sizes: ``BlockSizes(block_h=...)``: query rows per program (and padded key rows per
+        dk/dv program); default per backend.
     """
-    from flax_attn.ops.neighborhood import check_neighborhood_args
-
-    check_neighborhood_args(q, k, v, kernel_size, dilation, stride, border)
+    check_neighborhood_args(q, k, v, kernel_size, dilation, stride, border, where=_WHERE)
+    backend = resolve_backend(_WHERE, backend)
+    blocks = block_sizes or BlockSizes()
+    blocks.check(_WHERE, ("block_h",))
     b, h, w, n, d = k.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    backend = backend or _default_backend()
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    plan = _make_plan(backend, bool(interpret), kernel_size, dilation, border, scale, h, w, d, block_rows)
+    plan = _make_plan(
+        backend, resolve_interpret(backend, interpret), kernel_size, dilation, border, scale, h, w, d, blocks.block_h
+    )
     if stride > 1:
         q = jnp.zeros(k.shape, q.dtype).at[:, ::stride, ::stride].set(q)
     out = _from_bh(_na_bh(plan, _to_bh(q), _to_bh(k), _to_bh(v)), b, n)

@@ -22,7 +22,7 @@ XLA reference materialises (twice, with the broadcast bias) never reach HBM.
   hold a large negative value: that is how padded keys are masked, no in-kernel iota needed.
 * Shift mask: Swin's mask is ``-100`` between tokens of different regions of the rolled map. Each
   window's tokens get a region code (float32, constant per call, from
-  :func:`flax_attn.ops.window.shift_attention_mask`'s region layout); the kernel compares the
+  :func:`flax_attn.kernels.layout.shift_regions`); the kernel compares the
   query codes ``(Np, 1)`` with the key codes ``(1, Np)``. This costs ``2 * Np`` floats per window
   instead of an ``(Np, Np)`` mask per window.
 
@@ -56,10 +56,25 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flax_attn.kernels import window_mosaic_gpu
+from flax_attn.kernels._common import (
+    MASK_VALUE,
+    BlockSizes,
+    compiler_params,
+    cost_estimate,
+    dot,
+    dot_nt,
+    next_pow2,
+    resolve_backend,
+    resolve_interpret,
+    round_up,
+)
+from flax_attn.kernels.checks import check_window_args
+from flax_attn.kernels.layout import relative_position_index, shift_regions, window_partition, window_reverse
+
 __all__ = ["default_block_windows", "window_attention_pallas"]
 
-# Finite, so that exp(mask - m) is exactly 0 without inf - inf = nan anywhere.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_WHERE = "window_attention_pallas"
 # Swin's value for tokens of different regions after the cyclic shift (not -inf: part of its semantics).
 _SHIFT_MASK = -100.0
 
@@ -69,22 +84,14 @@ def default_block_windows(backend: str) -> int:
     # Mosaic: ~0.35 us per grid step is worth amortising over 8 windows. Triton: 4 keeps the number
     # of programs (heads * windows / 4) well above the SM count at Swin sizes, while the backward's
     # partial bias gradients stay a fraction of the q/k/v size.
-    return 8 if backend == "mosaic" else 4
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    return 8 if backend == "mosaic_tpu" else 4
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static geometry of one call (hashable: a ``custom_vjp`` non-differentiable argument)."""
 
-    backend: str  # "triton" or "mosaic": tiling rules, independent of where it runs
+    backend: str  # "triton" or "mosaic_tpu": tiling rules, independent of where it runs
     interpret: Any
     shifted: bool
     scale: float
@@ -101,43 +108,23 @@ class _Plan:
 def _make_plan(backend, interpret, shifted, scale, heads, n, d, itemsize, windows, block_windows) -> _Plan:
     t = block_windows or default_block_windows(backend)
     if t < 1:
-        raise ValueError(f"window_attention_pallas: `block_windows` must be >= 1, got {t}")
+        raise ValueError(f"{_WHERE}: `block_sizes.block_windows` must be >= 1, got {t}")
     if backend == "triton":
         if t & (t - 1):
-            raise ValueError(f"window_attention_pallas: Triton `block_windows` must be a power of two, got {t}")
-        np_, dp = max(16, _next_pow2(n)), max(16, _next_pow2(d))
+            raise ValueError(f"{_WHERE}: Triton `block_sizes.block_windows` must be a power of two, got {t}")
+        np_, dp = max(16, next_pow2(n)), max(16, next_pow2(d))
     else:
         # Sublane multiple of the dtype's packing (8 rows of 32-bit, 16 of 16-bit), so that the
         # (T, Np, D) -> (Np, D) window slices never split a packed tile.
-        np_, dp = _round_up(n, 8 if itemsize >= 4 else 16), d
-    return _Plan(backend, interpret, shifted, float(scale), heads, n, d, np_, dp, t, windows, _round_up(windows, t))
-
-
-def _compiler_params(plan: _Plan):
-    if plan.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-
-        # The (Np, Np) float32 logits live in registers: 8 warps once they pass 64 x 64 (window > 8).
-        return plgpu.CompilerParams(num_warps=4 if plan.np_ <= 64 else 8, num_stages=2)
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        np_, dp = round_up(n, 8 if itemsize >= 4 else 16), d
+    return _Plan(backend, interpret, shifted, float(scale), heads, n, d, np_, dp, t, windows, round_up(windows, t))
 
 
 # --------------------------------------------------------------------------- kernel bodies
 
 
-def _dot_nt(a, b):
-    """``a @ b.T`` with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _logits(plan: _Plan, q, k, bias, codes, i):
-    s = _dot_nt(q, k) * plan.scale + bias
+    s = dot_nt(q, k) * plan.scale + bias
     if plan.shifted:
         cq_ref, ck_ref = codes
         s = s + jnp.where(cq_ref[i] != ck_ref[i], _SHIFT_MASK, 0.0)
@@ -164,7 +151,7 @@ def _fwd_kernel(*refs, plan: _Plan):
         m = jnp.max(s, axis=1, keepdims=True)
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=1, keepdims=True)
-        o_ref[i] = (_dot(p.astype(v.dtype), v) / l).astype(o_ref.dtype)
+        o_ref[i] = (dot(p.astype(v.dtype), v) / l).astype(o_ref.dtype)
         lse_ref[i] = m + jnp.log(l)
         return carry
 
@@ -179,10 +166,10 @@ def _bwd_kernel(*refs, plan: _Plan):
     def body(i, dbias):
         q, k, v, do = q_ref[i], k_ref[i], v_ref[i], do_ref[i]
         p = jnp.exp(_logits(plan, q, k, bias, codes, i) - lse_ref[i])
-        ds = p * (_dot_nt(do, v) - delta_ref[i])
-        dv_ref[i] = _dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
-        dq_ref[i] = (_dot(ds.astype(k.dtype), k) * plan.scale).astype(dq_ref.dtype)
-        dk_ref[i] = (_dot(ds.T.astype(q.dtype), q) * plan.scale).astype(dk_ref.dtype)
+        ds = p * (dot_nt(do, v) - delta_ref[i])
+        dv_ref[i] = dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
+        dq_ref[i] = (dot(ds.astype(k.dtype), k) * plan.scale).astype(dq_ref.dtype)
+        dk_ref[i] = (dot(ds.T.astype(q.dtype), q) * plan.scale).astype(dk_ref.dtype)
         return dbias + ds
 
     dbias_ref[...] = lax.fori_loop(0, plan.t, body, jnp.zeros((plan.np_, plan.np_), jnp.float32))
@@ -203,16 +190,20 @@ def _specs(plan: _Plan):
     return tile, stat, bias, codes if plan.shifted else []
 
 
-def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args):
+def _call(kernel, plan: _Plan, name, in_specs, out_specs, out_shape, *args, matmuls: int = 2):
+    """``matmuls``: ``(Np, Np, Dp)`` products per window and head, for the cost estimate."""
+    pairs = plan.windows_p * plan.heads * plan.np_ * plan.np_
     return pl.pallas_call(
         functools.partial(kernel, plan=plan),
         grid=(plan.heads, plan.windows_p // plan.t),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(plan),
+        # The (Np, Np) float32 logits live in registers: 8 warps once they pass 64 x 64 (window > 8).
+        compiler_params=compiler_params(plan.backend, 2, num_warps=4 if plan.np_ <= 64 else 8),
         interpret=plan.interpret,
         name=name,
+        cost_estimate=cost_estimate(2 * matmuls * pairs * plan.dp, pairs, args, out_shape),
     )(*args)
 
 
@@ -262,6 +253,7 @@ def _backward(plan: _Plan, q, k, v, bias, codes, out, lse, dout):
         dout,
         lse,
         delta,
+        matmuls=5,  # Q K^T, dO V^T, P^T dO, dS K, dS^T Q
     )
     return dq, dk, dv, jnp.sum(dbias, axis=1)
 
@@ -289,42 +281,6 @@ _wa.defvjp(_wa_fwd, _wa_bwd)
 # --------------------------------------------------------------------------- wrapper
 
 
-def _region_codes(h: int, w: int, ws: int, shift: int) -> np.ndarray:
-    """Per window of one image, the Swin region (0..8) of each token: ``(nW, N)`` float32.
-
-    Two tokens of a window get Swin's -100 exactly when their codes differ
-    (:func:`flax_attn.ops.window.shift_attention_mask` is this comparison, made dense).
-    """
-    region = np.zeros((h, w), np.float32)
-    bounds = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for i, hs in enumerate(bounds):
-        for j, wsl in enumerate(bounds):
-            region[hs, wsl] = 3 * i + j
-    return region.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
-
-
-def _resolve_backend(backend):
-    if backend is None:
-        platform = jax.default_backend()
-        # CPU has no Pallas lowering: default to the Triton tiling rules, which only run interpreted.
-        return "mosaic" if platform == "tpu" else "triton"
-    if backend not in ("triton", "mosaic"):
-        raise ValueError(f"window_attention_pallas: `backend` must be 'triton' or 'mosaic', got {backend!r}")
-    return backend
-
-
-def _resolve_interpret(backend, interpret):
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if interpret is True and backend == "mosaic":
-        from jax.experimental.pallas import tpu as pltpu
-
-        # The TPU interpreter models VMEM, DMAs and the grid; detect_races checks that no two
-        # programs touch the same output block concurrently.
-        return pltpu.InterpretParams(detect_races=True)
-    return interpret
-
-
 def window_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -336,7 +292,7 @@ def window_attention_pallas(
     scale: float | None = None,
     backend: str | None = None,
     interpret: Any = None,
-    block_windows: int | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Fused window attention: arguments and result of :func:`flax_attn.ops.window.window_attention`.
 
@@ -345,21 +301,34 @@ def window_attention_pallas(
     as by the op; call it through ``window_attention(..., implementation="pallas")`` unless testing.
 
     Args:
-      backend: ``"triton"`` (GPU) or ``"mosaic"`` (TPU); default from ``jax.default_backend()``
-        (Triton tiling rules on CPU, where only interpret mode runs).
-      interpret: run in the Pallas interpreter (default: ``True`` on CPU). For Mosaic, ``True``
-        means TPU interpret mode with race detection (``pltpu.InterpretParams(detect_races=True)``);
-        an ``InterpretParams`` is passed through.
-      block_windows: windows per grid step (default :func:`default_block_windows`).
+      backend: ``"triton"`` (GPU) or ``"mosaic_tpu"`` (TPU): the tiling rules; default: the local
+        platform's lowering (Triton rules on CPU, where only interpret mode runs). Also
+        ``"mosaic_gpu"``: the forward-only Mosaic GPU port of
+        :mod:`flax_attn.kernels.window_mosaic_gpu` (16-bit inputs, compile-checked, not yet run on
+        a GPU; no interpreter, so never the default).
+      interpret: run in the Pallas interpreter; ``None`` = exactly when the local platform has no
+        Pallas lowering (CPU). For ``"mosaic_tpu"``, ``True`` is TPU interpret mode with race
+        detection; an ``InterpretParams`` is passed through.
+      block_sizes: ``BlockSizes(block_windows=...)``: windows per program (default
+        :func:`default_block_windows`).
 
     Returns:
       ``(B, H, W, heads, D)`` in the inputs' result dtype.
     """
-    from flax_attn.ops.window import check_window_args, relative_position_index, window_partition, window_reverse
-
-    check_window_args("window_attention_pallas", q, k, v, window_size, shift_size, bias_table)
-    backend = _resolve_backend(backend)
-    interpret = _resolve_interpret(backend, interpret)
+    check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
+    if backend == "mosaic_gpu":
+        if interpret:
+            raise ValueError(
+                f"{_WHERE}: backend='mosaic_gpu' has no Pallas interpreter; it compiles for a GPU only "
+                f"(got interpret={interpret!r})"
+            )
+        blocks = block_sizes or BlockSizes()
+        blocks.check(_WHERE, ())
+        return _mosaic_gpu(q, k, v, window_size, shift_size, bias_table, scale)
+    backend = resolve_backend(_WHERE, backend)
+    interpret = resolve_interpret(backend, interpret)
+    blocks = block_sizes or BlockSizes()
+    blocks.check(_WHERE, ("block_windows",))
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     b, h, w, heads, d = q.shape
@@ -367,7 +336,7 @@ def window_attention_pallas(
     n, nw = ws * ws, (h // ws) * (w // ws)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     plan = _make_plan(
-        backend, interpret, bool(shift), scale, heads, n, d, jnp.dtype(dtype).itemsize, b * nw, block_windows
+        backend, interpret, bool(shift), scale, heads, n, d, jnp.dtype(dtype).itemsize, b * nw, blocks.block_windows
     )
     pad_w, pad_n, pad_d = plan.windows_p - plan.windows, plan.np_ - n, plan.dp - d
 
@@ -383,16 +352,49 @@ def window_attention_pallas(
         rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
         bias = jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))
     key_ok = np.arange(plan.np_) < n
-    bias = jnp.where(key_ok, jnp.pad(bias, ((0, 0), (0, pad_n), (0, pad_n))), _MASK_VALUE)
+    bias = jnp.where(key_ok, jnp.pad(bias, ((0, 0), (0, pad_n), (0, pad_n))), MASK_VALUE)
 
     codes = ()
     if shift:
-        c = jnp.tile(jnp.asarray(_region_codes(h, w, ws, shift)), (b, 1))
+        c = jnp.tile(jnp.asarray(shift_regions(h, w, ws, shift)), (b, 1))
         c = jnp.pad(c, ((0, pad_w), (0, pad_n)))
         codes = (c[:, :, None], c[:, None, :])
 
     out = _wa(plan, to_windows(q), to_windows(k), to_windows(v), bias, codes)
     out = jnp.swapaxes(out[: plan.windows, :, :n, :d], 1, 2).reshape(b, nw, n, heads, d)
+    out = window_reverse(out, ws, h, w)
+    if shift:
+        out = jnp.roll(out, (shift, shift), axis=(1, 2))
+    return out
+
+
+def _mosaic_gpu(q, k, v, window_size, shift_size, bias_table, scale):
+    """The Mosaic GPU route: Swin's data movement here, the kernel in :mod:`window_mosaic_gpu`."""
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    b, h, w, heads, d = q.shape
+    ws, shift = window_size, shift_size
+    n, nw = ws * ws, (h // ws) * (w // ws)
+    np_, dp = window_mosaic_gpu.padded_sizes(n, d, dtype)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    def to_windows(x):  # (B, H, W, heads, D) -> (B * nW, heads, Np, Dp)
+        x = x.astype(dtype)
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+        x = jnp.swapaxes(window_partition(x, ws).reshape(b * nw, n, heads, d), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, np_ - n), (0, dp - d)))
+
+    bias = jnp.zeros((1, heads, n, n), jnp.float32)
+    if bias_table is not None:
+        rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
+        bias = jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))[None]
+    if shift:
+        regions = shift_regions(h, w, ws, shift)  # (nW, N)
+        bias = bias + np.where(regions[:, :, None] != regions[:, None, :], _SHIFT_MASK, 0.0)[:, None]
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, np_ - n), (0, np_ - n)))
+    bias = jnp.where(np.arange(np_) < n, bias, MASK_VALUE)  # padded keys
+    out = window_mosaic_gpu.window_attention_windows(to_windows(q), to_windows(k), to_windows(v), bias, scale)
+    out = jnp.swapaxes(out[:, :, :n, :d], 1, 2).reshape(b, nw, n, heads, d)
     out = window_reverse(out, ws, h, w)
     if shift:
         out = jnp.roll(out, (shift, shift), axis=(1, 2))

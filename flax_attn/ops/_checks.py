@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# One definition for ops, blocks and kernels: the kernels may not import flax_attn.ops.
+from flax_attn.kernels.checks import check_rank
 
-def check_rank(where: str, name: str, x: Any, rank: int, layout: str) -> None:
-    """Raise ``ValueError`` unless ``x`` has ``rank`` dims (``layout`` describes them, e.g. ``(B, H, W, C)``)."""
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) != rank:
-        raise ValueError(f"{where}: `{name}` must be {rank}-D {layout}, got shape {shape}")
+__all__ = ["check_channels", "check_divisible", "check_rank"]
 
 
 def check_divisible(where: str, name: str, value: int, by_name: str, by: int) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flax_attn.kernels.dispatch import resolve_implementation
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["scaled_dot_product_attention", "masked_softmax"]
 
@@ -19,7 +21,7 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int =
     ``mask`` (bool, True = keep) is applied before the softmax; ``-inf`` entries already in ``logits``
     count as masked too. Rows that are entirely masked produce all-zero weights and zero gradients.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(statistics_dtype(logits.dtype))
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=axis, keepdims=True)
@@ -52,6 +54,7 @@ def scaled_dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_weights: bool = False,
+    implementation: str | None = None,
 ):
     """Attention ``softmax(q k^T * scale + bias) v`` on ``(batch, length, heads, head_dim)`` inputs.
 
@@ -78,6 +81,12 @@ def scaled_dot_product_attention(
       key: ``(B, S, H, D)``.
       value: ``(B, S, H, Dv)``.
       return_weights: also return the attention weights ``(B, H, L, S)`` (after dropout).
+      implementation: ``None`` (:func:`flax_attn.kernels.default_implementation` for ``"sdpa"``:
+        this function's XLA math unless a fused route is recorded as verified on the platform),
+        ``"xla"``, or ``"cudnn"``: JAX's fused attention, ``jax.nn.dot_product_attention(...,
+        implementation="cudnn")`` (cuDNN flash attention; GPU only, and only what cuDNN supports:
+        no dropout, no returned weights, the value head dim equal to the query's). The semantics
+        above, fully masked rows included, are kept on every route.
 
     Returns:
       ``(B, L, H, Dv)`` in the value dtype, or ``(out, weights)`` when ``return_weights``.
@@ -107,9 +116,23 @@ def scaled_dot_product_attention(
         raise ValueError(f"{fn}: `dropout_rate` must be in [0, 1), got {dropout_rate}")
     if scale is None:
         scale = d**-0.5
+    dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if implementation is None and (dropout or return_weights or value.shape[-1] != d):
+        implementation = "xla"  # what the fused routes cannot do
+    implementation = resolve_implementation(fn, "sdpa", implementation, allowed=("xla", "cudnn"))
+    if implementation != "xla":
+        for unsupported, what in (
+            (dropout, "attention dropout"),
+            (return_weights, "return_weights=True"),
+            (value.shape[-1] != d, f"a value head dim {value.shape[-1]} != the query head dim {d}"),
+        ):
+            if unsupported:
+                raise ValueError(f"{fn}: implementation={implementation!r} does not support {what}; use 'xla'")
+        return _fused(query, key, value, mask, bias, is_causal, scale, implementation)
 
     logits_shape = (b, h, l, s)
-    logits = jnp.einsum("blhd,bshd->bhls", query, key, preferred_element_type=jnp.float32) * scale
+    acc = statistics_dtype(query.dtype, key.dtype, value.dtype)
+    logits = jnp.einsum("blhd,bshd->bhls", query, key, preferred_element_type=acc) * scale
 
     keep = None
     if mask is not None:
@@ -117,9 +140,9 @@ def scaled_dot_product_attention(
         if mask.dtype == jnp.bool_:
             keep = _broadcast_to_logits("mask", mask, logits_shape)
         else:
-            logits = logits + _broadcast_to_logits("mask", mask, logits_shape).astype(jnp.float32)
+            logits = logits + _broadcast_to_logits("mask", mask, logits_shape).astype(acc)
     if bias is not None:
-        logits = logits + _broadcast_to_logits("bias", jnp.asarray(bias), logits_shape).astype(jnp.float32)
+        logits = logits + _broadcast_to_logits("bias", jnp.asarray(bias), logits_shape).astype(acc)
     if is_causal:
         causal = jnp.tril(jnp.ones((l, s), dtype=jnp.bool_))
         keep = causal if keep is None else keep & causal
@@ -129,8 +152,57 @@ def scaled_dot_product_attention(
         survive = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(survive, weights / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum(
-        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32
+        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=acc
     ).astype(value.dtype)
     if return_weights:
         return out, weights.astype(value.dtype)
     return out
+
+
+def _as_4d(name: str, arr: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array:
+    """``arr`` with leading unit dims up to rank 4, checked to broadcast to the logits (not materialised)."""
+    try:
+        jnp.broadcast_shapes(arr.shape, logits_shape)
+    except ValueError:
+        raise ValueError(
+            f"scaled_dot_product_attention: `{name}` of shape {tuple(arr.shape)} does not broadcast to the "
+            f"attention logits (batch, heads, q_len, kv_len) = {logits_shape}"
+        ) from None
+    if arr.ndim > 4:
+        return jnp.broadcast_to(arr, logits_shape)
+    return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
+
+
+def _fused(query, key, value, mask, bias, is_causal, scale, implementation):
+    """The same attention through ``jax.nn.dot_product_attention(implementation=...)``.
+
+    Its masks and biases use the same ``(batch, heads, q_len, kv_len)`` order. A floating mask is
+    split into its ``-inf`` pattern (a boolean mask) and its finite values (a bias), so that rows
+    without any attendable key can be returned as zeros, as the XLA path does (the fused kernels
+    would average the values or give NaN there).
+    """
+    b, l, h, _ = query.shape
+    logits_shape = (b, h, l, key.shape[1])
+    keep, add = None, None
+    if mask is not None:
+        mask = _as_4d("mask", jnp.asarray(mask), logits_shape)
+        if mask.dtype == jnp.bool_:
+            keep = mask
+        else:
+            keep = mask > -jnp.inf
+            add = jnp.where(keep, mask, 0.0).astype(jnp.float32)
+    if bias is not None:
+        bias = _as_4d("bias", jnp.asarray(bias), logits_shape).astype(jnp.float32)
+        add = bias if add is None else add + bias
+    if add is not None:
+        add = add.astype(query.dtype)
+    out = jax.nn.dot_product_attention(
+        query, key, value, bias=add, mask=keep, scale=scale, is_causal=is_causal, implementation=implementation
+    )
+    if keep is not None:
+        any_key = jnp.broadcast_to(keep, logits_shape)
+        if is_causal:
+            any_key = any_key & jnp.tril(jnp.ones(logits_shape[2:], jnp.bool_))
+        any_key = jnp.any(any_key, axis=-1)  # (B, H, L)
+        out = jnp.where(jnp.swapaxes(any_key, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
+    return out.astype(value.dtype)

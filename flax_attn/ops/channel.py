@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["attention_pool2d", "channel_pool", "directional_avg_pool", "eca_kernel_size", "global_pool"]
 
@@ -32,7 +33,7 @@ def channel_pool(x: jax.Array, order: Sequence[str] = ("max", "mean")) -> jax.Ar
     """
     check_rank("channel_pool", "x", x, 4, _NHWC)
     maps = {"max": lambda: jnp.max(x, axis=-1),
-            "mean": lambda: jnp.mean(x, axis=-1, dtype=jnp.float32).astype(x.dtype)}
+            "mean": lambda: jnp.mean(x, axis=-1, dtype=statistics_dtype(x.dtype)).astype(x.dtype)}
     bad = [o for o in order if o not in maps]
     if bad:
         raise ValueError(f"channel_pool: `order` entries must be 'max' or 'mean', got {tuple(order)!r}")
@@ -46,7 +47,7 @@ def global_pool(x: jax.Array, pool_type: str = "avg") -> jax.Array:
     the L2 norm) or ``"lse"`` (log-sum-exp, computed stably from the max as CBAM does).
     """
     check_rank("global_pool", "x", x, 4, _NHWC)
-    xf = x.astype(jnp.float32)
+    xf = x.astype(statistics_dtype(x.dtype))
     if pool_type == "avg":
         y = jnp.mean(xf, axis=(1, 2))
     elif pool_type == "max":
@@ -81,7 +82,7 @@ def attention_pool2d(x: jax.Array, logits: jax.Array) -> jax.Array:
             f"(one logit per position of `x` {x.shape}), got {logits.shape}"
         )
     b, h, w, c = x.shape
-    weights = jax.nn.softmax(logits.reshape(b, h * w).astype(jnp.float32), axis=-1)
+    weights = jax.nn.softmax(logits.reshape(b, h * w).astype(statistics_dtype(logits.dtype)), axis=-1)
     return jnp.einsum("bp,bpc->bc", weights.astype(x.dtype), x.reshape(b, h * w, c))
 
 
@@ -92,8 +93,8 @@ def directional_avg_pool(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     over H (``AdaptiveAvgPool2d((1, None))``).
     """
     check_rank("directional_avg_pool", "x", x, 4, _NHWC)
-    x_h = jnp.mean(x, axis=2, dtype=jnp.float32).astype(x.dtype)
-    x_w = jnp.mean(x, axis=1, dtype=jnp.float32).astype(x.dtype)
+    x_h = jnp.mean(x, axis=2, dtype=statistics_dtype(x.dtype)).astype(x.dtype)
+    x_w = jnp.mean(x, axis=1, dtype=statistics_dtype(x.dtype)).astype(x.dtype)
     return x_h, x_w
 
 

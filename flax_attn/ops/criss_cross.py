@@ -23,22 +23,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.kernels.checks import check_criss_cross_args
+from flax_attn.kernels.criss_cross import criss_cross_attention_pallas
+from flax_attn.kernels.dispatch import resolve_implementation
 
 __all__ = ["criss_cross_attention", "criss_cross_logits"]
-
-_IMPLEMENTATIONS = (None, "xla", "pallas")
-
-
-def _check_inputs(where: str, q, k, v) -> None:
-    check_rank(where, "q", q, 4, "(B, H, W, Cqk)")
-    check_rank(where, "k", k, 4, "(B, H, W, Cqk)")
-    check_rank(where, "v", v, 4, "(B, H, W, Cv)")
-    if q.shape != k.shape:
-        raise ValueError(f"{where}: `q` and `k` must have the same shape (B, H, W, Cqk), got {q.shape} and {k.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{where}: `v` must share (B, H, W) with `q`: expected {q.shape[:3] + (v.shape[-1],)}, "
-                         f"got {v.shape}")
 
 
 def criss_cross_logits(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,15 +61,16 @@ def _xla(q, k, v, return_weights):
     denom = jnp.sum(e_row, -1, keepdims=True) + jnp.sum(e_col, -1, keepdims=True)
     p_row, p_col = e_row / denom, e_col / denom
     vf = v.astype(jnp.float32)
-    out = (jnp.einsum("bywi,byic->bywc", p_row, vf) + jnp.einsum("bywj,bjwc->bywc", p_col, vf))
+    out = jnp.einsum("bywi,byic->bywc", p_row, vf) + jnp.einsum("bywj,bjwc->bywc", p_col, vf)
     out = out.astype(jnp.result_type(q.dtype, k.dtype, v.dtype))
     if not return_weights:
         return out
     return out, _official_weight_layout(p_row, p_col)
 
 
-def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
-                          implementation: str | None = None):
+def criss_cross_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False, implementation: str | None = None
+):
     """Criss-cross attention over NHWC maps: each pixel attends to its row and column.
 
     Args:
@@ -88,8 +78,9 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_we
       v: ``(B, H, W, Cv)`` values.
       return_weights: also return the attention ``(B, H, W, H + W - 1)`` in the official order
         (the ``W`` row entries, then the ``H - 1`` column entries without the centre).
-      implementation: ``None`` (the Pallas kernel on GPU/TPU, XLA elsewhere), ``"xla"`` or
-        ``"pallas"``.
+      implementation: ``None`` (:func:`flax_attn.kernels.default_implementation`: XLA unless the
+        kernel is recorded as verified on this platform), ``"xla"`` or ``"pallas"`` (the fused
+        kernel; interpreted on CPU).
 
     Returns:
       ``(B, H, W, Cv)`` in the inputs' result dtype, and the weights (float32) when asked.
@@ -101,15 +92,10 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_we
       (1, 5, 7, 3)
     """
     where = "criss_cross_attention"
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"{where}: `implementation` must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-    _check_inputs(where, q, k, v)
-    if implementation is None:
-        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    implementation = resolve_implementation(where, "criss_cross", implementation)
+    check_criss_cross_args(where, q, k, v)
     if implementation == "xla":
         return _xla(q, k, v, return_weights)
-    from flax_attn.kernels.criss_cross import criss_cross_attention_pallas
-
     out = criss_cross_attention_pallas(q, k, v)
     if not return_weights:
         return out

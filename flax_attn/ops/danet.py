@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["channel_attention", "position_attention"]
 
@@ -27,10 +28,11 @@ def position_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, re
         raise ValueError(
             f"{fn}: shapes do not match: query {query.shape}, key {key.shape}, value {value.shape}"
         )
-    energy = jnp.einsum("bic,bjc->bij", query, key, preferred_element_type=jnp.float32)
+    acc = statistics_dtype(query.dtype, key.dtype)
+    energy = jnp.einsum("bic,bjc->bij", query, key, preferred_element_type=acc)
     attention = jax.nn.softmax(energy, axis=-1)
     out = jnp.einsum(
-        "bij,bjc->bic", attention.astype(value.dtype), value, preferred_element_type=jnp.float32
+        "bij,bjc->bic", attention.astype(value.dtype), value, preferred_element_type=statistics_dtype(value.dtype)
     ).astype(value.dtype)
     return (out, attention.astype(value.dtype)) if return_weights else out
 
@@ -48,10 +50,11 @@ def channel_attention(x: jax.Array, *, return_weights: bool = False):
       ``(B, N, C)``, or ``(out, attention (B, C, C))``.
     """
     check_rank("channel_attention", "x", x, 3, "(batch, positions, channels)")
-    energy = jnp.einsum("bnc,bnd->bcd", x, x, preferred_element_type=jnp.float32)
+    acc = statistics_dtype(x.dtype)
+    energy = jnp.einsum("bnc,bnd->bcd", x, x, preferred_element_type=acc)
     energy_new = jnp.max(energy, axis=-1, keepdims=True) - energy
     attention = jax.nn.softmax(energy_new, axis=-1)
-    out = jnp.einsum("bcd,bnd->bnc", attention.astype(x.dtype), x, preferred_element_type=jnp.float32).astype(
+    out = jnp.einsum("bcd,bnd->bnc", attention.astype(x.dtype), x, preferred_element_type=acc).astype(
         x.dtype
     )
     return (out, attention.astype(x.dtype)) if return_weights else out

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.kernels.checks import BORDERS, check_neighborhood_args
+from flax_attn.kernels.dispatch import resolve_implementation
+from flax_attn.kernels.neighborhood import neighborhood_attention_pallas
 
-__all__ = ["neighborhood_attention", "neighborhood_indices"]
+__all__ = ["check_neighborhood_args", "neighborhood_attention", "neighborhood_indices"]
 
 _WHERE = "neighborhood_attention"
-BORDERS = ("reflect", "clamp")
 
 
 def _clamp_starts(length: int, kernel_size: int, dilation: int, centres: np.ndarray) -> np.ndarray:
@@ -63,48 +64,6 @@ def neighborhood_indices(
     if border == "clamp":
         return (_clamp_starts(length, kernel_size, dilation, centres)[None, :] + t * dilation).astype(np.int32)
     raise ValueError(f"{_WHERE}: `border` must be one of {BORDERS}, got {border!r}")
-
-
-def check_neighborhood_args(q, k, v, kernel_size: int, dilation: int, stride: int, border: str) -> None:
-    """Trace-time validation shared by every implementation; raises ``ValueError``."""
-    layout = "(batch, height, width, heads, head_dim)"
-    check_rank(_WHERE, "q", q, 5, layout)
-    check_rank(_WHERE, "k", k, 5, layout)
-    check_rank(_WHERE, "v", v, 5, layout)
-    if border not in BORDERS:
-        raise ValueError(f"{_WHERE}: `border` must be one of {BORDERS}, got {border!r}")
-    if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(
-            f"{_WHERE}: `kernel_size` must be a positive odd int (the window is centred), got {kernel_size!r}"
-        )
-    if not isinstance(dilation, (int, np.integer)) or dilation < 1:
-        raise ValueError(f"{_WHERE}: `dilation` must be a positive int, got {dilation!r}")
-    if not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"{_WHERE}: `stride` must be a positive int, got {stride!r}")
-    if k.shape != v.shape:
-        raise ValueError(f"{_WHERE}: `k` and `v` must have the same shape, got k {k.shape} and v {v.shape}")
-    b, h, w, heads, d = k.shape
-    hq, wq = -(-h // stride), -(-w // stride)
-    if q.shape != (b, hq, wq, heads, d):
-        raise ValueError(
-            f"{_WHERE}: `q` must have shape {(b, hq, wq, heads, d)} for keys of shape {k.shape} and "
-            f"stride {stride} (batch, ceil(H/stride), ceil(W/stride), heads, head_dim), got {q.shape}"
-        )
-    if border == "reflect":
-        pad = (kernel_size // 2) * dilation
-        if pad >= h or pad >= w:
-            raise ValueError(
-                f"{_WHERE}: reflection padding {pad} (= (kernel_size // 2) * dilation with kernel_size="
-                f"{kernel_size}, dilation={dilation}) must be smaller than the key height and width "
-                f"(as torch.nn.ReflectionPad2d requires), got keys of shape {k.shape}"
-            )
-    else:
-        span = kernel_size * dilation
-        if span > h or span > w:
-            raise ValueError(
-                f"{_WHERE}: window kernel_size * dilation = {span} is larger than the image: "
-                f"the clamp border needs it <= height and width, got keys of shape {k.shape}"
-            )
 
 
 def _arithmetic_runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
@@ -212,10 +171,6 @@ def _neighborhood_xla(q, k, v, *, kernel_size, dilation, stride, border, scale, 
     return out
 
 
-def default_implementation() -> str:
-    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
-
-
 def neighborhood_attention(
     q: jax.Array,
     k: jax.Array,
@@ -242,8 +197,9 @@ def neighborhood_attention(
       scale: logit scale; default ``D ** -0.5`` (as SDPA and NATTEN).
       return_weights: also return the weights ``(B, Hq, Wq, heads, k * k)``, offsets in row-major
         window order (``nn.Unfold`` order: index ``dy * k + dx``).
-      implementation: ``None`` (Pallas on GPU/TPU, XLA on CPU), ``"xla"`` or ``"pallas"``. The
-        Pallas kernel does not return weights; ``return_weights=True`` uses XLA.
+      implementation: ``None`` (:func:`flax_attn.kernels.default_implementation`: XLA unless the
+        kernel is recorded as verified on this platform; XLA whenever weights are asked for),
+        ``"xla"`` or ``"pallas"`` (interpreted on CPU). The Pallas kernel does not return weights.
 
     Returns:
       ``(B, Hq, Wq, heads, D)`` in ``q.dtype`` (and the weights if asked). Logits, softmax and the
@@ -262,26 +218,23 @@ def neighborhood_attention(
     check_neighborhood_args(q, k, v, kernel_size, dilation, stride, border)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if implementation is None:
-        implementation = "xla" if return_weights else default_implementation()
-    if implementation == "xla":
-        return _neighborhood_xla(
-            q,
-            k,
-            v,
-            kernel_size=kernel_size,
-            dilation=dilation,
-            stride=stride,
-            border=border,
-            scale=scale,
-            return_weights=return_weights,
-        )
+    if implementation is None and return_weights:
+        implementation = "xla"
+    implementation = resolve_implementation(_WHERE, "neighborhood", implementation)
+    if implementation == "pallas" and return_weights:
+        raise ValueError(f"{_WHERE}: the Pallas kernel does not return weights; use implementation='xla'")
     if implementation == "pallas":
-        if return_weights:
-            raise ValueError(f"{_WHERE}: the Pallas kernel does not return weights; use implementation='xla'")
-        from flax_attn.kernels.neighborhood import neighborhood_attention_pallas
-
         return neighborhood_attention_pallas(
             q, k, v, kernel_size=kernel_size, dilation=dilation, stride=stride, border=border, scale=scale
         )
-    raise ValueError(f"{_WHERE}: `implementation` must be None, 'xla' or 'pallas', got {implementation!r}")
+    return _neighborhood_xla(
+        q,
+        k,
+        v,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        stride=stride,
+        border=border,
+        scale=scale,
+        return_weights=return_weights,
+    )

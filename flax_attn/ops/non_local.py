@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["NON_LOCAL_MODES", "non_local_attention"]
 
@@ -32,8 +33,8 @@ def _concat_terms(theta, phi, concat_kernel):
             f"non_local_attention: `concat_kernel` must have 2 * {ck} = {2 * ck} entries "
             f"(theta channels then phi channels), got shape {jnp.shape(concat_kernel)}"
         )
-    a = jnp.einsum("bnc,c->bn", theta, w[:ck], preferred_element_type=jnp.float32)
-    b = jnp.einsum("bmc,c->bm", phi, w[ck:], preferred_element_type=jnp.float32)
+    a = jnp.einsum("bnc,c->bn", theta, w[:ck], preferred_element_type=statistics_dtype(theta.dtype))
+    b = jnp.einsum("bmc,c->bm", phi, w[ck:], preferred_element_type=statistics_dtype(phi.dtype))
     return a, b
 
 
@@ -62,7 +63,7 @@ def _sums_above(keys, values, thresholds):
 
 @jax.custom_vjp
 def _relu_pair_sum(a, b, g):
-    """``y_i = sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix (float32 in and out).
+    """``y_i = sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix (one floating dtype in and out).
 
     ``relu(a_i + b_j) > 0`` exactly when ``b_j > -a_i``, so ``y_i = a_i G_i + BG_i`` with ``G_i``
     and ``BG_i`` the sums of ``g_j`` and ``b_j g_j`` over those keys (:func:`_sums_above`).
@@ -94,7 +95,8 @@ _relu_pair_sum.defvjp(_relu_pair_sum_fwd, _relu_pair_sum_bwd)
 
 def _concat_sorted(a, b, g):
     """``sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix; see :func:`_relu_pair_sum`."""
-    return _relu_pair_sum(a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32))
+    dt = jnp.result_type(a.dtype, b.dtype, statistics_dtype(g.dtype))
+    return _relu_pair_sum(a.astype(dt), b.astype(dt), g.astype(dt))
 
 
 def non_local_attention(
@@ -143,22 +145,24 @@ def non_local_attention(
     out_dtype = g.dtype
 
     if mode in ("embedded_gaussian", "gaussian"):
-        logits = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=statistics_dtype(g.dtype))
         weights = jax.nn.softmax(logits, axis=-1)
     elif mode == "dot_product":
         if not return_weights:
             # Linear in f: associate the other way round and never form (N, M).
-            kv = jnp.einsum("bmc,bmd->bcd", phi, g, preferred_element_type=jnp.float32)
-            y = jnp.einsum("bnc,bcd->bnd", theta.astype(jnp.float32), kv) / m
+            kv = jnp.einsum("bmc,bmd->bcd", phi, g, preferred_element_type=statistics_dtype(g.dtype))
+            y = jnp.einsum("bnc,bcd->bnd", theta.astype(kv.dtype), kv) / m
             return y.astype(out_dtype)
-        weights = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=jnp.float32) / m
+        weights = jnp.einsum("bnc,bmc->bnm", theta, phi, preferred_element_type=statistics_dtype(g.dtype)) / m
     else:
         a, b = _concat_terms(theta, phi, concat_kernel)
         if not return_weights:
             return (_concat_sorted(a, b, g) / m).astype(out_dtype)
         weights = jax.nn.relu(a[:, :, None] + b[:, None, :]) / m
 
-    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=jnp.float32).astype(out_dtype)
+    y = jnp.einsum("bnm,bmd->bnd", weights.astype(g.dtype), g, preferred_element_type=statistics_dtype(g.dtype)).astype(
+        out_dtype
+    )
     if return_weights:
         return y, weights.astype(out_dtype)
     return y

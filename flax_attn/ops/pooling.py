@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d"]
 
@@ -42,12 +43,13 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int | None, int |
     oh, ow = _pair("adaptive_avg_pool2d", output_size, x)
     h, w = x.shape[1:3]
     if (oh, ow) == (1, 1):
-        return jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(x.dtype)
-    bh = _bins(h, oh).astype(np.float32)
-    bw = _bins(w, ow).astype(np.float32)
+        return jnp.mean(x, axis=(1, 2), keepdims=True, dtype=statistics_dtype(x.dtype)).astype(x.dtype)
+    sdt = statistics_dtype(x.dtype)
+    bh = _bins(h, oh).astype(sdt)
+    bw = _bins(w, ow).astype(sdt)
     bh /= bh.sum(1, keepdims=True)
     bw /= bw.sum(1, keepdims=True)
-    y = jnp.einsum("ih,bhwc->biwc", jnp.asarray(bh), x.astype(jnp.float32), precision="highest")
+    y = jnp.einsum("ih,bhwc->biwc", jnp.asarray(bh), x.astype(sdt), precision="highest")
     y = jnp.einsum("jw,biwc->bijc", jnp.asarray(bw), y, precision="highest")
     return y.astype(x.dtype)
 

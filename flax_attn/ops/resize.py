@@ -36,31 +36,34 @@ def _nearest_index(in_size: int, out_size: int, scale: float) -> np.ndarray:
     return np.minimum(idx, in_size - 1)
 
 
-def _linear_coords(in_size: int, out_size: int, scale: float, align_corners: bool):
-    dst = np.arange(out_size, dtype=np.float32)
+def _linear_coords(in_size: int, out_size: int, scale: float, align_corners: bool, dtype=np.float32):
+    # torch evaluates the source coordinates in the input's accumulation type: float32 for 16- and
+    # 32-bit inputs, float64 for float64 ones.
+    f = np.dtype(dtype).type
+    dst = np.arange(out_size, dtype=dtype)
     if align_corners:
-        ratio = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0.0)
+        ratio = f((in_size - 1) / (out_size - 1)) if out_size > 1 else f(0.0)
         src = dst * ratio
     else:
-        src = (dst + np.float32(0.5)) * np.float32(scale) - np.float32(0.5)
-        src = np.maximum(src, 0.0)
+        src = (dst + f(0.5)) * f(scale) - f(0.5)
+        src = np.maximum(src, f(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = (src - i0).astype(np.float32)
+    frac = (src - i0).astype(dtype)
     return i0, i1, frac
 
 
 def _nearest_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
-    m = np.zeros((out_size, in_size), np.float32)
+    m = np.zeros((out_size, in_size), np.float32)  # exact 0/1 in any dtype
     m[np.arange(out_size), _nearest_index(in_size, out_size, scale)] = 1.0
     return m
 
 
-def _linear_matrix(in_size: int, out_size: int, scale: float, align_corners: bool) -> np.ndarray:
-    i0, i1, frac = _linear_coords(in_size, out_size, scale, align_corners)
-    m = np.zeros((out_size, in_size), np.float32)
+def _linear_matrix(in_size: int, out_size: int, scale: float, align_corners: bool, dtype=np.float32) -> np.ndarray:
+    i0, i1, frac = _linear_coords(in_size, out_size, scale, align_corners, dtype)
+    m = np.zeros((out_size, in_size), dtype)
     rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), np.float32(1) - frac)
+    np.add.at(m, (rows, i0), np.dtype(dtype).type(1) - frac)
     np.add.at(m, (rows, i1), frac)
     return m
 
@@ -68,7 +71,7 @@ def _linear_matrix(in_size: int, out_size: int, scale: float, align_corners: boo
 def _apply_axis(x: jax.Array, axis: int, m: np.ndarray) -> jax.Array:
     """``out[..., o, ...] = sum_i m[o, i] x[..., i, ...]`` along ``axis``: a static ``(out, in)`` matrix."""
     out_size, in_size = m.shape
-    if out_size == in_size and np.array_equal(m, np.eye(in_size, dtype=np.float32)):
+    if out_size == in_size and np.array_equal(m, np.eye(in_size)):
         return x
     rows = m.argmax(axis=1)
     if np.count_nonzero(m) == out_size and np.all(m[np.arange(out_size), rows] == 1):
@@ -88,7 +91,8 @@ def _apply_axis(x: jax.Array, axis: int, m: np.ndarray) -> jax.Array:
     # another matmul, where per-index gathers would transpose to a serial scatter-add.
     letters = "abcdefgh"[: x.ndim]
     spec = f"o{letters[axis]},{letters}->{letters[:axis]}o{letters[axis + 1 :]}"
-    y = jnp.einsum(spec, jnp.asarray(m), x, precision="highest", preferred_element_type=jnp.float32)
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y = jnp.einsum(spec, jnp.asarray(m, acc), x, precision="highest", preferred_element_type=acc)
     return y.astype(x.dtype)
 
 
@@ -134,6 +138,7 @@ def interpolate(
         if mode == "nearest":
             m = _nearest_matrix(in_size, o, scale)
         else:
-            m = _linear_matrix(in_size, o, scale, bool(align_corners))
+            cdt = np.float64 if x.dtype == jnp.float64 else np.float32
+            m = _linear_matrix(in_size, o, scale, bool(align_corners), cdt)
         out = _apply_axis(out, axis, m)
     return out

@@ -27,20 +27,24 @@ _MODES = ("bilinear", "nearest")
 _PADDING = ("zeros", "border", "reflection")
 
 
-def _linspace_from_neg_one(steps: int, align_corners: bool) -> np.ndarray:
-    """PyTorch's ``linspace(-1, 1, steps)`` (symmetric two-sided evaluation), scaled when not aligned."""
+def _linspace_from_neg_one(steps: int, align_corners: bool, dtype=np.float32) -> np.ndarray:
+    """PyTorch's ``linspace(-1, 1, steps)`` (symmetric two-sided evaluation), scaled when not aligned.
+
+    Evaluated in ``dtype`` as torch does in theta's dtype (float32 for 16- and 32-bit thetas).
+    """
+    f = np.dtype(dtype).type
     if steps <= 1:
-        return np.zeros((max(steps, 0),), np.float32)
-    step = np.float32(2.0) / np.float32(steps - 1)
+        return np.zeros((max(steps, 0),), dtype)
+    step = f(2.0) / f(steps - 1)
     i = np.arange(steps)
     half = steps // 2
     r = np.where(
         i < half,
-        np.float32(-1.0) + step * i.astype(np.float32),
-        np.float32(1.0) - step * (steps - i - 1).astype(np.float32),
-    ).astype(np.float32)
+        f(-1.0) + step * i.astype(dtype),
+        f(1.0) - step * (steps - i - 1).astype(dtype),
+    ).astype(dtype)
     if not align_corners:
-        r = (r * np.float32(steps - 1) / np.float32(steps)).astype(np.float32)
+        r = (r * f(steps - 1) / f(steps)).astype(dtype)
     return r
 
 
@@ -67,9 +71,10 @@ def affine_grid(theta: jax.Array, size, align_corners: bool = False) -> jax.Arra
         raise ValueError(f"affine_grid: batch of `size` ({n}) does not match `theta` {tuple(theta.shape)}")
     if h <= 0 or w <= 0:
         raise ValueError(f"affine_grid: `size` must have positive H and W, got {size}")
-    xs = _linspace_from_neg_one(w, align_corners)
-    ys = _linspace_from_neg_one(h, align_corners)
-    base = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None], np.ones((h, w), np.float32)), axis=-1)
+    ldt = np.float64 if theta.dtype == jnp.float64 else np.float32
+    xs = _linspace_from_neg_one(w, align_corners, ldt)
+    ys = _linspace_from_neg_one(h, align_corners, ldt)
+    base = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None], np.ones((h, w), ldt)), axis=-1)
     base = jnp.asarray(base.reshape(h * w, 3), dtype=theta.dtype)
     grid = jnp.einsum("pk,njk->npj", base, theta, precision=jax.lax.Precision.HIGHEST)
     return grid.reshape(n, h, w, 2)

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.kernels.checks import check_window_args
+from flax_attn.kernels.dispatch import resolve_implementation
+from flax_attn.kernels.layout import relative_position_index, shift_regions, window_partition, window_reverse
+from flax_attn.kernels.window import window_attention_pallas
 from flax_attn.ops.attention import scaled_dot_product_attention
 from flax_attn.ops.relative_logits import skew
 
@@ -30,15 +33,6 @@ __all__ = [
 ]
 
 _WHERE = "window_attention"
-
-
-def relative_position_index(window_size: tuple[int, int]) -> np.ndarray:
-    """Swin's ``relative_position_index``: ``(N, N)`` ints into the ``((2Wh-1)(2Ww-1), heads)`` table."""
-    wh, ww = window_size
-    ys, xs = np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")
-    flat = np.stack([ys.reshape(-1), xs.reshape(-1)])  # (2, N)
-    rel = flat[:, :, None] - flat[:, None, :]  # (2, N, N): query minus key
-    return ((rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)).astype(np.int32)
 
 
 def relative_position_bias(bias_table: jax.Array, window_size: int) -> jax.Array:
@@ -57,62 +51,11 @@ def relative_position_bias(bias_table: jax.Array, window_size: int) -> jax.Array
     return jnp.transpose(t, (4, 0, 2, 1, 3)).reshape(heads, m * m, m * m)
 
 
-def window_partition(x: jax.Array, window_size: int) -> jax.Array:
-    """``(B, H, W, ...)`` -> ``(B, nH * nW, ws * ws, ...)``: windows in row-major order, tokens row-major."""
-    b, h, w = x.shape[:3]
-    rest = x.shape[3:]
-    ws = window_size
-    x = x.reshape(b, h // ws, ws, w // ws, ws, *rest)
-    x = jnp.moveaxis(x, 3, 2)  # (B, nH, nW, ws, ws, ...)
-    return x.reshape(b, (h // ws) * (w // ws), ws * ws, *rest)
-
-
-def window_reverse(windows: jax.Array, window_size: int, h: int, w: int) -> jax.Array:
-    """Inverse of :func:`window_partition`."""
-    b = windows.shape[0]
-    rest = windows.shape[3:]
-    ws = window_size
-    x = windows.reshape(b, h // ws, w // ws, ws, ws, *rest)
-    x = jnp.moveaxis(x, 2, 3)
-    return x.reshape(b, h, w, *rest)
-
-
 def shift_attention_mask(h: int, w: int, window_size: int, shift_size: int) -> np.ndarray:
     """Swin's mask for shifted windows: ``(num_windows, N, N)`` float32 with 0 and -100."""
-    ws, s = window_size, shift_size
-    region = np.zeros((h, w), np.float32)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            region[hs, wsl] = cnt
-            cnt += 1
-    # numpy, not window_partition: the mask is a trace-time constant.
-    win = region.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)  # (nW, N)
+    win = shift_regions(h, w, window_size, shift_size)  # (nW, N)
     diff = win[:, None, :] - win[:, :, None]
     return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
-
-
-def check_window_args(where, q, k, v, window_size, shift_size, bias_table) -> None:
-    """Trace-time validation shared by every implementation; raises ``ValueError`` naming ``where``."""
-    layout = "(batch, height, width, heads, head_dim)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_rank(where, name, x, 5, layout)
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{where}: q, k, v must have the same shape, got {q.shape}, {k.shape}, {v.shape}")
-    h, w, heads = q.shape[1:4]
-    ws = window_size
-    if ws < 1 or h % ws or w % ws:
-        raise ValueError(
-            f"{where}: height and width must be multiples of `window_size`={ws}, got input shape {q.shape}"
-        )
-    if not 0 <= shift_size < ws:
-        raise ValueError(f"{where}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
-    if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
-        raise ValueError(f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}")
-
-
-def default_implementation() -> str:
-    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
 
 
 def window_attention(
@@ -140,25 +83,25 @@ def window_attention(
         :func:`relative_position_index`; ``None`` = no bias.
       scale: default ``D ** -0.5``.
       dropout_rate, dropout_rng: attention dropout (applied when ``dropout_rng`` is given).
-      implementation: ``None`` (the fused Pallas kernel of :mod:`flax_attn.kernels.window` on
-        GPU/TPU, XLA on CPU; XLA whenever dropout is active), ``"xla"`` (this function's reference
-        path) or ``"pallas"``.
+      implementation: ``None`` (:func:`flax_attn.kernels.default_implementation`: XLA unless the
+        kernel is recorded as verified on this platform; XLA whenever dropout is active),
+        ``"xla"`` (this function's reference path), ``"pallas"`` (the fused kernel of
+        :mod:`flax_attn.kernels.window`; interpreted on CPU) or ``"cudnn"``: the same dense
+        attention per window with the bias and mask, through
+        ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only; no dropout).
 
     Returns:
       ``(B, H, W, heads, D)`` in ``q.dtype``; logits and softmax in float32.
     """
-    if implementation not in (None, "xla", "pallas"):
-        raise ValueError(f"{_WHERE}: `implementation` must be None, 'xla' or 'pallas', got {implementation!r}")
-    check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
     dropout = dropout_rng is not None and dropout_rate > 0.0
-    if implementation is None:
-        # The kernel has no attention dropout: training with dropout runs the XLA path.
-        implementation = "xla" if dropout else default_implementation()
+    if implementation is None and dropout:
+        # Neither the kernel nor the fused route has attention dropout: training with it runs XLA.
+        implementation = "xla"
+    implementation = resolve_implementation(_WHERE, "window", implementation, allowed=("xla", "pallas", "cudnn"))
+    check_window_args(_WHERE, q, k, v, window_size, shift_size, bias_table)
     if implementation == "pallas":
         if dropout:
             raise ValueError(f"{_WHERE}: the Pallas kernel has no attention dropout; use implementation='xla'")
-        from flax_attn.kernels.window import window_attention_pallas
-
         return window_attention_pallas(
             q, k, v, window_size=window_size, shift_size=shift_size, bias_table=bias_table, scale=scale
         )
@@ -184,6 +127,7 @@ def window_attention(
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        implementation=implementation,
     )
     out = window_reverse(out.reshape(b, nw, n, heads, -1), ws, h, w)
     if shift_size:
