@@ -1,6 +1,6 @@
 """Side-by-side: each op rewritten for issue 11 against its previous version, same process, same shapes.
 
-The previous version of every module is loaded from git (``--baseline``, default ``main``) with
+The previous version of every module is loaded from git (``--baseline``, default ``a444c70``, where issue 11 began) with
 ``git show``, so both run under the same JAX, threads and machine state. Timed: the jitted
 forward + backward (gradient of ``sum(out * cotangent)`` w.r.t. every floating input), median of
 ``--repeats`` runs after warm-up, with the two versions interleaved run by run so that load on a
@@ -9,7 +9,7 @@ shared machine hits both alike; and XLA's compiled peak memory of that step. Rat
 The ``layers.Conv`` rows compare ``lax.conv_general_dilated`` with the patch matmul that ``Conv``
 now uses for tiny output maps on CPU.
 
-    python benchmarks/dense_ops.py [--baseline main] [--repeats 15] [--out benchmarks/results/dense_ops_cpu.md]
+    python benchmarks/dense_ops.py [--baseline a444c70] [--repeats 15] [--out benchmarks/results/dense_ops_cpu.md]
 
 No asserts: this prints a table.
 """
@@ -274,7 +274,9 @@ def _step(fn, args, kwargs):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", default="main", help="git ref of the previous versions")
+    p.add_argument(
+        "--baseline", default="a444c70", help="git ref of the previous versions (default: where issue 11 began)"
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--only", default=None, help="substring of the case names to run")
     p.add_argument("--out", type=Path, default=None)
