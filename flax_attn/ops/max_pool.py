@@ -5,7 +5,9 @@ serial loop on XLA:CPU and slow on TPU, so the derivative is given by hand (``cu
 tangent of each output is the tangent of the *first* input in its window (row-major order, the
 element PyTorch's ``argmax`` picks) that attains the max. That is ``k^d`` strided static slices,
 compares and selects, and its transpose (the gradient) is ``k^d`` interior-padded ``pad``s of a
-masked cotangent: dense, elementwise work that vectorises on every backend.
+masked cotangent: dense, elementwise work that vectorises on every backend. Under differentiation
+the rule computes the max from the same slices (one pass yields the value and the winner), so the
+``reduce_window`` runs only when nothing is differentiated.
 """
 
 from __future__ import annotations
