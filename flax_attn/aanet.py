@@ -963,6 +963,12 @@ _VOLUME_NAMES = ("cost0", "cost1", "cost2")
 catalogue.register(
     catalogue.Entry(
         name="aanet_deform_simple_bottleneck",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet intra-scale aggregation)",
         arxiv="2004.09548",
@@ -982,6 +988,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_adaptive_aggregation_module",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet ISA + cross-scale aggregation)",
         arxiv="2004.09548",
@@ -1003,6 +1015,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_adaptive_aggregation",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet stacked adaptive aggregation)",
         arxiv="2004.09548",
@@ -1091,6 +1109,12 @@ _COST_LEVELS = ("left0", "left1", "left2", "right0", "right1", "right2")
 catalogue.register(
     catalogue.Entry(
         name="aanet_feature",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d in the deformable layer3: bilinear sampling at learned, data-dependent offsets; the "
+                "transposes of its corner gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet ResNet-40 feature extractor, deformable layer3)",
         arxiv="2004.09548",
@@ -1176,6 +1200,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet_stereodrnet_refinement",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "disparity_warp: grid_sample of the right image at disparity-shifted, data-dependent positions "
+                "(packed corner gather; its transpose is the scatter)"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet's StereoDRNet disparity refinement)",
         arxiv="2004.09548",
@@ -1197,6 +1227,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="aanet",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deformable convolutions (bilinear sampling at learned offsets) and the disparity warp (grid_sample "
+                "at data-dependent positions): the transposes of their corner gathers"
+            )
+        },
         family="aanet",
         paper="Xu & Zhang, CVPR 2020 (AANet stereo network)",
         arxiv="2004.09548",

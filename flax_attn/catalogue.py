@@ -46,6 +46,12 @@ class Entry:
       train_mode: whether the block behaves differently in training (BatchNorm, dropout).
       slow: a whole model too heavy for the quick test run; its parity tests carry
         ``pytest.mark.slow`` (deselect with ``-m "not slow"``).
+      allowed_hlo: serial StableHLO ops (``flax_attn.testing.hlo.SERIAL_OPS``) that the block's
+        jitted train-mode forward + backward may lower to, each mapped to the reason it cannot be
+        avoided (``{"stablehlo.scatter": "grid_sample: data-dependent bilinear gather"}``). Only
+        data-dependent sampling justifies a scatter; ``select_and_scatter`` is never allowed.
+        ``tests/test_hlo_census.py`` fails on any op not declared here and on any declared op
+        that is no longer there.
       float64_modes: the modes (``"eval"``, ``"train"``) whose parity test compares in float64 on
         both sides, because float32 agreement there is ill-conditioned: each framework's own
         float32-vs-float64 difference (``testing.parity.measure_conditioning``) uses up a large part
@@ -75,6 +81,7 @@ class Entry:
     kernel: str | None = None
     train_mode: bool = True
     slow: bool = False
+    allowed_hlo: Mapping[str, str] = dataclasses.field(default_factory=dict)
     float64_modes: tuple[str, ...] = ()
     conditioning: str = ""
     float64_tolerance: float = 1e-9

@@ -111,9 +111,7 @@ class DeformConv2d(_DeformWeights):
     def __call__(self, x, offset, mask=None, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
         fan_in = self.in_channels // self.groups * kh * kw
-        kernel, bias = self._params(
-            "DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in)
-        )
+        kernel, bias = self._params("DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in))
         return self._conv(x, offset, kernel, bias, mask)
 
 
@@ -239,15 +237,19 @@ def _deform_inputs(n, h, w, c, ho, wo, k, og, scale=2.0):
 catalogue.register(
     catalogue.Entry(
         name="deform_conv2d",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="deform",
         paper="Dai et al., ICCV 2017; Zhu et al., CVPR 2019 (torchvision.ops.DeformConv2d)",
         arxiv="1703.06211",
         flax=DeformConv2d,
         torch="flax_attn.testing.torch_ref.deform:DeformConv2d",
         # stride 2, padding 1, dilation (1, 2) on 13x17: Ho = 7, Wo = 9; offset groups 2, groups 2.
-        config=dict(
-            in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2
-        ),
+        config=dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2),
         inputs=_deform_inputs(3, 13, 17, 4, 7, 9, 6, 2),
         bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
         bench_inputs=_deform_inputs(8, 64, 64, 64, 64, 64, 9, 1),
@@ -261,6 +263,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="deform_conv2d_pack",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="deform",
         paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
         arxiv="1703.06211",
@@ -281,6 +289,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="modulated_deform_conv2d_pack",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
+                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
+            )
+        },
         family="deform",
         paper="Zhu et al., CVPR 2019 (mmcv ModulatedDeformConv2dPack, DCNv2)",
         arxiv="1811.11168",

@@ -32,6 +32,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
 from flax_attn.ops._checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
 
@@ -62,9 +63,7 @@ _ACTIVATIONS = ("relu", "gelu", "glu")
 def _check_layer_config(where: str, d_model: int, nhead: int, dim_feedforward: int, activation: str) -> None:
     check_divisible(where, "d_model", d_model, "nhead", nhead)
     if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"{where}: unknown `activation` {activation!r}; expected one of {list(_ACTIVATIONS)}"
-        )
+        raise ValueError(f"{where}: unknown `activation` {activation!r}; expected one of {list(_ACTIVATIONS)}")
     if activation == "glu" and dim_feedforward % 2:
         raise ValueError(
             f"{where}: activation 'glu' halves the feed-forward width, so `dim_feedforward` "
@@ -74,9 +73,7 @@ def _check_layer_config(where: str, d_model: int, nhead: int, dim_feedforward: i
 
 def _check_shape(where: str, name: str, x, expected: tuple[int, ...], meaning: str) -> None:
     if x is not None and tuple(jnp.shape(x)) != tuple(expected):
-        raise ValueError(
-            f"{where}: `{name}` must have shape {tuple(expected)} {meaning}, got {tuple(jnp.shape(x))}"
-        )
+        raise ValueError(f"{where}: `{name}` must have shape {tuple(expected)} {meaning}, got {tuple(jnp.shape(x))}")
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -257,12 +254,8 @@ class TransformerDecoderLayer(nn.Module):
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        cross_attn = MultiheadAttention(
-            self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw
-        )
-        norm1, norm2, norm3 = (
-            LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3)
-        )
+        cross_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw)
+        norm1, norm2, norm3 = (LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3))
 
         def drop(x):
             return nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -357,9 +350,9 @@ class TransformerEncoder(nn.Module):
             )(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train)
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-            )(out)
+            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
+                out
+            )
         return out
 
 
@@ -421,14 +414,10 @@ class TransformerDecoder(nn.Module):
         train: bool = False,
     ):
         if self.return_intermediate and not self.norm:
-            raise ValueError(
-                "TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)"
-            )
+            raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
         norm = None
         if self.norm:
-            norm = LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-            )
+            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
         out = tgt
         intermediate = []
         for i in range(self.num_layers):
@@ -587,6 +576,16 @@ class PositionEmbeddingSine(nn.Module):
         return sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
 
 
+def _first_rows(embed: nn.Embed, n: int) -> jax.Array:
+    """Rows ``0..n-1`` of an ``nn.Embed`` table in its compute dtype, as a static slice.
+
+    ``embed(jnp.arange(n))`` is the same values through a gather, whose gradient is a scatter-add
+    (a serial loop on XLA:CPU and TPU); the slice's gradient is a pad.
+    """
+    (table,) = embed.promote_dtype(embed.embedding, dtype=embed.dtype, inexact=False)
+    return table[:n]
+
+
 class PositionEmbeddingLearned(nn.Module):
     """DETR's learned absolute position embedding: ``row_embed``/``col_embed`` tables of 50 positions.
 
@@ -619,13 +618,11 @@ class PositionEmbeddingLearned(nn.Module):
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         b, h, w, _ = x.shape
         if h > 50 or w > 50:
-            raise ValueError(
-                f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})"
-            )
+            raise ValueError(f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})")
         init = nn.initializers.uniform(1.0)
         kw = dict(embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
-        x_emb = nn.Embed(50, self.num_pos_feats, name="col_embed", **kw)(jnp.arange(w))
-        y_emb = nn.Embed(50, self.num_pos_feats, name="row_embed", **kw)(jnp.arange(h))
+        x_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="col_embed", **kw), w)
+        y_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="row_embed", **kw), h)
         pos = jnp.concatenate(
             [
                 jnp.broadcast_to(x_emb[None], (h, w, self.num_pos_feats)),
@@ -745,7 +742,7 @@ class ResNetBody(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(64, 7, stride=2, padding=3, use_bias=False, name="conv1", **kw)(x)
         x = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1)
         inplanes, cur_dilation = 64, 1
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
             stride = 1 if stage == 1 else 2
@@ -791,14 +788,12 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, train: bool = False):
         if self.backbone not in _RESNET_LAYERS:
-            raise ValueError(
-                f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}"
-            )
+            raise ValueError(f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}")
         check_rank("Backbone", "x", x, 4, "(batch, height, width, 3)")
         _check_shape("Backbone", "mask", mask, x.shape[:3], "(batch, height, width) like `x`")
-        feats = ResNetBody(
-            _RESNET_LAYERS[self.backbone], self.dilation, self.dtype, self.param_dtype, name="body"
-        )(x, train=train)
+        feats = ResNetBody(_RESNET_LAYERS[self.backbone], self.dilation, self.dtype, self.param_dtype, name="body")(
+            x, train=train
+        )
         m = interpolate(jnp.asarray(mask, jnp.float32)[..., None], size=feats.shape[1:3], mode="nearest")
         return feats, m[..., 0].astype(jnp.bool_)
 
@@ -912,22 +907,22 @@ class DETR(nn.Module):
             )
         else:
             raise ValueError(
-                f"{where}: unknown `position_embedding` {self.position_embedding!r}; "
-                "expected 'sine' or 'learned'"
+                f"{where}: unknown `position_embedding` {self.position_embedding!r}; expected 'sine' or 'learned'"
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(
-            samples, mask, train=train
-        )
+        feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(samples, mask, train=train)
         pos = pos_module(feats, fmask).astype(feats.dtype)
         src = Conv(self.hidden_dim, 1, name="input_proj", **kw)(feats)
-        query_embed = nn.Embed(
+        query_embed = _first_rows(
+            nn.Embed(
+                self.num_queries,
+                self.hidden_dim,
+                embedding_init=nn.initializers.normal(1.0),
+                name="query_embed",
+                **kw,
+            ),
             self.num_queries,
-            self.hidden_dim,
-            embedding_init=nn.initializers.normal(1.0),
-            name="query_embed",
-            **kw,
-        )(jnp.arange(self.num_queries))
+        )
         hs, _ = Transformer(
             self.hidden_dim,
             self.nheads,
@@ -961,9 +956,7 @@ def _seq_first(t):
 
 
 def _torch_encoder_call(m, src, src_key_padding_mask=None, pos=None, **kw):
-    return m(_seq_first(src), src_key_padding_mask=src_key_padding_mask, pos=_seq_first(pos), **kw).transpose(
-        0, 1
-    )
+    return m(_seq_first(src), src_key_padding_mask=src_key_padding_mask, pos=_seq_first(pos), **kw).transpose(0, 1)
 
 
 def _torch_decoder_layer_call(m, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None, **kw):
@@ -1194,9 +1187,7 @@ _entry(
     name="detr",
     flax=DETR,
     torch="flax_attn.testing.torch_ref.detr:detr",
-    config=dict(
-        num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48
-    ),
+    config=dict(num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48),
     inputs=_detr_inputs(3, 67, 45, padded=((0, 20), (2, 13))),
     bench_config=dict(),  # detr-r50
     bench_inputs=_detr_inputs(2, 320, 320, padded=((0, 64), (1, 32))),

@@ -31,6 +31,7 @@ from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.max_pool import max_pool
 
 __all__ = [
     "SEBasicBlock",
@@ -127,8 +128,10 @@ class SELayer(nn.Module):
                 Rename(r"fc_2\.bias", "fc2.bias"),
             ]
         if layout == "conv":
-            return [Rename(r"fc_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear()),
-                    Rename(r"fc_(0|2)\.bias", r"fc1.\1.bias")]
+            return [
+                Rename(r"fc_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear()),
+                Rename(r"fc_(0|2)\.bias", r"fc1.\1.bias"),
+            ]
         return [Rename(r"fc_(0|2)\.(.*)", r"fc.\1.\2")]
 
     @nn.compact
@@ -188,8 +191,9 @@ class _SEResidualBlock(nn.Module):
 
     @nn.nowrap
     def _downsample(self, x, out_ch, train, kw):
-        r = Conv(out_ch, 1, stride=self.stride, use_bias=False, kernel_init=_resnet_conv_init,
-                 name="downsample_0", **kw)(x)
+        r = Conv(
+            out_ch, 1, stride=self.stride, use_bias=False, kernel_init=_resnet_conv_init, name="downsample_0", **kw
+        )(x)
         return BatchNorm(name="downsample_1", **kw)(r, train=train)
 
 
@@ -224,8 +228,7 @@ class SEBasicBlock(_SEResidualBlock):
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False,
-                                 kernel_init=_resnet_conv_init, **kw)
+        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False, kernel_init=_resnet_conv_init, **kw)
         out = conv(self.planes, stride=self.stride, name="conv1")(x)
         out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
         out = conv(self.planes, name="conv2")(out)
@@ -284,9 +287,8 @@ _BLOCKS = {"basic": SEBasicBlock, "bottleneck": SEBottleneck}
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    # torch MaxPool2d(3, 2, padding=1): the padding never wins the max (pads with -inf).
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # torch MaxPool2d(3, 2, padding=1); the op's gradient is a mask, not select_and_scatter.
+    return max_pool(x, 3, 2, 1)
 
 
 class SEResNet(nn.Module):
@@ -348,17 +350,23 @@ class SEResNet(nn.Module):
         check_channels(where, "x", x, self.in_chans)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = _BLOCKS[self.block]
-        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init,
-                 name="conv1", **kw)(x)
+        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init, name="conv1", **kw)(x)
         x = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
         x = _max_pool_3x3_s2(x)
         inplanes = 64
         for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
             for i in range(depth):
                 stride = 2 if (stage > 1 and i == 0) else 1
-                x = block_cls(inplanes, planes, stride, self.reduction, se_style=self.se_style,
-                              zero_init_last=self.se_style == "timm", name=f"layer{stage}_{i}",
-                              **kw)(x, train=train)
+                x = block_cls(
+                    inplanes,
+                    planes,
+                    stride,
+                    self.reduction,
+                    se_style=self.se_style,
+                    zero_init_last=self.se_style == "timm",
+                    name=f"layer{stage}_{i}",
+                    **kw,
+                )(x, train=train)
                 inplanes = planes * block_cls.expansion
         x = jnp.mean(x, axis=(1, 2), dtype=statistics_dtype(x.dtype)).astype(x.dtype)
         if self.num_classes:
@@ -384,93 +392,101 @@ def se_resnet50(num_classes: int = 1000, **kwargs) -> SEResNet:
 # --------------------------------------------------------------------------- catalogue
 
 
-
-
 _PAPER = "Hu et al., CVPR 2018"
 _ARXIV = "1709.01507"
 
-catalogue.register(catalogue.Entry(
-    name="se_layer",
-    family="se",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=SELayer,
-    torch="flax_attn.testing.torch_ref.se:SELayer",
-    config=dict(channel=32, reduction=4),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(channel=64, reduction=16),
-    bench_inputs=catalogue.image_inputs(32, 56, 56, 64),
-    layouts=("official", "conv", "timm"),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="se_layer",
+        family="se",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=SELayer,
+        torch="flax_attn.testing.torch_ref.se:SELayer",
+        config=dict(channel=32, reduction=4),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(channel=64, reduction=16),
+        bench_inputs=catalogue.image_inputs(32, 56, 56, 64),
+        layouts=("official", "conv", "timm"),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="se_basic_block",
-    family="se",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=SEBasicBlock,
-    torch="flax_attn.testing.torch_ref.se:se_basic_block",
-    config=dict(inplanes=16, planes=32, stride=2, reduction=16),
-    inputs=catalogue.image_inputs(3, 13, 17, 16),
-    bench_config=dict(inplanes=64, planes=64, stride=1, reduction=16),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-    layouts=("senet", "timm"),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="se_basic_block",
+        family="se",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=SEBasicBlock,
+        torch="flax_attn.testing.torch_ref.se:se_basic_block",
+        config=dict(inplanes=16, planes=32, stride=2, reduction=16),
+        inputs=catalogue.image_inputs(3, 13, 17, 16),
+        bench_config=dict(inplanes=64, planes=64, stride=1, reduction=16),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
+        layouts=("senet", "timm"),
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="se_bottleneck",
-    family="se",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=SEBottleneck,
-    torch="flax_attn.testing.torch_ref.se:se_bottleneck",
-    config=dict(inplanes=32, planes=16, stride=2, reduction=16),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(inplanes=256, planes=64, stride=1, reduction=16),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
-    layouts=("senet", "timm"),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="se_bottleneck",
+        family="se",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=SEBottleneck,
+        torch="flax_attn.testing.torch_ref.se:se_bottleneck",
+        config=dict(inplanes=32, planes=16, stride=2, reduction=16),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(inplanes=256, planes=64, stride=1, reduction=16),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
+        layouts=("senet", "timm"),
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="se_resnet18",
-    family="se",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=se_resnet18,
-    torch="flax_attn.testing.torch_ref.se:se_resnet18",
-    # senet style so that the generic test needs plain torch only; tests/test_se.py checks the
-    # timm style against timm's own model.
-    config=dict(num_classes=10, se_style="senet"),
-    inputs=catalogue.image_inputs(3, 33, 29, 3),
-    bench_config=dict(num_classes=1000, se_style="timm"),
-    bench_inputs=catalogue.image_inputs(8, 64, 64, 3),
-    layouts=("senet", "timm"),
-    atol=1e-4,
-    rtol=1e-4,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="se_resnet18",
+        family="se",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=se_resnet18,
+        torch="flax_attn.testing.torch_ref.se:se_resnet18",
+        # senet style so that the generic test needs plain torch only; tests/test_se.py checks the
+        # timm style against timm's own model.
+        config=dict(num_classes=10, se_style="senet"),
+        inputs=catalogue.image_inputs(3, 33, 29, 3),
+        bench_config=dict(num_classes=1000, se_style="timm"),
+        bench_inputs=catalogue.image_inputs(8, 64, 64, 3),
+        layouts=("senet", "timm"),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="se_resnet50",
-    family="se",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=se_resnet50,
-    torch="flax_attn.testing.torch_ref.se:se_resnet50",
-    config=dict(num_classes=10, se_style="senet"),
-    # Train-mode BatchNorm makes a randomly initialised 50-layer network amplify its input gradient
-    # by orders of magnitude (BN gradient explosion at init, Yang et al., ICLR 2019), and float32
-    # rounding with it, so train mode compares in float64 (see `conditioning`).
-    inputs=catalogue.image_inputs(3, 97, 81, 3),
-    # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
-    bench_config=dict(num_classes=1000, se_style="timm"),
-    bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
-    layouts=("senet", "timm"),
-    atol=1e-4,
-    rtol=1e-4,
-    slow=True,
-    float64_modes=("train",),
-    conditioning="train: float32 rounding alone moves grad[x] by 6.4e-3 in torch and in Flax (each against "
-    "its own float64 run; 63x the 1e-4 tolerance at 3x97x81, 111x at 2x65x57), so float32 agreement depends "
-    "on the CPU; eval uses 0.002 of it",
-))
+catalogue.register(
+    catalogue.Entry(
+        name="se_resnet50",
+        family="se",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=se_resnet50,
+        torch="flax_attn.testing.torch_ref.se:se_resnet50",
+        config=dict(num_classes=10, se_style="senet"),
+        # Train-mode BatchNorm makes a randomly initialised 50-layer network amplify its input gradient
+        # by orders of magnitude (BN gradient explosion at init, Yang et al., ICLR 2019), and float32
+        # rounding with it, so train mode compares in float64 (see `conditioning`).
+        inputs=catalogue.image_inputs(3, 97, 81, 3),
+        # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
+        bench_config=dict(num_classes=1000, se_style="timm"),
+        bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
+        layouts=("senet", "timm"),
+        atol=1e-4,
+        rtol=1e-4,
+        slow=True,
+        float64_modes=("train",),
+        conditioning="train: float32 rounding alone moves grad[x] by 6.4e-3 in torch and in Flax (each against "
+        "its own float64 run; 63x the 1e-4 tolerance at 3x97x81, 111x at 2x65x57), so float32 agreement depends "
+        "on the CPU; eval uses 0.002 of it",
+    )
+)

@@ -22,6 +22,7 @@ from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops._checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.sampling import affine_grid, grid_sample
 
 __all__ = [
@@ -39,9 +40,7 @@ _IDENTITY_THETA = np.array([1, 0, 0, 0, 1, 0], np.float32)
 def identity_theta_bias_init(key, shape, dtype=jnp.float32):
     """Bias ``[1, 0, 0, 0, 1, 0]`` for the last localisation layer: with a zero kernel, the identity warp."""
     if tuple(shape) != (6,):
-        raise ValueError(
-            f"identity_theta_bias_init: the theta layer must have 6 outputs, got bias shape {shape}"
-        )
+        raise ValueError(f"identity_theta_bias_init: the theta layer must have 6 outputs, got bias shape {shape}")
     return jnp.asarray(_IDENTITY_THETA, dtype)
 
 
@@ -54,7 +53,7 @@ def _accepts_train(module: nn.Module) -> bool:
 
 def _max_pool2(x):
     # torch MaxPool2d(2): stride 2, floor mode (trailing odd row/column dropped).
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    return max_pool(x, 2)
 
 
 class SpatialTransformer(nn.Module):
@@ -96,9 +95,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False, return_theta: bool = False):
         where = "SpatialTransformer"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
-        theta = (
-            self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
-        )
+        theta = self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
         n = x.shape[0]
         if theta.shape not in ((n, 6), (n, 2, 3)):
             raise ValueError(
@@ -158,17 +155,15 @@ class TutorialLocalization(nn.Module):
             )
         fh, fw = _loc_feature_size(self.input_size)
         if fh <= 0 or fw <= 0:
-            raise ValueError(
-                f"{where}: `input_size` {tuple(self.input_size)} is too small (needs at least 20x20)"
-            )
+            raise ValueError(f"{where}: `input_size` {tuple(self.input_size)} is too small (needs at least 20x20)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.relu(_max_pool2(Conv(8, 7, name="localization_0", **kw)(x)))
         h = nn.relu(_max_pool2(Conv(10, 5, name="localization_3", **kw)(h)))
         h = h.reshape(h.shape[0], -1)
         h = nn.relu(Linear(32, name="fc_loc_0", **kw)(h))
-        theta = Linear(
-            6, name="fc_loc_2", kernel_init=nn.initializers.zeros, bias_init=identity_theta_bias_init, **kw
-        )(h)
+        theta = Linear(6, name="fc_loc_2", kernel_init=nn.initializers.zeros, bias_init=identity_theta_bias_init, **kw)(
+            h
+        )
         return theta.reshape(-1, 2, 3)
 
 
@@ -226,17 +221,19 @@ def _spatial_transformer(
     dtype=None,
     param_dtype=jnp.float32,
 ):
-    loc = TutorialLocalization(
-        in_channels=in_channels, input_size=input_size, dtype=dtype, param_dtype=param_dtype
-    )
-    return SpatialTransformer(
-        localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners
-    )
+    loc = TutorialLocalization(in_channels=in_channels, input_size=input_size, dtype=dtype, param_dtype=param_dtype)
+    return SpatialTransformer(localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
 catalogue.register(
     catalogue.Entry(
         name="spatial_transformer",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+                "corner gather; its transpose is the scatter)"
+            )
+        },
         family="stn",
         paper="Jaderberg et al., NeurIPS 2015",
         arxiv="1506.02025",
@@ -259,6 +256,12 @@ catalogue.register(
 catalogue.register(
     catalogue.Entry(
         name="stn_tutorial_net",
+        allowed_hlo={
+            "stablehlo.scatter": (
+                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+                "corner gather; its transpose is the scatter)"
+            )
+        },
         family="stn",
         paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
         arxiv="1506.02025",

@@ -15,6 +15,10 @@
 
 Memory: the sampled columns ``(N, Ho, Wo, kh * kw, C)`` are the only large intermediate (the
 im2col buffer torchvision also builds); there is one gather per bilinear corner and one matmul.
+The sampling positions are data-dependent, so the backward keeps a scatter-add per corner. Reading
+the four corners with one gather of a packed table (as ``grid_sample`` does) was measured and not
+kept: 0.8x the speed of four gathers at 8x64x64x64, 3x3 (``benchmarks/dense_ops.py``), where the
+packed table costs more than the three gathers and scatters it saves.
 """
 
 from __future__ import annotations
@@ -90,9 +94,7 @@ def deform_conv2d(
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if ho <= 0 or wo <= 0:
-        raise ValueError(
-            f"{where}: input {tuple(x.shape)} is too small for kernel {(kh, kw)} (output {ho}x{wo})"
-        )
+        raise ValueError(f"{where}: input {tuple(x.shape)} is too small for kernel {(kh, kw)} (output {ho}x{wo})")
     oc = offset.shape[-1]
     if oc == 0 or oc % (2 * k):
         raise ValueError(
@@ -101,13 +103,10 @@ def deform_conv2d(
         )
     og = oc // (2 * k)
     if c % og:
-        raise ValueError(
-            f"{where}: input channels {c} must be divisible by offset_groups={og} (from `offset`)"
-        )
+        raise ValueError(f"{where}: input channels {c} must be divisible by offset_groups={og} (from `offset`)")
     if tuple(offset.shape[:3]) != (n, ho, wo):
         raise ValueError(
-            f"{where}: `offset` must be ({n}, {ho}, {wo}, {oc}) for this input and kernel, "
-            f"got {tuple(offset.shape)}"
+            f"{where}: `offset` must be ({n}, {ho}, {wo}, {oc}) for this input and kernel, got {tuple(offset.shape)}"
         )
     if mask is not None:
         check_rank(where, "mask", mask, 4, "(N, Ho, Wo, offset_groups * kh * kw)")
@@ -152,19 +151,10 @@ def deform_conv2d(
         + corner(y0 + 1, x0 + 1, ly * lx)
     )
     if mask is not None:
-        m = (
-            mask.astype(dtype)
-            .reshape(n, ho, wo, og, k)
-            .transpose(0, 3, 1, 2, 4)
-            .reshape(n, og, ho * wo * k, 1)
-        )
+        m = mask.astype(dtype).reshape(n, ho, wo, og, k).transpose(0, 3, 1, 2, 4).reshape(n, og, ho * wo * k, 1)
         cols = cols * m
     # (N, G, P, K, C/G) -> (N, P, K, C) with channels back in their original order.
-    cols = (
-        cols.reshape(n, og, ho * wo, k, c // og)
-        .transpose(0, 2, 3, 1, 4)
-        .reshape(n, ho * wo, k, groups, cin_g)
-    )
+    cols = cols.reshape(n, og, ho * wo, k, c // og).transpose(0, 2, 3, 1, 4).reshape(n, ho * wo, k, groups, cin_g)
     wmat = weight.astype(dtype).reshape(k, cin_g, groups, out_c // groups)
     out = jnp.einsum("npkgc,kcgo->npgo", cols.astype(dtype), wmat).reshape(n, ho, wo, out_c)
     if bias is not None:

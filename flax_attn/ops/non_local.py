@@ -7,7 +7,9 @@ possibly sub-sampled keys and values).
 Memory: only the Gaussian modes need the ``(N, M)`` affinity matrix. The dot-product mode is
 linear, so ``theta (phi^T g) / M`` gives the same result from a ``(Ck, Cv)`` matrix; the
 concatenation mode ``relu(a_i + b_j)`` is computed by sorting ``b`` and taking suffix sums, with
-``O((N + M) Cv)`` memory. The affinity matrix is formed only when ``return_weights=True``.
+``O((N + M) Cv)`` memory, and its gradient by the same construction with queries and keys swapped
+(a custom VJP, so no gather of the sort is transposed into a scatter). The affinity matrix is
+formed only when ``return_weights=True``.
 """
 
 from __future__ import annotations
@@ -36,24 +38,65 @@ def _concat_terms(theta, phi, concat_kernel):
     return a, b
 
 
+def _suffix(t):
+    """``out[k] = sum_{j >= k} t[j]`` along axis 1, with ``out[M] = 0``: ``(B, M, ...) -> (B, M + 1, ...)``."""
+    s = jnp.flip(jnp.cumsum(jnp.flip(t, axis=1), axis=1), axis=1)
+    return jnp.concatenate([s, jnp.zeros_like(s[:, :1])], axis=1)
+
+
+def _sums_above(keys, values, thresholds):
+    """For every threshold ``t_i``: ``sum_{j: keys_j > t_i} v_j`` for each ``v`` in ``values``.
+
+    Sort the keys once, take suffix sums of the values in that order and binary-search each
+    threshold: ``O((N + M) log M)`` work and no ``(N, M)`` matrix. keys ``(B, M)``, values
+    ``(B, M, C)``, thresholds ``(B, N)`` -> ``(B, N, C)`` each.
+    """
+    order = jnp.argsort(keys, axis=-1)
+    sorted_keys = jnp.take_along_axis(keys, order, axis=-1)
+    start = jax.vmap(lambda k, t: jnp.searchsorted(k, t, side="right"))(sorted_keys, thresholds)
+    out = []
+    for v in values:
+        sv = _suffix(jnp.take_along_axis(v, order[..., None], axis=1))
+        out.append(jnp.take_along_axis(sv, start[..., None], axis=1))
+    return out
+
+
+@jax.custom_vjp
+def _relu_pair_sum(a, b, g):
+    """``y_i = sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix (one floating dtype in and out).
+
+    ``relu(a_i + b_j) > 0`` exactly when ``b_j > -a_i``, so ``y_i = a_i G_i + BG_i`` with ``G_i``
+    and ``BG_i`` the sums of ``g_j`` and ``b_j g_j`` over those keys (:func:`_sums_above`).
+    The gradient is written by hand: autodiff through the sort and the searches would transpose
+    their gathers into scatter-adds (serial loops on XLA:CPU and TPU). By symmetry the key side
+    is the same computation with the roles swapped: key ``j`` is reached by the queries with
+    ``a_i > -b_j``, so ``dg_j = sum_i (a_i + b_j) ct_i`` and ``db_j = g_j . sum_i ct_i`` over those
+    queries, again sums above thresholds (sorting the queries). Only gathers remain.
+    """
+    return _relu_pair_sum_fwd(a, b, g)[0]
+
+
+def _relu_pair_sum_fwd(a, b, g):
+    sg, sbg = _sums_above(b, [g, b[..., None] * g], -a)
+    return a[..., None] * sg + sbg, (a, b, g, sg)
+
+
+def _relu_pair_sum_bwd(res, ct):
+    a, b, g, sg = res
+    da = jnp.sum(ct * sg, axis=-1)
+    sct, sact = _sums_above(a, [ct, a[..., None] * ct], -b)  # (B, M, Cv) each
+    dg = sact + b[..., None] * sct
+    db = jnp.sum(g * sct, axis=-1)
+    return da, db, dg
+
+
+_relu_pair_sum.defvjp(_relu_pair_sum_fwd, _relu_pair_sum_bwd)
+
+
 def _concat_sorted(a, b, g):
-    """``sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix: b sorted, suffix sums, one search."""
-    order = jnp.argsort(b, axis=-1)
-    bs = jnp.take_along_axis(b, order, axis=-1)  # (B, M) ascending
-    gs = jnp.take_along_axis(g.astype(statistics_dtype(g.dtype)), order[..., None], axis=1)  # (B, M, Cv)
-
-    def suffix(t):  # suffix[k] = sum_{j >= k} t[j], with suffix[M] = 0
-        s = jnp.flip(jnp.cumsum(jnp.flip(t, axis=1), axis=1), axis=1)
-        return jnp.concatenate([s, jnp.zeros_like(s[:, :1])], axis=1)
-
-    sg = suffix(gs)
-    sbg = suffix(bs[..., None] * gs)
-    # relu(a + b_j) > 0 exactly for b_j > -a: the first such index in the sorted keys.
-    start = jax.vmap(lambda keys, q: jnp.searchsorted(keys, q, side="right"))(
-        jax.lax.stop_gradient(bs), jax.lax.stop_gradient(-a)
-    )
-    take = lambda s: jnp.take_along_axis(s, start[..., None], axis=1)  # noqa: E731
-    return a[..., None] * take(sg) + take(sbg)
+    """``sum_j relu(a_i + b_j) g_j`` without the (N, M) matrix; see :func:`_relu_pair_sum`."""
+    dt = jnp.result_type(a.dtype, b.dtype, statistics_dtype(g.dtype))
+    return _relu_pair_sum(a.astype(dt), b.astype(dt), g.astype(dt))
 
 
 def non_local_attention(
@@ -95,9 +138,7 @@ def non_local_attention(
             f"{fn}: `phi` {tuple(phi.shape)} must match `theta` {tuple(theta.shape)} in batch and channels"
         )
     if g.shape[:2] != phi.shape[:2]:
-        raise ValueError(
-            f"{fn}: `g` {tuple(g.shape)} must match `phi` {tuple(phi.shape)} in batch and positions"
-        )
+        raise ValueError(f"{fn}: `g` {tuple(g.shape)} must match `phi` {tuple(phi.shape)} in batch and positions")
     if (mode == "concatenation") != (concat_kernel is not None):
         raise ValueError(f"{fn}: `concat_kernel` is required for mode='concatenation' and only for it")
     m = phi.shape[1]

@@ -3,20 +3,47 @@
 
 Relative logits: ``rel_w[x, y, y'] = q[x, y] . key_rel_w[y' - y + W - 1]`` and likewise along height.
 The reference builds them with ``rel_to_abs`` and then *repeats* them to ``(H*W, H*W)`` per head;
-here each is gathered once as ``(H, W, W)`` / ``(H, W, H)`` per head (the ``(W, W, d)`` table of
-relative embeddings is indexed, not the logits) and broadcast into the content logits, so nothing
-beyond the ``(H*W, H*W)`` logits themselves is formed.
+here each is formed once as ``(H, W, W)`` / ``(H, W, H)`` per head from a ``(W, W, d)`` table of
+relative embeddings and broadcast into the content logits, so nothing beyond the ``(H*W, H*W)``
+logits themselves is formed. The table is built by the reshape "skew" (the trick behind
+``rel_to_abs``, applied to the small embedding table rather than to the logits): a broadcast, a
+static slice and reshapes, whose gradient is a pad and a sum; an index gather there would make the
+gradient a scatter-add.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attn.ops._checks import check_rank
 
-__all__ = ["augmented_attention", "relative_logits_2d"]
+__all__ = ["augmented_attention", "relative_logits_2d", "skew"]
+
+
+def skew(rel: jax.Array, length: int, axis: int = 0) -> jax.Array:
+    """Relative to absolute positions: ``out[..., i, j, ...] = rel[..., j - i + length - 1, ...]``.
+
+    ``rel`` has ``2 * length - 1`` entries along ``axis`` (offsets ``-(length - 1) .. length - 1``);
+    they are replaced by two axes ``(length, length)`` (query ``i``, key ``j``). Built from a
+    broadcast, one static slice and reshapes, with no index gather, so the gradient is a pad and a
+    sum rather than a scatter-add.
+    """
+    if rel.shape[axis] != 2 * length - 1:
+        raise ValueError(f"skew: axis {axis} of `rel` must have 2 * {length} - 1 entries, got shape {rel.shape}")
+    moved = jnp.moveaxis(rel, axis, 0)
+    rest = moved.shape[1:]
+    flat = moved.reshape(2 * length - 1, -1)
+    if length == 1:
+        out = flat[None]
+    else:
+        # `length` copies of rel end to end, read from offset L - 1 in rows of 2L - 2 (one short
+        # of a copy): row i then starts at copy position L - 1 - i, which is row i of the table.
+        tiled = jnp.broadcast_to(flat, (length, *flat.shape)).reshape(length * (2 * length - 1), -1)
+        tiled = tiled[length - 1 : length - 1 + length * (2 * length - 2)]
+        out = tiled.reshape(length, 2 * length - 2, -1)[:, :length]
+    out = out.reshape(length, length, *rest)
+    return jnp.moveaxis(out, (0, 1), (axis, axis + 1))
 
 
 def _relative_table(rel: jax.Array, length: int, where: str, name: str) -> jax.Array:
@@ -25,9 +52,7 @@ def _relative_table(rel: jax.Array, length: int, where: str, name: str) -> jax.A
             f"{where}: `{name}` has {rel.shape[0]} rows; a size-{length} axis needs 2 * {length} - 1 = "
             f"{2 * length - 1} (table shape {tuple(rel.shape)})"
         )
-    # idx[i, j] = j - i + L - 1: the relative offset of key j seen from query i.
-    idx = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1
-    return rel[jnp.asarray(idx)]  # (L, L, d)
+    return skew(rel, length)  # (L, L, d)
 
 
 def relative_logits_2d(q: jax.Array, key_rel_h: jax.Array, key_rel_w: jax.Array):
@@ -81,9 +106,7 @@ def augmented_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(where, name, t, 5, "(batch, height, width, heads, head_dim)")
     if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
-        raise ValueError(
-            f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+        raise ValueError(f"{where}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if (key_rel_h is None) != (key_rel_w is None):
         raise ValueError(f"{where}: give both `key_rel_h` and `key_rel_w`, or neither")
     b, h, w, nh, _ = q.shape

@@ -3,6 +3,11 @@
 ``jax.image.resize`` antialiases when downsampling and has no ``align_corners``; these follow
 PyTorch's index arithmetic exactly, including the use of ``1 / scale_factor`` (not ``in / out``)
 when a scale factor is given.
+
+Each axis is resized by a static ``(out, in)`` interpolation matrix built in NumPy from those
+indices: integer nearest upsampling becomes a broadcast (repeat), a regular nearest subsampling a
+strided slice, and everything else one small matmul per axis. None of these lowers to a gather, so
+the gradient needs no scatter-add (a serial loop on XLA:CPU and TPU).
 """
 
 from __future__ import annotations
@@ -48,13 +53,47 @@ def _linear_coords(in_size: int, out_size: int, scale: float, align_corners: boo
     return i0, i1, frac
 
 
-def _lerp_axis(x: jax.Array, axis: int, i0, i1, frac) -> jax.Array:
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    w = jnp.asarray(frac).reshape(shape).astype(x.dtype)
-    a = jnp.take(x, jnp.asarray(i0), axis=axis)
-    b = jnp.take(x, jnp.asarray(i1), axis=axis)
-    return a * (1 - w) + b * w
+def _nearest_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    m = np.zeros((out_size, in_size), np.float32)  # exact 0/1 in any dtype
+    m[np.arange(out_size), _nearest_index(in_size, out_size, scale)] = 1.0
+    return m
+
+
+def _linear_matrix(in_size: int, out_size: int, scale: float, align_corners: bool, dtype=np.float32) -> np.ndarray:
+    i0, i1, frac = _linear_coords(in_size, out_size, scale, align_corners, dtype)
+    m = np.zeros((out_size, in_size), dtype)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), np.dtype(dtype).type(1) - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m
+
+
+def _apply_axis(x: jax.Array, axis: int, m: np.ndarray) -> jax.Array:
+    """``out[..., o, ...] = sum_i m[o, i] x[..., i, ...]`` along ``axis``: a static ``(out, in)`` matrix."""
+    out_size, in_size = m.shape
+    if out_size == in_size and np.array_equal(m, np.eye(in_size)):
+        return x
+    rows = m.argmax(axis=1)
+    if np.count_nonzero(m) == out_size and np.all(m[np.arange(out_size), rows] == 1):
+        # A pure selection (nearest): a repeat or a strided slice where the pattern allows; a
+        # gather would transpose to a scatter.
+        r = out_size // in_size
+        if r * in_size == out_size and np.array_equal(rows, np.arange(out_size) // r):
+            y = jnp.expand_dims(x, axis + 1)
+            shape = list(y.shape)
+            shape[axis + 1] = r
+            y = jnp.broadcast_to(y, shape)
+            return y.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :])
+        step = rows[1] - rows[0] if out_size > 1 else 1
+        if step > 0 and np.array_equal(rows, rows[0] + step * np.arange(out_size)):
+            return jax.lax.slice_in_dim(x, int(rows[0]), int(rows[-1]) + 1, int(step), axis=axis)
+    # Otherwise a small dense matmul (as `jax.image.scale_and_translate` does): its transpose is
+    # another matmul, where per-index gathers would transpose to a serial scatter-add.
+    letters = "abcdefgh"[: x.ndim]
+    spec = f"o{letters[axis]},{letters}->{letters[:axis]}o{letters[axis + 1 :]}"
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y = jnp.einsum(spec, jnp.asarray(m, acc), x, precision="highest", preferred_element_type=acc)
+    return y.astype(x.dtype)
 
 
 def interpolate(
@@ -89,14 +128,17 @@ def interpolate(
     for axis in (1, 2):
         in_size = x.shape[axis]
         o, scale = _out_size(
-            "size", in_size, None if sizes is None else sizes[axis - 1],
+            "size",
+            in_size,
+            None if sizes is None else sizes[axis - 1],
             None if factors is None else factors[axis - 1],
         )
         if o <= 0:
             raise ValueError(f"interpolate: output size along axis {axis} would be {o} for input {x.shape}")
         if mode == "nearest":
-            out = jnp.take(out, jnp.asarray(_nearest_index(in_size, o, scale)), axis=axis)
+            m = _nearest_matrix(in_size, o, scale)
         else:
             cdt = np.float64 if x.dtype == jnp.float64 else np.float32
-            out = _lerp_axis(out, axis, *_linear_coords(in_size, o, scale, bool(align_corners), cdt))
+            m = _linear_matrix(in_size, o, scale, bool(align_corners), cdt)
+        out = _apply_axis(out, axis, m)
     return out

@@ -121,6 +121,21 @@ def _gather(flat: jax.Array, iy: jax.Array, ix: jax.Array, w: int, valid: jax.Ar
     return vals * valid[..., None].astype(flat.dtype)
 
 
+def corner_pack(x: jax.Array) -> jax.Array:
+    """The 2x2 neighbourhood of every pixel as one row: ``(N, H, W, C) -> (N, (H + 1) * (W + 1), 4, C)``.
+
+    Row ``(y + 1) * (W + 1) + (x + 1)`` holds pixels ``(y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)``
+    for ``-1 <= y < H`` and ``-1 <= x < W``, zero where a corner lies outside the image. Bilinear
+    sampling then reads all four corners with *one* gather (the way scenic packs them); its
+    gradient is one scatter-add of rows four times as wide instead of four scatters, and the
+    transpose of the packing itself is pads and adds. Built from a pad and four static slices.
+    """
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    corners = [xp[:, dy : dy + h + 1, dx : dx + w + 1] for dy in (0, 1) for dx in (0, 1)]
+    return jnp.stack(corners, axis=3).reshape(n, (h + 1) * (w + 1), 4, c)
+
+
 def grid_sample(
     x: jax.Array,
     grid: jax.Array,
@@ -151,13 +166,9 @@ def grid_sample(
     check_rank("grid_sample", "x", x, 4, "(N, H, W, C)")
     check_rank("grid_sample", "grid", grid, 4, "(N, Ho, Wo, 2)")
     if grid.shape[-1] != 2:
-        raise ValueError(
-            f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}"
-        )
+        raise ValueError(f"grid_sample: `grid` must end in 2 (x, y) coordinates, got shape {tuple(grid.shape)}")
     if grid.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"grid_sample: batch of `grid` {tuple(grid.shape)} does not match `x` {tuple(x.shape)}"
-        )
+        raise ValueError(f"grid_sample: batch of `grid` {tuple(grid.shape)} does not match `x` {tuple(x.shape)}")
     if mode not in _MODES:
         raise ValueError(f"grid_sample: `mode` must be one of {_MODES}, got {mode!r}")
     if padding_mode not in _PADDING:
@@ -187,11 +198,16 @@ def grid_sample(
     wx0 = (x0f + 1) - gx
     wy1 = gy - y0f
     wy0 = (y0f + 1) - gy
+    # Every corner of a cell with -1 <= y0 < H and -1 <= x0 < W is in the packed table (zeros for
+    # the ones outside the image); a cell further out has all four corners outside.
+    valid = (y0 >= -1) & (y0 < h) & (x0 >= -1) & (x0 < w)
+    idx = jnp.where(valid, (y0 + 1) * (w + 1) + (x0 + 1), 0)
+    packed = corner_pack(x).reshape(n, (h + 1) * (w + 1), 4 * c)
+    vals = jnp.take_along_axis(packed, idx[..., None], axis=1).reshape(n, -1, 4, c)
+    vals = vals * valid[..., None, None].astype(x.dtype)
     out = 0
-    for iy, wy in ((y0, wy0), (y0 + 1, wy1)):
-        for ix, wx in ((x0, wx0), (x0 + 1, wx1)):
-            wgt = (wy * wx).astype(x.dtype)
-            out = out + _gather(flat, iy, ix, w, inb(iy, ix)) * wgt[..., None]
+    for corner, (wy, wx) in enumerate(((wy0, wx0), (wy0, wx1), (wy1, wx0), (wy1, wx1))):
+        out = out + vals[:, :, corner] * (wy * wx).astype(x.dtype)[..., None]
     return out.reshape(n, ho, wo, c).astype(x.dtype)
 
 
@@ -227,20 +243,26 @@ def foveate(x: jax.Array, l: jax.Array, g: int, k: int, s: float) -> jax.Array:
     for size in sizes[1:]:
         if (size // (size // g)) != g or size % (size // g):
             raise ValueError(f"{where}: patch of size {size} does not pool to {g}x{g} (g={g}, s={s})")
-    pad = max(sizes) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    # Each patch, average-pooled to g x g, is separable: out[b, i, j] = sum_{h, w} A[b, i, h] x[b, h, w]
+    # B[b, j, w] with A (g, H) averaging rows [start + i r, start + (i + 1) r), B likewise for columns.
+    # The selectors are built by comparing an iota with the (data-dependent) start, so the crop is
+    # two small batched matmuls: rows outside the image select nothing (the official zero padding)
+    # and the gradient is two matmuls, where vmapped dynamic slices gather and transpose to a
+    # scatter-add.
     centre = jnp.trunc(0.5 * ((jax.lax.stop_gradient(l).astype(jnp.float32) + 1.0) * h)).astype(jnp.int32)
+    cdt = jnp.promote_types(x.dtype, jnp.float32)
     patches = []
     for size in sizes:
-        start = centre - size // 2 + pad  # (B, 2) as (x, y)
+        r = size // g
+        start = centre - size // 2  # (B, 2) as (x, y)
 
-        def cut(img, st, size=size):
-            # every start index in one dtype: a literal 0 is int64 under jax_enable_x64
-            return jax.lax.dynamic_slice(img, (st[1], st[0], jnp.zeros_like(st[0])), (size, size, c))
+        def selector(st, length, r=r):
+            rel = jnp.arange(length)[None, None, :] - st[:, None, None]  # (B, 1, length)
+            o = jnp.arange(g)[None, :, None]
+            return jnp.where((rel >= o * r) & (rel < (o + 1) * r), jnp.asarray(1.0 / r, cdt), jnp.zeros((), cdt))
 
-        p = jax.vmap(cut)(xp, start)
-        if size != g:
-            r = size // g
-            p = p.reshape(b, g, r, g, r, c).mean(axis=(2, 4))
-        patches.append(p)
+        rows, cols = selector(start[:, 1], h), selector(start[:, 0], w)  # (B, g, H), (B, g, W)
+        p = jnp.einsum("bih,bhwc->biwc", rows, x.astype(cdt), precision="highest")
+        p = jnp.einsum("bjw,biwc->bijc", cols, p, precision="highest")
+        patches.append(p.astype(x.dtype))
     return jnp.concatenate(patches, axis=-1)

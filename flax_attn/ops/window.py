@@ -20,9 +20,11 @@ from flax_attn.kernels.dispatch import resolve_implementation
 from flax_attn.kernels.layout import relative_position_index, shift_regions, window_partition, window_reverse
 from flax_attn.kernels.window import window_attention_pallas
 from flax_attn.ops.attention import scaled_dot_product_attention
+from flax_attn.ops.relative_logits import skew
 
 __all__ = [
     "check_window_args",
+    "relative_position_bias",
     "relative_position_index",
     "shift_attention_mask",
     "window_attention",
@@ -31,6 +33,22 @@ __all__ = [
 ]
 
 _WHERE = "window_attention"
+
+
+def relative_position_bias(bias_table: jax.Array, window_size: int) -> jax.Array:
+    """``bias_table[relative_position_index]`` as ``(heads, N, N)`` float32, without a gather.
+
+    Swin's index is separable: query ``(qy, qx)`` and key ``(ky, kx)`` read row
+    ``(qy - ky + M - 1) * (2M - 1) + (qx - kx + M - 1)``, so the table viewed as
+    ``(2M - 1, 2M - 1, heads)`` is skewed along each offset axis (:func:`flax_attn.ops.relative_logits.skew`,
+    a broadcast, a slice and reshapes; reversed because Swin counts query minus key). The gradient
+    of the table is then pads and sums, where the index gather would transpose to a scatter-add.
+    """
+    m = window_size
+    heads = bias_table.shape[-1]
+    t = jnp.flip(bias_table.astype(jnp.float32).reshape(2 * m - 1, 2 * m - 1, heads), axis=(0, 1))
+    t = skew(skew(t, m, axis=0), m, axis=2)  # (qy, ky, qx, kx, heads)
+    return jnp.transpose(t, (4, 0, 2, 1, 3)).reshape(heads, m * m, m * m)
 
 
 def shift_attention_mask(h: int, w: int, window_size: int, shift_size: int) -> np.ndarray:
@@ -96,8 +114,7 @@ def window_attention(
     nw = qw.shape[1]
     bias = jnp.zeros((1, 1, n, n), jnp.float32)
     if bias_table is not None:
-        rel = bias_table.astype(jnp.float32)[relative_position_index((ws, ws)).reshape(-1)]
-        bias = bias + jnp.transpose(rel.reshape(n, n, heads), (2, 0, 1))[None, None]  # (1, 1, heads, N, N)
+        bias = bias + relative_position_bias(bias_table, ws)[None, None]  # (1, 1, heads, N, N)
     if shift_size:
         bias = bias + jnp.asarray(shift_attention_mask(h, w, ws, shift_size))[None, :, None]  # (1, nW, 1, N, N)
     bias = jnp.broadcast_to(bias, (b, nw, heads, n, n)).reshape(b * nw, heads, n, n)
