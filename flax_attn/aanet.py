@@ -1036,8 +1036,8 @@ catalogue.register(
         atol=1e-4,  # a whole model: stages of bottlenecks and fusions (11 BatchNorms per stage)
         rtol=1e-4,
         float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[cost2] by 1.4e-5 (torch) / 7.6e-6 (Flax), 0.10 of the "
-        "whole-model 1e-4 tolerance; eval uses 0.019",
+        conditioning="train: float32 rounding moves grad[cost2] by 1.4e-5 (torch) / 7.6e-6 (Flax), 0.10-0.15 of "
+        "the whole-model 1e-4 tolerance (two runs); eval uses 0.019",
     )
 )
 
