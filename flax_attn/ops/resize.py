@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["interpolate"]
 
@@ -91,7 +92,7 @@ def _apply_axis(x: jax.Array, axis: int, m: np.ndarray) -> jax.Array:
     # another matmul, where per-index gathers would transpose to a serial scatter-add.
     letters = "abcdefgh"[: x.ndim]
     spec = f"o{letters[axis]},{letters}->{letters[:axis]}o{letters[axis + 1 :]}"
-    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    acc = statistics_dtype(x.dtype)
     y = jnp.einsum(spec, jnp.asarray(m, acc), x, precision="highest", preferred_element_type=acc)
     return y.astype(x.dtype)
 
@@ -138,7 +139,6 @@ def interpolate(
         if mode == "nearest":
             m = _nearest_matrix(in_size, o, scale)
         else:
-            cdt = np.float64 if x.dtype == jnp.float64 else np.float32
-            m = _linear_matrix(in_size, o, scale, bool(align_corners), cdt)
+            m = _linear_matrix(in_size, o, scale, bool(align_corners), statistics_dtype(x.dtype))
         out = _apply_axis(out, axis, m)
     return out

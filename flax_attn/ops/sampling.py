@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops._checks import check_rank
+from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["affine_grid", "foveate", "grid_sample"]
 
@@ -71,7 +72,7 @@ def affine_grid(theta: jax.Array, size, align_corners: bool = False) -> jax.Arra
         raise ValueError(f"affine_grid: batch of `size` ({n}) does not match `theta` {tuple(theta.shape)}")
     if h <= 0 or w <= 0:
         raise ValueError(f"affine_grid: `size` must have positive H and W, got {size}")
-    ldt = np.float64 if theta.dtype == jnp.float64 else np.float32
+    ldt = statistics_dtype(theta.dtype)  # torch evaluates the base grid in theta's float32-or-wider type
     xs = _linspace_from_neg_one(w, align_corners, ldt)
     ys = _linspace_from_neg_one(h, align_corners, ldt)
     base = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None], np.ones((h, w), ldt)), axis=-1)
