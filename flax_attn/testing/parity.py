@@ -311,8 +311,8 @@ def run_parity(
                 failures.append(f"{name}: computed by torch only")
             continue
         _compare(name, run.flax[name], want, atol, rtol, errors, failures)
-    mode = f"{dtype}" if dtype != "float32" else ""
-    return ParityResult(entry.name + (f" ({mode})" if mode else ""), train, errors, failures)
+    block = entry.name if dtype == "float32" else f"{entry.name} ({dtype})"
+    return ParityResult(block, train, errors, failures)
 
 
 @dataclasses.dataclass
