@@ -6,7 +6,7 @@ that has no torch. Exits non-zero, naming the problem, when:
 * the wheel lacks ``LICENSE`` (in its dist-info) or ``flax_attn/py.typed``;
 * ``flax_attn`` is imported from anywhere but that venv's site-packages (a stray checkout on the path);
 * ``import flax_attn`` imports torch;
-* any module of ``flax_attn`` or ``train`` fails to import, except for a missing optional
+* any module of ``flax_attn`` (``flax_attn.training`` included) fails to import, except for a missing optional
   dependency declared in an extra (torch, the training extras);
 * one catalogued block does not run under ``jit``.
 """
@@ -35,6 +35,10 @@ def check_contents(wheel: Path) -> None:
         fail(f"{wheel.name} has no LICENSE in its dist-info; members: {sorted(n for n in names if 'dist-info' in n)}")
     if "flax_attn/py.typed" not in names:
         fail(f"{wheel.name} has no flax_attn/py.typed")
+    # Only flax_attn at the top level: a `train` package would shadow (or be shadowed by) a user's train.py.
+    tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
+    if tops != {"flax_attn"}:
+        fail(f"{wheel.name} installs top-level packages {sorted(tops)}, expected only ['flax_attn']")
     print(f"{wheel.name}: {len(names)} files, LICENSE and py.typed present")
 
 
@@ -48,7 +52,7 @@ def import_everything() -> None:
     if "torch" in sys.modules:
         fail("`import flax_attn` imported torch")
     imported, skipped = [], []
-    for top in ("flax_attn", "train"):
+    for top in ("flax_attn",):
         pkg = importlib.import_module(top)
         names = [top] + [m.name for m in pkgutil.walk_packages(pkg.__path__, prefix=f"{top}.")]
         for name in names:

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import sharding as sh
-from train.configs import get_config
-from train.trainer import Trainer
+from flax_attn.training import sharding as sh
+from flax_attn.training.configs import get_config
+from flax_attn.training.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, Linear
-from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.pooling import adaptive_avg_pool2d
 from flax_attn.ops.resize import interpolate
 

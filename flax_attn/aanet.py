@@ -31,7 +31,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.deform import DeformConv2d
 from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
-from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.stereo import correlation_cost_volume, disparity_regression, disparity_warp

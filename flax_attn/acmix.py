@@ -18,7 +18,7 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.convert.engine import Ignore
 from flax_attn.layers import Conv, Linear
-from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.window import window_attention
 

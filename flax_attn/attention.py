@@ -12,8 +12,8 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Linear
-from flax_attn.ops._checks import check_divisible, check_rank
 from flax_attn.ops.attention import scaled_dot_product_attention
+from flax_attn.ops.checks import check_divisible, check_rank
 
 __all__ = ["MultiheadAttention", "ProjectedMultiHeadAttention"]
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.layers import Conv
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.relative_logits import augmented_attention
 
 __all__ = ["AugmentedConv"]

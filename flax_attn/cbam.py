@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
-from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import channel_pool, global_pool
+from flax_attn.ops.checks import check_channels, check_rank
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]

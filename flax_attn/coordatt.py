@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
-from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import directional_avg_pool
+from flax_attn.ops.checks import check_channels, check_rank
 
 __all__ = ["CoordAtt", "h_sigmoid", "h_swish"]
 

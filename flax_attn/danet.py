@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]

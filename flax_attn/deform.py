@@ -22,7 +22,7 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.layers import Conv, torch_default_kernel_init
-from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.dtypes import statistics_dtype
 

@@ -30,7 +30,7 @@ from flax_attn import catalogue
 from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
-from flax_attn.ops._checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.layers import Conv
-from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import eca_kernel_size, global_pool
+from flax_attn.ops.checks import check_channels, check_rank
 
 __all__ = ["ECALayer"]
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename, Reshape
 from flax_attn.layers import Conv, LayerNorm
-from flax_attn.ops._checks import check_channels, check_rank
 from flax_attn.ops.channel import attention_pool2d, global_pool
+from flax_attn.ops.checks import check_channels, check_rank
 
 __all__ = ["ContextBlock"]
 

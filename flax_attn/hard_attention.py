@@ -24,7 +24,7 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Linear
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.sampling import foveate
 
 __all__ = [

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear, torch_default_kernel_init
-from flax_attn.ops._checks import check_channels
+from flax_attn.ops.checks import check_channels
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.non_local import NON_LOCAL_MODES, non_local_attention
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.resize import interpolate
 

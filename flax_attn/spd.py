@@ -19,7 +19,7 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.space_to_depth import space_to_depth
 
 __all__ = ["SPDConv"]

@@ -20,7 +20,7 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Conv, Linear
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.sampling import affine_grid, grid_sample

@@ -44,10 +44,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 try:
-    from train import Trainer, get_config
+    from flax_attn.training import Trainer, get_config
 except ImportError:  # running from notebooks/ in a source checkout: the package sits one level up
     sys.path.insert(0, str(Path.cwd().resolve().parent))
-    from train import Trainer, get_config
+    from flax_attn.training import Trainer, get_config
 
 FIG_DIR = os.environ.get("FLAX_ATTN_FIG_DIR", tempfile.mkdtemp())
 os.makedirs(FIG_DIR, exist_ok=True)
@@ -73,7 +73,7 @@ def read_metrics(workdir):
 # ## 1. Classification of digits
 #
 # The default config trains 800 steps; we run 200 with an evaluation every 50 and a checkpoint
-# only at evaluations. `train.get_config(name, overrides)` is what `--override` does on the CLI.
+# only at evaluations. `flax_attn.training.get_config(name, overrides)` is what `--override` does on the CLI.
 
 # %%
 overrides = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -12,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import configs as cfg_lib
-from train import data as data_lib
-from train.checkpoint import CorruptCheckpointWarning
-from train.metrics import psnr_y, ssim_y
-from train.models import SmallSECNN, TinySR, build_model, pixel_shuffle, resolve
-from train.trainer import NonFiniteLossError, Trainer, build_optimizer
+from flax_attn.training import configs as cfg_lib
+from flax_attn.training import data as data_lib
+from flax_attn.training.checkpoint import CorruptCheckpointWarning
+from flax_attn.training.metrics import psnr_y, ssim_y
+from flax_attn.training.models import SmallSECNN, TinySR, build_model, pixel_shuffle, resolve
+from flax_attn.training.trainer import NonFiniteLossError, Trainer, build_optimizer
 
 # A classify run small enough for a few seconds on a loaded CPU.
 TINY_CLASSIFY = [
@@ -89,7 +91,28 @@ def test_overrides_parse_and_validate():
 
 def test_every_config_documents_its_command():
     for name, fn in cfg_lib.CONFIGS.items():
-        assert f"python -m train --config {name}" in fn.__doc__
+        assert f"flax-attn-train --config {name}" in fn.__doc__
+
+
+@pytest.mark.parametrize("command", ["console_script", "checkout"])
+def test_both_commands_reach_the_cli(command, tmp_path):
+    """`flax-attn-train` (installed) and `python -m train` (a checkout) are one CLI: a bad config name is
+    the same one-line user error (exit 2) from both, before any JAX work."""
+    root = Path(__file__).resolve().parents[1]
+    if command == "console_script":
+        exe = Path(sys.executable).parent / "flax-attn-train"
+        if not exe.exists():
+            pytest.skip(f"no console script at {exe} (package not pip-installed into this venv)")
+        argv = [str(exe)]
+    else:
+        argv = [sys.executable, "-m", "train"]
+    res = subprocess.run(
+        [*argv, "--config", "nope", "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=root
+    )
+    assert res.returncode == 2, res.stderr
+    assert "known configs" in res.stderr and "Traceback" not in res.stderr
+    help_text = subprocess.run([*argv, "--help"], capture_output=True, text=True, cwd=root).stdout
+    assert ("python -m train" if command == "checkout" else "flax-attn-train") in help_text
 
 
 def test_model_registry_resolves_lazily():
@@ -97,10 +120,10 @@ def test_model_registry_resolves_lazily():
     with pytest.raises(ValueError, match="package.module:Class"):
         resolve("SmallSECNN")
     with pytest.raises(ImportError, match="no attribute 'Nope'"):
-        resolve("train.models:Nope")
+        resolve("flax_attn.training.models:Nope")
     with pytest.raises(ImportError, match="cannot import"):
         resolve("flax_attn.not_a_family:Model")
-    m = build_model("train.models:TinySR", {"num_feat": 4}, dtype=jnp.bfloat16)
+    m = build_model("flax_attn.training.models:TinySR", {"num_feat": 4}, dtype=jnp.bfloat16)
     assert m.dtype == jnp.bfloat16 and m.num_feat == 4
 
 
@@ -179,7 +202,7 @@ def test_models_reject_bad_input():
 def test_conv_mha_trains():
     import optax
 
-    from train.models import ConvMHA
+    from flax_attn.training.models import ConvMHA
 
     model = ConvMHA(num_classes=3, embed_dim=8, num_heads=2)
     rng = np.random.default_rng(0)
@@ -234,7 +257,7 @@ def test_classify_run_resume_and_no_recompilation(tmp_path):
     trainer = Trainer(config, tmp_path / "run")
     state = trainer.initial_state()
     src, mesh = trainer.task.train_source, trainer.mesh
-    from train import sharding as sh
+    from flax_attn.training import sharding as sh
 
     batch = sh.to_global(src.batch(0), mesh, 16)
     state, m = trainer.train_step(state, batch, trainer.step_key)
@@ -319,7 +342,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     steps = trainer_steps(tmp_path)
     assert steps == [5]
     # The checkpoint holds the state after 5 clean steps, bit for bit.
-    from train import sharding as sh
+    from flax_attn.training import sharding as sh
 
     ref = Trainer(config, tmp_path / "ref")
     state = ref.initial_state()
@@ -336,7 +359,7 @@ def trainer_steps(workdir: Path) -> list[int]:
 
 
 def _restore(config, workdir):
-    from train.checkpoint import Checkpointer
+    from flax_attn.training.checkpoint import Checkpointer
 
     t = Trainer(config, workdir)
     ck = Checkpointer(workdir, config.checkpoint)
@@ -385,7 +408,7 @@ def test_init_from_converted_pytorch_checkpoint(tmp_path):
 
 
 def test_cli_runs_a_config(tmp_path, capsys):
-    from train.__main__ import main
+    from flax_attn.training.cli import main
 
     overrides = [a for o in [*TINY_CLASSIFY, "steps=3", "eval_every=0"] for a in ("--override", o)]
     assert main(["--config", "classify", "--workdir", str(tmp_path), *overrides]) == 0

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import configs as cfg_lib
-from train.tasks import HardAttentionTask, make_task
-from train.trainer import Trainer
+from flax_attn.training import configs as cfg_lib
+from flax_attn.training.tasks import HardAttentionTask, make_task
+from flax_attn.training.trainer import Trainer
 
 # A run small enough for a few seconds on a loaded CPU.
 TINY = [

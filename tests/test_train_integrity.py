@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from train import configs as cfg_lib
-from train.__main__ import main
-from train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointWarning
-from train.trainer import ConfigMismatchError, NonFiniteLossError, Trainer
+from flax_attn.training import configs as cfg_lib
+from flax_attn.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointWarning
+from flax_attn.training.cli import main
+from flax_attn.training.trainer import ConfigMismatchError, NonFiniteLossError, Trainer
 
 TINY = [
     "model.kwargs.widths=(8, 16)",

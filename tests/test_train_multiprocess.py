@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from train import configs as cfg_lib
-from train.trainer import Trainer
+from flax_attn.training import configs as cfg_lib
+from flax_attn.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
-from train.sharding import initialize_distributed
+from flax_attn.training.sharding import initialize_distributed
 initialize_distributed()
 import jax, numpy as np
-from train import data as data_lib
-from train.configs import get_config
-from train.trainer import Trainer
+from flax_attn.training import data as data_lib
+from flax_attn.training.configs import get_config
+from flax_attn.training.trainer import Trainer
 if args.get("delay"):
     orig = data_lib.DigitsSource.batch
     def slow(self, step, rows=None):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.kernels.dispatch import resolve_implementation
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["scaled_dot_product_attention", "masked_softmax"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 
 __all__ = ["attention_dropout_weights", "mix_branches", "sigmoid_gate"]
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["attention_pool2d", "channel_pool", "directional_avg_pool", "eca_kernel_size", "global_pool"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["NON_LOCAL_MODES", "non_local_attention"]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 
 __all__ = ["sine_position_embedding"]
 

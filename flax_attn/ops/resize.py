@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
 
 __all__ = ["interpolate"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 
 __all__ = ["space_to_depth"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops._checks import check_rank
+from flax_attn.ops.checks import check_rank
 from flax_attn.ops.sampling import grid_sample
 
 __all__ = ["correlation_cost_volume", "disparity_regression", "disparity_warp"]

@@ -13,7 +13,7 @@ Failure handling:
     state untouched from that step on (the update is masked on device, so nothing waits for the
     host), the host notices one step later, saves that last good state (checked finite first)
     and raises :class:`NonFiniteLossError`.
-  * A corrupt newest checkpoint: resume falls back to the previous one (see :mod:`train.checkpoint`).
+  * A corrupt newest checkpoint: resume falls back to the previous one (see :mod:`flax_attn.training.checkpoint`).
   * A workdir written with another config: refused before anything is read or moved
     (:class:`ConfigMismatchError`) unless ``reset=True``, which moves the old run aside to
     ``<workdir>/previous/<time>/`` and starts afresh.
@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import optax
 
 from flax_attn.convert import io as _io
-from train import sharding as sh
-from train.checkpoint import Checkpointer
-from train.configs import Config, OptimConfig, validate
-from train.metrics import MetricsWriter, Progress
-from train.models import build_model
-from train.tasks import Task, make_task
+from flax_attn.training import sharding as sh
+from flax_attn.training.checkpoint import Checkpointer
+from flax_attn.training.configs import Config, OptimConfig, validate
+from flax_attn.training.metrics import MetricsWriter, Progress
+from flax_attn.training.models import build_model
+from flax_attn.training.tasks import Task, make_task
 
 __all__ = [
     "RESUMABLE_KEYS",

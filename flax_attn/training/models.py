@@ -33,7 +33,7 @@ from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv, LayerNorm, Linear
 from flax_attn.ops import interpolate
-from flax_attn.ops._checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.se import SEBasicBlock
 
 __all__ = ["ALIASES", "ConvMHA", "SmallSECNN", "TinySR", "build_model", "pixel_shuffle", "resolve"]
@@ -43,9 +43,9 @@ Dtype = Any
 # Short names accepted in ``ModelConfig.name``. The catalogued models resolve lazily: they are
 # only imported when a config asks for them.
 ALIASES: dict[str, str] = {
-    "small_se_cnn": "train.models:SmallSECNN",
-    "conv_mha": "train.models:ConvMHA",
-    "tiny_sr": "train.models:TinySR",
+    "small_se_cnn": "flax_attn.training.models:SmallSECNN",
+    "conv_mha": "flax_attn.training.models:ConvMHA",
+    "tiny_sr": "flax_attn.training.models:TinySR",
     "se_resnet": "flax_attn.se:SEResNet",
     "a2n": "flax_attn.a2n:A2N",
 }

@@ -20,9 +20,9 @@ import numpy as np
 import optax
 
 from flax_attn.hard_attention import ram_hybrid_loss
-from train import data as data_lib
-from train.configs import Config
-from train.metrics import psnr_y, ssim_y
+from flax_attn.training import data as data_lib
+from flax_attn.training.configs import Config
+from flax_attn.training.metrics import psnr_y, ssim_y
 
 __all__ = ["ClassifyTask", "HardAttentionTask", "SuperResTask", "TASKS", "Task", "make_task"]
 

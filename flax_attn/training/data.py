@@ -4,7 +4,7 @@ Every training batch is a pure function of ``(seed, step)``: the classification 
 permutation drawn from ``(seed, epoch)``, the super-resolution crops from ``(seed, step)``. So the
 data-iterator position *is* the step, a resumed run sees exactly the batches it would have seen,
 and each process can load only its own rows of the global batch (``rows``) without talking to the
-others. Arrays are numpy on the host; :mod:`train.sharding` turns them into global jax.Arrays.
+others. Arrays are numpy on the host; :mod:`flax_attn.training.sharding` turns them into global jax.Arrays.
 """
 
 from __future__ import annotations

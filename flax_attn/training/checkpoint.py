@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from train.configs import CheckpointConfig
+from flax_attn.training.configs import CheckpointConfig
 
 __all__ = ["CheckpointMismatchError", "Checkpointer", "CorruptCheckpointWarning", "state_digest"]
 

@@ -1,7 +1,7 @@
 """Training configurations as data: one frozen-by-convention dataclass tree per task.
 
 A config names everything a run needs: the task, the model (by import string, resolved lazily),
-the data, the optimiser chain, precision, checkpointing and logging. ``python -m train --config
+the data, the optimiser chain, precision, checkpointing and logging. ``flax-attn-train --config
 NAME`` picks one from :data:`CONFIGS`; ``--override key=value`` edits any field by its dotted
 path (``optim.learning_rate=3e-3``, ``model.kwargs.widths=(16,32)``, ``steps=50``).
 """
@@ -49,7 +49,7 @@ class ModelConfig:
     Attributes:
       name: ``"package.module:Class"`` (imported only when the model is built, so a config may
         name a block family that is not installed yet), or a short alias from
-        :data:`train.models.ALIASES`.
+        :data:`flax_attn.training.models.ALIASES`.
       kwargs: constructor arguments. ``dtype`` is added from ``Config.precision`` when the class
         has a ``dtype`` attribute and the kwargs do not set it.
       torch_layout: state-dict layout for ``--init-from`` (``None`` = the module's default).
@@ -148,7 +148,7 @@ class Config:
 
     Attributes:
       name: config name (``--config``).
-      task: ``"classify"``, ``"superres"`` or ``"hard_attention"`` (see :data:`train.tasks.TASKS`).
+      task: ``"classify"``, ``"superres"`` or ``"hard_attention"`` (see :data:`flax_attn.training.tasks.TASKS`).
       seed: seeds parameter init, data order and dropout/augmentation rngs.
       steps: total optimiser steps.
       eval_every: evaluate every N steps (and at the end); 0 = only at the end.
@@ -181,12 +181,12 @@ class Config:
 def classify() -> Config:
     """Digits classification (scikit-learn ``load_digits``: 1797 real 8x8 scans, 10 classes).
 
-    A small SE-style residual CNN (``train.models:SmallSECNN``) on the native 8x8 digits (set
+    A small SE-style residual CNN (``flax_attn.training.models:SmallSECNN``) on the native 8x8 digits (set
     ``data.image_size`` to upsample; 8x8 is enough for this model), AdamW
     with cosine decay, fixed stratified 80/20 split. Reaches >= 97% test accuracy on one CPU in
     well under five minutes (measured: ``benchmarks/results/train_tasks.md``)::
 
-        python -m train --config classify --workdir /tmp/classify
+        flax-attn-train --config classify --workdir /tmp/classify
 
     When the catalogued SE-ResNet lands (``flax_attn.se``), switch with
     ``--override model.name=flax_attn.se:SEResNet --override model.kwargs={...}``; the default
@@ -195,7 +195,9 @@ def classify() -> Config:
     return Config(
         name="classify",
         task="classify",
-        model=ModelConfig("train.models:SmallSECNN", {"num_classes": 10, "widths": (32, 64), "reduction": 4}),
+        model=ModelConfig(
+            "flax_attn.training.models:SmallSECNN", {"num_classes": 10, "widths": (32, 64), "reduction": 4}
+        ),
         optim=OptimConfig(
             name="adamw",
             learning_rate=3e-3,
@@ -221,7 +223,7 @@ def superres() -> Config:
     unf=24, nb=16), trained for a CPU-sized budget; ``model.name=tiny_sr`` selects a tiny residual
     CNN for quick experiments. Measured margin over bicubic: ``benchmarks/results/train_tasks.md``::
 
-        python -m train --config superres --workdir /tmp/superres
+        flax-attn-train --config superres --workdir /tmp/superres
     """
     return Config(
         name="superres",
@@ -273,7 +275,7 @@ def hard_attention() -> Config:
     deterministic and resumable. Test accuracy averages 10 Monte-Carlo rollouts as the official
     test does (``accuracy``), ``accuracy_mean`` uses the mean policy::
 
-        python -m train --config hard_attention --workdir /tmp/hard_attention
+        flax-attn-train --config hard_attention --workdir /tmp/hard_attention
     """
     return Config(
         name="hard_attention",
