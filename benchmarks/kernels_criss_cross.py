@@ -27,7 +27,7 @@ H100_HBM_BYTES_PER_S = 3.35e12
 
 
 def _shapes(b, h, w, cqk, cv, dtype):
-    return ([jax.ShapeDtypeStruct((b, h, w, cqk), dtype)] * 2 + [jax.ShapeDtypeStruct((b, h, w, cv), dtype)])
+    return [jax.ShapeDtypeStruct((b, h, w, cqk), dtype)] * 2 + [jax.ShapeDtypeStruct((b, h, w, cv), dtype)]
 
 
 def _xla(q, k, v):
@@ -36,8 +36,7 @@ def _xla(q, k, v):
 
 def _dense_nonlocal(q, k, v):
     b, h, w, c = q.shape
-    s = jnp.einsum("bnc,bmc->bnm", q.reshape(b, h * w, c), k.reshape(b, h * w, c),
-                   preferred_element_type=jnp.float32)
+    s = jnp.einsum("bnc,bmc->bnm", q.reshape(b, h * w, c), k.reshape(b, h * w, c), preferred_element_type=jnp.float32)
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bnm,bmc->bnc", p.astype(v.dtype), v.reshape(b, h * w, -1)).reshape(b, h, w, -1)
 
@@ -91,7 +90,7 @@ def _torch_times(b, h, w, cqk, cv, dtype_name):
         e_h = torch.einsum("bcyx,bcjx->byxj", q, k).float().masked_fill(eye, float("-inf"))
         e_w = torch.einsum("bcyx,bcyi->byxi", q, k).float()
         att = torch.softmax(torch.cat([e_h, e_w], 3), 3).to(dt)
-        return (torch.einsum("byxj,bcjx->bcyx", att[..., :h], v) + torch.einsum("byxi,bcyi->bcyx", att[..., h:], v))
+        return torch.einsum("byxj,bcjx->bcyx", att[..., :h], v) + torch.einsum("byxi,bcyi->bcyx", att[..., h:], v)
 
     def timed(f, iters=50):
         f()
@@ -115,17 +114,24 @@ def _torch_times(b, h, w, cqk, cv, dtype_name):
 
 
 def gpu(b=8, h=97, w=97, cqk=64, cv=512):
-    print(f"criss-cross attention [B, C, H, W] = [{b}, {cv}, {h}, {w}], q/k channels {cqk}; "
-          f"device {jax.devices()[0].device_kind}")
-    header = (f"{'dtype':8s} {'impl':8s} {'pass':8s} {'time us':>9s} {'GB/s':>8s} {'% HBM':>6s} "
-              f"{'roofline us':>11s} {'x roofline':>10s} {'peak MiB':>9s}")
+    print(
+        f"criss-cross attention [B, C, H, W] = [{b}, {cv}, {h}, {w}], q/k channels {cqk}; "
+        f"device {jax.devices()[0].device_kind}"
+    )
+    header = (
+        f"{'dtype':8s} {'impl':8s} {'pass':8s} {'time us':>9s} {'GB/s':>8s} {'% HBM':>6s} "
+        f"{'roofline us':>11s} {'x roofline':>10s} {'peak MiB':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for dtype_name in ("bfloat16", "float32"):
         dtype = jnp.dtype(dtype_name)
         key = jax.random.split(jax.random.PRNGKey(0), 3)
-        args = (jax.random.normal(key[0], (b, h, w, cqk), dtype), jax.random.normal(key[1], (b, h, w, cqk), dtype),
-                jax.random.normal(key[2], (b, h, w, cv), dtype))
+        args = (
+            jax.random.normal(key[0], (b, h, w, cqk), dtype),
+            jax.random.normal(key[1], (b, h, w, cqk), dtype),
+            jax.random.normal(key[2], (b, h, w, cv), dtype),
+        )
         shapes = _shapes(b, h, w, cqk, cv, dtype)
         impls = {"pallas": criss_cross_attention_pallas, "xla": _xla}
         for name, fn in impls.items():
@@ -139,8 +145,10 @@ def gpu(b=8, h=97, w=97, cqk=64, cv=512):
                     print(f"{dtype_name:8s} {name:8s} {pass_name:8s} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 gbs = nbytes / (t * 1e-6) / 1e9
-                print(f"{dtype_name:8s} {name:8s} {pass_name:8s} {t:9.1f} {gbs:8.0f} "
-                      f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:6.1f} {roof:11.1f} {t / roof:10.2f} {peak:9.1f}")
+                print(
+                    f"{dtype_name:8s} {name:8s} {pass_name:8s} {t:9.1f} {gbs:8.0f} "
+                    f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:6.1f} {roof:11.1f} {t / roof:10.2f} {peak:9.1f}"
+                )
         tt = _torch_times(b, h, w, cqk, cv, dtype_name)
         if tt is None:
             print(f"{dtype_name:8s} torch    (no CUDA PyTorch in this environment)")
@@ -149,16 +157,22 @@ def gpu(b=8, h=97, w=97, cqk=64, cv=512):
                 nbytes = _bytes(b, h, w, cqk, cv, dtype.itemsize, pass_name != "fwd")
                 roof = nbytes / H100_HBM_BYTES_PER_S * 1e6
                 gbs = nbytes / (t * 1e-6) / 1e9
-                print(f"{dtype_name:8s} {'torch':8s} {pass_name:8s} {t:9.1f} {gbs:8.0f} "
-                      f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:6.1f} {roof:11.1f} {t / roof:10.2f} "
-                      f"{tt[2] if pass_name != 'fwd' else float('nan'):9.1f}")
-    print("roofline: bytes that must move (q, k, v read and out written once; backward adds dO, out "
-          "read and dq, dk, dv written) at 3.35 TB/s (H100 SXM).")
+                print(
+                    f"{dtype_name:8s} {'torch':8s} {pass_name:8s} {t:9.1f} {gbs:8.0f} "
+                    f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:6.1f} {roof:11.1f} {t / roof:10.2f} "
+                    f"{tt[2] if pass_name != 'fwd' else float('nan'):9.1f}"
+                )
+    print(
+        "roofline: bytes that must move (q, k, v read and out written once; backward adds dO, out "
+        "read and dq, dk, dv written) at 3.35 TB/s (H100 SXM)."
+    )
 
 
 def cpu(b=8, h=97, w=97, cqk=64, cv=512):
-    print(f"XLA peak memory (compiled, not executed) for [B, C, H, W] = [{b}, {cv}, {h}, {w}], q/k {cqk}, "
-          f"backend {jax.default_backend()}")
+    print(
+        f"XLA peak memory (compiled, not executed) for [B, C, H, W] = [{b}, {cv}, {h}, {w}], q/k {cqk}, "
+        f"backend {jax.default_backend()}"
+    )
     header = f"{'dtype':8s} {'op':22s} {'pass':8s} {'peak MiB':>10s} {'vs criss-cross':>15s}"
     print(header)
     print("-" * len(header))
@@ -170,8 +184,10 @@ def cpu(b=8, h=97, w=97, cqk=64, cv=512):
             print(f"{dtype_name:8s} {'criss-cross (XLA ref)':22s} {pass_name:8s} {cc:10.1f} {1.0:15.2f}")
             print(f"{dtype_name:8s} {'dense non-local':22s} {pass_name:8s} {dense:10.1f} {dense / cc:15.2f}")
     n = b * h * w
-    print(f"energy sizes in float32: criss-cross B*H*W*(H+W-1) = {n * (h + w - 1) * 4 / 2**20:.1f} MiB, "
-          f"dense B*(H*W)^2 = {b * (h * w) ** 2 * 4 / 2**20:.1f} MiB")
+    print(
+        f"energy sizes in float32: criss-cross B*H*W*(H+W-1) = {n * (h + w - 1) * 4 / 2**20:.1f} MiB, "
+        f"dense B*(H*W)^2 = {b * (h * w) ** 2 * 4 / 2**20:.1f} MiB"
+    )
 
 
 def main():

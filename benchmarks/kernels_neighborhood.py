@@ -40,9 +40,7 @@ def unfold_form(q, k, v, kernel_size=K):
     kp, vp = pad(k), pad(v)
     uk = jnp.stack([kp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
     uv = jnp.stack([vp[:, a : a + h, b : b + w] for a in range(kernel_size) for b in range(kernel_size)], 4)
-    att = jax.nn.softmax(
-        jnp.einsum("bhwnd,bhwnkd->bhwnk", q * q.shape[-1] ** -0.5, uk).astype(jnp.float32), -1
-    )
+    att = jax.nn.softmax(jnp.einsum("bhwnd,bhwnkd->bhwnk", q * q.shape[-1] ** -0.5, uk).astype(jnp.float32), -1)
     return jnp.einsum("bhwnk,bhwnkd->bhwnd", att.astype(q.dtype), uv)
 
 
@@ -64,9 +62,7 @@ def peak_bytes(fn, *args) -> int:
     ma = jax.jit(fn).lower(*args).compile().memory_analysis()
     if ma is None:
         return -1
-    return (
-        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    )
+    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
 
 
 def _fmt_bytes(n):
@@ -169,9 +165,7 @@ def torch_rows(dtype_name):
 def gpu():
     shape = (B, H, W, N, D)
     elems = int(np.prod(shape))
-    print(
-        f"Neighbourhood attention {K}x{K} reflect, q/k/v {list(shape)}, device {jax.devices()[0].device_kind}"
-    )
+    print(f"Neighbourhood attention {K}x{K} reflect, q/k/v {list(shape)}, device {jax.devices()[0].device_kind}")
     for dtype in (jnp.bfloat16, jnp.float32):
         size = jnp.dtype(dtype).itemsize
         fwd_bytes, bwd_bytes = 4 * elems * size, 8 * elems * size
@@ -226,9 +220,7 @@ def gpu():
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-memory", action="store_true", help="compiled peak memory only, no execution")
     args = parser.parse_args()
     if args.cpu_memory or jax.default_backend() == "cpu":

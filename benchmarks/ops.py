@@ -37,8 +37,9 @@ def _cases():
         return {"x": x, "grid": grid}
 
     def gs_torch(x, grid):
-        return torch.nn.functional.grid_sample(x.permute(0, 3, 1, 2), grid, mode="bilinear",
-                                               padding_mode="zeros", align_corners=False)
+        return torch.nn.functional.grid_sample(
+            x.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
 
     def dc_inputs():
         x = rng.standard_normal((4, 32, 32, 64), dtype=f32)
@@ -48,14 +49,21 @@ def _cases():
         return {"x": x, "offset": offset, "mask": mask, "weight": weight}
 
     def dc_torch(x, offset, mask, weight):
-        return tdeform.deform_conv2d(x.permute(0, 3, 1, 2), offset.permute(0, 3, 1, 2),
-                                     weight.permute(3, 2, 0, 1), None, padding=(1, 1),
-                                     mask=mask.permute(0, 3, 1, 2))
+        return tdeform.deform_conv2d(
+            x.permute(0, 3, 1, 2),
+            offset.permute(0, 3, 1, 2),
+            weight.permute(3, 2, 0, 1),
+            None,
+            padding=(1, 1),
+            mask=mask.permute(0, 3, 1, 2),
+        )
 
     def cc_inputs():
-        return {"q": rng.standard_normal((2, 97, 97, 64), dtype=f32),
-                "k": rng.standard_normal((2, 97, 97, 64), dtype=f32),
-                "v": rng.standard_normal((2, 97, 97, 128), dtype=f32)}
+        return {
+            "q": rng.standard_normal((2, 97, 97, 64), dtype=f32),
+            "k": rng.standard_normal((2, 97, 97, 64), dtype=f32),
+            "v": rng.standard_normal((2, 97, 97, 128), dtype=f32),
+        }
 
     def cc_torch(q, k, v):
         # CCNet's pure-PyTorch form (cc.py): column energies with the centre masked, row energies.
@@ -83,13 +91,25 @@ def _cases():
         return (att.unsqueeze(2) * unfold(v)).sum(3)
 
     return [
-        ("grid_sample bilinear zeros", gs_inputs,
-         lambda x, grid: ops.grid_sample(x, grid, mode="bilinear", padding_mode="zeros"), gs_torch),
-        ("deform_conv2d v2 (modulated)", dc_inputs,
-         lambda x, offset, mask, weight: ops.deform_conv2d(x, offset, weight, padding=1, mask=mask), dc_torch),
+        (
+            "grid_sample bilinear zeros",
+            gs_inputs,
+            lambda x, grid: ops.grid_sample(x, grid, mode="bilinear", padding_mode="zeros"),
+            gs_torch,
+        ),
+        (
+            "deform_conv2d v2 (modulated)",
+            dc_inputs,
+            lambda x, offset, mask, weight: ops.deform_conv2d(x, offset, weight, padding=1, mask=mask),
+            dc_torch,
+        ),
         ("criss_cross_attention 97x97", cc_inputs, lambda q, k, v: ops.criss_cross_attention(q, k, v), cc_torch),
-        ("neighborhood_attention 7x7 reflect", na_inputs,
-         lambda q, k, v: ops.neighborhood_attention(q, k, v, kernel_size=7, border="reflect"), na_torch),
+        (
+            "neighborhood_attention 7x7 reflect",
+            na_inputs,
+            lambda q, k, v: ops.neighborhood_attention(q, k, v, kernel_size=7, border="reflect"),
+            na_torch,
+        ),
     ]
 
 
@@ -118,8 +138,10 @@ def bench(name, make_inputs, jax_fn, torch_fn, repeats):
     tt_fwd = _median_ms(torch_fwd, repeats)
     tt_fb = _median_ms(torch_fb, repeats)
     shapes = " ".join(f"{k}{tuple(v.shape)}" for k, v in inputs.items())
-    return (f"| {name} | {shapes} | {t_fwd:.2f} | {tt_fwd:.2f} | {tt_fwd / t_fwd:.2f} | {t_fb:.2f} | "
-            f"{tt_fb:.2f} | {tt_fb / t_fb:.2f} | {_peak_mb(fwd):.1f} | {_peak_mb(fb):.1f} |")
+    return (
+        f"| {name} | {shapes} | {t_fwd:.2f} | {tt_fwd:.2f} | {tt_fwd / t_fwd:.2f} | {t_fb:.2f} | "
+        f"{tt_fb:.2f} | {tt_fb / t_fb:.2f} | {_peak_mb(fwd):.1f} | {_peak_mb(fb):.1f} |"
+    )
 
 
 def main(argv=None) -> int:
@@ -130,8 +152,10 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    head = ("| op | inputs | JAX fwd ms | torch fwd ms | torch/JAX fwd | JAX fwd+bwd ms | torch fwd+bwd ms | "
-            "torch/JAX fwd+bwd | XLA peak MB fwd | XLA peak MB fwd+bwd |\n" + "|---" * 10 + "|")
+    head = (
+        "| op | inputs | JAX fwd ms | torch fwd ms | torch/JAX fwd | JAX fwd+bwd ms | torch fwd+bwd ms | "
+        "torch/JAX fwd+bwd | XLA peak MB fwd | XLA peak MB fwd+bwd |\n" + "|---" * 10 + "|"
+    )
     rows = []
     for case in _cases():
         rows.append(bench(*case, args.repeats))

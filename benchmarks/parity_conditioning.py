@@ -31,8 +31,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--skip-slow", action="store_true", help="leave out entries marked slow")
     args = ap.parse_args(argv)
-    entries = [catalogue.get(n) for n in args.names] if args.names else [
-        e for e in catalogue.entries() if e.torch is not None and not (args.skip_slow and e.slow)]
+    entries = (
+        [catalogue.get(n) for n in args.names]
+        if args.names
+        else [e for e in catalogue.entries() if e.torch is not None and not (args.skip_slow and e.slow)]
+    )
     lines = [
         "# Parity conditioning: float32 rounding against each entry's float32 tolerance",
         "",
@@ -53,9 +56,11 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             c = measure_conditioning(e, train=train)
             q = c.worst_quantity
-            row = (f"| {e.name} | {'train' if train else 'eval'} | {e.atol:g}/{e.rtol:g} | {c.worst_ratio:.3g} | "
-                   f"{q} | {c.torch_self.get(q, 0):.2e} | {c.flax_self.get(q, 0):.2e} | "
-                   f"{max(c.cross64.values(), default=0):.2e} | {parity_dtype(e, train)} |")
+            row = (
+                f"| {e.name} | {'train' if train else 'eval'} | {e.atol:g}/{e.rtol:g} | {c.worst_ratio:.3g} | "
+                f"{q} | {c.torch_self.get(q, 0):.2e} | {c.flax_self.get(q, 0):.2e} | "
+                f"{max(c.cross64.values(), default=0):.2e} | {parity_dtype(e, train)} |"
+            )
             lines.append(row)
             print(row, f"({time.perf_counter() - t0:.1f} s)", flush=True)
     text = "\n".join(lines) + "\n"

@@ -105,18 +105,14 @@ def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
 
     def step(params, bs, opt, xb, yb):
         def loss_fn(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": bs}, xb, train=True, mutable=["batch_stats"]
-            )
+            logits, upd = model.apply({"params": p, "batch_stats": bs}, xb, train=True, mutable=["batch_stats"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
 
         (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), bs, opt, loss
 
-    jstep = jax.jit(
-        step, in_shardings=(repl, repl, repl, bsh, bsh), out_shardings=repl, donate_argnums=(0, 1, 2)
-    )
+    jstep = jax.jit(step, in_shardings=(repl, repl, repl, bsh, bsh), out_shardings=repl, donate_argnums=(0, 1, 2))
     net.eval()
     with torch.no_grad():
         ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()

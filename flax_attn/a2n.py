@@ -163,11 +163,11 @@ class AAB(nn.Module):
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
         if self.nf // self.reduction < 1:
-            raise ValueError(
-                f"AAB: `nf` // `reduction` must be >= 1, got nf={self.nf}, reduction={self.reduction}")
+            raise ValueError(f"AAB: `nf` // `reduction` must be >= 1, got nf={self.nf}, reduction={self.reduction}")
         if self.non_attention_kernel not in (1, 3):
             raise ValueError(
-                f"AAB: `non_attention_kernel` must be 3 (A2N) or 1 (A2N-M), got {self.non_attention_kernel}")
+                f"AAB: `non_attention_kernel` must be 3 (A2N) or 1 (A2N-M), got {self.non_attention_kernel}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         residual = x
         x = _lrelu(Conv(self.nf, 1, use_bias=False, name="conv_first", **kw)(x))
@@ -244,8 +244,7 @@ class A2N(nn.Module):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")
         if self.in_nc != self.out_nc:
             raise ValueError(
-                f"A2N: `in_nc`={self.in_nc} must equal `out_nc`={self.out_nc} "
-                "(the bilinear global skip adds the input)"
+                f"A2N: `in_nc`={self.in_nc} must equal `out_nc`={self.out_nc} (the bilinear global skip adds the input)"
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -255,8 +254,9 @@ class A2N(nn.Module):
         fea = conv3(self.nf, "conv_first")(x)
         trunk = fea
         for i in range(self.nb):
-            trunk = AAB(self.nf, self.reduction, self.K, self.t, self.non_attention_kernel,
-                        name=f"AAB_trunk_{i}", **kw)(trunk)
+            trunk = AAB(
+                self.nf, self.reduction, self.K, self.t, self.non_attention_kernel, name=f"AAB_trunk_{i}", **kw
+            )(trunk)
         fea = fea + conv3(self.nf, "trunk_conv")(trunk)
 
         # Scale 4 upsamples twice by 2, each stage with its own conv / PA / conv.
@@ -274,51 +274,55 @@ class A2N(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-
-
 _PAPER = "Chen et al., Attention in Attention Network for Image Super-Resolution, 2021"
 
-catalogue.register(catalogue.Entry(
-    name="aab",
-    family="a2n",
-    paper=_PAPER,
-    arxiv="2104.09497",
-    flax=AAB,
-    torch="flax_attn.testing.torch_ref.a2n:AAB",
-    config=dict(nf=8, reduction=4, K=2, t=30),
-    inputs=catalogue.image_inputs(3, 13, 17, 8),
-    bench_config=dict(nf=40, reduction=4, K=2, t=30),
-    bench_inputs=catalogue.image_inputs(16, 64, 64, 40),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="aab",
+        family="a2n",
+        paper=_PAPER,
+        arxiv="2104.09497",
+        flax=AAB,
+        torch="flax_attn.testing.torch_ref.a2n:AAB",
+        config=dict(nf=8, reduction=4, K=2, t=30),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
+        bench_config=dict(nf=40, reduction=4, K=2, t=30),
+        bench_inputs=catalogue.image_inputs(16, 64, 64, 40),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="pixel_attention",
-    family="a2n",
-    paper="Zhao et al., Efficient Image Super-Resolution Using Pixel Attention (PA of A2N), 2020",
-    arxiv="2010.01073",
-    flax=PA,
-    torch="flax_attn.testing.torch_ref.a2n:PA",
-    config=dict(nf=6),
-    inputs=catalogue.image_inputs(3, 13, 17, 6),
-    bench_config=dict(nf=24),
-    bench_inputs=catalogue.image_inputs(16, 128, 128, 24),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="pixel_attention",
+        family="a2n",
+        paper="Zhao et al., Efficient Image Super-Resolution Using Pixel Attention (PA of A2N), 2020",
+        arxiv="2010.01073",
+        flax=PA,
+        torch="flax_attn.testing.torch_ref.a2n:PA",
+        config=dict(nf=6),
+        inputs=catalogue.image_inputs(3, 13, 17, 6),
+        bench_config=dict(nf=24),
+        bench_inputs=catalogue.image_inputs(16, 128, 128, 24),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="a2n",
-    family="a2n",
-    paper=_PAPER,
-    arxiv="2104.09497",
-    flax=A2N,
-    torch="flax_attn.testing.torch_ref.a2n:AAN",
-    # Tiny network with the reference's argument names; scale 4 exercises both reconstruction stages.
-    config=dict(in_nc=3, out_nc=3, nf=8, unf=6, nb=2, scale=4),
-    inputs=catalogue.image_inputs(3, 13, 17, 3),
-    bench_config=dict(in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4),
-    bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
-    atol=1e-4,
-    rtol=1e-4,
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="a2n",
+        family="a2n",
+        paper=_PAPER,
+        arxiv="2104.09497",
+        flax=A2N,
+        torch="flax_attn.testing.torch_ref.a2n:AAN",
+        # Tiny network with the reference's argument names; scale 4 exercises both reconstruction stages.
+        config=dict(in_nc=3, out_nc=3, nf=8, unf=6, nb=2, scale=4),
+        inputs=catalogue.image_inputs(3, 13, 17, 3),
+        bench_config=dict(in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4),
+        bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
+        atol=1e-4,
+        rtol=1e-4,
+        train_mode=False,
+    )
+)

@@ -134,9 +134,13 @@ class MultiheadAttention(nn.Module):
         v = Linear(e, name="v_proj", **dense)(value)
 
         s = key.shape[1]
-        attn_keep, attn_bias = _split_mask(where, "attn_mask", attn_mask, False,
-                                           (b * h, l, s) if attn_mask is not None and jnp.ndim(attn_mask) == 3
-                                           else (l, s))
+        attn_keep, attn_bias = _split_mask(
+            where,
+            "attn_mask",
+            attn_mask,
+            False,
+            (b * h, l, s) if attn_mask is not None and jnp.ndim(attn_mask) == 3 else (l, s),
+        )
         if attn_keep is not None:
             attn_keep = attn_keep.reshape(b, h, l, s) if attn_keep.ndim == 3 else attn_keep
         if attn_bias is not None:
@@ -163,12 +167,14 @@ class MultiheadAttention(nn.Module):
             k = jnp.concatenate([k, jnp.broadcast_to(bias_k.astype(k.dtype), (b, 1, e))], axis=1)
             v = jnp.concatenate([v, jnp.broadcast_to(bias_v.astype(v.dtype), (b, 1, e))], axis=1)
             attn_keep, attn_bias, kpm_keep, kpm_bias = extend(
-                (attn_keep, attn_bias, kpm_keep, kpm_bias), (True, 0.0, True, 0.0))
+                (attn_keep, attn_bias, kpm_keep, kpm_bias), (True, 0.0, True, 0.0)
+            )
         if self.add_zero_attn:
             k = jnp.concatenate([k, jnp.zeros((b, 1, e), k.dtype)], axis=1)
             v = jnp.concatenate([v, jnp.zeros((b, 1, e), v.dtype)], axis=1)
             attn_keep, attn_bias, kpm_keep, kpm_bias = extend(
-                (attn_keep, attn_bias, kpm_keep, kpm_bias), (True, 0.0, True, 0.0))
+                (attn_keep, attn_bias, kpm_keep, kpm_bias), (True, 0.0, True, 0.0)
+            )
 
         keep = None
         for m in (attn_keep, kpm_keep):
@@ -185,12 +191,18 @@ class MultiheadAttention(nn.Module):
         hd = e // h
         rng = self.make_rng("dropout") if (train and self.dropout > 0.0) else None
         out, weights = scaled_dot_product_attention(
-            q.reshape(b, l, h, hd), k.reshape(b, -1, h, hd), v.reshape(b, -1, h, hd),
-            mask=keep, bias=bias, dropout_rate=self.dropout if rng is not None else 0.0,
-            dropout_rng=rng, return_weights=True,
+            q.reshape(b, l, h, hd),
+            k.reshape(b, -1, h, hd),
+            v.reshape(b, -1, h, hd),
+            mask=keep,
+            bias=bias,
+            dropout_rate=self.dropout if rng is not None else 0.0,
+            dropout_rng=rng,
+            return_weights=True,
         )
         out = Linear(e, name="out_proj", use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)(
-            out.reshape(b, l, e))
+            out.reshape(b, l, e)
+        )
         if not need_weights:
             return out, None
         if average_attn_weights:
@@ -265,45 +277,49 @@ def _mha_inputs(b, l, s, pad=True):
     return make
 
 
-catalogue.register(catalogue.Entry(
-    name="multihead_attention",
-    family="attention",
-    paper="Vaswani et al., NeurIPS 2017",
-    arxiv="1706.03762",
-    flax=MultiheadAttention,
-    torch="flax_attn.testing.torch_ref.attention:multihead_attention",
-    config=dict(embed_dim=24, num_heads=4, kdim=20, vdim=12, add_bias_kv=True),
-    inputs=_mha_inputs(3, 13, 17),
-    bench_config=dict(embed_dim=256, num_heads=8),
-    bench_inputs=_mha_inputs(8, 256, 256, pad=False),
-    image_inputs=(),
-    output_layout="same",
-    call_kwargs=dict(need_weights=True, average_attn_weights=False),
-    layouts=("torch.nn",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="multihead_attention",
+        family="attention",
+        paper="Vaswani et al., NeurIPS 2017",
+        arxiv="1706.03762",
+        flax=MultiheadAttention,
+        torch="flax_attn.testing.torch_ref.attention:multihead_attention",
+        config=dict(embed_dim=24, num_heads=4, kdim=20, vdim=12, add_bias_kv=True),
+        inputs=_mha_inputs(3, 13, 17),
+        bench_config=dict(embed_dim=256, num_heads=8),
+        bench_inputs=_mha_inputs(8, 256, 256, pad=False),
+        image_inputs=(),
+        output_layout="same",
+        call_kwargs=dict(need_weights=True, average_attn_weights=False),
+        layouts=("torch.nn",),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="projected_multi_head_attention",
-    family="attention",
-    paper="Vaswani et al., NeurIPS 2017 (blog variant with separate projections)",
-    arxiv="1706.03762",
-    flax=ProjectedMultiHeadAttention,
-    torch="flax_attn.testing.torch_ref.attention:ProjectedMultiHeadAttention",
-    config=dict(n_head=3, d_k=8, d_k_=20, d_v=6, d_v_=12, d_o=10),
-    inputs=lambda rng: {
-        "q": rng.standard_normal((3, 13, 20), dtype=np.float32),
-        "k": rng.standard_normal((3, 17, 20), dtype=np.float32),
-        "v": rng.standard_normal((3, 17, 12), dtype=np.float32),
-    },
-    bench_config=dict(n_head=8, d_k=32, d_k_=256, d_v=32, d_v_=256, d_o=256),
-    bench_inputs=lambda rng: {
-        "q": rng.standard_normal((8, 256, 256), dtype=np.float32),
-        "k": rng.standard_normal((8, 256, 256), dtype=np.float32),
-        "v": rng.standard_normal((8, 256, 256), dtype=np.float32),
-    },
-    image_inputs=(),
-    output_layout="same",
-    layouts=("seed",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="projected_multi_head_attention",
+        family="attention",
+        paper="Vaswani et al., NeurIPS 2017 (blog variant with separate projections)",
+        arxiv="1706.03762",
+        flax=ProjectedMultiHeadAttention,
+        torch="flax_attn.testing.torch_ref.attention:ProjectedMultiHeadAttention",
+        config=dict(n_head=3, d_k=8, d_k_=20, d_v=6, d_v_=12, d_o=10),
+        inputs=lambda rng: {
+            "q": rng.standard_normal((3, 13, 20), dtype=np.float32),
+            "k": rng.standard_normal((3, 17, 20), dtype=np.float32),
+            "v": rng.standard_normal((3, 17, 12), dtype=np.float32),
+        },
+        bench_config=dict(n_head=8, d_k=32, d_k_=256, d_v=32, d_v_=256, d_o=256),
+        bench_inputs=lambda rng: {
+            "q": rng.standard_normal((8, 256, 256), dtype=np.float32),
+            "k": rng.standard_normal((8, 256, 256), dtype=np.float32),
+            "v": rng.standard_normal((8, 256, 256), dtype=np.float32),
+        },
+        image_inputs=(),
+        output_layout="same",
+        layouts=("seed",),
+        train_mode=False,
+    )
+)

@@ -87,9 +87,7 @@ class AugmentedConv(nn.Module):
                 f"(conv_out has out_channels - dv channels)"
             )
         if self.relative and self.shape < 1:
-            raise ValueError(
-                f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}"
-            )
+            raise ValueError(f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -107,9 +105,7 @@ class AugmentedConv(nn.Module):
             name="conv_out",
             **kw,
         )(x)
-        qkv = Conv(
-            2 * self.dk + self.dv, self.kernel_size, stride=self.stride, padding=pad, name="qkv_conv", **kw
-        )(x)
+        qkv = Conv(2 * self.dk + self.dv, self.kernel_size, stride=self.stride, padding=pad, name="qkv_conv", **kw)(x)
         b, h, w, _ = qkv.shape
         if self.relative and (h, w) != (self.shape, self.shape):
             raise ValueError(
@@ -139,8 +135,6 @@ class AugmentedConv(nn.Module):
 # --------------------------------------------------------------------------- catalogue
 
 
-
-
 _COMMON = dict(
     family="augmented_conv",
     paper="Bello et al., ICCV 2019",
@@ -165,13 +159,9 @@ catalogue.register(
     catalogue.Entry(
         name="augmented_conv_relative",
         # Relative logits fix the output to shape x shape; stride 2 lets the input stay odd and non-square.
-        config=dict(
-            in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2
-        ),
+        config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2),
         inputs=catalogue.image_inputs(3, 25, 26, 6),
-        bench_config=dict(
-            in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True
-        ),
+        bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True),
         bench_inputs=catalogue.image_inputs(8, 32, 32, 64),
         **_COMMON,
     )

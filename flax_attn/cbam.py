@@ -65,8 +65,17 @@ class BasicConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Conv(self.out_planes, self.kernel_size, stride=self.stride, padding=self.padding,
-                 dilation=self.dilation, groups=self.groups, use_bias=self.bias, name="conv", **kw)(x)
+        x = Conv(
+            self.out_planes,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            use_bias=self.bias,
+            name="conv",
+            **kw,
+        )(x)
         if self.bn:
             x = BatchNorm(momentum=0.01, eps=1e-5, name="bn", **kw)(x, train=train)
         if self.relu:
@@ -101,8 +110,9 @@ class ChannelGate(nn.Module):
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
-            raise ValueError(f"{where}: `pool_types` must be a non-empty subset of {_POOL_TYPES}, "
-                             f"got {tuple(self.pool_types)!r}")
+            raise ValueError(
+                f"{where}: `pool_types` must be a non-empty subset of {_POOL_TYPES}, got {tuple(self.pool_types)!r}"
+            )
         hidden = _hidden(where, "gate_channels", self.gate_channels, "reduction_ratio", self.reduction_ratio)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         fc1 = Linear(hidden, name="mlp_1", **kw)
@@ -136,8 +146,15 @@ class SpatialGate(nn.Module):
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
-        logits = BasicConv(1, self.kernel_size, padding=(self.kernel_size - 1) // 2, relu=False,
-                           name="spatial", dtype=self.dtype, param_dtype=self.param_dtype)
+        logits = BasicConv(
+            1,
+            self.kernel_size,
+            padding=(self.kernel_size - 1) // 2,
+            relu=False,
+            name="spatial",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         logits = logits(compressed, train=train)
         return x * nn.sigmoid(logits).astype(x.dtype)
 
@@ -179,8 +196,7 @@ class CBAM(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("CBAM", "x", x, 4, _NHWC)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types),
-                          name="ChannelGate", **kw)(x)
+        out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
             out = SpatialGate(name="SpatialGate", **kw)(out, train=train)
         return out
@@ -257,58 +273,69 @@ class SpatialAttention(nn.Module):
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))
-        logits = Conv(1, self.kernel_size, padding=self.kernel_size // 2, use_bias=False, name="conv1",
-                      dtype=self.dtype, param_dtype=self.param_dtype)(cat)
+        logits = Conv(
+            1,
+            self.kernel_size,
+            padding=self.kernel_size // 2,
+            use_bias=False,
+            name="conv1",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(cat)
         return x * nn.sigmoid(logits).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- catalogue
 
 
-
-
 _PAPER = "Woo et al., ECCV 2018"
 _ARXIV = "1807.06521"
 
-catalogue.register(catalogue.Entry(
-    name="cbam",
-    family="cbam",
-    paper=_PAPER,
-    arxiv=_ARXIV,
-    flax=CBAM,
-    torch="flax_attn.testing.torch_ref.cbam:CBAM",
-    config=dict(gate_channels=32, reduction_ratio=4),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(gate_channels=64, reduction_ratio=16),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="cbam",
+        family="cbam",
+        paper=_PAPER,
+        arxiv=_ARXIV,
+        flax=CBAM,
+        torch="flax_attn.testing.torch_ref.cbam:CBAM",
+        config=dict(gate_channels=32, reduction_ratio=4),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(gate_channels=64, reduction_ratio=16),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="cbam_channel_attention_seed",
-    family="cbam",
-    paper=_PAPER + " (seed blog variant)",
-    arxiv=_ARXIV,
-    flax=ChannelAttention,
-    torch="flax_attn.testing.torch_ref.cbam:ChannelAttention",
-    config=dict(channel=32, rate=4),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(channel=64, rate=4),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-    layouts=("seed",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="cbam_channel_attention_seed",
+        family="cbam",
+        paper=_PAPER + " (seed blog variant)",
+        arxiv=_ARXIV,
+        flax=ChannelAttention,
+        torch="flax_attn.testing.torch_ref.cbam:ChannelAttention",
+        config=dict(channel=32, rate=4),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(channel=64, rate=4),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
+        layouts=("seed",),
+        train_mode=False,
+    )
+)
 
-catalogue.register(catalogue.Entry(
-    name="cbam_spatial_attention_seed",
-    family="cbam",
-    paper=_PAPER + " (seed blog variant)",
-    arxiv=_ARXIV,
-    flax=SpatialAttention,
-    torch="flax_attn.testing.torch_ref.cbam:SpatialAttention",
-    config=dict(kernel_size=3),
-    inputs=catalogue.image_inputs(3, 13, 17, 8),
-    bench_config=dict(kernel_size=7),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-    layouts=("seed",),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="cbam_spatial_attention_seed",
+        family="cbam",
+        paper=_PAPER + " (seed blog variant)",
+        arxiv=_ARXIV,
+        flax=SpatialAttention,
+        torch="flax_attn.testing.torch_ref.cbam:SpatialAttention",
+        config=dict(kernel_size=3),
+        inputs=catalogue.image_inputs(3, 13, 17, 8),
+        bench_config=dict(kernel_size=7),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
+        layouts=("seed",),
+        train_mode=False,
+    )
+)

@@ -91,17 +91,17 @@ class CoordAtt(nn.Module):
         return x * a_w.astype(x.dtype) * a_h.astype(x.dtype)
 
 
-
-
-catalogue.register(catalogue.Entry(
-    name="coord_att",
-    family="coordatt",
-    paper="Hou et al., CVPR 2021",
-    arxiv="2103.02907",
-    flax=CoordAtt,
-    torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
-    config=dict(inp=32, oup=32, reduction=2),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(inp=64, oup=64, reduction=32),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-))
+catalogue.register(
+    catalogue.Entry(
+        name="coord_att",
+        family="coordatt",
+        paper="Hou et al., CVPR 2021",
+        arxiv="2103.02907",
+        flax=CoordAtt,
+        torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
+        config=dict(inp=32, oup=32, reduction=2),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(inp=64, oup=64, reduction=32),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
+    )
+)

@@ -53,9 +53,7 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "PAM_Module"
         if self.in_dim < 8:
-            raise ValueError(
-                f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)"
-            )
+            raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_dim)
         x = x.astype(self.dtype or x.dtype)
@@ -150,8 +148,7 @@ class DANetHead(nn.Module):
         inter = self.in_channels // 4
         if inter < 8:
             raise ValueError(
-                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
-                "(PAM needs in_channels // 4 >= 8)"
+                f"{where}: `in_channels`={self.in_channels} must be at least 32 (PAM needs in_channels // 4 >= 8)"
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -173,8 +170,6 @@ class DANetHead(nn.Module):
 
 
 # --------------------------------------------------------------------------- catalogue
-
-
 
 
 _COMMON = dict(family="danet", paper="Fu et al., CVPR 2019", arxiv="1809.02983")

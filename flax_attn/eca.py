@@ -69,23 +69,24 @@ class ECALayer(nn.Module):
             # An even kernel with padding (k - 1) // 2 returns C - 1 values: the gate no longer fits.
             raise ValueError(f"{where}: `k_size` must be a positive odd number, got {k}")
         y = global_pool(x, "avg")[:, :, None]  # (B, C, 1): channels as a 1-D sequence of one feature
-        y = Conv(1, (k,), padding=(k - 1) // 2, use_bias=False, name="conv",
-                 dtype=self.dtype, param_dtype=self.param_dtype)(y)
+        y = Conv(
+            1, (k,), padding=(k - 1) // 2, use_bias=False, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(y)
         return x * nn.sigmoid(y[:, None, None, :, 0]).astype(x.dtype)
 
 
-
-
-catalogue.register(catalogue.Entry(
-    name="eca",
-    family="eca",
-    paper="Wang et al., CVPR 2020",
-    arxiv="1910.03151",
-    flax=ECALayer,
-    torch="flax_attn.testing.torch_ref.eca:eca_layer",
-    config=dict(channel=32, k_size=5),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(channel=256, k_size=5),
-    bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
-    train_mode=False,
-))
+catalogue.register(
+    catalogue.Entry(
+        name="eca",
+        family="eca",
+        paper="Wang et al., CVPR 2020",
+        arxiv="1910.03151",
+        flax=ECALayer,
+        torch="flax_attn.testing.torch_ref.eca:eca_layer",
+        config=dict(channel=32, k_size=5),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(channel=256, k_size=5),
+        bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
+        train_mode=False,
+    )
+)

@@ -86,8 +86,7 @@ class ContextBlock(nn.Module):
             raise ValueError(f"{where}: `pooling_type` must be 'avg' or 'att', got {self.pooling_type!r}")
         fusions = tuple(self.fusion_types)
         if not fusions or any(f not in _FUSIONS for f in fusions):
-            raise ValueError(
-                f"{where}: `fusion_types` must be a non-empty subset of {_FUSIONS}, got {fusions!r}")
+            raise ValueError(f"{where}: `fusion_types` must be a non-empty subset of {_FUSIONS}, got {fusions!r}")
         if self.planes < 1:
             raise ValueError(
                 f"{where}: `inplanes`={self.inplanes} * `ratio`={self.ratio} gives {self.planes} bottleneck "
@@ -117,21 +116,21 @@ class ContextBlock(nn.Module):
         return out
 
 
-
-
-catalogue.register(catalogue.Entry(
-    name="context_block",
-    family="gcnet",
-    paper="Cao et al., ICCVW 2019",
-    arxiv="1904.11492",
-    flax=ContextBlock,
-    torch="flax_attn.testing.torch_ref.gcnet:ContextBlock",
-    config=dict(inplanes=32, ratio=1 / 4, pooling_type="att", fusion_types=("channel_add", "channel_mul")),
-    inputs=catalogue.image_inputs(3, 13, 17, 32),
-    bench_config=dict(inplanes=256, ratio=1 / 16, pooling_type="att", fusion_types=("channel_add",)),
-    bench_inputs=catalogue.image_inputs(16, 28, 28, 256),
-    train_mode=False,
-    float64_modes=("eval",),
-    conditioning="eval: float32 rounding moves grad[x] by 4.5e-6 (torch) / 3.0e-6 (Flax), 0.18 of the 1e-5 "
-    "tolerance (the attention-pooling softmax over all 221 positions feeds a channel_mul gate)",
-))
+catalogue.register(
+    catalogue.Entry(
+        name="context_block",
+        family="gcnet",
+        paper="Cao et al., ICCVW 2019",
+        arxiv="1904.11492",
+        flax=ContextBlock,
+        torch="flax_attn.testing.torch_ref.gcnet:ContextBlock",
+        config=dict(inplanes=32, ratio=1 / 4, pooling_type="att", fusion_types=("channel_add", "channel_mul")),
+        inputs=catalogue.image_inputs(3, 13, 17, 32),
+        bench_config=dict(inplanes=256, ratio=1 / 16, pooling_type="att", fusion_types=("channel_add",)),
+        bench_inputs=catalogue.image_inputs(16, 28, 28, 256),
+        train_mode=False,
+        float64_modes=("eval",),
+        conditioning="eval: float32 rounding moves grad[x] by 4.5e-6 (torch) / 3.0e-6 (Flax), 0.18 of the 1e-5 "
+        "tolerance (the attention-pooling softmax over all 221 positions feeds a channel_mul gate)",
+    )
+)

@@ -95,8 +95,7 @@ class CoreNetwork(nn.Module):
     def __call__(self, g_t, h_t_prev):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         return nn.relu(
-            Linear(self.hidden_size, name="i2h", **kw)(g_t)
-            + Linear(self.hidden_size, name="h2h", **kw)(h_t_prev)
+            Linear(self.hidden_size, name="i2h", **kw)(g_t) + Linear(self.hidden_size, name="h2h", **kw)(h_t_prev)
         )
 
 
@@ -219,9 +218,7 @@ class RecurrentAttention(nn.Module):
         check_rank(where, "x", x, 4, "(B, H, W, C)")
         b = x.shape[0]
         if x.shape[-1] != self.c:
-            raise ValueError(
-                f"{where}: `x` must have c={self.c} channels (last axis), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{where}: `x` must have c={self.c} channels (last axis), got shape {tuple(x.shape)}")
         if tuple(l_0.shape) != (b, 2):
             raise ValueError(f"{where}: `l_0` must be ({b}, 2), got {tuple(l_0.shape)}")
         if tuple(noise.shape) != (b, self.num_glimpses, 2):
@@ -232,9 +229,7 @@ class RecurrentAttention(nn.Module):
             )
         if self.h_g + self.h_l != self.hidden_size:
             # The official core is core_network(hidden_size, hidden_size) fed with g_t of size h_g + h_l.
-            raise ValueError(
-                f"{where}: h_g + h_l = {self.h_g + self.h_l} must equal hidden_size={self.hidden_size}"
-            )
+            raise ValueError(f"{where}: h_g + h_l = {self.h_g + self.h_l} must equal hidden_size={self.hidden_size}")
         dtype = self.dtype or x.dtype
         h_t = jnp.zeros((b, self.hidden_size), dtype)
         l_t = l_0.astype(dtype)
@@ -269,11 +264,7 @@ def ram_hybrid_loss(log_probas: jax.Array, log_pi: jax.Array, baselines: jax.Arr
     """
     check_rank("ram_hybrid_loss", "log_probas", log_probas, 2, "(B, num_classes)")
     check_rank("ram_hybrid_loss", "log_pi", log_pi, 2, "(B, T)")
-    if (
-        baselines.shape != log_pi.shape
-        or labels.shape != log_probas.shape[:1]
-        or log_pi.shape[0] != labels.shape[0]
-    ):
+    if baselines.shape != log_pi.shape or labels.shape != log_probas.shape[:1] or log_pi.shape[0] != labels.shape[0]:
         raise ValueError(
             f"ram_hybrid_loss: shapes do not agree: log_probas {log_probas.shape}, log_pi {log_pi.shape}, "
             f"baselines {baselines.shape}, labels {labels.shape}"
@@ -316,9 +307,7 @@ catalogue.register(
         arxiv="1406.6247",
         flax=RecurrentAttention,
         torch="flax_attn.testing.torch_ref.hard_attention:RecurrentAttentionRollout",
-        config=dict(
-            g=4, k=3, s=2, c=2, h_g=16, h_l=8, std=0.17, hidden_size=24, num_classes=10, num_glimpses=3
-        ),
+        config=dict(g=4, k=3, s=2, c=2, h_g=16, h_l=8, std=0.17, hidden_size=24, num_classes=10, num_glimpses=3),
         # The official retina takes square images (its denormalize uses the height for both axes).
         inputs=_ram_inputs(3, 29, 2, 3),
         bench_config=dict(

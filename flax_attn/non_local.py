@@ -113,8 +113,7 @@ class NonLocalBlockND(nn.Module):
             raise ValueError(f"{where}: `mode` must be one of {NON_LOCAL_MODES}, got {self.mode!r}")
         if self.in_channels <= 0 or self._inter <= 0:
             raise ValueError(
-                f"{where}: `in_channels`={self.in_channels} and `inter_channels`={self._inter} "
-                "must be positive"
+                f"{where}: `in_channels`={self.in_channels} and `inter_channels`={self._inter} must be positive"
             )
         if x.ndim != self.dimension + 2:
             raise ValueError(
@@ -138,9 +137,7 @@ class NonLocalBlockND(nn.Module):
         b = x.shape[0]
 
         def conv(name, feats, **kw):
-            return Conv(
-                feats, 1, spatial_dims=d, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
-            )
+            return Conv(feats, 1, spatial_dims=d, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
 
         pool = (lambda t: max_pool(t, _POOL[d])) if self.sub_sample else (lambda t: t)
 
@@ -265,12 +262,21 @@ class NonLocalMNISTNet(nn.Module):
 # Train-mode entries whose float32 rounding uses a sizeable part of the tolerance (measured with
 # benchmarks/parity_conditioning.py): the train-mode BN of W over the sub-sampled attention output.
 _NON_LOCAL_CONDITIONING = {
-    "concatenation": dict(float64_modes=("train",), conditioning="train: float32 rounding moves grad[x] by "
-                          "3.4e-6 (torch) / 9.5e-7 (Flax), 0.18 of the 1e-5 tolerance; eval uses 0.009"),
-    "embedded_gaussian": dict(float64_modes=("train",), conditioning="train: float32 rounding moves the output "
-                              "by 9.9e-7 (torch) / 1.7e-6 (Flax), 0.16 of the 1e-5 tolerance; eval uses 0.010"),
-    "gaussian": dict(float64_modes=("train",), conditioning="train: float32 rounding moves grad[x] by 4.0e-6 "
-                     "(torch) / 6.9e-6 (Flax), 0.27 of the 1e-5 tolerance; eval uses 0.084"),
+    "concatenation": dict(
+        float64_modes=("train",),
+        conditioning="train: float32 rounding moves grad[x] by "
+        "3.4e-6 (torch) / 9.5e-7 (Flax), 0.18 of the 1e-5 tolerance; eval uses 0.009",
+    ),
+    "embedded_gaussian": dict(
+        float64_modes=("train",),
+        conditioning="train: float32 rounding moves the output "
+        "by 9.9e-7 (torch) / 1.7e-6 (Flax), 0.16 of the 1e-5 tolerance; eval uses 0.010",
+    ),
+    "gaussian": dict(
+        float64_modes=("train",),
+        conditioning="train: float32 rounding moves grad[x] by 4.0e-6 "
+        "(torch) / 6.9e-6 (Flax), 0.27 of the 1e-5 tolerance; eval uses 0.084",
+    ),
 }
 
 for _mode in NON_LOCAL_MODES:
@@ -282,9 +288,7 @@ for _mode in NON_LOCAL_MODES:
             arxiv="1711.07971",
             flax=NonLocalBlockND,
             torch="flax_attn.testing.torch_ref.non_local:non_local_block",
-            config=dict(
-                in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode
-            ),
+            config=dict(in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
             inputs=catalogue.image_inputs(3, 13, 17, 12),
             bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
             bench_inputs=catalogue.image_inputs(8, 64, 64, 256),

@@ -59,9 +59,7 @@ class ResidualBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ResidualBlock"
         if self.output_channels % 4 or self.output_channels <= 0:
-            raise ValueError(
-                f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4"
-            )
+            raise ValueError(f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.input_channels)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -74,9 +72,7 @@ class ResidualBlock(nn.Module):
         out = Conv(self.output_channels, 1, use_bias=False, name="conv3", **kw)(out)
         project = self.input_channels != self.output_channels or self.stride != 1
         if project or self.is_initializing():
-            shortcut = Conv(self.output_channels, 1, stride=self.stride, use_bias=False, name="conv4", **kw)(
-                out1
-            )
+            shortcut = Conv(self.output_channels, 1, stride=self.stride, use_bias=False, name="conv4", **kw)(out1)
         residual = shortcut if project else x
         return out + residual.astype(out.dtype)
 
@@ -302,8 +298,6 @@ class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801
 
 
 # --------------------------------------------------------------------------- catalogue
-
-
 
 
 _COMMON = dict(family="residual_attention", paper="Wang et al., CVPR 2017", arxiv="1704.06904")

@@ -87,8 +87,7 @@ def bicubic_downscale(hr: np.ndarray, scale: int) -> np.ndarray:
     _check_rgb("bicubic_downscale", "hr", hr)
     h, w = hr.shape[:2]
     if h % scale or w % scale:
-        raise ValueError(
-            f"bicubic_downscale: image {h}x{w} is not a multiple of scale {scale}; crop_to_scale first")
+        raise ValueError(f"bicubic_downscale: image {h}x{w} is not a multiple of scale {scale}; crop_to_scale first")
     return _pil_resize(hr, (w // scale, h // scale))
 
 
@@ -121,7 +120,6 @@ def evaluate_sr(
         lr = bicubic_downscale(hr, scale)
         sr = np.asarray(upscale(lr.astype(np.float32)))
         if sr.shape != hr.shape:
-            raise ValueError(
-                f"evaluate_sr: `upscale` returned shape {sr.shape} for an HR image of shape {hr.shape}")
+            raise ValueError(f"evaluate_sr: `upscale` returned shape {sr.shape} for an HR image of shape {hr.shape}")
         out.append(psnr_y(quantize(sr), hr, scale))
     return out

@@ -34,8 +34,7 @@ def _nhwc(t):
 # --------------------------------------------------------------------------- parity of the variants
 
 
-@pytest.mark.parametrize("override", [dict(scale=2), dict(scale=3, non_attention_kernel=1)],
-                         ids=["x2", "x3_a2n_m"])
+@pytest.mark.parametrize("override", [dict(scale=2), dict(scale=3, non_attention_kernel=1)], ids=["x2", "x3_a2n_m"])
 def test_a2n_variants_parity(override):
     # The catalogue entry covers scale 4 (two reconstruction stages); 2 and 3 take one stage, 3 with
     # a non-power-of-two nearest upsampling and bilinear skip, here with the A2N-M 1x1 branch.
@@ -45,8 +44,10 @@ def test_a2n_variants_parity(override):
 
 
 @pytest.mark.parametrize(
-    "override", [dict(K=3), dict(t=1.0), dict(reduction=2), dict(non_attention_kernel=1)],
-    ids=["K3", "t1", "reduction2", "a2n_m"])
+    "override",
+    [dict(K=3), dict(t=1.0), dict(reduction=2), dict(non_attention_kernel=1)],
+    ids=["K3", "t1", "reduction2", "a2n_m"],
+)
 def test_aab_options_parity(override):
     entry = catalogue.get("aab")
     check_parity(entry, config={**entry.config, **override})
@@ -140,8 +141,9 @@ def test_intermediates_match_torch():
     assert ax.shape == (2, 2)
     np.testing.assert_allclose(ax.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(ax, torch.softmax(seen["adm1"] / 30, dim=1).numpy(), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(inter["AAB_trunk_0"]["attention"]["attention_map"][0]),
-                               _nhwc(seen["branch0"]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(inter["AAB_trunk_0"]["attention"]["attention_map"][0]), _nhwc(seen["branch0"]), atol=1e-5
+    )
     pa1 = np.asarray(inter["att1"]["attention_map"][0])
     assert pa1.shape == (2, 14, 18, 6)
     np.testing.assert_allclose(pa1, _nhwc(seen["pa1"]), atol=1e-5)
@@ -241,11 +243,11 @@ def test_released_checkpoint_set5_psnr(shared_data, scale):
     # official test does. About 10-15 s per scale on two CPU cores.
     apply = jax.jit(model.apply)
     start = time.perf_counter()
-    psnrs = sr_metrics.evaluate_sr(
-        lambda lr: apply(variables, jnp.asarray(lr)[None])[0], images.values(), scale)
+    psnrs = sr_metrics.evaluate_sr(lambda lr: apply(variables, jnp.asarray(lr)[None])[0], images.values(), scale)
     elapsed = time.perf_counter() - start
     bicubic = sr_metrics.evaluate_sr(
-        lambda lr: sr_metrics.bicubic_upscale(lr.astype(np.uint8), scale), images.values(), scale)
+        lambda lr: sr_metrics.bicubic_upscale(lr.astype(np.uint8), scale), images.values(), scale
+    )
     mean = float(np.mean(psnrs))
     print(f"x{scale}: A2N {mean:.4f} dB, bicubic {np.mean(bicubic):.4f} dB, {elapsed:.1f} s")
     assert abs(mean - OFFICIAL_PSNR[scale]) < 0.01, (mean, psnrs)
@@ -277,8 +279,10 @@ def test_released_checkpoint_matches_torch(shared_data):
     # The saved images agree except where a value sits on a rounding boundary.
     differ = sr_metrics.quantize(got) != sr_metrics.quantize(want)
     assert differ.mean() < 1e-4, differ.sum()
-    assert abs(sr_metrics.psnr_y(sr_metrics.quantize(got), hr, 3)
-               - sr_metrics.psnr_y(sr_metrics.quantize(want), hr, 3)) < 1e-3
+    assert (
+        abs(sr_metrics.psnr_y(sr_metrics.quantize(got), hr, 3) - sr_metrics.psnr_y(sr_metrics.quantize(want), hr, 3))
+        < 1e-3
+    )
 
 
 # --------------------------------------------------------------------------- metric protocol

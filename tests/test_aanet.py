@@ -97,9 +97,7 @@ def test_bad_inputs():
         ValueError, match="AdaptiveAggregationModule: `cost_volume` must be a list of 2 cost volumes, got 1"
     ):
         jax.eval_shape(m.init, key, [jnp.zeros((1, 8, 8, 8))])
-    with pytest.raises(
-        ValueError, match=r"AdaptiveAggregationModule: `cost_volume\[1\]` must have 4 channels"
-    ):
+    with pytest.raises(ValueError, match=r"AdaptiveAggregationModule: `cost_volume\[1\]` must have 4 channels"):
         jax.eval_shape(m.init, key, [jnp.zeros((1, 8, 8, 8)), jnp.zeros((1, 4, 4, 5))])
     with pytest.raises(
         ValueError, match="AANetDeformConv2d: `in_channels`=5 must be divisible by `deformable_groups`=2"

@@ -115,9 +115,7 @@ def test_window_parity_without_shift():
 def test_window_relative_index_and_mask_match_swin():
     t = ref.WindowAttention(8, 5, 2)
     np.testing.assert_array_equal(relative_position_index((5, 5)), t.relative_position_index.numpy())
-    np.testing.assert_array_equal(
-        shift_attention_mask(10, 15, 5, 2), ref.shift_attn_mask(10, 15, 5, 2).numpy()
-    )
+    np.testing.assert_array_equal(shift_attention_mask(10, 15, 5, 2), ref.shift_attn_mask(10, 15, 5, 2).numpy())
 
 
 @pytest.mark.parametrize(

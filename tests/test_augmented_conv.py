@@ -127,9 +127,7 @@ def test_bad_input():
         AugmentedConv(**{**base, "out_channels": 4}).init(k, x)
     with pytest.raises(ValueError, match=r"relative=True needs `shape`"):
         AugmentedConv(**base, relative=True).init(k, x)
-    with pytest.raises(
-        ValueError, match=r"shape=8 needs a 8x8 output map, but input \(1, 8, 9, 3\) gives 8x9"
-    ):
+    with pytest.raises(ValueError, match=r"shape=8 needs a 8x8 output map, but input \(1, 8, 9, 3\) gives 8x9"):
         AugmentedConv(**base, relative=True, shape=8).init(k, jnp.ones((1, 8, 9, 3)))
     with pytest.raises(ValueError, match=r"shape=8 needs a 8x8 output map.*gives 4x4 \(stride 2\)"):
         AugmentedConv(**base, relative=True, shape=8, stride=2).init(k, x)

@@ -13,8 +13,9 @@ ENTRIES = [e for e in catalogue.entries() if e.torch is not None]
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("entry", [
-    pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.slow else []) for e in ENTRIES])
+@pytest.mark.parametrize(
+    "entry", [pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.slow else []) for e in ENTRIES]
+)
 def test_parity(entry, train):
     if train and not entry.train_mode:
         pytest.skip(f"{entry.name} has no train-mode behaviour (no BatchNorm or active dropout)")

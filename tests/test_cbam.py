@@ -21,14 +21,12 @@ X = np.random.default_rng(0).standard_normal((3, 13, 17, 32), dtype=np.float32)
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_no_spatial(train):
-    check_parity(catalogue.get("cbam"), config=dict(gate_channels=32, reduction_ratio=4, no_spatial=True),
-                 train=train)
+    check_parity(catalogue.get("cbam"), config=dict(gate_channels=32, reduction_ratio=4, no_spatial=True), train=train)
 
 
 @pytest.mark.parametrize("pool_types", [("avg",), ("max", "avg"), ("avg", "max", "lp", "lse")])
 def test_pool_types(pool_types):
-    check_parity(catalogue.get("cbam"),
-                 config=dict(gate_channels=32, reduction_ratio=8, pool_types=pool_types))
+    check_parity(catalogue.get("cbam"), config=dict(gate_channels=32, reduction_ratio=8, pool_types=pool_types))
 
 
 def test_seed_spatial_attention_7x7():
@@ -39,8 +37,12 @@ def test_official_keys_and_round_trip():
     t = ref.CBAM(32, 4)
     randomize_torch_module(t)
     sd = {k: v.detach().numpy().copy() for k, v in t.state_dict().items()}
-    assert {"ChannelGate.mlp.1.weight", "ChannelGate.mlp.3.bias", "SpatialGate.spatial.conv.weight",
-            "SpatialGate.spatial.bn.running_var"} <= set(sd)
+    assert {
+        "ChannelGate.mlp.1.weight",
+        "ChannelGate.mlp.3.bias",
+        "SpatialGate.spatial.conv.weight",
+        "SpatialGate.spatial.bn.running_var",
+    } <= set(sd)
     assert "SpatialGate.spatial.conv.bias" not in sd  # BasicConv(bias=False)
     v = from_torch(CBAM(32, 4), sd, X)
     back = to_torch(CBAM(32, 4), v, X)
@@ -61,8 +63,7 @@ def test_spatial_gate_bn_momentum_is_official():
     t.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in to_torch(m, v, X).items()}, strict=False)
     t.train()
     t(torch.from_numpy(X.transpose(0, 3, 1, 2)))
-    np.testing.assert_allclose(np.asarray(new), t.SpatialGate.spatial.bn.running_mean.numpy(),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new), t.SpatialGate.spatial.bn.running_mean.numpy(), rtol=1e-5, atol=1e-7)
     assert t.SpatialGate.spatial.bn.momentum == 0.01
 
 

@@ -20,8 +20,11 @@ from flax_attn.testing.torch_ref import ccnet as ref  # noqa: E402
 
 def _qkv(b=3, h=13, w=17, cqk=5, cv=7, seed=0):
     r = np.random.default_rng(seed)
-    return (r.standard_normal((b, h, w, cqk)).astype(np.float32), r.standard_normal((b, h, w, cqk)).astype(np.float32),
-            r.standard_normal((b, h, w, cv)).astype(np.float32))
+    return (
+        r.standard_normal((b, h, w, cqk)).astype(np.float32),
+        r.standard_normal((b, h, w, cqk)).astype(np.float32),
+        r.standard_normal((b, h, w, cv)).astype(np.float32),
+    )
 
 
 def _nchw(x):
@@ -91,8 +94,9 @@ def test_reference_memory_scales_with_h_plus_w():
     # 2 * 1600^2 * 4 B = 20 MB, the criss-cross one 2 * 1600 * 80 * 4 B = 1 MB.
     b, h, w, c = 2, 40, 40, 8
     spec = [jax.ShapeDtypeStruct((b, h, w, c), jnp.float32)] * 3
-    fwd_bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(criss_cross_attention(q, k, v, implementation="xla")),
-                               argnums=(0, 1, 2)))
+    fwd_bwd = jax.jit(
+        jax.grad(lambda q, k, v: jnp.sum(criss_cross_attention(q, k, v, implementation="xla")), argnums=(0, 1, 2))
+    )
     mem = fwd_bwd.lower(*spec).compile().memory_analysis()
     if mem is None:
         pytest.skip("backend gives no memory analysis")
@@ -139,16 +143,29 @@ def test_state_dict_round_trip_and_official_keys(name):
     for key in expected:
         np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
     if name == "rcca_module":
-        assert {"conva.0.weight", "conva.1.running_var", "cca.gamma", "cca.query_conv.weight",
-                "bottleneck.0.weight", "bottleneck.1.bias", "bottleneck.3.bias"} <= expected
+        assert {
+            "conva.0.weight",
+            "conva.1.running_var",
+            "cca.gamma",
+            "cca.query_conv.weight",
+            "bottleneck.0.weight",
+            "bottleneck.1.bias",
+            "bottleneck.3.bias",
+        } <= expected
 
 
 def test_rcca_dropout2d_drops_whole_channels():
     m = RCCAModule(in_channels=32, out_channels=16, num_classes=3, dropout=0.5)
     x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5, 6, 32)), jnp.float32)
     variables = m.init(jax.random.PRNGKey(0), x)
-    _, state = m.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                       mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+    _, state = m.apply(
+        variables,
+        x,
+        train=True,
+        rngs={"dropout": jax.random.PRNGKey(1)},
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True,
+    )
     dropped = np.asarray(state["intermediates"]["bottleneck_2"]["__call__"][0])
     per_channel = (dropped == 0).reshape(2, 30, 16)
     assert per_channel.any() and not per_channel.all()

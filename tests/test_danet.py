@@ -66,9 +66,7 @@ def test_head_dropout2d_drops_whole_channels():
     variables = {**variables, "params": params}
 
     def run(m):
-        return m.apply(
-            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)}
-        )[0]
+        return m.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)})[0]
 
     dropped, kept = run(head_p), run(head_0)
     for d, k in zip(dropped, kept):

@@ -112,9 +112,7 @@ def test_op_matches_torch_reference_values_and_grads(with_mask):
         want.append(back(mt))
     for name, g, wg in zip(["x", "offset", "weight", "bias", "mask"], grads, want):
         # weight/bias gradients sum ~100 products of O(10) terms: 1e-5 relative to their scale
-        np.testing.assert_allclose(
-            g, wg, atol=1e-4 if name in ("weight", "bias") else ATOL, rtol=RTOL, err_msg=name
-        )
+        np.testing.assert_allclose(g, wg, atol=1e-4 if name in ("weight", "bias") else ATOL, rtol=RTOL, err_msg=name)
 
 
 def test_zero_offsets_is_a_plain_convolution():
@@ -178,9 +176,7 @@ def test_bad_inputs():
         deform_conv2d(x, jnp.zeros((2, 6, 7, 17)), wt, padding=1)
     with pytest.raises(ValueError, match=r"deform_conv2d: `offset` must be \(2, 6, 7, 18\)"):
         deform_conv2d(x, jnp.zeros((2, 5, 7, 18)), wt, padding=1)
-    with pytest.raises(
-        ValueError, match=r"deform_conv2d: input channels 4 must be divisible by offset_groups=3"
-    ):
+    with pytest.raises(ValueError, match=r"deform_conv2d: input channels 4 must be divisible by offset_groups=3"):
         deform_conv2d(x, jnp.zeros((2, 6, 7, 54)), wt, padding=1)
     with pytest.raises(ValueError, match=r"deform_conv2d: `mask` must be \(2, 6, 7, 9\)"):
         deform_conv2d(x, off, wt, padding=1, mask=jnp.zeros((2, 6, 7, 18)))

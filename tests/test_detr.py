@@ -29,9 +29,7 @@ from flax_attn.testing.parity import check_parity, randomize_torch_module  # noq
 from flax_attn.testing.torch_ref import detr as ref  # noqa: E402
 
 LAYER = dict(d_model=24, nhead=4, dim_feedforward=40, dropout=0.1)
-TINY_DETR = dict(
-    num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48
-)
+TINY_DETR = dict(num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48)
 
 
 # --------------------------------------------------------------------------- layer options
@@ -116,9 +114,7 @@ def _nn_entry(kind, batch_first):
     """torch.nn's own Transformer{Encoder,Decoder}Layer as the reference for the Flax layers."""
     flax_cls = TransformerEncoderLayer if kind == "encoder" else TransformerDecoderLayer
 
-    def flax_factory(
-        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, batch_first
-    ):
+    def flax_factory(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, batch_first):
         return flax_cls(
             d_model=d_model,
             nhead=nhead,
@@ -386,9 +382,7 @@ def test_detr_fully_padded_image_gives_finite_outputs_and_gradients(tiny_detr_sd
 
 def test_bad_input():
     x = jnp.zeros((2, 7, 24))
-    with pytest.raises(
-        ValueError, match=r"TransformerEncoderLayer: `d_model`=24 must be divisible by `nhead`=5"
-    ):
+    with pytest.raises(ValueError, match=r"TransformerEncoderLayer: `d_model`=24 must be divisible by `nhead`=5"):
         TransformerEncoderLayer(d_model=24, nhead=5).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: unknown `activation` 'swish'"):
         TransformerEncoderLayer(d_model=24, nhead=4, activation="swish").init(jax.random.PRNGKey(0), x)
@@ -408,9 +402,7 @@ def test_bad_input():
         TransformerDecoderLayer(d_model=24, nhead=4).init(
             jax.random.PRNGKey(0), x, jnp.zeros((2, 9, 24)), memory_key_padding_mask=jnp.zeros((2, 7), bool)
         )
-    with pytest.raises(
-        ValueError, match=r"TransformerDecoder: `return_intermediate=True` needs the final norm"
-    ):
+    with pytest.raises(ValueError, match=r"TransformerDecoder: `return_intermediate=True` needs the final norm"):
         TransformerDecoder(num_layers=1, d_model=24, nhead=4, norm=False, return_intermediate=True).init(
             jax.random.PRNGKey(0), x, x
         )
@@ -428,15 +420,11 @@ def test_bad_input():
         DETR(**TINY_DETR, backbone="resnet18").init(jax.random.PRNGKey(0), img)
     with pytest.raises(ValueError, match=r"DETR: `samples` must have 3 channels"):
         DETR(**TINY_DETR).init(jax.random.PRNGKey(0), jnp.zeros((1, 33, 31, 4)))
-    with pytest.raises(
-        ValueError, match=r"PositionEmbeddingSine: `normalize` should be True if `scale` is passed"
-    ):
+    with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `normalize` should be True if `scale` is passed"):
         PositionEmbeddingSine(scale=1.0).apply({}, src, jnp.zeros((2, 3, 5), bool))
     with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `mask` must have shape \(2, 3, 5\)"):
         PositionEmbeddingSine().apply({}, src, jnp.zeros((2, 3, 4), bool))
-    with pytest.raises(
-        ValueError, match=r"PositionEmbeddingLearned: the tables hold 50 rows/columns; got a 3x51"
-    ):
+    with pytest.raises(ValueError, match=r"PositionEmbeddingLearned: the tables hold 50 rows/columns; got a 3x51"):
         PositionEmbeddingLearned(8).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 51, 4)))
     with pytest.raises(ValueError, match=r"TransformerEncoder"):
         TransformerEncoder(num_layers=1, d_model=24, nhead=7).init(jax.random.PRNGKey(0), x)

@@ -142,9 +142,7 @@ def test_hybrid_loss_and_parameter_gradients_match_official_trainer():
 
 
 def test_bad_inputs():
-    ram = RecurrentAttention(
-        g=4, k=1, s=2, c=1, h_g=4, h_l=4, std=0.1, hidden_size=8, num_classes=3, num_glimpses=2
-    )
+    ram = RecurrentAttention(g=4, k=1, s=2, c=1, h_g=4, h_l=4, std=0.1, hidden_size=8, num_classes=3, num_glimpses=2)
     x, l0, eps = jnp.zeros((2, 12, 12, 1)), jnp.zeros((2, 2)), jnp.zeros((2, 2, 2))
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match=r"RecurrentAttention: h_g \+ h_l = 9 must equal hidden_size=8"):

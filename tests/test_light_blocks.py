@@ -35,14 +35,19 @@ def _sd(t):
 # --------------------------------------------------------------------------- GCNet
 
 
-@pytest.mark.parametrize("pooling_type,fusion_types", [
-    ("att", ("channel_add",)),  # the official default
-    ("att", ("channel_mul",)),
-    ("avg", ("channel_add", "channel_mul")),
-])
+@pytest.mark.parametrize(
+    "pooling_type,fusion_types",
+    [
+        ("att", ("channel_add",)),  # the official default
+        ("att", ("channel_mul",)),
+        ("avg", ("channel_add", "channel_mul")),
+    ],
+)
 def test_context_block_options(pooling_type, fusion_types):
-    check_parity(catalogue.get("context_block"),
-                 config=dict(inplanes=32, ratio=1 / 8, pooling_type=pooling_type, fusion_types=fusion_types))
+    check_parity(
+        catalogue.get("context_block"),
+        config=dict(inplanes=32, ratio=1 / 8, pooling_type=pooling_type, fusion_types=fusion_types),
+    )
 
 
 def test_context_block_layernorm_reshape_round_trip():
@@ -52,8 +57,7 @@ def test_context_block_layernorm_reshape_round_trip():
     assert sd["channel_add_conv.1.weight"].shape == (8, 1, 1)
     m = ContextBlock(32, 1 / 4, "att", ("channel_add", "channel_mul"))
     v = from_torch(m, sd, X)
-    np.testing.assert_array_equal(v["params"]["channel_mul_conv_1"]["scale"],
-                                  sd["channel_mul_conv.1.weight"][:, 0, 0])
+    np.testing.assert_array_equal(v["params"]["channel_mul_conv_1"]["scale"], sd["channel_mul_conv.1.weight"][:, 0, 0])
     back = to_torch(m, v, X)
     assert set(back) == set(sd)
     for k in sd:
@@ -141,8 +145,7 @@ def test_coord_att_bad_inputs():
 # --------------------------------------------------------------------------- ECA
 
 
-@pytest.mark.parametrize("channels,k", [(16, 3), (32, 3), (64, 3), (128, 5), (256, 5), (512, 5), (1024, 5),
-                                        (2048, 7)])
+@pytest.mark.parametrize("channels,k", [(16, 3), (32, 3), (64, 3), (128, 5), (256, 5), (512, 5), (1024, 5), (2048, 7)])
 def test_eca_adaptive_kernel_size(channels, k):
     assert eca_kernel_size(channels) == k == eca_ref.adaptive_k(channels)
 
@@ -193,10 +196,13 @@ def test_space_to_depth_odd_sizes():
         _init(SPDConv(8, 16), X[..., :8])
 
 
-@pytest.mark.parametrize("config", [
-    dict(c1=8, c2=16, k=1, act=False),
-    dict(c1=8, c2=16, k=3, g=4, bn_eps=1e-3, bn_momentum=0.03),  # YOLOv5 model-level BN settings
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(c1=8, c2=16, k=1, act=False),
+        dict(c1=8, c2=16, k=3, g=4, bn_eps=1e-3, bn_momentum=0.03),  # YOLOv5 model-level BN settings
+    ],
+)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_spd_conv_options(config, train):
     check_parity(catalogue.get("spd_conv"), config=config, train=train)
@@ -204,8 +210,14 @@ def test_spd_conv_options(config, train):
 
 def test_spd_conv_keys_are_yolo_conv():
     sd = _sd(spd_ref.SPDConv(8, 16))
-    assert set(sd) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-                       "bn.num_batches_tracked"}
+    assert set(sd) == {
+        "conv.weight",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    }
     assert sd["conv.weight"].shape == (16, 32, 3, 3)
 
 

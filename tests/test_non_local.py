@@ -30,9 +30,7 @@ def _x(shape, seed=0):
 def test_dimensions(mode, dimension, shape):
     # Train mode (BN batch statistics over 1-D/3-D) for one mode keeps the file fast; eval for all.
     train = mode == "embedded_gaussian"
-    config = dict(
-        in_channels=6, inter_channels=None, dimension=dimension, sub_sample=True, bn_layer=True, mode=mode
-    )
+    config = dict(in_channels=6, inter_channels=None, dimension=dimension, sub_sample=True, bn_layer=True, mode=mode)
     check_parity(ENTRY, config=config, inputs=_x(shape), train=train)
 
 
@@ -46,9 +44,7 @@ def test_dimensions(mode, dimension, shape):
     ],
 )
 def test_options(mode, sub_sample, bn_layer, inter):
-    config = dict(
-        in_channels=8, inter_channels=inter, dimension=2, sub_sample=sub_sample, bn_layer=bn_layer, mode=mode
-    )
+    config = dict(in_channels=8, inter_channels=inter, dimension=2, sub_sample=sub_sample, bn_layer=bn_layer, mode=mode)
     for train in (False, True):
         check_parity(ENTRY, config=config, inputs=_x((3, 7, 5, 8)), train=train)
 

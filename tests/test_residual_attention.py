@@ -103,13 +103,9 @@ def test_bad_input():
             k,
             jnp.ones((1, 13, 17, 4)),
         )
-    with pytest.raises(
-        ValueError, match=r"AttentionModule_stage2: `in_channels`=4 must equal `out_channels`=8"
-    ):
+    with pytest.raises(ValueError, match=r"AttentionModule_stage2: `in_channels`=4 must equal `out_channels`=8"):
         jax.eval_shape(AttentionModule_stage2(4, 8).init, k, jnp.ones((1, 28, 28, 4)))
-    with pytest.raises(
-        ValueError, match=r"ResidualBlock: `output_channels`=6 must be a positive multiple of 4"
-    ):
+    with pytest.raises(ValueError, match=r"ResidualBlock: `output_channels`=6 must be a positive multiple of 4"):
         jax.eval_shape(ResidualBlock(4, 6).init, k, jnp.ones((1, 5, 5, 4)))
     with pytest.raises(ValueError, match=r"ResidualBlock: `x` must have 4 channels"):
         jax.eval_shape(ResidualBlock(4, 8).init, k, jnp.ones((1, 5, 5, 3)))

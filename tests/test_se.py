@@ -52,8 +52,7 @@ def test_se_layer_conv_layout_keys():
 @pytest.mark.parametrize("train", [False, True])
 def test_se_layer_matches_timm_se_module(train):
     _timm()
-    entry = dataclasses.replace(catalogue.get("se_layer"),
-                                torch="flax_attn.testing.torch_ref.se:timm_se_module")
+    entry = dataclasses.replace(catalogue.get("se_layer"), torch="flax_attn.testing.torch_ref.se:timm_se_module")
     check_parity(entry, config=dict(channel=32, reduction=4, style="timm"), layout="timm", train=train)
 
 
@@ -70,10 +69,13 @@ def test_timm_hidden_width(channels):
     assert make_divisible(channels / 16, 8, round_limit=0.0) == t.fc1.out_channels
 
 
-@pytest.mark.parametrize("layout,factory", [
-    ("official", lambda: ref.SELayer(32, 4)),
-    ("conv", lambda: ref.SELayerConv(32, 4)),
-])
+@pytest.mark.parametrize(
+    "layout,factory",
+    [
+        ("official", lambda: ref.SELayer(32, 4)),
+        ("conv", lambda: ref.SELayerConv(32, 4)),
+    ],
+)
 def test_se_layer_round_trip(layout, factory):
     t = factory()
     randomize_torch_module(t)
@@ -84,10 +86,13 @@ def test_se_layer_round_trip(layout, factory):
         np.testing.assert_array_equal(back[k], sd[k])
 
 
-@pytest.mark.parametrize("cls,cfg", [
-    (SEBasicBlock, dict(inplanes=32, planes=32, stride=1)),
-    (SEBottleneck, dict(inplanes=32, planes=8, stride=1)),
-])
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [
+        (SEBasicBlock, dict(inplanes=32, planes=32, stride=1)),
+        (SEBottleneck, dict(inplanes=32, planes=8, stride=1)),
+    ],
+)
 def test_blocks_identity_shortcut_and_timm_style(cls, cfg):
     # No downsample when shapes match (torchvision rule); timm style swaps the SE keys only.
     factory = ref.se_basic_block if cls is SEBasicBlock else ref.se_bottleneck
@@ -123,8 +128,7 @@ def _compare_model(flax_model, tmod, layout, train=False):
     if train:
         fn = jax.jit(lambda v, x: flax_model.apply(v, x, train=True, mutable=["batch_stats"]))
         got, state = fn(variables, IMG)
-        new_sd = to_torch(flax_model, {**variables, **state}, IMG, layout=layout,
-                          collections=("batch_stats",))
+        new_sd = to_torch(flax_model, {**variables, **state}, IMG, layout=layout, collections=("batch_stats",))
         t_sd = _sd(tmod)
         for k, v in new_sd.items():
             np.testing.assert_allclose(v, t_sd[k], atol=1e-5, rtol=1e-5, err_msg=k)
@@ -167,8 +171,7 @@ def test_timm_seresnet34_state_dict_loads_strictly():
 def test_senet_layout_loads_strictly(factory, tfactory):
     sd = _sd(tfactory(num_classes=7, se_style="senet"))
     assert "layer1.0.se.fc.0.weight" in sd and "layer2.0.downsample.0.weight" in sd
-    variables = from_torch(factory(num_classes=7, se_style="senet"), sd,
-                           IMG, layout="senet")
+    variables = from_torch(factory(num_classes=7, se_style="senet"), sd, IMG, layout="senet")
     assert "bias" not in variables["params"]["layer1_0"]["se"]["fc_0"]
 
 

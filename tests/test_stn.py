@@ -93,9 +93,7 @@ def test_identity_theta_is_identity_warp():
 
 def test_bad_inputs():
     x = jnp.zeros((2, 5, 7, 3))
-    with pytest.raises(
-        ValueError, match=r"affine_grid: `theta` must have shape \(N, 2, 3\), got \(2, 3, 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"affine_grid: `theta` must have shape \(N, 2, 3\), got \(2, 3, 3\)"):
         affine_grid(jnp.zeros((2, 3, 3)), x.shape)
     with pytest.raises(ValueError, match="affine_grid: `theta` must be 3-D"):
         affine_grid(jnp.zeros((2, 6)), x.shape)
@@ -115,20 +113,14 @@ def test_bad_inputs():
         grid_sample(x, jnp.zeros((2, 4, 4, 2)), padding_mode="wrap")
     loc = TutorialLocalization()
     with pytest.raises(ValueError, match=r"TutorialLocalization: `x` must be \(N, 28, 28, 1\)"):
-        jax.eval_shape(
-            SpatialTransformer(localization=loc).init, jax.random.PRNGKey(0), jnp.zeros((2, 29, 28, 1))
-        )
+        jax.eval_shape(SpatialTransformer(localization=loc).init, jax.random.PRNGKey(0), jnp.zeros((2, 29, 28, 1)))
 
     class Bad(TutorialLocalization):
         def __call__(self, x, *, train=False):
             return super().__call__(x).reshape(x.shape[0], 3, 2)[:, :2]
 
-    with pytest.raises(
-        ValueError, match=r"SpatialTransformer: the localization network must return .* got shape"
-    ):
-        jax.eval_shape(
-            SpatialTransformer(localization=Bad()).init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1))
-        )
+    with pytest.raises(ValueError, match=r"SpatialTransformer: the localization network must return .* got shape"):
+        jax.eval_shape(SpatialTransformer(localization=Bad()).init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))
 
 
 def test_stn_starts_at_identity_and_names():
@@ -151,9 +143,7 @@ def test_stn_starts_at_identity_and_names():
     "config",
     [
         dict(in_channels=1, input_size=(28, 28), mode="nearest", padding_mode="zeros", align_corners=False),
-        dict(
-            in_channels=2, input_size=(29, 33), mode="bilinear", padding_mode="reflection", align_corners=True
-        ),
+        dict(in_channels=2, input_size=(29, 33), mode="bilinear", padding_mode="reflection", align_corners=True),
     ],
     ids=["nearest-zeros", "bilinear-reflection-aligned"],
 )

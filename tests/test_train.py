@@ -142,9 +142,7 @@ def test_digits_split_is_fixed_and_disjoint():
     # rows of the global batch (what one process loads) equal the slice of the whole batch
     np.testing.assert_array_equal(src.batch(50, slice(8, 24))["image"], a["image"][8:24])
     assert src.position(50) == {"step": 50, "epoch": 50 // 44, "index": 50 % 44}
-    assert not np.array_equal(
-        src.batch(0)["label"], data_lib.DigitsSource(x_tr, y_tr, 32, seed=4).batch(0)["label"]
-    )
+    assert not np.array_equal(src.batch(0)["label"], data_lib.DigitsSource(x_tr, y_tr, 32, seed=4).batch(0)["label"])
 
 
 def test_superres_crops_are_aligned():
@@ -250,9 +248,7 @@ def test_classify_run_resume_and_no_recompilation(tmp_path):
     config = cfg_lib.get_config("classify", TINY_CLASSIFY)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: (
-            compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-        )
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
     )
     trainer = Trainer(config, tmp_path / "run")
     state = trainer.initial_state()
@@ -313,9 +309,7 @@ def test_superres_few_steps_and_bicubic_baseline(tmp_path):
 
 
 def test_superres_bfloat16_runs(tmp_path):
-    config = cfg_lib.get_config(
-        "superres", [*TINY_SUPERRES, "precision='bfloat16'", "steps=2", "eval_every=0"]
-    )
+    config = cfg_lib.get_config("superres", [*TINY_SUPERRES, "precision='bfloat16'", "steps=2", "eval_every=0"])
     trainer = Trainer(config, tmp_path)
     result = trainer.run()
     leaves = jax.tree_util.tree_leaves(result.state.params)
@@ -335,9 +329,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         return b
 
     monkeypatch.setattr(trainer.task.train_source, "batch", poisoned)
-    with pytest.raises(
-        NonFiniteLossError, match="non-finite training loss at step 6.*last good state \\(step 5\\)"
-    ):
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 6.*last good state \\(step 5\\)"):
         trainer.run()
     steps = trainer_steps(tmp_path)
     assert steps == [5]

@@ -85,9 +85,7 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _start(workdir: Path, overrides, devices: int, delay: float = 0.0, **env) -> subprocess.Popen:
-    args = json.dumps(
-        {"config": "classify", "overrides": list(overrides), "workdir": str(workdir), "delay": delay}
-    )
+    args = json.dumps({"config": "classify", "overrides": list(overrides), "workdir": str(workdir), "delay": delay})
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, args],
         env=_env(devices, **env),

@@ -151,9 +151,9 @@ def scaled_dot_product_attention(
     if dropout_rate > 0.0 and dropout_rng is not None:
         survive = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(survive, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum(
-        "bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=acc
-    ).astype(value.dtype)
+    out = jnp.einsum("bhls,bshd->blhd", weights.astype(value.dtype), value, preferred_element_type=acc).astype(
+        value.dtype
+    )
     if return_weights:
         return out, weights.astype(value.dtype)
     return out

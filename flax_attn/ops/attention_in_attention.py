@@ -49,8 +49,7 @@ def mix_branches(attention: jax.Array, non_attention: jax.Array, weights: jax.Ar
     check_rank("mix_branches", "attention", attention, 4, "(batch, height, width, channels)")
     if attention.shape != non_attention.shape:
         raise ValueError(
-            f"mix_branches: `attention` {attention.shape} and `non_attention` {non_attention.shape} "
-            "must match"
+            f"mix_branches: `attention` {attention.shape} and `non_attention` {non_attention.shape} must match"
         )
     if weights.ndim != 2 or weights.shape[0] != attention.shape[0] or weights.shape[1] < 2:
         raise ValueError(

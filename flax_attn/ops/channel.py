@@ -32,8 +32,10 @@ def channel_pool(x: jax.Array, order: Sequence[str] = ("max", "mean")) -> jax.Ar
     ``[mean, max]``. The order decides which input channel of the following conv sees which map.
     """
     check_rank("channel_pool", "x", x, 4, _NHWC)
-    maps = {"max": lambda: jnp.max(x, axis=-1),
-            "mean": lambda: jnp.mean(x, axis=-1, dtype=statistics_dtype(x.dtype)).astype(x.dtype)}
+    maps = {
+        "max": lambda: jnp.max(x, axis=-1),
+        "mean": lambda: jnp.mean(x, axis=-1, dtype=statistics_dtype(x.dtype)).astype(x.dtype),
+    }
     bad = [o for o in order if o not in maps]
     if bad:
         raise ValueError(f"channel_pool: `order` entries must be 'max' or 'mean', got {tuple(order)!r}")

@@ -25,9 +25,7 @@ def position_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, re
     check_rank(fn, "key", key, 3, "(batch, positions, channels)")
     check_rank(fn, "value", value, 3, "(batch, positions, channels)")
     if key.shape != query.shape or value.shape[:2] != query.shape[:2]:
-        raise ValueError(
-            f"{fn}: shapes do not match: query {query.shape}, key {key.shape}, value {value.shape}"
-        )
+        raise ValueError(f"{fn}: shapes do not match: query {query.shape}, key {key.shape}, value {value.shape}")
     acc = statistics_dtype(query.dtype, key.dtype)
     energy = jnp.einsum("bic,bjc->bij", query, key, preferred_element_type=acc)
     attention = jax.nn.softmax(energy, axis=-1)
@@ -54,7 +52,5 @@ def channel_attention(x: jax.Array, *, return_weights: bool = False):
     energy = jnp.einsum("bnc,bnd->bcd", x, x, preferred_element_type=acc)
     energy_new = jnp.max(energy, axis=-1, keepdims=True) - energy
     attention = jax.nn.softmax(energy_new, axis=-1)
-    out = jnp.einsum("bcd,bnd->bnc", attention.astype(x.dtype), x, preferred_element_type=acc).astype(
-        x.dtype
-    )
+    out = jnp.einsum("bcd,bnd->bnc", attention.astype(x.dtype), x, preferred_element_type=acc).astype(x.dtype)
     return (out, attention.astype(x.dtype)) if return_weights else out

@@ -44,9 +44,7 @@ def sine_position_embedding(
     """
     check_rank("sine_position_embedding", "mask", mask, 3, "(batch, height, width)")
     if num_pos_feats <= 0 or num_pos_feats % 2:
-        raise ValueError(
-            f"sine_position_embedding: `num_pos_feats` must be positive and even, got {num_pos_feats}"
-        )
+        raise ValueError(f"sine_position_embedding: `num_pos_feats` must be positive and even, got {num_pos_feats}")
     not_mask = jnp.logical_not(jnp.asarray(mask, jnp.bool_)).astype(jnp.float32)
     y_embed = jnp.cumsum(not_mask, axis=1)
     x_embed = jnp.cumsum(not_mask, axis=2)
@@ -61,8 +59,6 @@ def sine_position_embedding(
     def encode(e):
         p = e[..., None] / dim_t
         b, h, w, _ = p.shape
-        return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(
-            b, h, w, num_pos_feats
-        )
+        return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(b, h, w, num_pos_feats)
 
     return jnp.concatenate([encode(y_embed), encode(x_embed)], axis=-1)

@@ -191,8 +191,7 @@ def _run(
     if state_dict is None:
         randomize_torch_module(tmod, seed)
     else:
-        tmod.load_state_dict({k: torch.from_numpy(np.array(to_numpy(v))) for k, v in state_dict.items()},
-                             strict=True)
+        tmod.load_state_dict({k: torch.from_numpy(np.array(to_numpy(v))) for k, v in state_dict.items()}, strict=True)
     tmod.train(train)
     # The Flax variables are converted from the float32 weights; widening them afterwards is exact,
     # so the float64 runs of both frameworks see the same numbers as the float32 ones.
@@ -212,8 +211,14 @@ def _run(
     def flax_fn(float_inputs):
         all_inputs = {**inputs, **float_inputs}
         if train and entry.train_mode:
-            out, state = fmod.apply(variables, **all_inputs, **kwargs, train=True, mutable=["batch_stats"],
-                                    rngs={"dropout": jax.random.PRNGKey(seed)})
+            out, state = fmod.apply(
+                variables,
+                **all_inputs,
+                **kwargs,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.PRNGKey(seed)},
+            )
         else:
             out, state = fmod.apply(variables, **all_inputs, **kwargs, train=False), {}
         leaves = [o for o in jax.tree_util.tree_leaves(out) if o is not None]
@@ -223,7 +228,8 @@ def _run(
     with _x64(x64), jax.default_matmul_precision("highest"):
         if x64:
             variables = jax.tree_util.tree_map(
-                lambda v: jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables)
+                lambda v: jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables
+            )
         flax_in = {k: jnp.asarray(inputs[k]) for k in float_names}
         out_shapes, _ = jax.eval_shape(flax_fn, flax_in)
         cots = [rng.standard_normal(o.shape).astype(np.float32).astype(np_dtype) for o in out_shapes]
@@ -237,8 +243,9 @@ def _run(
 
         f_out, f_state, f_grads = forward_backward(flax_in, [jnp.asarray(c) for c in cots])
         if x64:
-            narrow = sorted({str(o.dtype) for o in f_out
-                             if o.dtype != jnp.float64 and jnp.issubdtype(o.dtype, jnp.floating)})
+            narrow = sorted(
+                {str(o.dtype) for o in f_out if o.dtype != jnp.float64 and jnp.issubdtype(o.dtype, jnp.floating)}
+            )
             if narrow:
                 notes.append(f"Flax outputs are {narrow} in a float64 run: the block narrows its compute dtype")
         flax_q: dict[str, np.ndarray] = {f"output[{i}]": np.asarray(o) for i, o in enumerate(f_out)}
@@ -266,8 +273,11 @@ def _run(
         wrt = [t_inputs[k] for k in float_names]
         t_grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         for k, tg in zip(float_names, t_grads):
-            torch_q[f"grad[{k}]"] = np.zeros(inputs[k].shape, np_dtype) if tg is None else _from_torch_layout(
-                tg.numpy(), k in entry.image_inputs)
+            torch_q[f"grad[{k}]"] = (
+                np.zeros(inputs[k].shape, np_dtype)
+                if tg is None
+                else _from_torch_layout(tg.numpy(), k in entry.image_inputs)
+            )
     if train and entry.train_mode and f_state:
         t_sd = tmod.state_dict()
         torch_q.update({f"state[{k}]": t_sd[k].numpy() for k in flax_sd})
@@ -301,8 +311,17 @@ def run_parity(
         default_atol, default_rtol = entry.atol, entry.rtol
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
-    run = _run(entry, train=train, seed=seed, config=config, inputs=inputs, state_dict=state_dict, layout=layout,
-               check_grads=check_grads, dtype=dtype)
+    run = _run(
+        entry,
+        train=train,
+        seed=seed,
+        config=config,
+        inputs=inputs,
+        state_dict=state_dict,
+        layout=layout,
+        check_grads=check_grads,
+        dtype=dtype,
+    )
     errors: dict[str, tuple[float, float]] = {}
     failures: list[str] = list(run.notes)
     for name, want in run.torch.items():
@@ -343,8 +362,9 @@ class Conditioning:
         return max(self.tol_ratio, key=self.tol_ratio.get) if self.tol_ratio else "-"
 
 
-def measure_conditioning(entry: Entry, *, train: bool = False, seed: int = 0,
-                         config: Mapping[str, Any] | None = None) -> Conditioning:
+def measure_conditioning(
+    entry: Entry, *, train: bool = False, seed: int = 0, config: Mapping[str, Any] | None = None
+) -> Conditioning:
     """Run ``entry`` in float32 and float64 on both sides and report the differences."""
     kw = dict(train=train, seed=seed, config=config, inputs=None, state_dict=None, layout=None, check_grads=True)
     r32 = _run(entry, dtype="float32", **kw)
@@ -371,4 +391,3 @@ def check_parity(entry: Entry, **kwargs) -> ParityResult:
     if not result.passed:
         raise AssertionError(str(result))
     return result
-

@@ -36,9 +36,7 @@ class _Unavailable:
     _qualname = "torchvision object"
 
     def __init__(self, *args, **kwargs):
-        raise RuntimeError(
-            f"{self._qualname} is a flax_attn.testing.timm_shim stand-in: torchvision is not installed"
-        )
+        raise RuntimeError(f"{self._qualname} is a flax_attn.testing.timm_shim stand-in: torchvision is not installed")
 
 
 def _unavailable(qualname: str) -> type:
@@ -91,31 +89,78 @@ def install_torchvision_stub() -> bool:
         LANCZOS = "lanczos"
 
     transform_names = [
-        "CenterCrop", "ColorJitter", "Compose", "Grayscale", "Normalize", "Pad", "RandomApply",
-        "RandomCrop", "RandomErasing", "RandomGrayscale", "RandomHorizontalFlip", "RandomResizedCrop",
-        "RandomVerticalFlip", "Resize", "ToPILImage", "ToTensor", "Lambda", "RandomChoice", "RandomOrder",
-        "GaussianBlur", "RandomRotation", "RandomAffine", "RandomPerspective", "PILToTensor",
-        "ConvertImageDtype", "FiveCrop", "TenCrop", "RandomAdjustSharpness", "RandomAutocontrast",
-        "RandomEqualize", "RandomInvert", "RandomPosterize", "RandomSolarize", "TrivialAugmentWide",
-        "AutoAugment", "RandAugment", "AugMix",
+        "CenterCrop",
+        "ColorJitter",
+        "Compose",
+        "Grayscale",
+        "Normalize",
+        "Pad",
+        "RandomApply",
+        "RandomCrop",
+        "RandomErasing",
+        "RandomGrayscale",
+        "RandomHorizontalFlip",
+        "RandomResizedCrop",
+        "RandomVerticalFlip",
+        "Resize",
+        "ToPILImage",
+        "ToTensor",
+        "Lambda",
+        "RandomChoice",
+        "RandomOrder",
+        "GaussianBlur",
+        "RandomRotation",
+        "RandomAffine",
+        "RandomPerspective",
+        "PILToTensor",
+        "ConvertImageDtype",
+        "FiveCrop",
+        "TenCrop",
+        "RandomAdjustSharpness",
+        "RandomAutocontrast",
+        "RandomEqualize",
+        "RandomInvert",
+        "RandomPosterize",
+        "RandomSolarize",
+        "TrivialAugmentWide",
+        "AutoAugment",
+        "RandAugment",
+        "AugMix",
     ]
     functional = _module("torchvision.transforms.functional", InterpolationMode=InterpolationMode)
 
     transforms = _module(
-        "torchvision.transforms", functional=functional, InterpolationMode=InterpolationMode,
+        "torchvision.transforms",
+        functional=functional,
+        InterpolationMode=InterpolationMode,
         **{n: _unavailable(f"torchvision.transforms.{n}") for n in transform_names},
     )
-    dataset_names = ["CIFAR10", "CIFAR100", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder", "Places365",
-                     "INaturalist", "QMNIST", "ImageNet"]
-    datasets = _module("torchvision.datasets",
-                       **{n: _unavailable(f"torchvision.datasets.{n}") for n in dataset_names})
+    dataset_names = [
+        "CIFAR10",
+        "CIFAR100",
+        "MNIST",
+        "KMNIST",
+        "FashionMNIST",
+        "ImageFolder",
+        "Places365",
+        "INaturalist",
+        "QMNIST",
+        "ImageNet",
+    ]
+    datasets = _module("torchvision.datasets", **{n: _unavailable(f"torchvision.datasets.{n}") for n in dataset_names})
     misc = _module("torchvision.ops.misc", FrozenBatchNorm2d=FrozenBatchNorm2d)
     ops = _module("torchvision.ops", misc=misc, FrozenBatchNorm2d=FrozenBatchNorm2d)
     # timm guards `torchvision.models.feature_extraction` with try/except: leaving it out keeps
     # timm's FX feature extraction cleanly disabled.
     utils = _module("torchvision.utils")
-    root = _module("torchvision", transforms=transforms, datasets=datasets, ops=ops, utils=utils,
-                   __version__="0.0.0+flax_attn_stub")
+    root = _module(
+        "torchvision",
+        transforms=transforms,
+        datasets=datasets,
+        ops=ops,
+        utils=utils,
+        __version__="0.0.0+flax_attn_stub",
+    )
     for mod in (root, transforms, functional, datasets, ops, misc, utils):
         sys.modules[mod.__name__] = mod
     return True

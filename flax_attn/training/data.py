@@ -53,9 +53,7 @@ def digits_split(image_size: int = 8, test_fraction: float = 0.2, split_seed: in
             [resize(im, (image_size, image_size), order=1, anti_aliasing=False, mode="edge") for im in x]
         ).astype(np.float32)
     y = d.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=split_seed, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
     return x_tr, y_tr, x_te, y_te
 
 
@@ -71,9 +69,7 @@ class DigitsSource:
 
     def __post_init__(self):
         if self.batch_size > len(self.images):
-            raise ValueError(
-                f"DigitsSource: batch_size {self.batch_size} exceeds the {len(self.images)} examples"
-            )
+            raise ValueError(f"DigitsSource: batch_size {self.batch_size} exceeds the {len(self.images)} examples")
         self.steps_per_epoch = len(self.images) // self.batch_size
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -168,8 +164,7 @@ class CropSource:
         for im in self.lr:
             if min(im.shape[:2]) < self.patch_size:
                 raise ValueError(
-                    f"CropSource: an LR image of shape {im.shape} is smaller than "
-                    f"patch_size {self.patch_size}"
+                    f"CropSource: an LR image of shape {im.shape} is smaller than patch_size {self.patch_size}"
                 )
 
     def position(self, step: int) -> dict[str, int]:

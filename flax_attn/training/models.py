@@ -56,9 +56,7 @@ def resolve(name: str) -> type:
     spec = ALIASES.get(name, name)
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
-        raise ValueError(
-            f"model name {name!r} must be 'package.module:Class' or one of the aliases {sorted(ALIASES)}"
-        )
+        raise ValueError(f"model name {name!r} must be 'package.module:Class' or one of the aliases {sorted(ALIASES)}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -145,8 +143,9 @@ class SmallSECNN(nn.Module):
         for i, (w, d) in enumerate(zip(self.widths, depths)):
             for j in range(d):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = SEBasicBlock(x.shape[-1], w, stride, self.reduction, se_style="senet",
-                                 name=f"layer{i + 1}_{j}", **kw)(x, train=train)
+                x = SEBasicBlock(
+                    x.shape[-1], w, stride, self.reduction, se_style="senet", name=f"layer{i + 1}_{j}", **kw
+                )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return Linear(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
 
@@ -233,7 +232,5 @@ class TinySR(nn.Module):
         up = nn.relu(pixel_shuffle(up, self.scale))
         out = Conv(self.in_nc, 3, 1, 1, name="conv_last", **kw)(up)
         mode = self.upsample
-        skip = interpolate(
-            x, scale_factor=self.scale, mode=mode, align_corners=False if mode == "bilinear" else None
-        )
+        skip = interpolate(x, scale_factor=self.scale, mode=mode, align_corners=False if mode == "bilinear" else None)
         return (out + skip.astype(out.dtype)).astype(jnp.float32)

@@ -99,13 +99,10 @@ def process_rows(mesh: Mesh, global_batch: int) -> slice:
     data_size = mesh.shape[DATA]
     if global_batch % data_size:
         raise ValueError(
-            f"global batch size {global_batch} must be divisible by the {data_size} devices on the "
-            f"'{DATA}' mesh axis"
+            f"global batch size {global_batch} must be divisible by the {data_size} devices on the '{DATA}' mesh axis"
         )
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-    spans = sorted(
-        {(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index_map.values()}
-    )
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index_map.values()})
     start, stop = spans[0][0], spans[0][1]
     for lo, hi in spans[1:]:
         if lo != stop:

@@ -112,9 +112,7 @@ class SuperResTask(Task):
         overlap = set(d.train_images) & set(d.eval_images)
         if overlap or ({"cat", "chelsea"} <= set(d.train_images) | set(d.eval_images)):
             # skimage.data.cat is chelsea: the same photograph under two names.
-            raise ValueError(
-                f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}"
-            )
+            raise ValueError(f"superres: training and evaluation images overlap: {sorted(overlap) or ['cat/chelsea']}")
         self.train_source = data_lib.superres_train_source(
             d.train_images,
             batch_size=d.batch_size,

@@ -73,8 +73,9 @@ class AAB(nn.Module):
 class AAN(nn.Module):
     """The official ``AAN`` (A2N) with its hyper-parameters as keyword arguments."""
 
-    def __init__(self, in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4, reduction=4, K=2, t=30,
-                 non_attention_kernel=3):
+    def __init__(
+        self, in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4, reduction=4, K=2, t=30, non_attention_kernel=3
+    ):
         super().__init__()
         self.scale = scale
         self.conv_first = nn.Conv2d(in_nc, nf, 3, 1, 1, bias=True)

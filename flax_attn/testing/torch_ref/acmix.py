@@ -101,9 +101,7 @@ class ACmix(nn.Module):
 class WindowAttention(nn.Module):
     """Swin's ``WindowAttention`` (Liu et al., ICCV 2021, arXiv 2103.14030) on ``(num_windows*B, N, C)``."""
 
-    def __init__(
-        self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0
-    ):
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         self.dim = dim
         self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)

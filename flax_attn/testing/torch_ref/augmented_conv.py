@@ -26,9 +26,7 @@ class AugmentedConv(nn.Module):
             stride,
         )
         self.padding = (kernel_size - 1) // 2
-        self.conv_out = nn.Conv2d(
-            in_channels, out_channels - dv, kernel_size, stride=stride, padding=self.padding
-        )
+        self.conv_out = nn.Conv2d(in_channels, out_channels - dv, kernel_size, stride=stride, padding=self.padding)
         self.qkv_conv = nn.Conv2d(
             in_channels, 2 * dk + dv, kernel_size=kernel_size, stride=stride, padding=self.padding
         )

@@ -68,8 +68,9 @@ class CrissCrossAttention(nn.Module):
 class InPlaceABNSync(nn.BatchNorm2d):
     """inplace_abn's ``InPlaceABNSync`` on one device: BatchNorm, then leaky ReLU (slope 0.01)."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, activation="leaky_relu",
-                 activation_param=0.01):
+    def __init__(
+        self, num_features, eps=1e-5, momentum=0.1, affine=True, activation="leaky_relu", activation_param=0.01
+    ):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
         self.activation, self.activation_param = activation, activation_param
 
@@ -94,11 +95,13 @@ class RCCAModule(nn.Module):
         super().__init__()
         inter_channels = in_channels // 4
         self.recurrence = recurrence
-        self.conva = nn.Sequential(nn.Conv2d(in_channels, inter_channels, 3, padding=1, bias=False),
-                                   InPlaceABNSync(inter_channels))
+        self.conva = nn.Sequential(
+            nn.Conv2d(in_channels, inter_channels, 3, padding=1, bias=False), InPlaceABNSync(inter_channels)
+        )
         self.cca = CrissCrossAttention(inter_channels)
-        self.convb = nn.Sequential(nn.Conv2d(inter_channels, inter_channels, 3, padding=1, bias=False),
-                                   InPlaceABNSync(inter_channels))
+        self.convb = nn.Sequential(
+            nn.Conv2d(inter_channels, inter_channels, 3, padding=1, bias=False), InPlaceABNSync(inter_channels)
+        )
         self.bottleneck = nn.Sequential(
             nn.Conv2d(in_channels + inter_channels, out_channels, kernel_size=3, padding=1, dilation=1, bias=False),
             InPlaceABNSync(out_channels),

@@ -45,9 +45,7 @@ def _bilinear_interpolate(img, y, x):
     return val
 
 
-def deform_conv2d(
-    input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None
-):
+def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=None):
     """``torchvision.ops.deform_conv2d`` (NCHW, weight OIHW) in plain torch."""
     stride_h, stride_w = _pair(stride)
     pad_h, pad_w = _pair(padding)
@@ -87,9 +85,7 @@ def deform_conv2d(
 class DeformConv2d(nn.Module):
     """``torchvision.ops.DeformConv2d``: parameters ``weight`` (O, C/groups, kh, kw) and ``bias``."""
 
-    def __init__(
-        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True
-    ):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
         super().__init__()
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *_pair(kernel_size)))
@@ -101,9 +97,7 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input, offset, mask=None):
-        return deform_conv2d(
-            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
 
 class DeformConv2dPack(nn.Module):
@@ -184,6 +178,4 @@ class ModulatedDeformConv2dPack(nn.Module):
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         mask = torch.sigmoid(mask)
-        return deform_conv2d(
-            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)

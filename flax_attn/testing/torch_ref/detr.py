@@ -46,9 +46,7 @@ def _with_pos(t, pos):
 
 
 class TransformerEncoderLayer(nn.Module):
-    def __init__(
-        self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False
-    ):
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -79,9 +77,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    def __init__(
-        self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False
-    ):
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -208,15 +204,11 @@ class Transformer(nn.Module):
         return_intermediate_dec=False,
     ):
         super().__init__()
-        enc_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
-        )
+        enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
         self.encoder = TransformerEncoder(
             enc_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
         )
-        dec_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
-        )
+        dec_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
         self.decoder = TransformerDecoder(
             dec_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
         )
@@ -336,9 +328,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(
-            planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
-        )
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = norm_layer(planes * 4)
@@ -357,9 +347,7 @@ class ResNet(nn.Module):
     """torchvision's ``ResNet`` with Bottleneck blocks (the parts DETR uses; ``avgpool``/``fc`` kept
     so that the IntermediateLayerGetter has something to drop, as with the real one)."""
 
-    def __init__(
-        self, layers, replace_stride_with_dilation=(False, False, False), norm_layer=FrozenBatchNorm2d
-    ):
+    def __init__(self, layers, replace_stride_with_dilation=(False, False, False), norm_layer=FrozenBatchNorm2d):
         super().__init__()
         self._norm_layer = norm_layer
         self.inplanes = 64
@@ -486,9 +474,7 @@ class DETR(nn.Module):
 
     def forward(self, samples):
         if isinstance(samples, torch.Tensor):
-            samples = NestedTensor(
-                samples, torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
-            )
+            samples = NestedTensor(samples, torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool))
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]

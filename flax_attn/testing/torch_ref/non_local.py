@@ -59,9 +59,7 @@ class _NonLocalBlockND(nn.Module):
             self.theta = conv_nd(self.in_channels, self.inter_channels, kernel_size=1, stride=1, padding=0)
             self.phi = conv_nd(self.in_channels, self.inter_channels, kernel_size=1, stride=1, padding=0)
         if mode == "concatenation":
-            self.concat_project = nn.Sequential(
-                nn.Conv2d(self.inter_channels * 2, 1, 1, 1, 0, bias=False), nn.ReLU()
-            )
+            self.concat_project = nn.Sequential(nn.Conv2d(self.inter_channels * 2, 1, 1, 1, 0, bias=False), nn.ReLU())
         if sub_sample:
             self.g = nn.Sequential(self.g, pool)
             if mode == "gaussian":
@@ -116,13 +114,9 @@ class Network(nn.Module):
         super().__init__()
         self.conv_1 = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
         self.nl_1 = _NonLocalBlockND(32, dimension=2)
-        self.conv_2 = nn.Sequential(
-            nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)
-        )
+        self.conv_2 = nn.Sequential(nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
         self.nl_2 = _NonLocalBlockND(64, dimension=2)
-        self.conv_3 = nn.Sequential(
-            nn.Conv2d(64, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2)
-        )
+        self.conv_3 = nn.Sequential(nn.Conv2d(64, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2))
         self.fc = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 10))
 
     def forward(self, x, return_nl_map=False):

@@ -161,9 +161,7 @@ class _ResidualAttentionModel(nn.Module):
         self.residual_block4 = ResidualBlock(1024, 2048, 2)
         self.residual_block5 = ResidualBlock(2048, 2048)
         self.residual_block6 = ResidualBlock(2048, 2048)
-        self.mpool2 = nn.Sequential(
-            nn.BatchNorm2d(2048), nn.ReLU(inplace=True), nn.AvgPool2d(kernel_size=7, stride=1)
-        )
+        self.mpool2 = nn.Sequential(nn.BatchNorm2d(2048), nn.ReLU(inplace=True), nn.AvgPool2d(kernel_size=7, stride=1))
         self.fc = nn.Linear(2048, num_classes)
         self.depth = depth
 

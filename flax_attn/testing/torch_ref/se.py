@@ -104,16 +104,18 @@ class SEBottleneck(nn.Module):
 
 
 def _downsample(inplanes, out_planes, stride):
-    return nn.Sequential(nn.Conv2d(inplanes, out_planes, kernel_size=1, stride=stride, bias=False),
-                         nn.BatchNorm2d(out_planes))
+    return nn.Sequential(
+        nn.Conv2d(inplanes, out_planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+    )
 
 
 def _block(cls, inplanes, planes, stride, reduction, downsample=None):
     out = planes * cls.expansion
     if downsample is None:
         downsample = stride != 1 or inplanes != out
-    return cls(inplanes, planes, stride, _downsample(inplanes, out, stride) if downsample else None,
-               reduction=reduction)
+    return cls(
+        inplanes, planes, stride, _downsample(inplanes, out, stride) if downsample else None, reduction=reduction
+    )
 
 
 def se_basic_block(inplanes, planes, stride=1, reduction=16, downsample=None):

@@ -20,9 +20,7 @@ def _feature_hw(input_size):
 class SpatialTransformer(nn.Module):
     """The tutorial's ``stn`` (localization + fc_loc + affine_grid + grid_sample) as a module."""
 
-    def __init__(
-        self, in_channels=1, input_size=(28, 28), mode="bilinear", padding_mode="zeros", align_corners=False
-    ):
+    def __init__(self, in_channels=1, input_size=(28, 28), mode="bilinear", padding_mode="zeros", align_corners=False):
         super().__init__()
         fh, fw = _feature_hw(input_size)
         self.feat = 10 * fh * fw
@@ -43,9 +41,7 @@ class SpatialTransformer(nn.Module):
         xs = self.localization(x).reshape(-1, self.feat)
         theta = self.fc_loc(xs).view(-1, 2, 3)
         grid = F.affine_grid(theta, x.size(), align_corners=self.align_corners)
-        return F.grid_sample(
-            x, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=self.align_corners
-        )
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=self.align_corners)
 
 
 class Net(nn.Module):
