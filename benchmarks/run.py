@@ -65,21 +65,22 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     make = entry.inputs if small or entry.bench_inputs is None else entry.bench_inputs
     rng = np.random.default_rng(0)
     inputs = make(rng, config) if len(inspect.signature(make).parameters) >= 2 else make(rng)
-    kwargs = dict(entry.call_kwargs)
+    kwargs = dict(entry.call_kwargs)  # the torch call's; the Flax side's add method=flax_call if set
+    flax_kwargs = entry.flax_kwargs
     float_names = [k for k, v in inputs.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
     tmod = entry.build_torch(config)
     randomize_torch_module(tmod, 0)
     sd = {k: to_numpy(v) for k, v in tmod.state_dict().items()}
     fmod = entry.build_flax(config)
-    variables = from_torch(fmod, sd, **inputs, **kwargs)
+    variables = from_torch(fmod, sd, **inputs, **flax_kwargs)
     jin = {k: jnp.asarray(v) for k, v in inputs.items()}
 
     def leaves(out):
         return [o for o in jax.tree_util.tree_leaves(out) if o is not None]
 
     def fwd(v, x):
-        return fmod.apply(v, **x, **kwargs, train=False)
+        return fmod.apply(v, **x, **flax_kwargs, train=False)
 
     train = entry.train_mode
 
@@ -87,10 +88,10 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
         v = {**v, "params": params} if params else v
         if train:
             out, _ = fmod.apply(
-                v, **x, **kwargs, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
+                v, **x, **flax_kwargs, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
             )
         else:
-            out = fmod.apply(v, **x, **kwargs, train=False)
+            out = fmod.apply(v, **x, **flax_kwargs, train=False)
         return sum(jnp.sum(o.astype(jnp.float32)) for o in leaves(out))
 
     float_in = {k: jin[k] for k in float_names}

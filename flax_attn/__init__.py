@@ -51,7 +51,7 @@ from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalizati
 
 __version__ = "0.1.0"
 
-# Block families: each module registers its catalogue entries on import.
+# The block families. Their catalogue entries live in flax_attn/catalogue/ and load on first use.
 __all__ = [
     "A2N",
     "AAB",

@@ -62,22 +62,11 @@ def _build(entry, config):
     except TypeError as e:
         if "argument" not in str(e):
             raise
-        raise UsageError(f"--config {_fmt_config(config)} does not fit {_class_name(entry)}: {e}") from None
+        raise UsageError(f"--config {_fmt_config(config)} does not fit {entry.flax_name}: {e}") from None
 
 
 def _fmt_config(config) -> str:
     return " ".join(f"{k}={v!r}" for k, v in config.items())
-
-
-def _class_name(entry) -> str:
-    f = entry.flax
-    if not isinstance(f, type):
-        # A factory function: name the class it builds, not the function.
-        try:
-            f = type(entry.build_flax())
-        except Exception:  # a factory that needs arguments the catalogue does not give keeps its own name
-            pass
-    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', getattr(f, '__name__', repr(f)))}"
 
 
 def _int_values(config) -> dict:
@@ -200,7 +189,7 @@ def _convert_matching(entry, module, config, sd, layout, seed=0):
     mismatch = other = None
     for inputs in candidate_inputs(entry, config, seed):
         try:
-            return from_torch(module, sd, layout=layout, **inputs, **entry.call_kwargs), inputs
+            return from_torch(module, sd, layout=layout, **inputs, **entry.flax_kwargs), inputs
         except StateDictMismatchError as e:
             mismatch = mismatch or e
         except (TypeError, ValueError) as e:
@@ -209,7 +198,7 @@ def _convert_matching(entry, module, config, sd, layout, seed=0):
             other = other or e
     if mismatch is not None:
         raise UsageError(
-            f"the checkpoint does not match {entry.name} ({_class_name(entry)}) with config {_fmt_config(config)}\n"
+            f"the checkpoint does not match {entry.name} ({entry.flax_name}) with config {_fmt_config(config)}\n"
             f"{mismatch.report}\nhint: {_config_hint(entry, config, mismatch.report)}"
         ) from mismatch
     raise UsageError(f"{entry.name} does not run with config {_fmt_config(config)}: {other}") from other
@@ -227,7 +216,7 @@ def cmd_blocks(args) -> int:
     from flax_attn import catalogue
 
     for e in catalogue.entries():
-        print(f"{e.name:<34s} {e.family:<14s} {_class_name(e)}({', '.join(f'{k}={v!r}' for k, v in e.config.items())})")
+        print(f"{e.name:<34s} {e.family:<14s} {e.flax_signature}")
         print(f"{'':<34s} layouts={','.join(e.layouts)}  {e.paper}")
     return 0
 
@@ -281,7 +270,7 @@ def _runnable_inputs(entry, module, config, seed):
     first = None
     for inputs in candidate_inputs(entry, config, seed):
         try:
-            jax.eval_shape(lambda kw: module.init(jax.random.PRNGKey(0), **kw, **entry.call_kwargs), inputs)
+            jax.eval_shape(lambda kw: module.init(jax.random.PRNGKey(0), **kw, **entry.flax_kwargs), inputs)
             return inputs
         except (TypeError, ValueError) as e:
             first = first or e

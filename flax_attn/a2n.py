@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
@@ -66,6 +65,8 @@ class PA(nn.Module):
     nf: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -269,60 +270,3 @@ class A2N(nn.Module):
         out = conv3(self.out_nc, "conv_last")(fea)
         ilr = interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return out + ilr.astype(out.dtype)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_PAPER = "Chen et al., Attention in Attention Network for Image Super-Resolution, 2021"
-
-catalogue.register(
-    catalogue.Entry(
-        name="aab",
-        family="a2n",
-        paper=_PAPER,
-        arxiv="2104.09497",
-        flax=AAB,
-        torch="flax_attn.testing.torch_ref.a2n:AAB",
-        config=dict(nf=8, reduction=4, K=2, t=30),
-        inputs=catalogue.image_inputs(3, 13, 17, 8),
-        bench_config=dict(nf=40, reduction=4, K=2, t=30),
-        bench_inputs=catalogue.image_inputs(16, 64, 64, 40),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="pixel_attention",
-        family="a2n",
-        paper="Zhao et al., Efficient Image Super-Resolution Using Pixel Attention (PA of A2N), 2020",
-        arxiv="2010.01073",
-        flax=PA,
-        torch="flax_attn.testing.torch_ref.a2n:PA",
-        config=dict(nf=6),
-        inputs=catalogue.image_inputs(3, 13, 17, 6),
-        bench_config=dict(nf=24),
-        bench_inputs=catalogue.image_inputs(16, 128, 128, 24),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="a2n",
-        family="a2n",
-        paper=_PAPER,
-        arxiv="2104.09497",
-        flax=A2N,
-        torch="flax_attn.testing.torch_ref.a2n:AAN",
-        # Tiny network with the reference's argument names; scale 4 exercises both reconstruction stages.
-        config=dict(in_nc=3, out_nc=3, nf=8, unf=6, nb=2, scale=4),
-        inputs=catalogue.image_inputs(3, 13, 17, 3),
-        bench_config=dict(in_nc=3, out_nc=3, nf=40, unf=24, nb=16, scale=4),
-        bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
-        atol=1e-4,
-        rtol=1e-4,
-        train_mode=False,
-    )
-)

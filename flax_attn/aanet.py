@@ -20,14 +20,12 @@ State-dict keys follow ``nets/aggregation.py`` and ``nets/deform.py`` (``fusions
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.deform import DeformConv2d
 from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
@@ -231,6 +229,8 @@ class DeformSimpleBottleneck(_Bottleneck):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
@@ -284,6 +284,8 @@ class AdaptiveAggregationModule(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -369,6 +371,8 @@ class AdaptiveAggregation(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -527,6 +531,8 @@ class AANetFeature(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("conv1", "layer1", "layer2", "layer3")
@@ -584,6 +590,8 @@ class FeaturePyramidNetwork(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("lateral_convs", "fpn_convs")
@@ -633,6 +641,8 @@ class CostVolumePyramid(nn.Module):
     max_disp: int
     feature_similarity: str = "correlation"
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
     @nn.compact
     def __call__(self, left_feature_pyramid, right_feature_pyramid, *, train: bool = False):
         where = "CostVolumePyramid"
@@ -665,6 +675,8 @@ class DisparityEstimation(nn.Module):
 
     max_disp: int
     match_similarity: bool = True
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, cost_volume, *, train: bool = False):
@@ -739,6 +751,8 @@ class StereoDRNetRefinement(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     dilation_list = (1, 2, 4, 8, 1, 1)
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -836,6 +850,8 @@ class AANet(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("refinement")
@@ -925,338 +941,3 @@ class AANet(nn.Module):
             disparity = StereoDRNetRefinement(name=f"refinement_{i}", **kw)(disparity, cur_left, cur_right, train=train)
             pyramid.append(disparity)
         return pyramid
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-class _AggregationByScale(AdaptiveAggregation):
-    """Catalogue adapter: the scales as keyword arrays ``cost0``, ``cost1``, ... (same variables)."""
-
-    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, *, train: bool = False):
-        cv = [c for c in (cost0, cost1, cost2, cost3) if c is not None]
-        return super().__call__(cv, train=train)
-
-
-class _ModuleByScale(AdaptiveAggregationModule):
-    """Catalogue adapter, as ``_AggregationByScale``."""
-
-    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, *, train: bool = False):
-        cv = [c for c in (cost0, cost1, cost2, cost3) if c is not None]
-        return super().__call__(cv, train=train)
-
-
-def _volumes(n, hw, max_disp, scales):
-    def make(rng):
-        h, w = hw
-        out = {}
-        for i in range(scales):
-            out[f"cost{i}"] = rng.standard_normal((n, h, w, max_disp // 2**i), dtype=np.float32)
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return out
-
-    return make
-
-
-_VOLUME_NAMES = ("cost0", "cost1", "cost2")
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_deform_simple_bottleneck",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet intra-scale aggregation)",
-        arxiv="2004.09548",
-        flax=DeformSimpleBottleneck,
-        torch="flax_attn.testing.torch_ref.aanet:DeformSimpleBottleneck",
-        config=dict(inplanes=6, planes=6, mdconv_dilation=2, deformable_groups=2),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 6), dtype=np.float32)},
-        bench_config=dict(inplanes=64, planes=64),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((4, 96, 160, 64), dtype=np.float32)},
-        layouts=("official",),
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[x] by 4.6e-6 (torch) / 7.7e-6 (Flax), 0.63 of the 1e-5 "
-        "tolerance (train-mode BN around a deformable conv whose offsets move its sampling weights); eval 0.007",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_adaptive_aggregation_module",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet ISA + cross-scale aggregation)",
-        arxiv="2004.09548",
-        flax=_ModuleByScale,
-        torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregationModule",
-        config=dict(num_scales=3, num_output_branches=3, max_disp=8),
-        inputs=_volumes(3, (13, 17), 8, 3),
-        bench_config=dict(num_scales=3, num_output_branches=3, max_disp=64),
-        bench_inputs=_volumes(4, (96, 160), 64, 3),
-        image_inputs=_VOLUME_NAMES,
-        torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
-        layouts=("official",),
-        float64_modes=("eval", "train"),
-        conditioning="float32 rounding moves grad[cost1] by 2.1e-6 / 1.0e-5 (torch, eval / train) and 1.9e-6 / "
-        "1.1e-5 (Flax), 0.17 / 0.65 of the 1e-5 tolerance",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_adaptive_aggregation",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet stacked adaptive aggregation)",
-        arxiv="2004.09548",
-        flax=_AggregationByScale,
-        torch="flax_attn.testing.torch_ref.aanet:AdaptiveAggregation",
-        config=dict(max_disp=8, num_scales=3, num_fusions=2, num_deform_blocks=1),
-        inputs=_volumes(3, (13, 17), 8, 3),
-        bench_config=dict(max_disp=64),
-        bench_inputs=_volumes(4, (96, 160), 64, 3),
-        image_inputs=_VOLUME_NAMES,
-        torch_call=lambda m, **kw: m([kw[k] for k in _VOLUME_NAMES if k in kw]),
-        layouts=("official",),
-        atol=1e-4,  # a whole model: stages of bottlenecks and fusions (11 BatchNorms per stage)
-        rtol=1e-4,
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[cost2] by 1.4e-5 (torch) / 7.6e-6 (Flax), 0.10-0.15 of "
-        "the whole-model 1e-4 tolerance (two runs); eval uses 0.019",
-    )
-)
-
-
-class _FPNByLevel(FeaturePyramidNetwork):
-    """Catalogue adapter: the levels as keyword arrays ``x0``, ``x1``, ``x2`` (same variables)."""
-
-    def __call__(self, x0, x1, x2, *, train: bool = False):
-        return super().__call__([x0, x1, x2], train=train)
-
-
-class _CostByScale(CostVolumePyramid):
-    """Catalogue adapter: ``left0..2`` and ``right0..2`` keyword arrays."""
-
-    def __call__(self, left0, left1, left2, right0, right1, right2, *, train: bool = False):
-        return super().__call__([left0, left1, left2], [right0, right1, right2], train=train)
-
-
-def _fpn_inputs(n, hw, channels):
-    def make(rng):
-        h, w = hw
-        out = {}
-        for i, c in enumerate(channels):
-            out[f"x{i}"] = rng.standard_normal((n, h, w, c), dtype=np.float32)
-            h, w = h // 2, w // 2
-        return out
-
-    return make
-
-
-def _pyramid_pair(n, hw, c):
-    def make(rng):
-        h, w = hw
-        out = {}
-        for i in range(3):
-            out[f"left{i}"] = rng.standard_normal((n, h, w, c), dtype=np.float32)
-            out[f"right{i}"] = rng.standard_normal((n, h, w, c), dtype=np.float32)
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return out
-
-    return make
-
-
-def _refinement_inputs(n, low_hw, hw):
-    def make(rng):
-        return {
-            # Disparities are non-negative (soft-argmin output); AANet's warp asserts it.
-            "low_disp": rng.uniform(0.0, 3.0, (n, *low_hw)).astype(np.float32),
-            "left_img": rng.standard_normal((n, *hw, 3), dtype=np.float32),
-            "right_img": rng.standard_normal((n, *hw, 3), dtype=np.float32),
-        }
-
-    return make
-
-
-def _stereo_pair(n, hw):
-    def make(rng):
-        return {
-            "left_img": rng.standard_normal((n, *hw, 3), dtype=np.float32),
-            "right_img": rng.standard_normal((n, *hw, 3), dtype=np.float32),
-        }
-
-    return make
-
-
-_FPN_LEVELS = ("x0", "x1", "x2")
-_COST_LEVELS = ("left0", "left1", "left2", "right0", "right1", "right2")
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_feature",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d in the deformable layer3: bilinear sampling at learned, data-dependent offsets; the "
-                "transposes of its corner gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet ResNet-40 feature extractor, deformable layer3)",
-        arxiv="2004.09548",
-        flax=AANetFeature,
-        torch="flax_attn.testing.torch_ref.aanet:AANetFeature",
-        # AANet's default deformable layer3: its train-mode gradient through BatchNorm over 2x2 maps is
-        # ill-conditioned, so train mode compares in float64.
-        config=dict(in_channels=4),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 3), dtype=np.float32)},
-        bench_config=dict(in_channels=32),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((2, 288, 576, 3), dtype=np.float32)},
-        layouts=("official",),
-        atol=1e-4,  # 13 bottlenecks (40 conv/BN layers) deep
-        rtol=1e-4,
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[x] by 2.4e-3 (torch) / 1.0e-2 (Flax) with the deformable "
-        "layer3, 22x the 1e-4 tolerance (with a plain layer3 0.094 of it); eval uses 0.004",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_feature_pyramid_network",
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet's FPN over the feature levels)",
-        arxiv="2004.09548",
-        flax=_FPNByLevel,
-        torch="flax_attn.testing.torch_ref.aanet:FeaturePyramidNetwork",
-        config=dict(in_channels=(8, 12, 16), out_channels=8),
-        inputs=_fpn_inputs(3, (12, 20), (8, 12, 16)),
-        bench_config=dict(in_channels=(128, 256, 512), out_channels=128),
-        bench_inputs=_fpn_inputs(2, (96, 192), (128, 256, 512)),
-        image_inputs=_FPN_LEVELS,
-        torch_call=lambda m, **kw: m([kw[k] for k in _FPN_LEVELS]),
-        layouts=("official",),
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves the output by 1.6e-6 (torch) / 2.1e-6 (Flax), 0.11 of the "
-        "1e-5 tolerance (three upsample-and-add levels of 3x3 convs); train uses 0.078",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_cost_volume_pyramid",
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet multi-scale correlation cost volume)",
-        arxiv="2004.09548",
-        flax=_CostByScale,
-        torch="flax_attn.testing.torch_ref.aanet:CostVolumePyramid",
-        config=dict(max_disp=8),
-        inputs=_pyramid_pair(3, (13, 17), 6),
-        bench_config=dict(max_disp=64),
-        bench_inputs=_pyramid_pair(2, (96, 192), 128),
-        image_inputs=_COST_LEVELS,
-        torch_call=lambda m, **kw: m([kw[f"left{i}"] for i in range(3)], [kw[f"right{i}"] for i in range(3)]),
-        layouts=("official",),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_disparity_estimation",
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet soft-argmin disparity regression)",
-        arxiv="2004.09548",
-        flax=DisparityEstimation,
-        torch="flax_attn.testing.torch_ref.aanet:DisparityEstimation",
-        config=dict(max_disp=8),
-        inputs=lambda rng: {"cost_volume": 3 * rng.standard_normal((3, 13, 17, 8), dtype=np.float32)},
-        bench_config=dict(max_disp=64),
-        bench_inputs=lambda rng: {"cost_volume": rng.standard_normal((2, 96, 192, 64), dtype=np.float32)},
-        image_inputs=("cost_volume",),
-        output_layout="same",  # (N, H, W) disparity maps, no channel axis
-        layouts=("official",),
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[cost_volume] by 1.4e-6 (torch) / 1.9e-6 (Flax), 0.15 of "
-        "the 1e-5 tolerance (soft-argmin over disparities weights the gradient by up to max_disp)",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet_stereodrnet_refinement",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "disparity_warp: grid_sample of the right image at disparity-shifted, data-dependent positions "
-                "(packed corner gather; its transpose is the scatter)"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet's StereoDRNet disparity refinement)",
-        arxiv="2004.09548",
-        flax=StereoDRNetRefinement,
-        torch="flax_attn.testing.torch_ref.aanet:StereoDRNetRefinement",
-        config={},
-        inputs=_refinement_inputs(3, (7, 9), (13, 17)),
-        bench_inputs=_refinement_inputs(2, (144, 288), (288, 576)),
-        image_inputs=("left_img", "right_img"),
-        output_layout="same",  # (N, H, W) disparity maps, no channel axis
-        layouts=("official",),
-        # 8 conv/BN stages after a bilinear warp whose weights move with the disparity
-        float64_modes=("eval", "train"),
-        conditioning="float32 rounding moves grad[low_disp] by 7.4e-6 / 1.3e-5 (torch, eval / train) and "
-        "6.1e-7 / 5.4e-6 (Flax): 0.37 / 0.56 of the 1e-5 tolerance (float32 needed 1e-4)",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="aanet",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deformable convolutions (bilinear sampling at learned offsets) and the disparity warp (grid_sample "
-                "at data-dependent positions): the transposes of their corner gathers"
-            )
-        },
-        family="aanet",
-        paper="Xu & Zhang, CVPR 2020 (AANet stereo network)",
-        arxiv="2004.09548",
-        flax=AANet,
-        torch="flax_attn.testing.torch_ref.aanet:AANet",
-        config=dict(
-            max_disp=48,
-            num_fusions=2,
-            num_deform_blocks=1,
-            feature_pyramid_network=True,
-        ),
-        inputs=_stereo_pair(2, (24, 36)),
-        bench_config=dict(max_disp=192, feature_pyramid_network=True, no_intermediate_supervision=True),
-        bench_inputs=_stereo_pair(1, (288, 576)),
-        image_inputs=("left_img", "right_img"),
-        output_layout="same",  # a list of (N, H, W) disparity maps
-        layouts=("official",),
-        atol=1e-4,  # a whole model
-        rtol=1e-4,
-        # The input gradients through BatchNorm on 2x3 coarse maps are ill-conditioned in train mode:
-        # it compares in float64.
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[left_img] by 49 (torch) / 242 (Flax), 6e5x the 1e-4 "
-        "tolerance; eval uses 0.009 of it",
-        slow=True,
-    )
-)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Ignore
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
@@ -254,58 +253,3 @@ class WindowAttention(nn.Module):
         )
         out = Linear(c, name="proj", **kw)(out.reshape(b, h, w, c))
         return nn.Dropout(self.proj_drop, deterministic=not train)(out)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_ACMIX = dict(
-    family="acmix",
-    paper="Pan et al., CVPR 2022",
-    arxiv="2111.14556",
-    flax=ACmix,
-    torch="flax_attn.testing.torch_ref.acmix:ACmix",
-    kernel="neighborhood",
-    train_mode=False,
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="acmix",
-        config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
-        inputs=catalogue.image_inputs(3, 13, 17, 8),
-        bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
-        bench_inputs=catalogue.image_inputs(4, 56, 56, 256),
-        **_ACMIX,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="acmix_stride2",
-        # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
-        config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
-        inputs=catalogue.image_inputs(3, 10, 14, 8),
-        bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
-        bench_inputs=catalogue.image_inputs(4, 56, 56, 256),
-        **_ACMIX,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="window_attention",
-        family="acmix",
-        paper="Liu et al., ICCV 2021 (Swin Transformer)",
-        arxiv="2103.14030",
-        flax=WindowAttention,
-        torch="flax_attn.testing.torch_ref.acmix:ShiftedWindowAttention",
-        config=dict(dim=12, window_size=3, num_heads=3, shift_size=1),
-        inputs=catalogue.image_inputs(3, 9, 15, 12),
-        bench_config=dict(dim=96, window_size=7, num_heads=3, shift_size=3),
-        bench_inputs=catalogue.image_inputs(32, 56, 56, 96),
-        output_layout="same",
-        image_inputs=(),
-        train_mode=False,
-    )
-)

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.layers import Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.relative_logits import augmented_attention
@@ -130,39 +129,3 @@ class AugmentedConv(nn.Module):
         out = out.transpose(0, 2, 3, 1)
         attn_out = Conv(self.dv, 1, name="attn_out", **kw)(out)
         return jnp.concatenate([conv_out, attn_out.astype(conv_out.dtype)], axis=-1)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_COMMON = dict(
-    family="augmented_conv",
-    paper="Bello et al., ICCV 2019",
-    arxiv="1904.09925",
-    torch="flax_attn.testing.torch_ref.augmented_conv:AugmentedConv",
-    flax=AugmentedConv,
-    train_mode=False,
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="augmented_conv",
-        config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2),
-        inputs=catalogue.image_inputs(3, 13, 17, 6),
-        bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8),
-        bench_inputs=catalogue.image_inputs(8, 32, 32, 64),
-        **_COMMON,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="augmented_conv_relative",
-        # Relative logits fix the output to shape x shape; stride 2 lets the input stay odd and non-square.
-        config=dict(in_channels=6, out_channels=20, kernel_size=3, dk=8, dv=6, Nh=2, shape=13, relative=True, stride=2),
-        inputs=catalogue.image_inputs(3, 25, 26, 6),
-        bench_config=dict(in_channels=64, out_channels=128, kernel_size=3, dk=64, dv=64, Nh=8, shape=32, relative=True),
-        bench_inputs=catalogue.image_inputs(8, 32, 32, 64),
-        **_COMMON,
-    )
-)

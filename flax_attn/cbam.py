@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.channel import channel_pool, global_pool
@@ -283,59 +282,3 @@ class SpatialAttention(nn.Module):
             param_dtype=self.param_dtype,
         )(cat)
         return x * nn.sigmoid(logits).astype(x.dtype)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_PAPER = "Woo et al., ECCV 2018"
-_ARXIV = "1807.06521"
-
-catalogue.register(
-    catalogue.Entry(
-        name="cbam",
-        family="cbam",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=CBAM,
-        torch="flax_attn.testing.torch_ref.cbam:CBAM",
-        config=dict(gate_channels=32, reduction_ratio=4),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(gate_channels=64, reduction_ratio=16),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="cbam_channel_attention_seed",
-        family="cbam",
-        paper=_PAPER + " (seed blog variant)",
-        arxiv=_ARXIV,
-        flax=ChannelAttention,
-        torch="flax_attn.testing.torch_ref.cbam:ChannelAttention",
-        config=dict(channel=32, rate=4),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(channel=64, rate=4),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-        layouts=("seed",),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="cbam_spatial_attention_seed",
-        family="cbam",
-        paper=_PAPER + " (seed blog variant)",
-        arxiv=_ARXIV,
-        flax=SpatialAttention,
-        torch="flax_attn.testing.torch_ref.cbam:SpatialAttention",
-        config=dict(kernel_size=3),
-        inputs=catalogue.image_inputs(3, 13, 17, 8),
-        bench_config=dict(kernel_size=7),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-        layouts=("seed",),
-        train_mode=False,
-    )
-)

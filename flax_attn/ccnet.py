@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
@@ -169,41 +168,3 @@ class RCCAModule(nn.Module):
         # Dropout2d: whole channels dropped, so the mask broadcasts over H and W.
         out = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train, name="bottleneck_2")(out)
         return Conv(self.num_classes, kernel_size=1, name="bottleneck_3", **kw)(out)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="criss_cross_attention",
-        family="ccnet",
-        paper="Huang et al., ICCV 2019 (CCNet)",
-        arxiv="1811.11721",
-        flax=CrissCrossAttention,
-        torch="flax_attn.testing.torch_ref.ccnet:CrissCrossAttention",
-        config=dict(in_dim=16),
-        inputs=catalogue.image_inputs(3, 13, 17, 16),
-        bench_config=dict(in_dim=512),
-        bench_inputs=catalogue.image_inputs(8, 97, 97, 512),
-        kernel="criss_cross",
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="rcca_module",
-        family="ccnet",
-        paper="Huang et al., ICCV 2019 (CCNet)",
-        arxiv="1811.11721",
-        flax=RCCAModule,
-        torch="flax_attn.testing.torch_ref.ccnet:RCCAModule",
-        # Dropout off for parity: torch and JAX draw different masks (Dropout2d is tested separately).
-        config=dict(in_channels=64, out_channels=24, num_classes=5, recurrence=2, dropout=0.0),
-        inputs=catalogue.image_inputs(3, 13, 17, 64),
-        bench_config=dict(in_channels=2048, out_channels=512, num_classes=19, recurrence=2),
-        bench_inputs=catalogue.image_inputs(2, 97, 97, 2048),
-        kernel="criss_cross",
-    )
-)

@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.channel import directional_avg_pool
 from flax_attn.ops.checks import check_channels, check_rank
@@ -89,19 +88,3 @@ class CoordAtt(nn.Module):
         a_w = nn.sigmoid(Conv(self.oup, 1, name="conv_w", **kw)(y_w))  # (B, W, 1, oup)
         a_w = jnp.transpose(a_w, (0, 2, 1, 3))  # (B, 1, W, oup)
         return x * a_w.astype(x.dtype) * a_h.astype(x.dtype)
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="coord_att",
-        family="coordatt",
-        paper="Hou et al., CVPR 2021",
-        arxiv="2103.02907",
-        flax=CoordAtt,
-        torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
-        config=dict(inp=32, oup=32, reduction=2),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(inp=64, oup=64, reduction=32),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-    )
-)

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
@@ -167,58 +166,3 @@ class DANetHead(nn.Module):
         sc_output = classifier("conv7", sc_conv)
         sasc_output = classifier("conv8", sa_conv + sc_conv)
         return sasc_output, sa_output, sc_output
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_COMMON = dict(family="danet", paper="Fu et al., CVPR 2019", arxiv="1809.02983")
-
-catalogue.register(
-    catalogue.Entry(
-        name="pam",
-        flax=PAM_Module,
-        torch="flax_attn.testing.torch_ref.danet:PAM_Module",
-        config=dict(in_dim=16),
-        inputs=catalogue.image_inputs(3, 13, 17, 16),
-        bench_config=dict(in_dim=512),
-        bench_inputs=catalogue.image_inputs(2, 64, 64, 512),
-        train_mode=False,
-        **_COMMON,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="cam",
-        flax=CAM_Module,
-        torch="flax_attn.testing.torch_ref.danet:CAM_Module",
-        config=dict(in_dim=12),
-        inputs=catalogue.image_inputs(3, 13, 17, 12),
-        bench_config=dict(in_dim=512),
-        bench_inputs=catalogue.image_inputs(2, 64, 64, 512),
-        # CAM's logits are un-normalised sums over all H*W pixels (~221 here for unit inputs), so float32
-        # rounding alone moves them by ~221 * 6e-8 ~ 1e-5 and the softmax carries that into the output;
-        # it compares in float64. tests/test_danet.py checks float32 at 1e-5 on well-conditioned inputs.
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[x] by 4.3e-5 (torch) / 1.3e-4 (Flax), 0.41 of the "
-        "loosened 1e-4 tolerance (4x the 1e-5 one)",
-        **_COMMON,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="danet_head",
-        flax=DANetHead,
-        torch="flax_attn.testing.torch_ref.danet:danet_head",
-        # Dropout off so train-mode parity checks the BatchNorm statistics (torch's dropout RNG differs);
-        # tests/test_danet.py checks the Dropout2d semantics separately.
-        config=dict(in_channels=64, out_channels=5, dropout=0.0),
-        inputs=catalogue.image_inputs(3, 13, 17, 64),
-        bench_config=dict(in_channels=2048, out_channels=19),
-        bench_inputs=catalogue.image_inputs(2, 64, 64, 2048),
-        **_COMMON,
-    )
-)

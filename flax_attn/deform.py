@@ -13,14 +13,13 @@ The weight is stored in Flax's HWIO layout (``kernel``); the converter maps it t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn import catalogue
 from flax_attn.layers import Conv, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
@@ -107,6 +106,8 @@ class DeformConv2d(_DeformWeights):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("torchvision",)
+
     @nn.compact
     def __call__(self, x, offset, mask=None, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
@@ -139,6 +140,8 @@ class DeformConv2dPack(_DeformWeights):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -194,6 +197,8 @@ class ModulatedDeformConv2dPack(_DeformWeights):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
+
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         kh, kw = _pair(self.kernel_size)
@@ -218,102 +223,3 @@ class ModulatedDeformConv2dPack(_DeformWeights):
         n_off = self.deform_groups * 2 * kh * kw
         offset, mask = out[..., :n_off], jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype)))
         return self._conv(x, offset, kernel, bias, mask)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-def _deform_inputs(n, h, w, c, ho, wo, k, og, scale=2.0):
-    def make(rng):
-        return {
-            "x": rng.standard_normal((n, h, w, c), dtype=np.float32),
-            "offset": (scale * rng.standard_normal((n, ho, wo, 2 * og * k))).astype(np.float32),
-            "mask": rng.uniform(0.0, 1.0, (n, ho, wo, og * k)).astype(np.float32),
-        }
-
-    return make
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="deform_conv2d",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="deform",
-        paper="Dai et al., ICCV 2017; Zhu et al., CVPR 2019 (torchvision.ops.DeformConv2d)",
-        arxiv="1703.06211",
-        flax=DeformConv2d,
-        torch="flax_attn.testing.torch_ref.deform:DeformConv2d",
-        # stride 2, padding 1, dilation (1, 2) on 13x17: Ho = 7, Wo = 9; offset groups 2, groups 2.
-        config=dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2),
-        inputs=_deform_inputs(3, 13, 17, 4, 7, 9, 6, 2),
-        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-        bench_inputs=_deform_inputs(8, 64, 64, 64, 64, 64, 9, 1),
-        image_inputs=("x", "offset", "mask"),
-        torch_call=lambda m, x, offset, mask: m(x, offset, mask),  # torchvision names the input `input`
-        layouts=("torchvision",),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="deform_conv2d_pack",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="deform",
-        paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
-        arxiv="1703.06211",
-        flax=DeformConv2dPack,
-        torch="flax_attn.testing.torch_ref.deform:DeformConv2dPack",
-        config=dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=1, deform_groups=2),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
-        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
-        layouts=("mmcv",),
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[x] by 2.7e-6 (torch) / 2.4e-6 (Flax), 0.22 of the 1e-5 "
-        "tolerance (the learned offsets move the bilinear weights, so x's gradient carries offset rounding)",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="modulated_deform_conv2d_pack",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "deform_conv2d: bilinear sampling at learned, data-dependent offsets; the transposes of its corner "
-                "gathers (one packed gather measured slower on CPU, see ops/deform.py)"
-            )
-        },
-        family="deform",
-        paper="Zhu et al., CVPR 2019 (mmcv ModulatedDeformConv2dPack, DCNv2)",
-        arxiv="1811.11168",
-        flax=ModulatedDeformConv2dPack,
-        torch="flax_attn.testing.torch_ref.deform:ModulatedDeformConv2dPack",
-        config=dict(
-            in_channels=4,
-            out_channels=6,
-            kernel_size=3,
-            stride=2,
-            padding=2,
-            dilation=2,
-            groups=2,
-            deform_groups=2,
-        ),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
-        bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
-        layouts=("mmcv",),
-        train_mode=False,
-    )
-)

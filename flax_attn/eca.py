@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.layers import Conv
 from flax_attn.ops.channel import eca_kernel_size, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
@@ -73,20 +72,3 @@ class ECALayer(nn.Module):
             1, (k,), padding=(k - 1) // 2, use_bias=False, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
         )(y)
         return x * nn.sigmoid(y[:, None, None, :, 0]).astype(x.dtype)
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="eca",
-        family="eca",
-        paper="Wang et al., CVPR 2020",
-        arxiv="1910.03151",
-        flax=ECALayer,
-        torch="flax_attn.testing.torch_ref.eca:eca_layer",
-        config=dict(channel=32, k_size=5),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(channel=256, k_size=5),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
-        train_mode=False,
-    )
-)

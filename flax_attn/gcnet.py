@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Rename, Reshape
 from flax_attn.layers import Conv, LayerNorm
 from flax_attn.ops.channel import attention_pool2d, global_pool
@@ -114,23 +113,3 @@ class ContextBlock(nn.Module):
         if "channel_add" in fusions:
             out = out + transform("channel_add_conv").astype(x.dtype)
         return out
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="context_block",
-        family="gcnet",
-        paper="Cao et al., ICCVW 2019",
-        arxiv="1904.11492",
-        flax=ContextBlock,
-        torch="flax_attn.testing.torch_ref.gcnet:ContextBlock",
-        config=dict(inplanes=32, ratio=1 / 4, pooling_type="att", fusion_types=("channel_add", "channel_mul")),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(inplanes=256, ratio=1 / 16, pooling_type="att", fusion_types=("channel_add",)),
-        bench_inputs=catalogue.image_inputs(16, 28, 28, 256),
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[x] by 4.5e-6 (torch) / 3.0e-6 (Flax), 0.18 of the 1e-5 "
-        "tolerance (the attention-pooling softmax over all 221 positions feeds a channel_mul gate)",
-    )
-)

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels
@@ -254,63 +253,3 @@ class NonLocalMNISTNet(nn.Module):
         out = nn.Dropout(self.dropout, deterministic=not train)(out)
         out = Linear(10, name="fc_3", **kw)(out)
         return (out, maps) if return_nl_map else out
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-# Train-mode entries whose float32 rounding uses a sizeable part of the tolerance (measured with
-# benchmarks/parity_conditioning.py): the train-mode BN of W over the sub-sampled attention output.
-_NON_LOCAL_CONDITIONING = {
-    "concatenation": dict(
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[x] by "
-        "3.4e-6 (torch) / 9.5e-7 (Flax), 0.18 of the 1e-5 tolerance; eval uses 0.009",
-    ),
-    "embedded_gaussian": dict(
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves the output "
-        "by 9.9e-7 (torch) / 1.7e-6 (Flax), 0.16 of the 1e-5 tolerance; eval uses 0.010",
-    ),
-    "gaussian": dict(
-        float64_modes=("train",),
-        conditioning="train: float32 rounding moves grad[x] by 4.0e-6 "
-        "(torch) / 6.9e-6 (Flax), 0.27 of the 1e-5 tolerance; eval uses 0.084",
-    ),
-}
-
-for _mode in NON_LOCAL_MODES:
-    catalogue.register(
-        catalogue.Entry(
-            name=f"non_local_2d_{_mode}",
-            family="non_local",
-            paper="Wang et al., CVPR 2018",
-            arxiv="1711.07971",
-            flax=NonLocalBlockND,
-            torch="flax_attn.testing.torch_ref.non_local:non_local_block",
-            config=dict(in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-            inputs=catalogue.image_inputs(3, 13, 17, 12),
-            bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-            bench_inputs=catalogue.image_inputs(8, 64, 64, 256),
-            **_NON_LOCAL_CONDITIONING.get(_mode, {}),
-        )
-    )
-
-catalogue.register(
-    catalogue.Entry(
-        name="non_local_mnist_net",
-        family="non_local",
-        paper="Wang et al., CVPR 2018 (AlexHex7/Non-local_pytorch MNIST network)",
-        arxiv="1711.07971",
-        flax=NonLocalMNISTNet,
-        torch="flax_attn.testing.torch_ref.non_local:non_local_mnist_net",
-        # Dropout off so train-mode parity checks the BatchNorm batch statistics
-        # (torch's dropout RNG differs).
-        config=dict(dropout=0.0),
-        inputs=catalogue.image_inputs(3, 28, 28, 1),
-        bench_config=dict(dropout=0.5),
-        bench_inputs=catalogue.image_inputs(256, 28, 28, 1),
-        atol=1e-4,
-        rtol=1e-4,
-    )
-)

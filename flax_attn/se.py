@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.channel import global_pool
@@ -46,7 +45,7 @@ __all__ = [
 
 Dtype = Any
 
-_SE_STYLES = ("official", "timm")
+_SE_STYLES = ("senet", "timm")
 _NHWC = "(batch, height, width, channels)"
 
 
@@ -60,9 +59,9 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, rou
     return new_v
 
 
-def se_hidden_channels(where: str, channels: int, reduction: int, style: str) -> int:
-    """Hidden width of an SE bottleneck: ``channels // reduction`` (official) or timm's rounding."""
-    if style == "timm":
+def se_hidden_channels(where: str, channels: int, reduction: int, se_style: str) -> int:
+    """Hidden width of an SE bottleneck: ``channels // reduction`` (senet) or timm's rounding."""
+    if se_style == "timm":
         return make_divisible(channels / reduction, 8, round_limit=0.0)
     if reduction <= 0 or channels % reduction or channels // reduction == 0:
         raise ValueError(
@@ -72,30 +71,34 @@ def se_hidden_channels(where: str, channels: int, reduction: int, style: str) ->
     return channels // reduction
 
 
-def _se_layout(layout: str | None, style: str) -> str:
+def _se_layout(layout: str | None, se_style: str) -> str:
     """The SE-level layout for a model-level layout name (``None`` follows the layer's style)."""
     if layout in ("official", "conv", "timm"):
         return layout
-    return style
+    return "timm" if se_style == "timm" else "official"
 
 
 class SELayer(nn.Module):
     """The Squeeze-and-Excitation layer (Hu et al., CVPR 2018, arXiv 1709.01507).
 
-    ``x * sigmoid(W2 relu(W1 avgpool(x)))`` with a per-channel gate. ``style="official"`` is
+    ``x * sigmoid(W2 relu(W1 avgpool(x)))`` with a per-channel gate. ``se_style="senet"`` is
     senet.pytorch's ``SELayer(channel, reduction=16)`` (``fc.0``/``fc.2`` Linear, no bias,
-    ``channel // reduction`` hidden units); ``style="timm"`` is timm's ``SEModule(channel)``
+    ``channel // reduction`` hidden units); ``se_style="timm"`` is timm's ``SEModule(channel)``
     (``fc1``/``fc2`` 1x1 convs with bias, hidden width ``make_divisible(channel / reduction, 8)``).
 
     State-dict layouts: ``"official"`` (``fc.0.weight``, ``fc.2.weight``), ``"conv"`` (the seed blog's
     1x1-conv form ``fc1.0.weight``/``fc1.2.weight`` of shape ``(out, in, 1, 1)``, same math) and
-    ``"timm"`` (``fc1.weight``/``fc1.bias``/``fc2.*``). The default is the style's own layout.
+    ``"timm"`` (``fc1.weight``/``fc1.bias``/``fc2.*``). The default (``layout=None``) is the style's
+    own layout: ``"official"`` (senet.pytorch's SELayer is the paper's official code) for
+    ``se_style="senet"``, ``"timm"`` for ``se_style="timm"``; ``torch_layouts`` lists the default
+    style's first.
 
     Attributes:
       channel: input channels C.
-      reduction: bottleneck ratio (default 16). With the official style, C must be a positive
+      reduction: bottleneck ratio (default 16). With the senet style, C must be a positive
         multiple of it (a ValueError otherwise; the reference silently floors).
-      style: ``"official"`` or ``"timm"``.
+      se_style: ``"senet"`` (default) or ``"timm"``, the argument of the same name as in
+        :class:`SEBasicBlock`, :class:`SEBottleneck` and :class:`SEResNet`.
       rd_channels: explicit hidden width (overrides ``reduction``), as timm's ``rd_channels``.
 
     Input ``(B, H, W, C)``; output the same shape.
@@ -110,7 +113,7 @@ class SELayer(nn.Module):
 
     channel: int
     reduction: int = 16
-    style: str = "official"
+    se_style: str = "senet"
     rd_channels: int | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -119,7 +122,7 @@ class SELayer(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        layout = _se_layout(layout, self.style)
+        layout = _se_layout(layout, self.se_style)
         if layout == "timm":
             return [
                 Rename(r"fc_0\.weight", "fc1.weight", Conv1x1AsLinear()),
@@ -137,12 +140,12 @@ class SELayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SELayer"
-        if self.style not in _SE_STYLES:
-            raise ValueError(f"{where}: `style` must be one of {_SE_STYLES}, got {self.style!r}")
+        if self.se_style not in _SE_STYLES:
+            raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {self.se_style!r}")
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.channel)
-        hidden = self.rd_channels or se_hidden_channels(where, self.channel, self.reduction, self.style)
-        bias = self.style == "timm"
+        hidden = self.rd_channels or se_hidden_channels(where, self.channel, self.reduction, self.se_style)
+        bias = self.se_style == "timm"
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=bias)
         y = global_pool(x, "avg")
         y = nn.relu(Linear(hidden, name="fc_0", **kw)(y))
@@ -156,11 +159,9 @@ class SELayer(nn.Module):
 _resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _check_style(where: str, se_style: str) -> str:
-    styles = ("senet", "timm")
-    if se_style not in styles:
-        raise ValueError(f"{where}: `se_style` must be one of {styles}, got {se_style!r}")
-    return "timm" if se_style == "timm" else "official"
+def _check_style(where: str, se_style: str) -> None:
+    if se_style not in _SE_STYLES:
+        raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {se_style!r}")
 
 
 class _SEResidualBlock(nn.Module):
@@ -224,7 +225,7 @@ class SEBasicBlock(_SEResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SEBasicBlock"
-        style = _check_style(where, self.se_style)
+        _check_style(where, self.se_style)
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -234,7 +235,7 @@ class SEBasicBlock(_SEResidualBlock):
         out = conv(self.planes, name="conv2")(out)
         last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         out = BatchNorm(name="bn2", scale_init=last_init, **kw)(out, train=train)
-        out = SELayer(self.planes, self.reduction, style=style, name="se", **kw)(out)
+        out = SELayer(self.planes, self.reduction, se_style=self.se_style, name="se", **kw)(out)
         shortcut = self._downsample(x, self.planes, train, kw) if self._needs_downsample(1) else x
         return nn.relu(out + shortcut)
 
@@ -263,7 +264,7 @@ class SEBottleneck(_SEResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SEBottleneck"
-        style = _check_style(where, self.se_style)
+        _check_style(where, self.se_style)
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -276,7 +277,7 @@ class SEBottleneck(_SEResidualBlock):
         out = conv(out_ch, 1, name="conv3")(out)
         last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         out = BatchNorm(name="bn3", scale_init=last_init, **kw)(out, train=train)
-        out = SELayer(out_ch, self.reduction, style=style, name="se", **kw)(out)
+        out = SELayer(out_ch, self.reduction, se_style=self.se_style, name="se", **kw)(out)
         shortcut = self._downsample(x, out_ch, train, kw) if self._needs_downsample(self.expansion) else x
         return nn.relu(out + shortcut)
 
@@ -387,106 +388,3 @@ def se_resnet34(num_classes: int = 1000, **kwargs) -> SEResNet:
 def se_resnet50(num_classes: int = 1000, **kwargs) -> SEResNet:
     """SE-ResNet-50: bottleneck blocks ``(3, 4, 6, 3)``."""
     return SEResNet(block="bottleneck", layers=(3, 4, 6, 3), num_classes=num_classes, **kwargs)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-_PAPER = "Hu et al., CVPR 2018"
-_ARXIV = "1709.01507"
-
-catalogue.register(
-    catalogue.Entry(
-        name="se_layer",
-        family="se",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=SELayer,
-        torch="flax_attn.testing.torch_ref.se:SELayer",
-        config=dict(channel=32, reduction=4),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(channel=64, reduction=16),
-        bench_inputs=catalogue.image_inputs(32, 56, 56, 64),
-        layouts=("official", "conv", "timm"),
-        train_mode=False,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="se_basic_block",
-        family="se",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=SEBasicBlock,
-        torch="flax_attn.testing.torch_ref.se:se_basic_block",
-        config=dict(inplanes=16, planes=32, stride=2, reduction=16),
-        inputs=catalogue.image_inputs(3, 13, 17, 16),
-        bench_config=dict(inplanes=64, planes=64, stride=1, reduction=16),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 64),
-        layouts=("senet", "timm"),
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="se_bottleneck",
-        family="se",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=SEBottleneck,
-        torch="flax_attn.testing.torch_ref.se:se_bottleneck",
-        config=dict(inplanes=32, planes=16, stride=2, reduction=16),
-        inputs=catalogue.image_inputs(3, 13, 17, 32),
-        bench_config=dict(inplanes=256, planes=64, stride=1, reduction=16),
-        bench_inputs=catalogue.image_inputs(16, 56, 56, 256),
-        layouts=("senet", "timm"),
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="se_resnet18",
-        family="se",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=se_resnet18,
-        torch="flax_attn.testing.torch_ref.se:se_resnet18",
-        # senet style so that the generic test needs plain torch only; tests/test_se.py checks the
-        # timm style against timm's own model.
-        config=dict(num_classes=10, se_style="senet"),
-        inputs=catalogue.image_inputs(3, 33, 29, 3),
-        bench_config=dict(num_classes=1000, se_style="timm"),
-        bench_inputs=catalogue.image_inputs(8, 64, 64, 3),
-        layouts=("senet", "timm"),
-        atol=1e-4,
-        rtol=1e-4,
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="se_resnet50",
-        family="se",
-        paper=_PAPER,
-        arxiv=_ARXIV,
-        flax=se_resnet50,
-        torch="flax_attn.testing.torch_ref.se:se_resnet50",
-        config=dict(num_classes=10, se_style="senet"),
-        # Train-mode BatchNorm makes a randomly initialised 50-layer network amplify its input gradient
-        # by orders of magnitude (BN gradient explosion at init, Yang et al., ICLR 2019), and float32
-        # rounding with it, so train mode compares in float64 (see `conditioning`).
-        inputs=catalogue.image_inputs(3, 97, 81, 3),
-        # The benchmark compares against timm's seresnet50 itself, on one 3x64x64 image.
-        bench_config=dict(num_classes=1000, se_style="timm"),
-        bench_inputs=catalogue.image_inputs(1, 64, 64, 3),
-        layouts=("senet", "timm"),
-        atol=1e-4,
-        rtol=1e-4,
-        slow=True,
-        float64_modes=("train",),
-        conditioning="train: float32 rounding alone moves grad[x] by 6.4e-3 in torch and in Flax (each against "
-        "its own float64 run; 63x the 1e-4 tolerance at 3x97x81, 111x at 2x65x57), so float32 agreement depends "
-        "on the CPU; eval uses 0.002 of it",
-    )
-)

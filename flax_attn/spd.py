@@ -15,9 +15,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.space_to_depth import space_to_depth
@@ -80,20 +78,3 @@ class SPDConv(nn.Module):
         y = Conv(self.c2, self.k, padding=self.k // 2, groups=self.g, use_bias=False, name="conv", **kw)(y)
         y = BatchNorm(momentum=self.bn_momentum, eps=self.bn_eps, name="bn", **kw)(y, train=train)
         return nn.silu(y) if self.act else y
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="spd_conv",
-        family="spd",
-        paper="Sunkara & Luo, ECML PKDD 2022",
-        arxiv="2208.03641",
-        flax=SPDConv,
-        torch="flax_attn.testing.torch_ref.spd:SPDConv",
-        config=dict(c1=8, c2=16, k=3),
-        # space-to-depth needs even sizes: non-square 14x18 stands in for the usual odd 13x17.
-        inputs=lambda rng: {"x": rng.standard_normal((3, 14, 18, 8), dtype=np.float32)},
-        bench_config=dict(c1=64, c2=128, k=3),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((16, 56, 56, 64), dtype=np.float32)},
-    )
-)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.checks import check_rank
@@ -86,6 +85,8 @@ class SpatialTransformer(nn.Module):
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     align_corners: bool = False
+
+    torch_layouts: ClassVar[tuple[str, ...]] = ("tutorial",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -207,74 +208,3 @@ class STNTutorialNet(nn.Module):
         x = nn.Dropout(0.5, deterministic=not train)(x)
         x = Linear(10, name="fc2", **kw)(x)
         return jax.nn.log_softmax(x.astype(statistics_dtype(x.dtype)), axis=-1).astype(x.dtype)
-
-
-# --------------------------------------------------------------------------- catalogue
-
-
-def _spatial_transformer(
-    in_channels=1,
-    input_size=(28, 28),
-    mode="bilinear",
-    padding_mode="zeros",
-    align_corners=False,
-    dtype=None,
-    param_dtype=jnp.float32,
-):
-    loc = TutorialLocalization(in_channels=in_channels, input_size=input_size, dtype=dtype, param_dtype=param_dtype)
-    return SpatialTransformer(localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-
-
-catalogue.register(
-    catalogue.Entry(
-        name="spatial_transformer",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
-                "corner gather; its transpose is the scatter)"
-            )
-        },
-        family="stn",
-        paper="Jaderberg et al., NeurIPS 2015",
-        arxiv="1506.02025",
-        flax=_spatial_transformer,
-        torch="flax_attn.testing.torch_ref.stn:SpatialTransformer",
-        config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 29, 33, 2), dtype=np.float32)},
-        bench_config=dict(in_channels=3, input_size=(128, 128)),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
-        layouts=("tutorial",),
-        # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
-        # times the image gradient, so it compares in float64.
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[x] by 3.2e-5 (torch) / 5.0e-5 (Flax), 0.27 of the "
-        "loosened 1e-4 tolerance (2.7x the 1e-5 one)",
-    )
-)
-
-catalogue.register(
-    catalogue.Entry(
-        name="stn_tutorial_net",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
-                "corner gather; its transpose is the scatter)"
-            )
-        },
-        family="stn",
-        paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
-        arxiv="1506.02025",
-        flax=STNTutorialNet,
-        torch="flax_attn.testing.torch_ref.stn:Net",
-        config={},
-        inputs=lambda rng: {"x": rng.standard_normal((3, 28, 28, 1), dtype=np.float32)},
-        bench_inputs=lambda rng: {"x": rng.standard_normal((64, 28, 28, 1), dtype=np.float32)},
-        output_layout="same",
-        layouts=("tutorial",),
-        atol=1e-4,
-        rtol=1e-4,
-        # Only dropout differs in training; random masks cannot match torch's, so parity is eval-only.
-        train_mode=False,
-    )
-)

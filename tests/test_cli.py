@@ -238,7 +238,7 @@ def test_example_inputs_follow_changed_channels(name, key):
     except UsageError as e:
         assert name in str(e) and f"{key}={2 * old}" in str(e)
         pytest.skip(f"{name} refuses {key}={2 * old} alone: {e}")
-    jax.eval_shape(lambda kw: module.init(jax.random.PRNGKey(0), **kw, **entry.call_kwargs), inputs)
+    jax.eval_shape(lambda kw: module.init(jax.random.PRNGKey(0), **kw, **entry.flax_kwargs), inputs)
     if any(np.shape(inputs[k]) != np.shape(base[k]) for k in base):
         changed = [k for k in base if np.shape(base[k])[-1:] == (old,)]
         assert all(np.shape(inputs[k])[-1] == 2 * old for k in changed), {k: np.shape(v) for k, v in inputs.items()}

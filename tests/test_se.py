@@ -53,7 +53,7 @@ def test_se_layer_conv_layout_keys():
 def test_se_layer_matches_timm_se_module(train):
     _timm()
     entry = dataclasses.replace(catalogue.get("se_layer"), torch="flax_attn.testing.torch_ref.se:timm_se_module")
-    check_parity(entry, config=dict(channel=32, reduction=4, style="timm"), layout="timm", train=train)
+    check_parity(entry, config=dict(channel=32, reduction=4, se_style="timm"), layout="timm", train=train)
 
 
 @pytest.mark.parametrize("channels", [16, 24, 64, 72, 200, 256, 2048])
@@ -64,7 +64,7 @@ def test_timm_hidden_width(channels):
 
     t = SEModule(channels)
     x = jnp.zeros((1, 3, 3, channels))
-    shapes = jax.eval_shape(SELayer(channels, style="timm").init, jax.random.PRNGKey(0), x)
+    shapes = jax.eval_shape(SELayer(channels, se_style="timm").init, jax.random.PRNGKey(0), x)
     assert shapes["params"]["fc_0"]["kernel"].shape == (channels, t.fc1.out_channels)
     assert make_divisible(channels / 16, 8, round_limit=0.0) == t.fc1.out_channels
 
@@ -199,8 +199,8 @@ def test_bad_inputs():
         _init(SELayer(32, 5), X)
     with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be .*`reduction`=64"):
         _init(SELayer(32, 64), X)
-    with pytest.raises(ValueError, match="SELayer: `style` must be one of"):
-        _init(SELayer(32, 4, style="senet"), X)
+    with pytest.raises(ValueError, match="SELayer: `se_style` must be one of"):
+        _init(SELayer(32, 4, se_style="official"), X)
     with pytest.raises(ValueError, match=r"SEBasicBlock: `x` must have 16 channels"):
         _init(SEBasicBlock(16, 16), X)
     with pytest.raises(ValueError, match=r"SEBottleneck: `se_style` must be one of"):

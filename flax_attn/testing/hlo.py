@@ -28,7 +28,7 @@ SERIAL_OPS = ("stablehlo.scatter", "stablehlo.select_and_scatter")
 def train_step_hlo(entry: Entry, config: Mapping | None = None, seed: int = 0) -> str:
     """StableHLO text of ``entry``'s jitted train-mode forward + backward (lowered, not compiled)."""
     inputs = {k: np.asarray(v) for k, v in entry.make_inputs(np.random.default_rng(seed), config).items()}
-    kwargs = dict(entry.call_kwargs)
+    kwargs = entry.flax_kwargs  # call_kwargs, and method=flax_call when the entry has one
     module = entry.build_flax(config)
     float_names = [k for k, v in inputs.items() if np.issubdtype(v.dtype, np.floating)]
     fixed = {k: jnp.asarray(v) for k, v in inputs.items() if k not in float_names}

@@ -204,7 +204,7 @@ def _run(
     float_names = [k for k, v in inputs.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
     fmod = entry.build_flax(config)
-    kwargs = dict(entry.call_kwargs)
+    kwargs = entry.flax_kwargs  # call_kwargs, and method=flax_call when the entry has one
     variables = from_torch(fmod, sd, layout=layout, **inputs, **kwargs)
     inputs = {k: (np.asarray(v, np_dtype) if k in float_names else v) for k, v in inputs.items()}
 
@@ -262,8 +262,7 @@ def _run(
         if k in float_names and check_grads:
             t.requires_grad_(True)
         t_inputs[k] = t
-    call = entry.torch_call or (lambda m, **kw: m(**kw))
-    t_out = _torch_outputs_to_flax(entry, call(tmod, **t_inputs, **kwargs))
+    t_out = _torch_outputs_to_flax(entry, entry.call_torch(tmod, **t_inputs))
 
     torch_q: dict[str, np.ndarray] = {f"output[{i}]": to.detach().numpy() for i, to in enumerate(t_out)}
     if len(t_out) != len(f_out):

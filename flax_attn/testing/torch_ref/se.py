@@ -190,12 +190,12 @@ def se_resnet50(num_classes=1000, **kw):
     return se_resnet("bottleneck", (3, 4, 6, 3), num_classes, **kw)
 
 
-def timm_se_module(channel, reduction=16, style="timm"):
+def timm_se_module(channel, reduction=16, se_style="timm"):
     """timm's ``SEModule(channel, rd_ratio=1 / reduction)`` (through the torchvision import shim)."""
     from flax_attn.testing.timm_shim import import_timm
 
-    if style != "timm" or import_timm() is None:
-        raise ValueError("timm_se_module needs style='timm' and timm installed")
+    if se_style != "timm" or import_timm() is None:
+        raise ValueError("timm_se_module needs se_style='timm' and timm installed")
     from timm.layers.squeeze_excite import SEModule
 
     return SEModule(channel, rd_ratio=1.0 / reduction)

@@ -1,9 +1,19 @@
 """The single catalogue of blocks: it drives the parity tests, the benchmarks, the CLI and the README table.
 
-Each block family registers its entries at import (``register(Entry(...))`` at the bottom of its
-module), so adding a block means writing one entry beside the block. An entry holds everything
-needed to build the Flax block and its PyTorch reference with the *same* constructor arguments,
-to make example inputs, and to compare the two.
+The catalogue is test and tooling data, kept beside the library rather than inside it: the block
+files (``flax_attn/se.py``, ...) hold modules and their conversion rules only, and each family's
+entries live in ``flax_attn/catalogue/<family>.py``, one ``register(Entry(...))`` per block. Those
+files are imported on the first call of :func:`entries` or :func:`get`, never by ``import
+flax_attn``. An entry holds everything needed to build the Flax block and its PyTorch reference
+with the *same* constructor arguments, to make example inputs, to call both, and to compare them.
+
+Example:
+  >>> from flax_attn import catalogue
+  >>> entry = catalogue.get("se_layer")
+  >>> entry.flax_class.__name__, entry.layouts[0]
+  ('SELayer', 'official')
+  >>> sorted(entry.make_inputs(np.random.default_rng(0)))
+  ['x']
 """
 
 from __future__ import annotations
@@ -11,12 +21,22 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Entry", "entries", "get", "image_inputs", "markdown_table", "register", "torch_factory"]
+__all__ = [
+    "Entry",
+    "entries",
+    "families",
+    "get",
+    "image_batch",
+    "markdown_table",
+    "register",
+    "torch_factory",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,22 +45,32 @@ class Entry:
 
     Attributes:
       name: catalogue key, snake_case (``"se_layer"``); used by the CLI (``--block``).
-      family: the module file (``"se"``).
+      family: the block file the class lives in (``"se"`` for ``flax_attn/se.py``); its entries
+        live in ``flax_attn/catalogue/se.py``.
       paper: short citation, e.g. ``"Hu et al., CVPR 2018"``.
       arxiv: arXiv id or ``None``.
-      flax: factory ``(**config) -> flax module``.
+      flax: factory ``(**config) -> flax module``: the public class itself, a public factory of the
+        block file (``se_resnet18``), or a function of the catalogue file that assembles public
+        classes (``SpatialTransformer`` around a ``TutorialLocalization``).
       torch: ``"module.path:factory"`` returning the PyTorch reference for ``**config``; imported
         lazily (torch is optional). ``None`` when there is no PyTorch reference.
       config: small constructor arguments shared by both factories (the reference's names).
       inputs: ``rng -> {argument name: array}`` in Flax layout: small odd, non-square shapes.
       bench_inputs: like ``inputs`` with benchmark-sized shapes (defaults to ``inputs``).
       bench_config: constructor arguments for benchmarks (defaults to ``config``).
-      image_inputs: argument names that are NHWC images (moved to NCHW for torch).
+      image_inputs: names of the inputs that are NHWC images (moved to NCHW for torch). Not to be
+        confused with :func:`image_batch`, which *makes* an ``inputs`` function.
       output_layout: ``"nhwc"`` (torch returns channels-first images), ``"same"``, or a callable
         applied to the torch outputs (torch tensors in, torch tensors in Flax layout out).
       call_kwargs: extra keyword arguments for both calls (e.g. ``need_weights=True``).
-      torch_call: ``(torch_module, **inputs) -> outputs`` when a plain call does not fit.
-      layouts: PyTorch state-dict layouts the converter supports; the first is the default.
+      torch_call: ``(torch_module, **inputs, **call_kwargs) -> outputs`` when a plain call does not fit.
+      flax_call: ``(bound_flax_module, **inputs, **call_kwargs, train=...) -> outputs`` when a plain
+        call does not fit (the inputs are flat keyword arrays, the block takes a list of them). It
+        runs as Flax's ``apply(..., method=flax_call)``, so the variables are the block's own and no
+        wrapper class is needed; :attr:`flax_kwargs` passes it along.
+      layouts: PyTorch state-dict layouts the parity tests and the CLI use; the first is the default.
+        ``None`` (the usual case) reads the class's ``torch_layouts``, the single source of a block's
+        layouts; an explicit tuple must list some of those, in the class's order.
       atol, rtol: parity tolerance reached (and tested) in float32 on CPU.
       kernel: name of the Pallas kernel behind the block, if any.
       train_mode: whether the block behaves differently in training (BatchNorm, dropout).
@@ -75,7 +105,8 @@ class Entry:
     output_layout: str | Callable[[Any], Any] = "nhwc"
     call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     torch_call: Callable[..., Any] | None = None
-    layouts: tuple[str, ...] = ("official",)
+    flax_call: Callable[..., Any] | None = None
+    layouts: tuple[str, ...] | None = None
     atol: float = 1e-5
     rtol: float = 1e-5
     kernel: str | None = None
@@ -85,6 +116,70 @@ class Entry:
     float64_modes: tuple[str, ...] = ()
     conditioning: str = ""
     float64_tolerance: float = 1e-9
+
+    def __post_init__(self):
+        declared = getattr(self.flax_class, "torch_layouts", None)
+        if declared is None:
+            raise ValueError(
+                f"catalogue entry {self.name!r}: {_qualified(self.flax_class)} declares no `torch_layouts`; "
+                "a block's layouts live on its class (torch_layouts = (...)), the entry reads them there"
+            )
+        declared = tuple(declared)
+        if self.layouts is None:
+            object.__setattr__(self, "layouts", declared)
+            return
+        layouts = tuple(self.layouts)
+        if [x for x in declared if x in layouts] != list(layouts):
+            raise ValueError(
+                f"catalogue entry {self.name!r}: `layouts` must list layouts of {_qualified(self.flax_class)}."
+                f"torch_layouts in that order, expected a subsequence of {declared}, got {layouts}"
+            )
+        object.__setattr__(self, "layouts", layouts)
+
+    @property
+    def flax_class(self) -> type:
+        """The Flax module class ``flax`` builds (the class itself, or what a factory returns)."""
+        if isinstance(self.flax, type):
+            return self.flax
+        return type(self.build_flax())
+
+    @property
+    def flax_name(self) -> str:
+        """What the README table and the CLI show: ``flax_attn.<family>.<public name>``.
+
+        The ``flax`` callable's own name when it is public and lives in a block file
+        (``flax_attn.se.se_resnet18``), else the class it builds (``flax_attn.stn.SpatialTransformer``).
+        """
+        f = self.flax
+        module = getattr(f, "__module__", "") or ""
+        public = not getattr(f, "__name__", "_").startswith("_") and "<" not in getattr(f, "__qualname__", "<")
+        if isinstance(f, type) or (public and not module.startswith(__name__)):
+            return _qualified(f)
+        return _qualified(self.flax_class)
+
+    @property
+    def flax_signature(self) -> str:
+        """:attr:`flax_name` called with the entry's ``config``, as the README table and the CLI show it.
+
+        For an entry whose factory assembles public classes (``spatial_transformer``), the arguments
+        are that factory's.
+        """
+        return f"{self.flax_name}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+    @property
+    def flax_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the Flax side's ``init``/``apply`` (and ``from_torch``/``to_torch``):
+        ``call_kwargs``, plus ``method=flax_call`` when the entry has one."""
+        kwargs = dict(self.call_kwargs)
+        if self.flax_call is not None:
+            kwargs["method"] = self.flax_call
+        return kwargs
+
+    def call_torch(self, module, **inputs):
+        """Call the PyTorch reference on torch-layout ``inputs`` (through ``torch_call`` if set)."""
+        if self.torch_call is not None:
+            return self.torch_call(module, **inputs, **self.call_kwargs)
+        return module(**inputs, **self.call_kwargs)
 
     def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None):
         """Example inputs; ``inputs`` may take ``(rng)`` or ``(rng, config)`` to follow overrides."""
@@ -105,19 +200,32 @@ class Entry:
         return torch_factory(self.torch)(**dict(self.config if config is None else config))
 
 
-def image_inputs(*shape: int, name: str = "x") -> Callable[[np.random.Generator], dict[str, np.ndarray]]:
-    """``inputs`` for a block taking one NHWC image batch: ``image_inputs(3, 13, 17, 8)``."""
+def _qualified(f) -> str:
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', getattr(f, '__name__', repr(f)))}"
+
+
+def image_batch(*shape: int, name: str = "x") -> Callable[[np.random.Generator], dict[str, np.ndarray]]:
+    """An ``inputs`` function for a block taking one NHWC image batch: ``image_batch(3, 13, 17, 8)``.
+
+    Example:
+      >>> make = image_batch(3, 13, 17, 8)
+      >>> make(np.random.default_rng(0))["x"].shape
+      (3, 13, 17, 8)
+    """
     return lambda rng: {name: rng.standard_normal(shape, dtype=np.float32)}
 
 
 _REGISTRY: dict[str, Entry] = {}
+_LOADED = False
 
 
 def register(entry: Entry) -> Entry:
     """Add ``entry``; names are unique across the library."""
+    if not isinstance(entry, Entry):
+        raise TypeError(f"catalogue.register: `entry` must be a catalogue.Entry, got {type(entry).__name__}")
     if entry.name in _REGISTRY and _REGISTRY[entry.name] is not entry:
         raise ValueError(f"catalogue: duplicate block name {entry.name!r}")
-    if entry.layouts and len(set(entry.layouts)) != len(entry.layouts):
+    if len(set(entry.layouts)) != len(entry.layouts):
         raise ValueError(f"catalogue: {entry.name!r} lists a layout twice: {entry.layouts}")
     bad_modes = set(entry.float64_modes) - {"eval", "train"}
     if bad_modes:
@@ -128,8 +236,19 @@ def register(entry: Entry) -> Entry:
     return entry
 
 
+def families() -> list[str]:
+    """The catalogue files (one per block family), i.e. the modules of this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def _load_all() -> None:
-    import flax_attn  # noqa: F401  (importing the package registers every family)
+    """Import every family's catalogue file once (each registers its entries)."""
+    global _LOADED
+    if _LOADED:
+        return
+    for family in families():
+        importlib.import_module(f"{__name__}.{family}")
+    _LOADED = True
 
 
 def entries() -> list[Entry]:
@@ -168,14 +287,12 @@ def _parity_cell(e: Entry) -> str:
 def markdown_table() -> str:
     """The README's table of blocks, generated from the catalogue (a test keeps the README in sync)."""
     rows = [
-        "| Block | Paper | Flax class | PyTorch layouts | Pallas kernel | Parity (CPU) |",
+        "| Block | Paper | Flax class (catalogue arguments) | PyTorch layouts | Pallas kernel | Parity (CPU) |",
         "|---|---|---|---|---|---|",
     ]
     for e in entries():
         paper = e.paper + (f" ([arXiv {e.arxiv}](https://arxiv.org/abs/{e.arxiv}))" if e.arxiv else "")
-        cls = getattr(e.flax, "__qualname__", getattr(e.flax, "__name__", str(e.flax)))
-        module = getattr(e.flax, "__module__", "")
         kernel = e.kernel or "-"
         tol = _parity_cell(e)
-        rows.append(f"| `{e.name}` | {paper} | `{module}.{cls}` | {', '.join(e.layouts)} | {kernel} | {tol} |")
+        rows.append(f"| `{e.name}` | {paper} | `{e.flax_signature}` | {', '.join(e.layouts)} | {kernel} | {tol} |")
     return "\n".join(rows)

@@ -1,0 +1,21 @@
+"""Catalogue entries of :mod:`flax_attn.coordatt` (test and tooling data; see :mod:`flax_attn.catalogue`)."""
+
+from __future__ import annotations
+
+from flax_attn.catalogue import Entry, image_batch, register
+from flax_attn.coordatt import CoordAtt
+
+register(
+    Entry(
+        name="coord_att",
+        family="coordatt",
+        paper="Hou et al., CVPR 2021",
+        arxiv="2103.02907",
+        flax=CoordAtt,
+        torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
+        config=dict(inp=32, oup=32, reduction=2),
+        inputs=image_batch(3, 13, 17, 32),
+        bench_config=dict(inp=64, oup=64, reduction=32),
+        bench_inputs=image_batch(16, 56, 56, 64),
+    )
+)
