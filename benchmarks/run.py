@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import os
 import platform
 import statistics
@@ -59,14 +58,11 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
 
     from flax_attn.convert import from_torch
     from flax_attn.convert.io import to_numpy
-    from flax_attn.testing.parity import _to_torch_layout, randomize_torch_module
+    from flax_attn.testing.parity import randomize_torch_module, to_torch_axes
 
     config = dict(entry.config if small or entry.bench_config is None else entry.bench_config)
-    make = entry.inputs if small or entry.bench_inputs is None else entry.bench_inputs
-    rng = np.random.default_rng(0)
-    inputs = make(rng, config) if len(inspect.signature(make).parameters) >= 2 else make(rng)
-    kwargs = dict(entry.call_kwargs)  # the torch call's; the Flax side's add method=flax_call if set
-    flax_kwargs = entry.flax_kwargs
+    inputs = entry.make_inputs(np.random.default_rng(0), config, bench=not small)
+    flax_kwargs = entry.flax_kwargs  # call_kwargs, and method=flax_call when the entry has one
     float_names = [k for k, v in inputs.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
     tmod = entry.build_torch(config)
@@ -109,12 +105,11 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     row["mem_fwd"] = _peak_mb(fwd_c)
     row["mem_fb"] = _peak_mb(bwd_c)
 
-    tin = {k: torch.from_numpy(_to_torch_layout(np.asarray(v), k in entry.image_inputs)) for k, v in inputs.items()}
-    call = entry.torch_call or (lambda m, **kw: m(**kw))
+    tin = {k: torch.from_numpy(to_torch_axes(np.asarray(v), k in entry.image_inputs)) for k, v in inputs.items()}
 
     def t_fwd(m):
         with torch.no_grad():
-            return call(m, **tin, **kwargs)
+            return entry.call_torch(m, **tin)
 
     tmod.eval()
     row["torch_fwd"] = _median_ms(lambda: t_fwd(tmod), repeats)
@@ -123,7 +118,7 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     tin_g = {k: (v.clone().requires_grad_(True) if k in float_names else v) for k, v in tin.items()}
 
     def t_fb(m):
-        out = call(m, **tin_g, **kwargs)
+        out = entry.call_torch(m, **tin_g)
         total = sum(o.float().sum() for o in jax.tree_util.tree_leaves(out) if o is not None)
         return torch.autograd.grad(total, params + [tin_g[k] for k in float_names], allow_unused=True)
 

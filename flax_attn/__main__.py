@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
 import os
 import sys
 
@@ -105,7 +104,7 @@ def candidate_inputs(entry, config, seed: int = 0):
     import numpy as np
 
     base = entry.make_inputs(np.random.default_rng(seed), config)
-    if _takes_config(entry):
+    if entry.inputs_follow_config():
         yield base
         return
     old, new = _int_values(entry.config), _int_values(config)
@@ -132,13 +131,6 @@ def candidate_inputs(entry, config, seed: int = 0):
                     a = _resize(a, axis, mapping[size])
             out[name] = a
         yield out
-
-
-def _takes_config(entry) -> bool:
-    try:
-        return len(inspect.signature(entry.inputs).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
 
 
 def _select(sd, prefix: str | None):

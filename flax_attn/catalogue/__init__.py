@@ -181,15 +181,22 @@ class Entry:
             return self.torch_call(module, **inputs, **self.call_kwargs)
         return module(**inputs, **self.call_kwargs)
 
-    def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None):
-        """Example inputs; ``inputs`` may take ``(rng)`` or ``(rng, config)`` to follow overrides."""
+    def inputs_follow_config(self, bench: bool = False) -> bool:
+        """Whether the ``inputs`` (``bench_inputs``) function takes ``(rng, config)``, so its shapes
+        follow a changed config, rather than ``(rng)`` alone. The one place that asks."""
+        make = self.bench_inputs if bench and self.bench_inputs is not None else self.inputs
         try:
-            n_params = len(inspect.signature(self.inputs).parameters)
+            return len(inspect.signature(make).parameters) >= 2
         except (TypeError, ValueError):
-            n_params = 1
-        if n_params >= 2:
-            return self.inputs(rng, dict(self.config if config is None else config))
-        return self.inputs(rng)
+            return False
+
+    def make_inputs(self, rng: np.random.Generator, config: Mapping[str, Any] | None = None, *, bench: bool = False):
+        """Example inputs (``bench=True``: ``bench_inputs``, falling back to ``inputs``); ``inputs``
+        may take ``(rng)`` or ``(rng, config)`` to follow overrides."""
+        make = self.bench_inputs if bench and self.bench_inputs is not None else self.inputs
+        if self.inputs_follow_config(bench):
+            return make(rng, dict(self.config if config is None else config))
+        return make(rng)
 
     def build_flax(self, config: Mapping[str, Any] | None = None):
         return self.flax(**dict(self.config if config is None else config))

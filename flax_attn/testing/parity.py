@@ -38,10 +38,12 @@ __all__ = [
     "Conditioning",
     "ParityResult",
     "check_parity",
+    "from_torch_axes",
     "measure_conditioning",
     "parity_dtype",
     "randomize_torch_module",
     "run_parity",
+    "to_torch_axes",
 ]
 
 # The default float64 parity bound (``Entry.float64_tolerance``): the ill-conditioned entries
@@ -94,11 +96,13 @@ def randomize_torch_module(module, seed: int = 0) -> None:
                 buf.fill_(7)
 
 
-def _to_torch_layout(x: np.ndarray, image: bool) -> np.ndarray:
+def to_torch_axes(x: np.ndarray, image: bool) -> np.ndarray:
+    """An input as the PyTorch reference takes it: NHWC images (``image``) moved to NCHW."""
     return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if image else x
 
 
-def _from_torch_layout(x: np.ndarray, image: bool) -> np.ndarray:
+def from_torch_axes(x: np.ndarray, image: bool) -> np.ndarray:
+    """The inverse of :func:`to_torch_axes` (for gradients with respect to the inputs)."""
     return np.moveaxis(x, 1, -1) if image else x
 
 
@@ -258,7 +262,7 @@ def _run(
 
     t_inputs = {}
     for k, v in inputs.items():
-        t = torch.from_numpy(_to_torch_layout(np.asarray(v), k in entry.image_inputs))
+        t = torch.from_numpy(to_torch_axes(np.asarray(v), k in entry.image_inputs))
         if k in float_names and check_grads:
             t.requires_grad_(True)
         t_inputs[k] = t
@@ -275,7 +279,7 @@ def _run(
             torch_q[f"grad[{k}]"] = (
                 np.zeros(inputs[k].shape, np_dtype)
                 if tg is None
-                else _from_torch_layout(tg.numpy(), k in entry.image_inputs)
+                else from_torch_axes(tg.numpy(), k in entry.image_inputs)
             )
     if train and entry.train_mode and f_state:
         t_sd = tmod.state_dict()
