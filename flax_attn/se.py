@@ -178,6 +178,7 @@ class _SEResidualBlock(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    # The default se_style's layout first: it is what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
 
     @nn.nowrap
@@ -300,6 +301,8 @@ class SEResNet(nn.Module):
     first block's 3x3 conv), global average pool and ``fc``. Loads timm's ``seresnet18/34/50``
     (``se_style="timm"``, layout ``"timm"``) or senet.pytorch's ``se_resnet18/34/50``
     (``se_style="senet"``, layout ``"senet"``); the two differ in the SE layers (see module doc).
+    The default is timm's (``se_style="timm"``), so ``torch_layouts`` lists ``"timm"`` first;
+    ``layout=None`` converts as the model's ``se_style``, and a layout of the other style is refused.
 
     Attributes:
       block: ``"basic"`` (SE-ResNet-18/34) or ``"bottleneck"`` (SE-ResNet-50).
@@ -328,6 +331,7 @@ class SEResNet(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    # The default se_style's layout first (timm here, unlike the blocks): what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("timm", "senet")
 
     @nn.nowrap
