@@ -272,6 +272,7 @@ SR_FOLDER = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_superres_from_a_folder_beats_bicubic_on_set5(tmp_path, hr_dir, shared_data):
     set5 = shared_data / "set5"
@@ -279,14 +280,15 @@ def test_superres_from_a_folder_beats_bicubic_on_set5(tmp_path, hr_dir, shared_d
         pytest.skip(f"{set5} not available")
     cfg = cfg_lib.get_config(
         "superres_folder",
-        [*SR_FOLDER, f"data.train_dir={hr_dir}", f"data.eval_dir={set5}", "steps=150", "eval_every=0", "log_every=50"],
+        [*SR_FOLDER, f"data.train_dir={hr_dir}", f"data.eval_dir={set5}", "steps=400", "eval_every=0", "log_every=100"],
     )
     res = Trainer(cfg, tmp_path / "sr").run()
     m = res.eval_metrics
     print({k: round(v, 4) for k, v in m.items()})
     # Whole Set5 images (five shapes), Y channel, border of 2: the A2N protocol.
-    assert m["bicubic_psnr"] > 30.0  # the protocol's bicubic Set5 x2 is about 33.7 dB
-    assert m["psnr_gain"] > 0.0, m
+    # The protocol's bicubic Set5 x2 (PIL) is 33.67 dB; the literature's (MATLAB) 33.66 dB.
+    assert 33.5 < m["bicubic_psnr"] < 33.8, m
+    assert m["psnr_gain"] > 0.5, m  # measured +1.41 dB after these 400 steps
 
 
 def test_superres_folder_ema_and_accumulation(tmp_path, hr_dir):
