@@ -323,6 +323,33 @@ def test_superres_folder_ema_and_accumulation(tmp_path, hr_dir):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
+def test_superres_folder_from_the_cli_with_a_set5_layout_eval_folder(tmp_path, hr_dir, capsys):
+    from PIL import Image
+
+    from flax_attn.training.cli import main
+    from flax_attn.training.data import load_skimage_image
+
+    ev = tmp_path / "Set5"
+    ev.mkdir()
+    for name, size in (("camera", (60, 50)), ("coins", (44, 52)), ("moon", (60, 50))):
+        im = load_skimage_image(name)
+        Image.fromarray(im[: size[0], : size[1]]).save(ev / f"{name}.png")
+        Image.fromarray(im[: size[0] // 4, : size[1] // 4]).save(ev / f"{name}_x4_lr.png")  # not used
+    argv = ["--config", "superres_folder", "--workdir", str(tmp_path / "run")]
+    for o in [*SR_FOLDER, f"data.train_dir={hr_dir}", f"data.eval_dir={ev}", "steps=2", "log_every=1"]:
+        argv += ["--override", o]
+    assert main(argv) == 0
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    sets = folders.sr_eval_sets(str(ev), 2)
+    # Grouped by shape (one compilation each); the x4 LR files are not HR images.
+    assert sorted((s["hr"].shape[:3]) for s in sets) == [(1, 44, 52), (2, 60, 50)]
+    np.testing.assert_array_equal(sets[0]["lr"].shape, (1, 22, 26, 3))
+    assert np.isfinite(final["psnr"]) and np.isfinite(final["bicubic_psnr"])
+    # An empty train_dir is a one-line user error.
+    assert main(["--config", "superres_folder", "--workdir", str(tmp_path / "x")]) == 2
+    assert "data.train_dir: expected a folder of HR images" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- logs people read
 
 
@@ -338,9 +365,18 @@ def _read_events(path: Path) -> list:
     return out
 
 
-def test_tensorboard_events_read_back_and_profile_window(tmp_path, digits_dir):
-    cfg = cfg_lib.get_config("classify_folder", [f"data.root={digits_dir}", *DIGITS_FOLDER, *TINY])
-    Trainer(cfg, tmp_path, profile_steps=(3, 5)).run()
+def test_tensorboard_events_read_back_and_profile_window(tmp_path, digits_dir, capsys):
+    """classify_folder end to end from the CLI, with a profiler window; the TensorBoard events hold
+    the same scalars as metrics.jsonl."""
+    from flax_attn.training.cli import main
+
+    argv = ["--config", "classify_folder", "--workdir", str(tmp_path), "--profile-steps", "3:5"]
+    for o in [f"data.root={digits_dir}", *DIGITS_FOLDER, *TINY]:
+        argv += ["--override", o]
+    assert main(argv) == 0
+    assert "profile of steps 3..5" in capsys.readouterr().out
+    assert main([*argv[:4], "--profile-steps", "5:5"]) == 2
+    assert "--profile-steps: expected A:B with 0 <= A < B, got '5:5'" in capsys.readouterr().err
     files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(files) == 1
     scalars: dict[str, dict[int, float]] = {}
