@@ -519,3 +519,25 @@ def test_sigkill_mid_epoch_and_resume_is_exact_with_folder_data(tmp_path, digits
             np.testing.assert_array_equal(z[jax.tree_util.keystr(path_)], np.asarray(x))
     assert (work / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     assert (work / "final_metrics.json").read_text() == (tmp_path / "ref" / "final_metrics.json").read_text()
+
+
+def test_step_schedule_recipes_and_old_workdirs():
+    from flax_attn.training.trainer import _config_diff, build_optimizer
+
+    c = cfg_lib.get_config("a2n_x3")
+    assert (c.data.patch_size, c.data.batch_size, c.optim.learning_rate, c.task) == (64, 16, 1e-4, "superres_folder")
+    _, sched = build_optimizer(c.optim, c.steps)
+    assert [float(sched(s)) for s in (0, 199_999, 200_000, 400_000)] == pytest.approx([1e-4, 1e-4, 5e-5, 2.5e-5])
+    with pytest.raises(cfg_lib.ConfigError, match="optim.decay_every: expected >= 1 with schedule 'step', got 0"):
+        cfg_lib.get_config("classify", ["optim.schedule='step'"])
+    with pytest.raises(cfg_lib.ConfigError, match=r"data.crop_scale: expected \(low, high\)"):
+        cfg_lib.get_config("classify_folder", ["data.crop_scale=(0.5, 0.1)"])
+    # A workdir written before the folder fields existed resumes: absent keys at their defaults match.
+    now = json.loads(json.dumps(cfg_lib.get_config("classify").to_dict()))
+    old = json.loads(json.dumps(now))
+    for k in ("root", "workers", "crop_scale"):
+        del old["data"][k]
+    del old["ema_decay"]
+    assert _config_diff(old, now) == {}
+    now["data"]["workers"] = 3
+    assert list(_config_diff(old, now)) == ["data.workers"]

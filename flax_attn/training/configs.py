@@ -359,10 +359,10 @@ def classify_folder() -> Config:
     """Image classification from a folder tree ``root/<class>/*.{png,jpg,jpeg}`` (ImageNet-style) or a
     ``.csv``/``.json`` list of ``path,label``, through the grain pipeline of
     :mod:`flax_attn.training.folders` (decoding, random-resized crop and flip in grain workers,
-    per-process rows, iterator state in the checkpoint). The number of classes is taken from the
-    data; evaluation uses ``data.eval_root`` or, when empty, a stratified ``data.test_fraction``
-    held back from ``data.root``. The model is the SE-style CNN of ``classify``; on a pod, point
-    ``model.name`` at a bigger one::
+    per-process rows, iterator state in the checkpoint). The number of classes and of input
+    channels (``data.channels``) is taken from the data; evaluation uses ``data.eval_root`` or,
+    when empty, a stratified ``data.test_fraction`` held back from ``data.root``. The model is the
+    SE-style CNN of ``classify``; on a pod, point ``model.name`` at a bigger one::
 
         flax-attn-train --config classify_folder --override data.root=/data/train \\
             --override data.eval_root=/data/val --workdir /tmp/classify_folder
@@ -371,7 +371,8 @@ def classify_folder() -> Config:
         name="classify_folder",
         task="classify_folder",
         model=ModelConfig(
-            "flax_attn.training.models:SmallSECNN", {"num_classes": None, "widths": (32, 64), "reduction": 4}
+            "flax_attn.training.models:SmallSECNN",
+            {"num_classes": None, "in_chans": None, "widths": (32, 64), "reduction": 4},
         ),
         optim=OptimConfig(
             name="adamw",

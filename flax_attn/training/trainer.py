@@ -226,6 +226,8 @@ class Trainer:
                     f"config model.kwargs.num_classes: expected {n} (the classes found in data.root) or None, "
                     f"got {kwargs['num_classes']!r}"
                 )
+        if kwargs.get("in_chans", 0) is None:
+            kwargs["in_chans"] = self.config.data.channels  # taken from the data, like num_classes
         return kwargs
 
     # ------------------------------------------------------------------ state and steps
@@ -652,10 +654,40 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def _field_default(key: str) -> Any:
+    """The dataclass default of a dotted config key (``"<absent>"`` when there is none)."""
+    cls: Any = Config
+    value: Any = "<absent>"
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return "<absent>"
+        f = fields[part]
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            return "<absent>"
+        cls = type(value)
+    return _jsonable(value) if not dataclasses.is_dataclass(value) else "<absent>"
+
+
 def _config_diff(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (saved value, current value)}`` for every key whose value differs."""
+    """``{dotted key: (saved value, current value)}`` for every key whose value differs.
+
+    A key the saved config lacks (a field added to the configs since) counts as equal when the
+    current value is that field's default, so runs started before the field existed still resume.
+    """
     a, b = _flat(saved), _flat(now)
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    diff = {}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k):
+            continue
+        if k not in a and k in b and b[k] == _field_default(k):
+            continue
+        diff[k] = (a.get(k, "<absent>"), b.get(k, "<absent>"))
+    return diff
 
 
 def _is_main_thread() -> bool:
