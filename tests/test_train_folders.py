@@ -421,6 +421,9 @@ def test_progress_bar_on_a_terminal_and_quiet_in_logs():
         if tty:
             assert "\r[" in st.text and "ETA" in st.text and "steps/s" in st.text
             assert st.text.count("\r[") >= 2
+            p.update(40, force=True)
+            p.clear()  # the trainer's messages erase the bar first
+            assert st.text.endswith("\r\x1b[K")
         else:
             assert "\r" not in st.text and "[" not in st.text
             assert len(lines) == 2 and lines[1].startswith("step 40/40 (100%)")

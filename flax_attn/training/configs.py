@@ -411,6 +411,8 @@ def _a2n(scale: int) -> Config:
     # The official code (haoyuc/A2N, code/option.py, EDSR's trainer): HR output patch 192 (LR
     # 192 // scale), batch 16, L1, Adam (0.9, 0.999, eps 1e-8), no weight decay, lr 1e-4 halved
     # ("step", gamma 0.5) every 200 epochs of 1000 iterations, 1000 epochs; DIV2K train, Set5 test.
+    # These are the numbers of the released code; the paper's text was not available to check
+    # them against (a different patch or batch in the paper would be a one-line change here).
     return Config(
         name=f"a2n_x{scale}",
         task="superres_folder",

@@ -132,10 +132,14 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
-    def print(self, step: int, metrics: dict[str, float]) -> None:
+    def clear(self) -> None:
+        """Erase the bar (terminals only), so that a line can be printed in its place."""
         if self.tty and self._drawn:
-            self.stream.write("\r\x1b[K")  # the line replaces the bar
+            self.stream.write("\r\x1b[K")
             self._drawn = False
+
+    def print(self, step: int, metrics: dict[str, float]) -> None:
+        self.clear()  # the line replaces the bar
         print(self.line(step, metrics), file=self.stream, flush=True)
 
 

@@ -379,6 +379,9 @@ class Trainer:
 
     def _print(self, msg: str) -> None:
         if self.is_main:
+            progress = getattr(self, "_progress", None)
+            if progress is not None:
+                progress.clear()  # a message never lands in the middle of a redrawn bar
             print(msg, file=self.stream, flush=True)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -504,7 +507,7 @@ class Trainer:
         old_handler = None
         if jax.process_count() == 1 and _is_main_thread():
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        progress = Progress(cfg.steps, cfg.data.batch_size, start, self.stream)
+        progress = self._progress = Progress(cfg.steps, cfg.data.batch_size, start, self.stream)
         eval_metrics: dict[str, float] = {}
         pending: tuple[int, Any] | None = None
         step, status = start, "completed"
