@@ -25,12 +25,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The main job: parity of one block per family against PyTorch, then the two default trainings
 # (digits classification with an SE-ResNet, A2N x2 super-resolution) with their final metrics.
-# Runs resume from $(WORKDIR); delete it to train from scratch.
+# The super-resolution run is the `superres` config cut to a demo budget (A2N with 6 instead of 16
+# attention blocks, 24-pixel crops, 200 steps: +1.0 dB over bicubic in about 2 minutes on two
+# shared CPU cores, against about 11 minutes for the full config); the full recipe stays
+# `python -m train --config superres`. Runs resume from $(WORKDIR); delete it to train from scratch.
 WORKDIR ?= workdir
+DEMO_SUPERRES ?= --override model.kwargs.nb=6 --override data.patch_size=24 --override steps=200 --override eval_every=100
 demo: $(VENV)/.installed
 	$(PY) -m flax_attn demo
 	$(PY) -m train --config classify --workdir $(WORKDIR)/classify
-	$(PY) -m train --config superres --workdir $(WORKDIR)/superres
+	$(PY) -m train --config superres --workdir $(WORKDIR)/superres $(DEMO_SUPERRES)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

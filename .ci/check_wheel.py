@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 # Top-level names of the packages in the optional extras (pyproject's [project.optional-dependencies]).
-OPTIONAL = {"torch", "sklearn", "skimage", "PIL", "timm", "torchvision"}
+OPTIONAL = {"torch", "sklearn", "skimage", "PIL", "timm", "torchvision", "grain", "tensorboardX"}
 
 
 def fail(msg: str) -> None:

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None, prog: str = "flax-attn-train") -> int:
         action="store_true",
         help="if the workdir holds a run of another config, move it to <workdir>/previous/<time> and start afresh",
     )
+    p.add_argument(
+        "--profile-steps",
+        default=None,
+        metavar="A:B",
+        help="jax.profiler trace of the steps from step A to step B (as logged) into <workdir>/profile",
+    )
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -43,6 +49,16 @@ def main(argv: list[str] | None = None, prog: str = "flax-attn-train") -> int:
         help="'auto': let jax.distributed.initialize detect the cluster (TPU pods, SLURM)",
     )
     args = p.parse_args(argv)
+    profile = None
+    if args.profile_steps is not None:
+        a, sep, b = args.profile_steps.partition(":")
+        try:
+            profile = (int(a), int(b))
+            if not sep or not 0 <= profile[0] < profile[1]:
+                raise ValueError
+        except ValueError:
+            print(f"error: --profile-steps: expected A:B with 0 <= A < B, got {args.profile_steps!r}", file=sys.stderr)
+            return 2
 
     # Distributed start-up must precede any use of a JAX backend.
     from flax_attn.training.sharding import initialize_distributed
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None, prog: str = "flax-attn-train") -> int:
     )
     try:
         config = get_config(args.config, args.override)
-        result = train(config, args.workdir, init_from=args.init_from, reset=args.reset)
+        result = train(config, args.workdir, init_from=args.init_from, reset=args.reset, profile_steps=profile)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -22,11 +22,16 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "a2n_x2",
+    "a2n_x3",
+    "a2n_x4",
     "apply_overrides",
     "classify",
+    "classify_folder",
     "get_config",
     "hard_attention",
     "superres",
+    "superres_folder",
     "validate",
 ]
 
@@ -68,8 +73,9 @@ class OptimConfig:
       name: ``"adamw"`` or ``"sgd"`` (SGD with momentum; decoupled weight decay is added the
         same masked way).
       learning_rate: peak learning rate.
-      schedule: ``"constant"``, ``"cosine"`` (cosine decay to ``end_lr_factor * lr``) or
-        ``"linear"``; each with ``warmup_steps`` of linear warmup from 0.
+      schedule: ``"constant"``, ``"cosine"`` (cosine decay to ``end_lr_factor * lr``),
+        ``"linear"`` or ``"step"`` (multiplied by ``decay_factor`` every ``decay_every`` steps, the
+        EDSR/A2N schedule); each with ``warmup_steps`` of linear warmup from 0.
       weight_decay: decoupled weight decay; applied only to parameters with ndim >= 2 (kernels)
         unless ``decay_norms_and_biases``.
       clip_grad_norm: global-norm clipping threshold, ``None`` for none.
@@ -88,6 +94,8 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_grad_norm: float | None = None
+    decay_every: int = 0
+    decay_factor: float = 0.5
 
 
 @dataclasses.dataclass
@@ -106,7 +114,24 @@ class DataConfig:
       patch_size: superres: low-resolution training crop size.
       eval_size: superres: high-resolution centre crop of each evaluation image.
       train_images / eval_images: superres: ``skimage.data`` names (disjoint lists).
-      augment: random flips (superres) / random shifts by one pixel (classify).
+      augment: random flips (superres) / random shifts by one pixel (classify) / random
+        resized crops (classify from a folder).
+      root: classify from image files: a class-folder tree ``root/<class>/*.{png,jpg,jpeg}`` or a
+        ``.csv``/``.json`` list of ``path,label`` (``""`` = the in-memory digits).
+      eval_root: classify: evaluation images in the same form; ``""`` = hold back a stratified
+        ``test_fraction`` of ``root`` (split fixed by ``split_seed``).
+      train_dir: superres from image files: a folder of HR images (DIV2K-style); LR is made on
+        the fly (PIL bicubic, :mod:`flax_attn.training.folders`). ``""`` = the skimage photos.
+      eval_dir: superres: a Set5/Set14-layout folder evaluated on whole images (Y channel,
+        ``scale`` border), ``""`` = centre crops of ``eval_images``.
+      channels: folders: 1 (luminance) or 3 (RGB).
+      crop_scale, crop_ratio: classify from a folder: random-resized-crop area fraction and aspect
+        ratio ranges (``augment``).
+      hflip: classify from a folder: random horizontal flips.
+      eval_crop_fraction: classify from a folder: evaluation resizes the shorter side to
+        ``image_size / eval_crop_fraction`` and takes the central square.
+      workers: folders: grain worker processes decoding and augmenting (0 = threads of this process).
+      read_threads: folders: grain reader threads (per worker, or in this process).
     """
 
     batch_size: int = 64
@@ -121,6 +146,17 @@ class DataConfig:
     train_images: tuple[str, ...] = ()
     eval_images: tuple[str, ...] = ()
     augment: bool = True
+    root: str = ""
+    eval_root: str = ""
+    train_dir: str = ""
+    eval_dir: str = ""
+    channels: int = 3
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    crop_ratio: tuple[float, ...] = (0.75, 4 / 3)
+    hflip: bool = True
+    eval_crop_fraction: float = 0.875
+    workers: int = 0
+    read_threads: int = 2
 
 
 @dataclasses.dataclass
@@ -148,7 +184,9 @@ class Config:
 
     Attributes:
       name: config name (``--config``).
-      task: ``"classify"``, ``"superres"`` or ``"hard_attention"`` (see :data:`flax_attn.training.tasks.TASKS`).
+      task: ``"classify"``, ``"superres"``, ``"hard_attention"`` (in-memory data), ``"classify_folder"``
+        or ``"superres_folder"`` (image files, :mod:`flax_attn.training.folders`); see
+        :data:`flax_attn.training.tasks.TASKS`.
       seed: seeds parameter init, data order and dropout/augmentation rngs.
       steps: total optimiser steps.
       eval_every: evaluate every N steps (and at the end); 0 = only at the end.
@@ -156,6 +194,10 @@ class Config:
       precision: ``"float32"`` or ``"bfloat16"`` (bf16 compute, float32 parameters/optimiser).
       model_axis: size of the ``model`` mesh axis (1 = pure data parallelism); the ``data`` axis
         takes the remaining devices.
+      ema_decay: exponential moving average of the parameters, ``ema = d * ema + (1 - d) * params``
+        after every step (0 = off); evaluation and the best checkpoint then use the average.
+      grad_accum_steps: split each global batch into this many micro-batches inside the step and
+        average their gradients (same update, 1/k of the activation memory).
     """
 
     name: str
@@ -170,6 +212,8 @@ class Config:
     log_every: int = 50
     precision: str = "float32"
     model_axis: int = 1
+    ema_decay: float = 0.0
+    grad_accum_steps: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,10 +355,128 @@ def hard_attention() -> Config:
     )
 
 
+def classify_folder() -> Config:
+    """Image classification from a folder tree ``root/<class>/*.{png,jpg,jpeg}`` (ImageNet-style) or a
+    ``.csv``/``.json`` list of ``path,label``, through the grain pipeline of
+    :mod:`flax_attn.training.folders` (decoding, random-resized crop and flip in grain workers,
+    per-process rows, iterator state in the checkpoint). The number of classes and of input
+    channels (``data.channels``) is taken from the data; evaluation uses ``data.eval_root`` or,
+    when empty, a stratified ``data.test_fraction`` held back from ``data.root``. The model is the
+    SE-style CNN of ``classify``; on a pod, point ``model.name`` at a bigger one::
+
+        flax-attn-train --config classify_folder --override data.root=/data/train \\
+            --override data.eval_root=/data/val --workdir /tmp/classify_folder
+    """
+    return Config(
+        name="classify_folder",
+        task="classify_folder",
+        model=ModelConfig(
+            "flax_attn.training.models:SmallSECNN",
+            {"num_classes": None, "in_chans": None, "widths": (32, 64), "reduction": 4},
+        ),
+        optim=OptimConfig(
+            name="adamw",
+            learning_rate=3e-3,
+            schedule="cosine",
+            warmup_steps=50,
+            weight_decay=5e-4,
+            clip_grad_norm=1.0,
+        ),
+        data=DataConfig(batch_size=64, eval_batch_size=256, image_size=64, test_fraction=0.1, augment=True, workers=2),
+        checkpoint=CheckpointConfig(every_steps=500, max_to_keep=2, best_metric="accuracy", best_mode="max"),
+        steps=2000,
+        eval_every=500,
+        log_every=50,
+    )
+
+
+def superres_folder() -> Config:
+    """x2 super-resolution from a folder of HR images (``data.train_dir``, DIV2K-style), LR made on the
+    fly by PIL bicubic, evaluated on whole images of a Set5/Set14-layout folder (``data.eval_dir``:
+    PSNR/SSIM on Y with a border of ``scale`` pixels, the A2N protocol). A2N at the paper's size;
+    the full A2N recipes are ``a2n_x2``/``a2n_x3``/``a2n_x4``::
+
+        flax-attn-train --config superres_folder --override data.train_dir=/data/DIV2K_train_HR \\
+            --override data.eval_dir=/data/Set5 --workdir /tmp/superres_folder
+    """
+    c = superres()
+    c.name, c.task = "superres_folder", "superres_folder"
+    c.data = DataConfig(batch_size=16, eval_batch_size=1, scale=2, patch_size=48, augment=True, workers=2)
+    c.steps, c.eval_every, c.log_every = 5000, 1000, 100
+    c.checkpoint = CheckpointConfig(every_steps=1000, max_to_keep=2, best_metric="psnr", best_mode="max")
+    return c
+
+
+def _a2n(scale: int) -> Config:
+    # The official code (haoyuc/A2N, code/option.py, EDSR's trainer): HR output patch 192 (LR
+    # 192 // scale), batch 16, L1, Adam (0.9, 0.999, eps 1e-8), no weight decay, lr 1e-4 halved
+    # ("step", gamma 0.5) every 200 epochs of 1000 iterations, 1000 epochs; DIV2K train, Set5 test.
+    # These are the numbers of the released code; the paper's text was not available to check
+    # them against (a different patch or batch in the paper would be a one-line change here).
+    return Config(
+        name=f"a2n_x{scale}",
+        task="superres_folder",
+        model=ModelConfig("flax_attn.a2n:A2N", {"scale": scale, "nf": 40, "unf": 24, "nb": 16}),
+        optim=OptimConfig(
+            name="adamw",
+            learning_rate=1e-4,
+            schedule="step",
+            decay_every=200_000,
+            decay_factor=0.5,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_grad_norm=None,
+        ),
+        data=DataConfig(
+            batch_size=16, eval_batch_size=1, scale=scale, patch_size=192 // scale, augment=True, workers=4
+        ),
+        checkpoint=CheckpointConfig(every_steps=10_000, max_to_keep=3, best_metric="psnr", best_mode="max"),
+        steps=1_000_000,
+        eval_every=10_000,
+        log_every=100,
+        ema_decay=0.0,
+    )
+
+
+def a2n_x2() -> Config:
+    """A2N x2, the official training recipe (haoyuc/A2N ``code/option.py``): DIV2K HR folder, HR patch
+    192 (LR 96), batch 16, L1, Adam at 1e-4 halved every 200k steps, 1M steps, Set5 every 10k::
+
+        flax-attn-train --config a2n_x2 --override data.train_dir=/data/DIV2K_train_HR \\
+            --override data.eval_dir=/data/Set5 --workdir /tmp/a2n_x2
+    """
+    return _a2n(2)
+
+
+def a2n_x3() -> Config:
+    """A2N x3, as :func:`a2n_x2` with LR patch 64::
+
+        flax-attn-train --config a2n_x3 --override data.train_dir=/data/DIV2K_train_HR \\
+            --override data.eval_dir=/data/Set5 --workdir /tmp/a2n_x3
+    """
+    return _a2n(3)
+
+
+def a2n_x4() -> Config:
+    """A2N x4, as :func:`a2n_x2` with LR patch 48::
+
+        flax-attn-train --config a2n_x4 --override data.train_dir=/data/DIV2K_train_HR \\
+            --override data.eval_dir=/data/Set5 --workdir /tmp/a2n_x4
+    """
+    return _a2n(4)
+
+
 CONFIGS: dict[str, Callable[[], Config]] = {
     "classify": classify,
     "superres": superres,
     "hard_attention": hard_attention,
+    "classify_folder": classify_folder,
+    "superres_folder": superres_folder,
+    "a2n_x2": a2n_x2,
+    "a2n_x3": a2n_x3,
+    "a2n_x4": a2n_x4,
 }
 
 
@@ -413,10 +575,11 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 # --------------------------------------------------------------------------- validation
 
 _CHOICES = {
-    "task": ("classify", "superres", "hard_attention"),
+    "task": ("classify", "superres", "hard_attention", "classify_folder", "superres_folder"),
     "precision": ("float32", "bfloat16"),
     "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("constant", "cosine", "linear"),
+    "optim.schedule": ("constant", "cosine", "linear", "step"),
+    "data.channels": (1, 3),
     "checkpoint.best_mode": ("max", "min"),
 }
 # (key, lower bound, upper bound, lower inclusive, upper inclusive); None = unbounded.
@@ -445,6 +608,13 @@ _RANGES = [
     ("data.patch_size", 1, None, True, True),
     ("data.eval_size", 1, None, True, True),
     ("checkpoint.every_steps", 0, None, True, True),
+    ("optim.decay_every", 0, None, True, True),
+    ("optim.decay_factor", 0, 1, False, True),
+    ("data.eval_crop_fraction", 0, 1, False, True),
+    ("data.workers", 0, None, True, True),
+    ("data.read_threads", 1, None, True, True),
+    ("ema_decay", 0, 1, True, False),
+    ("grad_accum_steps", 1, None, True, True),
     ("checkpoint.max_to_keep", 1, None, True, True),
 ]
 
@@ -496,6 +666,22 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config {key}: expected {' and '.join(x for x in (lo_s, hi_s) if x)}, got {v!r}")
     if not config.model.name or not isinstance(config.model.name, str):
         raise ConfigError(f"config model.name: expected a non-empty string, got {config.model.name!r}")
+    d = config.data
+    for key, hi in (("data.crop_scale", 1.0), ("data.crop_ratio", None)):
+        v = _get(config, key)
+        if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v) or not 0 < v[0] <= v[1]:
+            raise ConfigError(f"config {key}: expected (low, high) with 0 < low <= high, got {v!r}")
+        if hi is not None and v[1] > hi:
+            raise ConfigError(f"config {key}: expected high <= {hi}, got {v!r}")
+    if config.optim.schedule == "step" and config.optim.decay_every < 1:
+        raise ConfigError(
+            f"config optim.decay_every: expected >= 1 with schedule 'step', got {config.optim.decay_every}"
+        )
+    if d.batch_size % config.grad_accum_steps:
+        raise ConfigError(
+            f"config grad_accum_steps: expected a divisor of data.batch_size {d.batch_size}, "
+            f"got {config.grad_accum_steps}"
+        )
     for k, v in _walk(config.model.kwargs, "model.kwargs"):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"config {k}: expected a finite number, got {v!r}")

@@ -70,12 +70,25 @@ def ssim_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
 
 
 class Progress:
-    """``step 120/800 (15%) | 23.4 steps/s, 1497 img/s | ETA 0:00:29 | loss 0.1234`` lines."""
+    """``step 120/800 (15%) | 23.4 steps/s, 1497 img/s | ETA 0:00:29 | loss 0.1234`` lines.
 
-    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, stream=None):
+    On a terminal (``stream.isatty()``, or ``tty=True``) :meth:`update` also redraws a bar with the
+    rate and ETA in place (``\\r``, at most ten times a second) between the logged lines; in a log
+    file or a pipe it writes nothing, so non-interactive logs hold only the ``log_every`` lines.
+    """
+
+    bar_width = 24
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, stream=None, *, tty: bool | None = None):
         self.total, self.batch = total_steps, batch_size
         self.stream = stream or sys.stdout
         self._t0, self._s0 = time.perf_counter(), start_step
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty and isatty())
+        self.tty = tty
+        self._last_draw = 0.0
+        self._drawn = False
 
     def reset(self, step: int) -> None:
         """Start the rate clock here (e.g. after the first step, which includes compilation)."""
@@ -95,7 +108,38 @@ class Progress:
             f"{r * self.batch:.0f} img/s | ETA {eta_s} | {vals}"
         )
 
+    def _eta(self, step: int) -> str:
+        r = self.rate(step)
+        eta = (self.total - step) / r if r == r and r > 0 else float("nan")
+        return time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+
+    def bar(self, step: int) -> str:
+        """``[#########...............]  120/800 23.4 steps/s ETA 00:00:29``."""
+        done = int(self.bar_width * min(step, self.total) / max(self.total, 1))
+        r = self.rate(step)
+        rate = f"{r:.2f} steps/s" if r == r else "- steps/s"
+        return f"[{'#' * done}{'.' * (self.bar_width - done)}] {step}/{self.total} {rate} ETA {self._eta(step)}"
+
+    def update(self, step: int, *, force: bool = False) -> None:
+        """Redraw the bar (terminals only; throttled to 10 Hz unless ``force``)."""
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last_draw < 0.1 and step < self.total:
+            return
+        self._last_draw = now
+        self.stream.write("\r" + self.bar(step) + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def clear(self) -> None:
+        """Erase the bar (terminals only), so that a line can be printed in its place."""
+        if self.tty and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self._drawn = False
+
     def print(self, step: int, metrics: dict[str, float]) -> None:
+        self.clear()  # the line replaces the bar
         print(self.line(step, metrics), file=self.stream, flush=True)
 
 

@@ -24,7 +24,16 @@ from flax_attn.training import data as data_lib
 from flax_attn.training.configs import Config
 from flax_attn.training.metrics import psnr_y, ssim_y
 
-__all__ = ["ClassifyTask", "HardAttentionTask", "SuperResTask", "TASKS", "Task", "make_task"]
+__all__ = [
+    "TASKS",
+    "ClassifyFolderTask",
+    "ClassifyTask",
+    "HardAttentionTask",
+    "SuperResFolderTask",
+    "SuperResTask",
+    "Task",
+    "make_task",
+]
 
 
 class Task:
@@ -35,10 +44,15 @@ class Task:
     #: metric whose best checkpoint is kept when the config names none
     default_best = ("loss", "min")
 
+    #: number of classes found in the data (folder tasks), filled into ``model.kwargs.num_classes``
+    num_classes: int | None = None
+
     def __init__(self, config: Config):
         self.config = config
         self.train_source: Any = None
         self.eval_set: data_lib.EvalSet | None = None
+        #: several evaluation sets (whole images of different shapes); ``None`` = ``[eval_set]``
+        self.eval_sets: list[data_lib.EvalSet] | None = None
 
     def example_input(self) -> np.ndarray:
         """One example batch (host numpy) for ``model.init``."""
@@ -154,6 +168,77 @@ class SuperResTask(Task):
         return out
 
 
+class ClassifyFolderTask(ClassifyTask):
+    """Classification from image files (``data.root``: a class-folder tree or a ``path,label`` list)
+    through the grain pipeline of :mod:`flax_attn.training.folders`; evaluation on ``data.eval_root``
+    or a stratified ``data.test_fraction`` held back from ``data.root``."""
+
+    name = "classify_folder"
+
+    def __init__(self, config: Config):
+        Task.__init__(self, config)
+        from flax_attn.training import folders
+
+        d = config.data
+        if not d.root:
+            raise folders.DataError(
+                "data.root: expected a class-folder tree or a .csv/.json list (--override data.root=DIR), got ''"
+            )
+        paths, labels, classes = folders.labelled_files(d.root, arg="data.root")
+        if d.eval_root:
+            e_paths, e_labels, e_classes = folders.labelled_files(d.eval_root, arg="data.eval_root")
+            index = {c: i for i, c in enumerate(classes)}
+            unknown = sorted({e_classes[i] for i in e_labels} - set(index))
+            if unknown:
+                raise folders.DataError(
+                    f"data.eval_root: expected only classes of data.root ({len(classes)}: {classes[:5]}...), "
+                    f"got {len(unknown)} others: {unknown[:5]}"
+                )
+            e_labels = np.asarray([index[e_classes[i]] for i in e_labels], np.int32)
+            where = "data.eval_root"
+        else:
+            tr, te = folders.stratified_split(labels, d.test_fraction, d.split_seed)
+            e_paths, e_labels = [paths[i] for i in te], labels[te]
+            paths, labels = [paths[i] for i in tr], labels[tr]
+            where = "data.root"
+        self.classes = classes
+        self.num_classes = len(classes)
+        if len(paths) < d.batch_size:
+            raise folders.DataError(
+                f"data.root: expected at least data.batch_size={d.batch_size} training images, got {len(paths)}"
+            )
+        self.train_source = folders.classify_folder_source(paths, labels, d, seed=config.seed, steps=config.steps)
+        self.eval_set = data_lib.EvalSet(folders.classify_eval_arrays(e_paths, e_labels, d, where), d.eval_batch_size)
+
+
+class SuperResFolderTask(SuperResTask):
+    """Super-resolution from a folder of HR images (``data.train_dir``, LR made on the fly) and, with
+    ``data.eval_dir``, whole-image evaluation on a Set5/Set14-layout folder; without it, the
+    centre crops of ``data.eval_images`` as in ``superres``."""
+
+    name = "superres_folder"
+
+    def __init__(self, config: Config):
+        Task.__init__(self, config)
+        from flax_attn.training import folders
+
+        d = config.data
+        if not d.train_dir:
+            raise folders.DataError(
+                "data.train_dir: expected a folder of HR images (--override data.train_dir=DIR), got ''"
+            )
+        self.train_source = folders.sr_folder_source(d, seed=config.seed, steps=config.steps)
+        if d.eval_dir:
+            self.eval_sets = [data_lib.EvalSet(a, d.eval_batch_size) for a in folders.sr_eval_sets(d.eval_dir, d.scale)]
+            self.eval_set = self.eval_sets[0]
+        elif d.eval_images:
+            self.eval_set = data_lib.EvalSet(
+                dict(data_lib.superres_eval_set(tuple(d.eval_images), d.eval_size, d.scale)), d.eval_batch_size
+            )
+        else:
+            raise folders.DataError("data.eval_dir: expected a Set5-layout folder (or data.eval_images names), got ''")
+
+
 class HardAttentionTask(Task):
     """Digits with the Recurrent Attention Model (Mnih et al., arXiv 1406.6247) trained by REINFORCE.
 
@@ -251,6 +336,8 @@ TASKS: dict[str, type[Task]] = {
     "classify": ClassifyTask,
     "superres": SuperResTask,
     "hard_attention": HardAttentionTask,
+    "classify_folder": ClassifyFolderTask,
+    "superres_folder": SuperResFolderTask,
 }
 
 

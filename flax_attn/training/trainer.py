@@ -38,7 +38,7 @@ import optax
 from flax_attn.convert import io as _io
 from flax_attn.training import sharding as sh
 from flax_attn.training.checkpoint import Checkpointer
-from flax_attn.training.configs import Config, OptimConfig, validate
+from flax_attn.training.configs import Config, ConfigError, OptimConfig, validate
 from flax_attn.training.metrics import MetricsWriter, Progress
 from flax_attn.training.models import build_model
 from flax_attn.training.tasks import Task, make_task
@@ -85,6 +85,8 @@ class TrainState:
     opt_state: Any
     # Set on device by the first non-finite step; from then on steps leave the state unchanged.
     halted: jax.Array
+    # Exponential moving average of params when Config.ema_decay > 0, else {} (no arrays).
+    ema_params: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -107,8 +109,12 @@ def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         main = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.end_lr_factor)
     elif cfg.schedule == "linear":
         main = optax.linear_schedule(lr, lr * cfg.end_lr_factor, decay_steps)
+    elif cfg.schedule == "step":
+        if cfg.decay_every < 1:
+            raise ValueError(f"optim.decay_every must be >= 1 with schedule 'step', got {cfg.decay_every}")
+        main = optax.exponential_decay(lr, cfg.decay_every, cfg.decay_factor, staircase=True)
     else:
-        raise ValueError(f"optim.schedule must be 'constant', 'cosine' or 'linear', got {cfg.schedule!r}")
+        raise ValueError(f"optim.schedule must be 'constant', 'cosine', 'linear' or 'step', got {cfg.schedule!r}")
     if w <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, w), main], [w])
@@ -145,6 +151,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
 
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _APPLIED = "_update_applied"  # per-step flag from the device; not logged
+_SKIPPED = "_data_skipped"  # unreadable images replaced in this step's global batch (folder sources)
 
 
 class Trainer:
@@ -162,6 +169,9 @@ class Trainer:
       reset: when the workdir holds a run of another config, move it aside to
         ``<workdir>/previous/<time>/`` and start afresh instead of raising
         :class:`ConfigMismatchError`.
+      profile_steps: ``(a, b)``: a ``jax.profiler`` trace of the steps that take the run from step
+        ``a`` to step ``b`` (as logged), written to ``<workdir>/profile`` (TensorBoard's profile
+        plugin or Perfetto read it).
     """
 
     def __init__(
@@ -173,8 +183,12 @@ class Trainer:
         mesh=None,
         stream=None,
         reset: bool = False,
+        profile_steps: tuple[int, int] | None = None,
     ):
         validate(config)
+        if profile_steps is not None and not (0 <= profile_steps[0] < profile_steps[1]):
+            raise ValueError(f"profile_steps: expected (a, b) with 0 <= a < b, got {profile_steps!r}")
+        self.profile_steps = profile_steps
         self.config = config
         self.workdir = Path(workdir).absolute()
         self.init_from = init_from
@@ -183,20 +197,38 @@ class Trainer:
         self.stream = stream or sys.stdout
         self.is_main = jax.process_index() == 0
         self.task: Task = make_task(config)
-        self.model = build_model(config.model.name, config.model.kwargs, dtype=_DTYPES[config.precision])
+        self.model = build_model(config.model.name, self._model_kwargs(), dtype=_DTYPES[config.precision])
         self.tx, self.schedule = build_optimizer(config.optim, config.steps)
         self.rows = sh.process_rows(self.mesh, config.data.batch_size)
-        es = self.task.eval_set
         data_size = self.mesh.shape[sh.DATA]
-        if es.batch_size % data_size:
-            # Evaluation rows are masked, so the eval batch can grow to fit the mesh.
-            es = self.task.eval_set = type(es)(es.arrays, -(-es.batch_size // data_size) * data_size)
-        self.eval_rows = sh.process_rows(self.mesh, es.batch_size)
+        sets = []
+        for es in self.task.eval_sets or [self.task.eval_set]:
+            if es.batch_size % data_size:
+                # Evaluation rows are masked, so the eval batch can grow to fit the mesh.
+                es = type(es)(es.arrays, -(-es.batch_size // data_size) * data_size)
+            sets.append(es)
+        self.task.eval_sets, self.task.eval_set = sets, sets[0]
+        self.eval_rows = sh.process_rows(self.mesh, sets[0].batch_size)
         key = jax.random.PRNGKey(config.seed)
         self.init_key, self.step_key = jax.random.split(key)
         self._example = self.task.example_input()
         self._build_steps()
         self._terminate = False
+
+    def _model_kwargs(self) -> dict:
+        kwargs = dict(self.config.model.kwargs)
+        n = self.task.num_classes
+        if n is not None and "num_classes" in kwargs:
+            if kwargs["num_classes"] is None:
+                kwargs["num_classes"] = n  # taken from the data
+            elif kwargs["num_classes"] != n:
+                raise ConfigError(
+                    f"config model.kwargs.num_classes: expected {n} (the classes found in data.root) or None, "
+                    f"got {kwargs['num_classes']!r}"
+                )
+        if kwargs.get("in_chans", 0) is None:
+            kwargs["in_chans"] = self.config.data.channels  # taken from the data, like num_classes
+        return kwargs
 
     # ------------------------------------------------------------------ state and steps
 
@@ -210,6 +242,7 @@ class Trainer:
             batch_stats=variables.get("batch_stats", {}),
             opt_state=self.tx.init(params),
             halted=jnp.zeros((), jnp.bool_),
+            ema_params=jax.tree_util.tree_map(jnp.copy, params) if self.config.ema_decay > 0 else {},
         )
 
     def _build_steps(self) -> None:
@@ -223,16 +256,44 @@ class Trainer:
         )
         batch_sh = sh.batch_sharding(self.mesh)
         task, model, tx, schedule = self.task, self.model, self.tx, self.schedule
+        accum, ema_decay = self.config.grad_accum_steps, self.config.ema_decay
+
+        def grads_and_metrics(params, batch_stats, batch, rng):
+            def loss_fn(p, bs, b, r):
+                return task.loss(model, p, bs, b, r)
+
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            if accum == 1:
+                (_, (metrics, new_bs)), grads = grad_fn(params, batch_stats, batch, rng)
+                return grads, metrics, new_bs
+            # Micro-batch j takes rows j, j + k, j + 2k, ...: every device keeps its own rows, so
+            # the split moves no data. BatchNorm statistics run through the micro-batches in turn.
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            def body(carry, xs):
+                g_sum, bs = carry
+                mb, j = xs
+                (_, (m, bs)), g = grad_fn(params, bs, mb, jax.random.fold_in(rng, j))
+                return (jax.tree_util.tree_map(jnp.add, g_sum, g), bs), m
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            (g_sum, new_bs), ms = jax.lax.scan(body, (zeros, batch_stats), (micro, jnp.arange(accum)))
+            grads = jax.tree_util.tree_map(lambda g: g / accum, g_sum)
+            return grads, jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), ms), new_bs
 
         def train_step(state: TrainState, batch, key):
             rng = jax.random.fold_in(key, state.step)
-
-            def loss_fn(params):
-                return task.loss(model, params, state.batch_stats, batch, rng)
-
-            (loss, (metrics, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            batch = dict(batch)
+            skipped = batch.pop("skipped", None)
+            grads, metrics, new_bs = grads_and_metrics(state.params, state.batch_stats, batch, rng)
+            loss = metrics["loss"]
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            ema = state.ema_params
+            if ema_decay > 0:
+                ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
             grad_norm = optax.tree.norm(grads)
             # A finite loss and gradient can still overflow the parameters (a huge learning rate):
             # the new state must be finite too before it replaces the last good one.
@@ -240,7 +301,7 @@ class Trainer:
                 jnp.asarray(
                     [
                         jnp.isfinite(x).all()
-                        for x in jax.tree_util.tree_leaves((params, opt_state, new_bs))
+                        for x in jax.tree_util.tree_leaves((params, opt_state, new_bs, ema))
                         if jnp.issubdtype(x.dtype, jnp.inexact)
                     ]
                     or [True]
@@ -253,12 +314,15 @@ class Trainer:
                 batch_stats=new_bs,
                 opt_state=opt_state,
                 halted=state.halted,
+                ema_params=ema,
             )
             # A non-finite step (and every step after it) keeps the previous state, so the host
             # can still checkpoint the last good one when it notices.
             out = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
             out = out.replace(halted=~ok)
             metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step), _APPLIED: ok}
+            if skipped is not None:
+                metrics[_SKIPPED] = jnp.sum(skipped)
             return out, metrics
 
         def eval_step(params, batch_stats, batch):
@@ -299,19 +363,25 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
-        es = self.task.eval_set
+        """Metrics over every evaluation set (of the EMA parameters when ``ema_decay`` > 0)."""
+        params = state.ema_params if self.config.ema_decay > 0 else state.params
         totals: dict[str, float] = {}
-        for i in range(es.num_batches):
-            batch = sh.to_global(es.batch(i, self.eval_rows), self.mesh, es.batch_size)
-            sums = jax.device_get(self.eval_step(state.params, state.batch_stats, batch))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        for es in self.task.eval_sets:
+            rows = sh.process_rows(self.mesh, es.batch_size)
+            for i in range(es.num_batches):
+                batch = sh.to_global(es.batch(i, rows), self.mesh, es.batch_size)
+                sums = jax.device_get(self.eval_step(params, state.batch_stats, batch))
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
         return self.task.finalize(totals)
 
     # ------------------------------------------------------------------ the loop
 
     def _print(self, msg: str) -> None:
         if self.is_main:
+            progress = getattr(self, "_progress", None)
+            if progress is not None:
+                progress.clear()  # a message never lands in the middle of a redrawn bar
             print(msg, file=self.stream, flush=True)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -399,6 +469,11 @@ class Trainer:
         ckpt = Checkpointer(self.workdir, cfg.checkpoint, best_metric=best_metric, best_mode=cfg.checkpoint.best_mode)
         writer = MetricsWriter(self.workdir, enabled=self.is_main)
         source = self.task.train_source
+        # Folder sources are grain iterators whose state travels in the checkpoint; the in-memory
+        # ones are random access by step.
+        streaming = hasattr(source, "iterator")
+        grain_state = None
+        skipped_total = 0
 
         restored = ckpt.restore_latest(self.abstract_state)
         if restored is not None:
@@ -406,6 +481,13 @@ class Trainer:
             start = int(state.step)
             if data.get("position", {}).get("step") != start:
                 raise RuntimeError(f"checkpoint step {start} disagrees with its data position {data.get('position')}")
+            if streaming:
+                grain_state = data.get("grain_state")
+                if not isinstance(grain_state, dict):
+                    raise RuntimeError(
+                        f"checkpoint at step {start} holds no grain iterator state for this folder source"
+                    )
+                skipped_total = int(data.get("data_skipped", 0))
             saved = data.get("config")
             changed = ""
             if isinstance(saved, dict):
@@ -425,17 +507,31 @@ class Trainer:
         old_handler = None
         if jax.process_count() == 1 and _is_main_thread():
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        progress = Progress(cfg.steps, cfg.data.batch_size, start, self.stream)
+        progress = self._progress = Progress(cfg.steps, cfg.data.batch_size, start, self.stream)
         eval_metrics: dict[str, float] = {}
         pending: tuple[int, Any] | None = None
         step, status = start, "completed"
+        iterator = source.iterator(self.rows, grain_state) if streaming else None
+        # Iterator state after each of the last few steps (a save may be for a step just behind).
+        states = {start: iterator.get_state()} if streaming else {}
+        skipped = {start: skipped_total}
 
         def position(s: int) -> dict:
-            return {"position": source.position(s), "config": _jsonable(cfg.to_dict())}
+            out = {"position": source.position(s), "config": _jsonable(cfg.to_dict())}
+            if streaming:
+                out["grain_state"] = states[s]
+                out["data_skipped"] = skipped[s]
+            return out
 
         def check(s: int, metrics: Any) -> None:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             applied = bool(m.pop(_APPLIED, 1.0))
+            if _SKIPPED in m:
+                n = int(m.pop(_SKIPPED))
+                skipped[s] = skipped.get(s - 1, 0) + n
+                for old in [k for k in skipped if k < s - 4]:
+                    del skipped[old]
+                m["data_skipped"] = float(skipped[s])
             finite = all(math.isfinite(m[k]) for k in ("loss", "grad_norm"))
             if not (finite and applied):
                 # The state in hand is the last good one (steps after the bad one were masked);
@@ -467,13 +563,28 @@ class Trainer:
             if s % cfg.log_every == 0 or s == cfg.steps:
                 writer.write(s, "train", m)
                 if self.is_main:
-                    progress.print(s, {k: m[k] for k in m if k in ("loss", "accuracy", "lr")})
+                    progress.print(s, {k: m[k] for k in m if k in ("loss", "accuracy", "lr", "data_skipped")})
 
+        profiling = False
         try:
             while step < cfg.steps:
-                batch = sh.to_global(source.batch(step, self.rows), self.mesh, cfg.data.batch_size)
+                if self.profile_steps and step == self.profile_steps[0]:
+                    jax.profiler.start_trace(str(self.workdir / "profile"))
+                    profiling = True
+                local = next(iterator) if streaming else source.batch(step, self.rows)
+                batch = sh.to_global(local, self.mesh, cfg.data.batch_size)
                 state, metrics = self.train_step(state, batch, self.step_key)
                 step += 1
+                if streaming:
+                    states[step] = iterator.get_state()
+                    states.pop(step - 5, None)
+                if profiling and step >= self.profile_steps[1]:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                    self._print(f"profile of steps {self.profile_steps[0]}..{step} in {self.workdir / 'profile'}")
+                if self.is_main:
+                    progress.update(step)
                 if pending is not None:
                     check(*pending)
                 pending = (step, metrics)
@@ -505,6 +616,10 @@ class Trainer:
                 check(*pending)
             ckpt.wait()
         finally:
+            if profiling:
+                jax.profiler.stop_trace()
+            if iterator is not None and hasattr(iterator, "close"):
+                iterator.close()  # stops grain's worker processes and reader threads
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
         if status == "completed" and not eval_metrics:
@@ -542,10 +657,40 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def _field_default(key: str) -> Any:
+    """The dataclass default of a dotted config key (``"<absent>"`` when there is none)."""
+    cls: Any = Config
+    value: Any = "<absent>"
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return "<absent>"
+        f = fields[part]
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            return "<absent>"
+        cls = type(value)
+    return _jsonable(value) if not dataclasses.is_dataclass(value) else "<absent>"
+
+
 def _config_diff(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (saved value, current value)}`` for every key whose value differs."""
+    """``{dotted key: (saved value, current value)}`` for every key whose value differs.
+
+    A key the saved config lacks (a field added to the configs since) counts as equal when the
+    current value is that field's default, so runs started before the field existed still resume.
+    """
     a, b = _flat(saved), _flat(now)
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    diff = {}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k):
+            continue
+        if k not in a and k in b and b[k] == _field_default(k):
+            continue
+        diff[k] = (a.get(k, "<absent>"), b.get(k, "<absent>"))
+    return diff
 
 
 def _is_main_thread() -> bool:
