@@ -120,6 +120,30 @@ def test_lowers_for_device(backend, platform, marker):
     assert exported.mlir_module().count(marker) >= 3  # forward, dq, dk/dv
 
 
+@pytest.mark.parametrize(
+    "backend,platform,marker", [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic_tpu", "tpu", "tpu_custom_call")]
+)
+def test_na2d_lowers_for_device(backend, platform, marker):
+    """na2d with every option (causal rows, strided columns, dilation, rpb, key mask) lowers, bf16."""
+
+    def grads(q, k, v, rpb, mask):
+        def f(q, k, v, rpb):
+            out = na2d_pallas(
+                q, k, v, kernel_size=7, stride=(1, 2), dilation=(1, 2), is_causal=(True, False), rpb=rpb,
+                key_mask=mask, backend=backend, interpret=False,
+            )
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, rpb)
+
+    x = jax.ShapeDtypeStruct((2, 56, 56, 2, 32), jnp.bfloat16)
+    rpb = jax.ShapeDtypeStruct((2, 13, 13), jnp.float32)
+    mask = jax.ShapeDtypeStruct((2, 56, 56), jnp.bool_)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(jax.jit(grads), platforms=[platform], disabled_checks=checks)(x, x, x, rpb, mask)
+    assert exported.mlir_module().count(marker) >= 3  # forward, dq (+ rpb partials), dk/dv
+
+
 def _device_check(backend):
     q, k, v = _inputs((2, 23, 30, 4, 32), 1, jnp.bfloat16)
     for border, dil in (("reflect", 1), ("clamp", 2)):

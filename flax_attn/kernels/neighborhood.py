@@ -489,13 +489,13 @@ def _extra_inputs(plan: _Plan, rpb, km, key_tiles: bool):
     heads = plan.heads
     if plan.has_bias:
         args.append(_pad_bias(plan, rpb))
-        specs.append(pl.BlockSpec((None, plan.nbh, plan.nbw), lambda i, j: (i % heads, 0, 0)))
+        specs.append(pl.BlockSpec((None, plan.nbh, plan.nbw), lambda i, j: (jax.lax.rem(i, heads), 0, 0)))
     if plan.has_mask:
         args.append(_pad_mask(plan, km))
         if key_tiles:
-            specs.append(pl.BlockSpec((None, plan.block_keys, plan.wk), lambda i, j: (i // heads, j, 0)))
+            specs.append(pl.BlockSpec((None, plan.block_keys, plan.wk), lambda i, j: (jax.lax.div(i, heads), j, 0)))
         else:
-            specs.append(pl.BlockSpec((None, plan.hk, plan.wk), lambda i, j: (i // heads, 0, 0)))
+            specs.append(pl.BlockSpec((None, plan.hk, plan.wk), lambda i, j: (jax.lax.div(i, heads), 0, 0)))
     return args, specs
 
 
