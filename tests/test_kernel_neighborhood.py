@@ -385,3 +385,30 @@ def test_na2d_bad_arguments(kwargs, message):
     q, k, v = _inputs((1, 7, 9, 2, 4), 1, jnp.float32)
     with pytest.raises(ValueError, match=message):
         na2d_pallas(q, k, v, backend="triton", interpret=True, **kwargs)
+
+
+def test_kernel_window_rule_matches_reference():
+    """The kernel's in-kernel window predicate against the reference rule, exhaustively on small
+    axes, and the claim its tiling rests on: every window lies within k - 1 group steps of its
+    query (offsets <= 0 when causal), so 2k - 1 shifts (k when causal) cover it."""
+    from flax_attn.kernels.neighborhood import _Axis, _window_valid
+
+    for size in (13,):  # with dilation 2: dilation groups of 7 and 6 positions
+        for k in range(2, 6):
+            for st in range(1, k + 1):
+                for dil in (1, 2):
+                    for causal in (False, True):
+                        if k * dil > size:
+                            continue
+                        want, _ = _natten_window(size, k, st, dil, causal)
+                        ax = _Axis(size, k, dil, st, causal, "clamp")
+                        x = np.arange(size)[:, None]
+                        t = np.arange(ax.n_off)[None, :]
+                        got = np.asarray(_window_valid(ax, jnp.asarray(x, jnp.int32), jnp.asarray(t)))
+                        key = x + (t - (k - 1)) * dil  # the key shift t reads
+                        inside = (key >= 0) & (key < size)
+                        assert not np.any(got & ~inside), (size, k, st, dil, causal)
+                        covered = np.zeros((size, size), bool)
+                        rows, cols = np.nonzero(got)
+                        covered[rows, key[rows, cols]] = True
+                        np.testing.assert_array_equal(covered, want, err_msg=str((size, k, st, dil, causal)))

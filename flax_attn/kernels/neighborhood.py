@@ -1,40 +1,69 @@
 """Fused 2-D neighbourhood attention in Pallas: forward and backward (``jax.custom_vjp``).
 
-Implements :func:`flax_attn.ops.neighborhood_attention` (the XLA function there is the reference
-these kernels are tested against) for both borders (``"reflect"``: ACmix, ``"clamp"``: NATTEN),
-any odd window size (tested up to 13) and dilation.
+Two entry points on one set of kernels:
+
+* :func:`neighborhood_attention_pallas` implements :func:`flax_attn.ops.neighborhood_attention`
+  (the XLA function there is the reference it is tested against) for both borders
+  (``"reflect"``: ACmix, ``"clamp"``: NATTEN), any odd window size (tested up to 13) and dilation,
+  with ACmix's query stride.
+* :func:`na2d_pallas` has NATTEN 0.21's semantics (``natten.na2d``): per-axis kernel size
+  (``>= 2``, even allowed), dilation, NATTEN's stride (queries in a stride group share one window;
+  the output keeps the input size) and causality, plus what NATTEN lacks: NAT/DiNAT's relative
+  positional bias ``rpb`` (with its gradient) and a boolean key mask.
 
 Layout and tiling
 -----------------
-The wrapper moves heads next to batch, ``(B * heads, H, W, D)``, and pads the keys/values once:
-reflection-padded by ``P = (k // 2) * dilation`` for ``"reflect"`` (so every window offset is a plain
-shift), zero-padded by ``P = (k - 1) * dilation`` for ``"clamp"`` (the union of all clamped windows
-of a query is the ``2k - 1`` shifts around it; a per-query mask keeps the ``k`` that NATTEN's rule
-selects). Each program handles a tile of ``block_rows`` query rows across the full (padded) width.
+The wrapper moves heads next to batch, ``(B * heads, H, W, D)``, and pads the keys/values once
+per axis: reflection-padded by ``P = (k // 2) * dilation`` for ``"reflect"`` (so every window
+offset is a plain shift), zero-padded by ``P = (k - 1) * dilation`` otherwise. Along a
+non-reflect axis every window a query can get under NATTEN's rule lies within ``k - 1`` group
+steps of it (``stride <= kernel_size`` guarantees that with stride too), so the ``2k - 1`` shifts
+around a query (``k`` on a causal axis: offsets ``<= 0`` only) are the union of all its possible
+windows, and a per-query mask, computed in the kernel from the query's coordinates
+(:func:`_window_valid`: dilation group, stride-group leader, clamp or causal cut), keeps the
+``k`` that NATTEN's rule selects. The stride-1 non-causal case of that rule is the ``"clamp"``
+border. Each program handles a tile of ``block_rows`` query rows across the full (padded) width.
 A program's keys/values block is the whole padded image of its (batch, head); on TPU it is copied
 into VMEM once per (batch, head) (consecutive row tiles map to the same block, so the pipeline does
 not re-fetch it) and every window offset is a slice of that on-chip copy. On GPU (backend ``"triton"``, the Pallas
 Triton lowering), blocks
-are global-memory windows: the ``k^2`` shifted tile loads overlap, so the halo of a tile comes from
+are global-memory windows: the shifted tile loads overlap, so the halo of a tile comes from
 HBM once and is then served from L1/L2.
 
 The body is one portable function: window offsets are a ``fori_loop`` over row shifts (a dynamic
 offset on an untiled leading axis) and a static loop over column shifts (a static offset on the
 sublane axis), with an online (flash-style) softmax across offsets in float32.
 
+Bias and mask. Shift ``(a, b)`` is the key offset ``(a - (k0 - 1), b - (k1 - 1))`` in
+dilation-group coordinates, which is exactly NAT's bias index, so the relative positional bias is
+one scalar per (head, shift): each program reads its head's ``(row shifts, column shifts)`` table
+(the rows of ``rpb`` a causal axis can reach) and adds entry ``(a, b)`` to that shift's logits;
+the entry is picked with masked sums, not a dynamic scalar load, so the same code lowers on
+Triton and Mosaic. The key mask (one per image, shared by its heads) is padded like the keys and
+sliced like them; a query whose window is fully masked gets output 0 and log-sum-exp 0, and the
+backward's masks give it zero probabilities, so zero gradients.
+
 Shapes that do not fit the tiling are padded inside the wrapper, never rejected: on GPU every
-loaded block dimension must be a power of two (Triton), so width and head dim are padded to powers
-of two; on TPU blocks span the full width and head dim (allowed by the (8, 128) rule) and the row
-tile is a multiple of 8.
+loaded block dimension must be a power of two (Triton), so width, head dim and the bias table are
+padded to powers of two; on TPU blocks span the full width and head dim (allowed by the (8, 128)
+rule) and the row tile is a multiple of 8.
 
 Backward: ``dq`` with the query-centric loop of the forward; ``dk``/``dv`` with a key-centric loop
 over the *padded* keys (key ``u`` receives from query ``u - offset``), so no program writes another
 program's output (no atomics) and the reflection/clamp bookkeeping is the adjoint of the padding,
-applied by XLA afterwards. Both recompute probabilities from the saved log-sum-exp.
+applied by XLA afterwards. Both recompute probabilities from the saved log-sum-exp. The bias
+gradient is a reduction over queries: the ``dq`` program also sums each shift's logit gradients
+over its tile into a per-program ``(row shifts, column shifts)`` partial, and XLA sums the
+partials over programs and batch (again no atomics).
 
-``stride > 1`` (ACmix's strided unfold) runs the stride-1 kernel with the queries scattered onto
-the full-resolution grid (zeros elsewhere) and keeps every ``stride``-th output: exact (unused
+``stride > 1`` of :func:`neighborhood_attention_pallas` (ACmix's strided unfold, a different
+thing from NATTEN's stride) runs the stride-1 kernel with the queries scattered onto the
+full-resolution grid (zeros elsewhere) and keeps every ``stride``-th output: exact (unused
 positions get zero cotangents) at ``stride^2`` times the stride-1 work.
+
+Neither entry point is picked by ``implementation=None`` anywhere: that needs a hardware run
+recorded in :data:`flax_attn.kernels.VERIFIED`. ``benchmarks/compile_check.py`` compiles both for
+an H100 (Triton) and TPU v5e/v6e (Mosaic) without the devices.
 """
 
 from __future__ import annotations
