@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from flax_attn.kernels import BlockSizes
 from flax_attn.kernels.neighborhood import na2d_pallas, neighborhood_attention_pallas
 from flax_attn.ops import neighborhood_attention
 
@@ -293,31 +294,33 @@ def _fwd_and_grads4(fn, q, k, v, rpb, ct):
 
 # Odd, non-square maps; kernel sizes 3/5/7 (and an even one, which NATTEN allows); dilation 1/2;
 # stride 1/2/3; causal on each axis; rpb; key mask; several heads; both tiling rule sets.
-NA_CASES = [  # backend, dtype, (B, H, W, heads, D), kernel_size, stride, dilation, is_causal, rpb, key_mask
-    ("triton", jnp.float32, (1, 11, 13, 2, 4), (3, 5), 1, 1, False, True, False),
-    ("triton", jnp.float32, (1, 11, 13, 2, 4), 7, (2, 3), 1, False, True, True),
-    ("triton", jnp.float32, (2, 11, 13, 3, 3), (5, 3), (3, 2), (2, 1), (True, False), True, False),
-    ("triton", jnp.float32, (1, 11, 13, 1, 5), 3, (1, 3), 2, (False, True), False, True),
-    ("triton", jnp.float32, (1, 8, 9, 2, 4), (4, 3), (2, 1), 1, (True, True), True, True),
-    ("mosaic_tpu", jnp.float32, (1, 11, 13, 2, 4), 5, 2, (1, 2), (False, True), True, True),
-    ("mosaic_tpu", jnp.bfloat16, (1, 11, 13, 2, 8), 7, (1, 2), 1, (True, False), True, False),
+NA_CASES = [  # backend, dtype, (B, H, W, heads, D), kernel_size, stride, dilation, is_causal, rpb, key_mask, block_h
+    ("triton", jnp.float32, (1, 11, 13, 2, 4), (3, 5), 1, 1, False, True, False, None),
+    ("triton", jnp.float32, (1, 11, 13, 2, 4), 5, (2, 3), 1, False, True, True, None),
+    # Several row tiles per image (block_h 4): the rpb gradient's per-program partials are summed.
+    ("triton", jnp.float32, (2, 11, 13, 3, 3), (5, 3), (3, 2), (2, 1), (True, False), True, False, 4),
+    ("triton", jnp.float32, (1, 11, 13, 1, 5), 3, (1, 3), 2, (False, True), False, True, None),
+    ("triton", jnp.float32, (1, 8, 9, 2, 4), (4, 3), (2, 1), 1, (True, True), True, True, None),
+    ("mosaic_tpu", jnp.float32, (1, 11, 13, 2, 4), 5, 2, (1, 2), (False, True), True, True, None),
+    ("mosaic_tpu", jnp.bfloat16, (1, 11, 13, 2, 8), 7, (1, 2), 1, (True, False), True, False, None),
 ]
 
 
 @pytest.mark.parametrize(
-    "backend,dtype,shape,ks,st,dil,causal,with_rpb,with_mask",
+    "backend,dtype,shape,ks,st,dil,causal,with_rpb,with_mask,block_h",
     NA_CASES,
     ids=[f"{c[0]}-{jnp.dtype(c[1]).name}-k{c[3]}-s{c[4]}-d{c[5]}-c{c[6]}-b{int(c[7])}-m{int(c[8])}" for c in NA_CASES],
 )
-def test_na2d_matches_dense_reference(backend, dtype, shape, ks, st, dil, causal, with_rpb, with_mask):
+def test_na2d_matches_dense_reference(backend, dtype, shape, ks, st, dil, causal, with_rpb, with_mask, block_h):
     q, k, v, rpb, mask = _na_inputs(shape, dtype, ks, with_rpb, with_mask)
     kw = dict(kernel_size=ks, stride=st, dilation=dil, is_causal=causal, key_mask=mask)
+    blocks = dict(block_sizes=BlockSizes(block_h=block_h)) if block_h else {}
     if rpb is None:  # differentiate w.r.t. a dummy so both paths share one harness
         rpb = jnp.zeros((1,), jnp.float32)
-        f_pl = lambda q, k, v, r: na2d_pallas(q, k, v, backend=backend, interpret=True, **kw)  # noqa: E731
+        f_pl = lambda q, k, v, r: na2d_pallas(q, k, v, backend=backend, interpret=True, **blocks, **kw)  # noqa: E731
         f_ref = lambda q, k, v, r: _dense_na2d(q, k, v, **kw)  # noqa: E731
     else:
-        f_pl = lambda q, k, v, r: na2d_pallas(q, k, v, rpb=r, backend=backend, interpret=True, **kw)  # noqa: E731
+        f_pl = lambda q, k, v, r: na2d_pallas(q, k, v, rpb=r, backend=backend, interpret=True, **blocks, **kw)  # noqa: E731
         f_ref = lambda q, k, v, r: _dense_na2d(q, k, v, rpb=r, **kw)  # noqa: E731
     ct = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     out, grads = _fwd_and_grads4(f_pl, q, k, v, rpb, ct)
