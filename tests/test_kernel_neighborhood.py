@@ -415,3 +415,15 @@ def test_kernel_window_rule_matches_reference():
                         rows, cols = np.nonzero(got)
                         covered[rows, key[rows, cols]] = True
                         np.testing.assert_array_equal(covered, want, err_msg=str((size, k, st, dil, causal)))
+
+
+def test_na2d_kernel_contract_errors():
+    """The shared kernel contract: backend vocabulary and BlockSizes fields, named in the error."""
+    q, k, v = _inputs((1, 7, 9, 2, 4), 1, jnp.float32)
+    backends = r"\('triton', 'mosaic_tpu'\)"
+    with pytest.raises(ValueError, match=rf"na2d_pallas: `backend` must be one of {backends}, got 'gpu'"):
+        na2d_pallas(q, k, v, kernel_size=3, backend="gpu")
+    with pytest.raises(ValueError, match=r"na2d_pallas: `block_sizes.block_w` is not used by this kernel"):
+        na2d_pallas(q, k, v, kernel_size=3, backend="triton", interpret=True, block_sizes=BlockSizes(block_w=4))
+    with pytest.raises(ValueError, match="na2d_pallas: Mosaic TPU `block_sizes.block_h` must be a multiple of 8"):
+        na2d_pallas(q, k, v, kernel_size=3, backend="mosaic_tpu", interpret=True, block_sizes=BlockSizes(block_h=4))

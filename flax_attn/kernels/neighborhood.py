@@ -161,7 +161,9 @@ class _Plan:
         return self.rows.border != "reflect"
 
 
-def _make_plan(backend, interpret, rows, cols, scale, d, heads, has_bias, has_mask, block_rows=None) -> _Plan:
+def _make_plan(
+    where, backend, interpret, rows, cols, scale, d, heads, has_bias, has_mask, block_rows=None
+) -> _Plan:
     h, w = rows.size, cols.size
     ph, pw = rows.pad, cols.pad
     if backend == "triton":
@@ -181,7 +183,7 @@ def _make_plan(backend, interpret, rows, cols, scale, d, heads, has_bias, has_ma
         tu = block_rows or 8
         nbh, nbw = rows.n_off, cols.n_off
         if th % 8:
-            raise ValueError(f"{_WHERE}: Mosaic TPU `block_sizes.block_h` must be a multiple of 8, got {th}")
+            raise ValueError(f"{where}: Mosaic TPU `block_sizes.block_h` must be a multiple of 8, got {th}")
     hp = round_up(h, th)
     hk = round_up(hp + 2 * ph, tu)
     return _Plan(
@@ -685,7 +687,7 @@ def neighborhood_attention_pallas(
     rows = _Axis(h, kernel_size, dilation, 1, False, border)
     cols = _Axis(w, kernel_size, dilation, 1, False, border)
     interpret = resolve_interpret(backend, interpret)
-    plan = _make_plan(backend, interpret, rows, cols, scale, d, n, False, False, blocks.block_h)
+    plan = _make_plan(_WHERE, backend, interpret, rows, cols, scale, d, n, False, False, blocks.block_h)
     if stride > 1:
         q = jnp.zeros(k.shape, q.dtype).at[:, ::stride, ::stride].set(q)
     out = _from_bh(_na_bh(plan, _to_bh(q), _to_bh(k), _to_bh(v), None, None), b, n)
@@ -748,7 +750,7 @@ def na2d_pallas(
     cols = _Axis(w, ks[1], dil[1], st[1], causal[1], "clamp")
     interpret = resolve_interpret(backend, interpret)
     plan = _make_plan(
-        backend, interpret, rows, cols, scale, d, n, rpb is not None, key_mask is not None, blocks.block_h
+        _WHERE_NA, backend, interpret, rows, cols, scale, d, n, rpb is not None, key_mask is not None, blocks.block_h
     )
     km = None if key_mask is None else key_mask.astype(jnp.float32)
     out = _na_bh(plan, _to_bh(q), _to_bh(k), _to_bh(v), rpb, km)
