@@ -39,6 +39,7 @@ from flax_attn.kernels import (  # noqa: E402
     neighborhood_attention_pallas,
     window_attention_pallas,
 )
+from flax_attn.kernels.neighborhood import na2d_pallas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SPEC = Path(os.environ.get("FLAX_ATTN_GPU_SPEC", ROOT / "benchmarks" / "gpu_specs" / "h100_min.txtpb"))
@@ -65,15 +66,35 @@ def _cases(backend: str):
         )
 
     both = (jnp.float32, jnp.bfloat16)
-    yield "criss_cross [8, 97, 97] q/k 64, v 512", cc, [(*CCNET, 64), (*CCNET, 64), (*CCNET, 512)], 0, both
-    yield "neighborhood 7x7 [32, 56, 56, 8x32]", na, [NA] * 3, 0, both
-    yield "window Swin-T st.1 [32, 56, 56, 3x32]", swin, [SWIN_T1] * 3, 1, both
+    table = [((169, 3), jnp.float32)]  # the Swin bias table is a float32 parameter whatever the activations' dtype
+    yield "criss_cross [8, 97, 97] q/k 64, v 512", cc, [(*CCNET, 64), (*CCNET, 64), (*CCNET, 512)], [], both
+    yield "neighborhood 7x7 [32, 56, 56, 8x32]", na, [NA] * 3, [], both
+    # na2d (NATTEN's semantics): one option at a time, then all of them; rpb (heads, 13, 13) float32,
+    # key mask (batch, 56, 56) bool (not differentiated).
+    rpb, mask = ((NA[3], 13, 13), jnp.float32), (NA[:3], jnp.bool_)
+    for label, kw, extras in (
+        ("causal (T, T)", dict(is_causal=(True, True)), []),
+        ("stride 2 dilation 2", dict(stride=2, dilation=2), []),
+        ("rpb + key mask", dict(), [rpb, mask]),
+        (
+            "all: causal rows, stride (1, 2), dilation (1, 2), rpb, mask",
+            dict(stride=(1, 2), dilation=(1, 2), is_causal=(True, False)),
+            [rpb, mask],
+        ),
+    ):
+
+        def na2d(q, k, v, *extra, kw=kw):
+            more = dict(zip(("rpb", "key_mask"), extra))
+            return na2d_pallas(q, k, v, kernel_size=7, **kw, **more, backend=backend, interpret=False)
+
+        yield f"na2d 7x7 {label} [32, 56, 56, 8x32]", na2d, [NA] * 3, extras, both
+    yield "window Swin-T st.1 [32, 56, 56, 3x32]", swin, [SWIN_T1] * 3, table, both
     if backend == "triton":
         # The Mosaic GPU port (forward kernel; 16-bit operands only, so bfloat16 alone).
         def swin_mgpu(q, k, v, table):
             return window_attention_pallas(q, k, v, window_size=7, shift_size=3, bias_table=table, backend="mosaic_gpu")
 
-        yield "window mosaic_gpu Swin-T st.1 [32, 56, 56, 3x32]", swin_mgpu, [SWIN_T1] * 3, 1, (jnp.bfloat16,)
+        yield "window mosaic_gpu Swin-T st.1 [32, 56, 56, 3x32]", swin_mgpu, [SWIN_T1] * 3, table, (jnp.bfloat16,)
 
 
 def _devices(target: str):
@@ -85,12 +106,13 @@ def _devices(target: str):
     return topo.devices
 
 
-def _compile(fn, shapes, dtype, n_float32_extra, sharding, grad: bool):
+def _compile(fn, shapes, dtype, extras, sharding, grad: bool):
+    """``shapes``: activations in ``dtype``; ``extras``: ``(shape, dtype)`` of further operands in their
+    own dtype (bias tables, masks); the backward differentiates every floating operand."""
     args = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
-    # The Swin bias table is a float32 parameter whatever the activations' dtype.
-    args += [jax.ShapeDtypeStruct((169, 3), jnp.float32, sharding=sharding)] * n_float32_extra
+    args += [jax.ShapeDtypeStruct(s, dt, sharding=sharding) for s, dt in extras]
     if grad:
-        argnums = tuple(range(len(args)))
+        argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
 
         def f(*a):
             return jax.grad(lambda *b: jnp.sum(fn(*b).astype(jnp.float32)), argnums=argnums)(*a)

@@ -8,7 +8,10 @@ On a GPU (one command, within 8 minutes on one H200 with jax, flax, optax, orbax
 2. compiles every kernel and checks it against the XLA reference at the benchmark geometries,
    forward and gradients (a random output cotangent), float32 and bfloat16: CCNet
    ``[8, 512, 97, 97]`` (q/k 64), NA 7x7 ``[32, 56, 56, 8 heads x 32]``, Swin-T stage 1
-   ``[32, 56, 56, 3 heads x 32]`` (window 7, shift 3, bias table); and the fused
+   ``[32, 56, 56, 3 heads x 32]`` (window 7, shift 3, bias table), ``na2d`` (NATTEN's semantics) at
+   NAT-Tiny stage 1 ``[32, 56, 56, 2 heads x 32]`` (7x7, causal rows, stride (1, 2), dilation
+   (1, 2), rpb and a key mask; against ``flax_attn.ops.na2d`` where it exists, else against dense
+   masked attention with NATTEN's window, which then also stands in as "xla"); and the fused
    ``jax.nn.dot_product_attention`` route where an op has one;
 3. times the Pallas kernel, the XLA reference, ``jax.nn.dot_product_attention`` and PyTorch on
    the same device, with the achieved bandwidth of the unavoidable HBM traffic against the
@@ -39,7 +42,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flax_attn import ops as _ops  # noqa: E402
 from flax_attn.kernels import window_attention_pallas  # noqa: E402
+from flax_attn.kernels.neighborhood import na2d_pallas  # noqa: E402
 from flax_attn.ops import (  # noqa: E402
     criss_cross_attention,
     neighborhood_attention,
@@ -59,7 +64,63 @@ GEOMETRY = {
     "criss_cross": (dict(b=8, h=97, w=97, cqk=64, cv=512), dict(b=1, h=5, w=7, cqk=4, cv=6)),
     "neighborhood": (dict(b=32, h=56, w=56, n=8, d=32, k=7), dict(b=1, h=6, w=7, n=2, d=4, k=3)),
     "window": (dict(b=32, h=56, w=56, n=3, d=32, ws=7, shift=3), dict(b=1, h=6, w=6, n=2, d=4, ws=3, shift=1)),
+    "na2d": (dict(b=32, h=56, w=56, n=2, d=32, k=7), dict(b=2, h=9, w=11, n=2, d=4, k=3)),
 }
+
+# na2d's options in the check: every feature of the kernel at once.
+NA2D_OPTIONS = dict(stride=(1, 2), dilation=(1, 2), is_causal=(True, False))
+
+
+def natten_window_mask(size, k, stride, dilation, causal) -> np.ndarray:
+    """``(size, size)`` bool, ``[query, key]``: NATTEN's window rule along one axis, vectorised."""
+    x = np.arange(size)
+    g, i = x % dilation, x // dilation
+    n = (size - 1 - g) // dilation + 1  # positions in each query's dilation group
+    first = (i // stride) * stride
+    if causal:
+        leader = np.minimum(first + stride - 1, n - 1)
+        lo, hi = np.maximum(leader - k + 1, 0), i
+    else:
+        leader = np.minimum(first + stride // 2, n - 1)
+        lo = np.clip(leader, k // 2, n - 1 - (k // 2 + k % 2 - 1)) - k // 2
+        hi = lo + k - 1
+    j = x[None, :] // dilation
+    same = (x[None, :] % dilation) == g[:, None]
+    return same & (j >= lo[:, None]) & (j <= hi[:, None])
+
+
+def natten_rpb_index(size, k, dilation) -> np.ndarray:
+    """``(size, size)`` int: NAT's bias index ``key - query + k - 1`` in dilation-group coordinates."""
+    grp = np.arange(size) // dilation
+    return np.clip(grp[None, :] - grp[:, None] + k - 1, 0, 2 * k - 2)
+
+
+def dense_na2d(q, k, v, rpb, key_mask, *, kernel_size, stride, dilation, is_causal):
+    """Dense masked attention over all H * W keys with NATTEN's window (and NAT's rpb) as the mask."""
+    b, h, w, n, d = q.shape
+    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
+    ks, st, dil, causal = (pair(a) for a in (kernel_size, stride, dilation, is_causal))
+    allowed = (
+        natten_window_mask(h, ks[0], st[0], dil[0], causal[0])[:, None, :, None]
+        & natten_window_mask(w, ks[1], st[1], dil[1], causal[1])[None, :, None, :]
+    ).reshape(h * w, h * w)
+    ih, iw = natten_rpb_index(h, ks[0], dil[0]), natten_rpb_index(w, ks[1], dil[1])
+    bias = rpb.astype(jnp.float32)[:, ih[:, None, :, None], iw[None, :, None, :]].reshape(n, h * w, h * w)
+    mask = jnp.asarray(allowed)[None, None] & key_mask.reshape(b, 1, 1, h * w)
+    logits = jnp.einsum("bqnd,bknd->bnqk", *(x.reshape(b, h * w, n, d) for x in (q, k)),
+                        preferred_element_type=jnp.float32) * d**-0.5 + bias[None]  # fmt: skip
+    logits = jnp.where(mask, logits, -1e30)
+    p = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bnqk,bknd->bqnd", p.astype(v.dtype), v.reshape(b, h * w, n, d))
+    return out.reshape(q.shape)
+
+
+def na2d_key_mask(g) -> jnp.ndarray:
+    """The check's key mask: odd images padded on the right (their last quarter of columns masked)."""
+    m = np.ones((g["b"], g["h"], g["w"]), bool)
+    m[1::2, :, g["w"] - g["w"] // 4 :] = False
+    return jnp.asarray(m)
 
 
 # --------------------------------------------------------------------------- the ops and their forms
@@ -74,6 +135,8 @@ def _inputs(op, g, dtype, seed=0):
     x = [arr(g["b"], g["h"], g["w"], g["n"], g["d"]) for _ in range(3)]
     if op == "window":
         x.append(jnp.asarray(rng.standard_normal(((2 * g["ws"] - 1) ** 2, g["n"])), jnp.float32))
+    if op == "na2d":
+        x.append(jnp.asarray(rng.standard_normal((g["n"], 2 * g["k"] - 1, 2 * g["k"] - 1)), jnp.float32))
     return x
 
 
@@ -128,6 +191,19 @@ def _forms(op, g, on_gpu, dtype=None):
             "xla": lambda q, k, v: neighborhood_attention(q, k, v, implementation="xla", **kw),
             "jax.nn.dot_product_attention dense (yardstick, not NA)": dense,
         }
+    elif op == "na2d":
+        kw = dict(kernel_size=g["k"], **NA2D_OPTIONS)
+        mask = na2d_key_mask(g)
+
+        def dense(q, k, v, rpb):
+            return dense_na2d(q, k, v, rpb, mask, **kw)
+
+        forms = {"pallas": lambda q, k, v, rpb: na2d_pallas(q, k, v, rpb=rpb, key_mask=mask, **kw)}
+        if hasattr(_ops, "na2d"):  # issue 13's XLA op
+            forms["xla"] = lambda q, k, v, rpb: _ops.na2d(q, k, v, rpb=rpb, key_mask=mask, **kw)
+            forms["dense masked attention (XLA, same mask)"] = dense
+        else:
+            forms["xla"] = dense
     else:
         kw = dict(window_size=g["ws"], shift_size=g["shift"])
         forms = {
@@ -167,6 +243,14 @@ def _torch_form(op, g, dtype_name, device):
             return torch.einsum("byxj,bcjx->bcyx", att[..., :h], v) + torch.einsum("byxi,bcyi->bcyx", att[..., h:], v)
 
         return "torch (CCNet cc.py form)", fwd
+    if op == "na2d":  # natten.na2d (no rpb, no mask: NATTEN has neither), where natten is installed
+        try:
+            import natten
+        except ImportError:
+            return None
+        q, k, v = (rand(g["b"], g["h"], g["w"], g["n"], g["d"]) for _ in range(3))
+        kw = dict(kernel_size=g["k"], **NA2D_OPTIONS)
+        return "natten.na2d (no rpb, no mask)", lambda: natten.na2d(q, k, v, **kw)
     if op == "neighborhood":  # ACmix's reflection pad + unfold form, (B * heads, D, H, W)
         bn, d, h, w, ks = g["b"] * g["n"], g["d"], g["h"], g["w"], g["k"]
         q, k, v = (rand(bn, d, h, w) for _ in range(3))
@@ -382,7 +466,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for device_check.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode: runs on a CPU")
     p.add_argument("--skip-tests", action="store_true", help="do not run the GPU-marked tests")
-    p.add_argument("--ops", default="criss_cross,neighborhood,window", help="comma-separated subset")
+    p.add_argument("--ops", default="criss_cross,neighborhood,window,na2d", help="comma-separated subset")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, smoke 1)")
     args = p.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
@@ -414,7 +498,8 @@ def main(argv=None) -> int:
             for pal in timings if pal["op"] == op and pal["form"] == "pallas"
             for xla in timings if xla["op"] == op and xla["form"] == "xla" and xla["dtype"] == pal["dtype"]
         )  # fmt: skip
-        if ok and faster and not args.smoke:
+        # na2d proves nothing against its dense stand-in: only against the library's XLA op.
+        if ok and faster and not args.smoke and (op != "na2d" or hasattr(_ops, "na2d")):
             proved.append(op)
     text = report(device, platform, args.smoke, tests, correctness, timings, proved)
     args.out.mkdir(parents=True, exist_ok=True)

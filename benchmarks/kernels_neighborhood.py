@@ -3,6 +3,8 @@
 Usage:
   python benchmarks/kernels_neighborhood.py            # GPU: timings + bandwidth + compiled memory
   python benchmarks/kernels_neighborhood.py --cpu-memory   # compiled peak memory only (no execution)
+  python benchmarks/kernels_neighborhood.py --na2d     # GPU: na2d kernel (NATTEN semantics) only
+  python benchmarks/kernels_neighborhood.py --na2d --smoke   # the same code, tiny, interpreted on CPU
 
 GPU mode, at q/k/v ``[32, 56, 56, 8 heads x 32]``, window 7x7, reflect border, bf16 and f32:
 forward and forward+backward of the Pallas kernel, the XLA reference (jit), PyTorch's ACmix
@@ -12,6 +14,12 @@ write o; backward: read q, k, v, o, dO, write dq, dk, dv), so ``roofline`` is th
 the H100 lower bound (3.35 TB/s: 61 us forward, 124 us backward in bf16 at this size).
 Peak memory is XLA's compiled memory analysis (arguments + outputs + temporaries).
 
+``--na2d``: the ``na2d_pallas`` kernel (NATTEN's window rule) at NAT-Tiny stage 1
+``[32, 56, 56, 2 heads x 32]``, 7x7, per option (plain, causal, stride 2, dilation 2, rpb + key
+mask), forward and forward+backward, against dense masked attention with the same mask (XLA),
+``flax_attn.ops.na2d`` where it exists and ``natten.na2d`` on the GPU where installed, with
+compiled peak memory. ``--smoke`` runs it tiny in interpret mode to check the script only.
+
 CPU mode reports compiled peak memory of the XLA reference, ACmix's unfold form written in JAX,
 and dense (non-local) attention on the same input: 56x56, C = 256, 8 heads. Tables only; no asserts.
 """
@@ -20,13 +28,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from device_check import dense_na2d  # noqa: E402  (NATTEN's window as a dense mask: one copy)
+
+from flax_attn import ops as _ops  # noqa: E402
+from flax_attn.kernels.neighborhood import na2d_pallas  # noqa: E402
+from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention  # noqa: E402
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -219,11 +235,97 @@ def gpu():
     )
 
 
+NA2D_VARIANTS = (
+    ("plain", dict()),
+    ("causal (T, T)", dict(is_causal=(True, True))),
+    ("stride 2", dict(stride=2)),
+    ("dilation 2", dict(dilation=2)),
+    ("rpb + key mask", dict(rpb=True, key_mask=True)),
+)
+
+
+def na2d(smoke: bool):
+    """na2d_pallas per option against dense masked attention, ops.na2d and natten (see the docstring)."""
+    b, h, w, n, d, ks = (2, 9, 11, 2, 8, 3) if smoke else (32, 56, 56, 2, 32, 7)
+    reps = 1 if smoke else 20
+    rng = np.random.default_rng(0)
+    device = jax.devices()[0].device_kind + (" (smoke)" if smoke else "")
+    print(f"na2d {ks}x{ks}, q/k/v {[b, h, w, n, d]}, device {device}")
+    print(f"{'dtype':<9}{'option':<16}{'implementation':<30}{'fwd us':>10}{'fwd+bwd us':>12}{'vs dense f+b':>13}"
+          f"{'peak fwd':>16}{'peak fwd+bwd':>16}")  # fmt: skip
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q, k, v, do = (jnp.asarray(rng.standard_normal((b, h, w, n, d)), dtype) for _ in range(4))
+        rpb = jnp.asarray(rng.standard_normal((n, 2 * ks - 1, 2 * ks - 1)), jnp.float32)
+        mask = np.ones((b, h, w), bool)
+        mask[1::2, :, w - w // 4 :] = False
+        mask = jnp.asarray(mask)
+        for label, opts in NA2D_VARIANTS:
+            kw = dict(
+                kernel_size=ks,
+                stride=opts.get("stride", 1),
+                dilation=opts.get("dilation", 1),
+                is_causal=opts.get("is_causal", False),
+            )
+            r = rpb if opts.get("rpb") else jnp.zeros_like(rpb)
+            m = mask if opts.get("key_mask") else jnp.ones_like(mask)
+            extra = dict(rpb=rpb if opts.get("rpb") else None, key_mask=mask if opts.get("key_mask") else None)
+            impls = [  # dense first: the other rows' ratios refer to it
+                ("dense masked (XLA)", lambda q, k, v, kw=kw, r=r, m=m: dense_na2d(q, k, v, r, m, **kw)),
+                ("pallas na2d_pallas", lambda q, k, v, kw=kw, extra=extra: na2d_pallas(q, k, v, **kw, **extra)),
+            ]
+            if hasattr(_ops, "na2d"):
+                impls.append(
+                    ("flax_attn.ops.na2d (XLA)", lambda q, k, v, kw=kw, extra=extra: _ops.na2d(q, k, v, **kw, **extra))
+                )
+            results = {}
+            for name, fn in impls:
+                try:
+                    t_f = _time(jax.jit(fn), q, k, v, reps=reps)
+                    t_fb = _time(jax.jit(_fwd_bwd(fn)), q, k, v, do, reps=reps)
+                    pk_f, pk_fb = peak_bytes(fn, q, k, v), peak_bytes(_fwd_bwd(fn), q, k, v, do)
+                except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
+                    print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                results[name] = t_fb
+                ratio = results.get("dense masked (XLA)", float("nan")) / t_fb
+                print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}"
+                      f"{ratio:>12.2f}x{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}")  # fmt: skip
+            if not opts.get("rpb") and not opts.get("key_mask") and jax.default_backend() == "gpu":
+                _natten_row(dtype, label, kw, (b, h, w, n, d), reps)
+    print("\nvs dense f+b = dense masked forward+backward time / this row's (above 1: faster than dense). "
+          "Interpret-mode (smoke) timings say nothing about the kernel's speed.")  # fmt: skip
+
+
+def _natten_row(dtype, label, kw, shape, reps):
+    try:
+        import natten
+        import torch
+    except ImportError:
+        return
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[jnp.dtype(dtype).name]
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    name = "natten.na2d (torch)"
+    try:
+        with torch.no_grad():
+            t_f = _time_torch(lambda: natten.na2d(q, k, v, **kw), reps)
+        t_fb = _time_torch(lambda: natten.na2d(q, k, v, **kw).float().sum().backward(), reps)
+    except Exception as e:  # noqa: BLE001
+        print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
+        return
+    print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-memory", action="store_true", help="compiled peak memory only, no execution")
+    parser.add_argument("--na2d", action="store_true", help="the na2d kernel (NATTEN semantics) only")
+    parser.add_argument("--smoke", action="store_true", help="with --na2d: tiny shapes, interpreted on CPU")
     args = parser.parse_args()
-    if args.cpu_memory or jax.default_backend() == "cpu":
+    if args.na2d:
+        if jax.default_backend() == "cpu" and not args.smoke:
+            parser.error("--na2d times the kernel on a GPU or TPU; on a CPU use --na2d --smoke")
+        na2d(args.smoke)
+    elif args.cpu_memory or jax.default_backend() == "cpu":
         cpu_memory()
     else:
         gpu()

@@ -12,7 +12,7 @@ no Pallas lowering; tiling is one :class:`BlockSizes`; arguments are checked by
 from flax_attn.kernels._common import BACKENDS, BlockSizes
 from flax_attn.kernels.criss_cross import criss_cross_attention_pallas
 from flax_attn.kernels.dispatch import OPS, VERIFIED, VerifiedRecord, default_implementation
-from flax_attn.kernels.neighborhood import neighborhood_attention_pallas
+from flax_attn.kernels.neighborhood import na2d_pallas, neighborhood_attention_pallas
 from flax_attn.kernels.window import window_attention_pallas
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "VerifiedRecord",
     "criss_cross_attention_pallas",
     "default_implementation",
+    "na2d_pallas",
     "neighborhood_attention_pallas",
     "window_attention_pallas",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 __all__ = [
     "BORDERS",
     "check_criss_cross_args",
+    "check_na_args",
     "check_neighborhood_args",
     "check_rank",
     "check_window_args",
@@ -108,3 +109,74 @@ def check_window_args(where: str, q, k, v, window_size: int, shift_size: int, bi
         raise ValueError(f"{where}: `shift_size` must be in [0, window_size={ws}), got {shift_size}")
     if bias_table is not None and bias_table.shape != ((2 * ws - 1) ** 2, heads):
         raise ValueError(f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}")
+
+
+def _per_axis(where: str, name: str, value, n: int, kind: type) -> tuple:
+    """``value`` as an ``n``-tuple: a scalar is repeated, a sequence must have ``n`` entries of ``kind``."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    ok = len(items) == n and all(
+        isinstance(x, (bool, np.bool_))
+        if kind is bool
+        else isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+        for x in items
+    )
+    if not ok:
+        what = "bool" if kind is bool else "int"
+        raise ValueError(f"{where}: `{name}` must be a {what} or a tuple of {n} {what}s (one per axis), got {value!r}")
+    return tuple(kind(x) for x in items)
+
+
+def check_na_args(where: str, q, k, v, kernel_size, stride, dilation, is_causal, rpb=None, key_mask=None):
+    """NATTEN-style neighbourhood attention over ``n = len(kernel_size)`` spatial axes (an int
+    ``kernel_size`` means 2-D). Inputs are ``(batch, *spatial, heads, head_dim)`` with q, k, v of
+    one shape; NATTEN's rules: ``kernel_size >= 2``, ``stride <= kernel_size``,
+    ``kernel_size * dilation <= size`` per axis; ``rpb`` ``(heads, 2*k_1 - 1, ..., 2*k_n - 1)``;
+    ``key_mask`` boolean ``(batch, *spatial)``. Returns the per-axis tuples
+    ``(kernel_size, stride, dilation, is_causal)``; raises ``ValueError``.
+    """
+    n = len(kernel_size) if isinstance(kernel_size, (tuple, list)) else 2
+    layout = "(batch, " + ", ".join(f"s{i}" for i in range(1, n + 1)) + ", heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(where, name, x, n + 3, layout)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"{where}: `q`, `k`, `v` must have the same shape {layout}, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    ks = _per_axis(where, "kernel_size", kernel_size, n, int)
+    st = _per_axis(where, "stride", stride, n, int)
+    dil = _per_axis(where, "dilation", dilation, n, int)
+    causal = _per_axis(where, "is_causal", is_causal, n, bool)
+    spatial = tuple(q.shape[1 : 1 + n])
+    for i in range(n):
+        if ks[i] < 2:
+            raise ValueError(f"{where}: `kernel_size` must be >= 2 on every axis (NATTEN's rule), got {ks}")
+        if dil[i] < 1 or st[i] < 1:
+            raise ValueError(
+                f"{where}: `dilation` and `stride` must be >= 1 on every axis, got dilation {dil}, stride {st}"
+            )
+        if st[i] > ks[i]:
+            raise ValueError(
+                f"{where}: `stride` must be <= `kernel_size` on every axis (NATTEN's rule), "
+                f"got stride {st}, kernel_size {ks}"
+            )
+        if ks[i] * dil[i] > spatial[i]:
+            raise ValueError(
+                f"{where}: `kernel_size * dilation` must be <= the input size on every axis, got kernel_size {ks}, "
+                f"dilation {dil} for spatial size {spatial}"
+            )
+    heads = q.shape[-2]
+    if rpb is not None:
+        want = (heads, *(2 * x - 1 for x in ks))
+        shape = tuple(getattr(rpb, "shape", ()))
+        if shape != want:
+            raise ValueError(f"{where}: `rpb` must have shape (heads, 2*k_1 - 1, ...) = {want}, got {shape}")
+    if key_mask is not None:
+        want = (q.shape[0], *spatial)
+        shape = tuple(getattr(key_mask, "shape", ()))
+        if shape != want:
+            raise ValueError(f"{where}: `key_mask` must have shape (batch, *spatial) = {want}, got {shape}")
+        if np.dtype(key_mask.dtype) != np.bool_:
+            raise ValueError(
+                f"{where}: `key_mask` must be boolean (True = the key may be attended), got {key_mask.dtype}"
+            )
+    return ks, st, dil, causal
