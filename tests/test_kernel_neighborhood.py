@@ -130,8 +130,17 @@ def test_na2d_lowers_for_device(backend, platform, marker):
     def grads(q, k, v, rpb, mask):
         def f(q, k, v, rpb):
             out = na2d_pallas(
-                q, k, v, kernel_size=7, stride=(1, 2), dilation=(1, 2), is_causal=(True, False), rpb=rpb,
-                key_mask=mask, backend=backend, interpret=False,
+                q,
+                k,
+                v,
+                kernel_size=7,
+                stride=(1, 2),
+                dilation=(1, 2),
+                is_causal=(True, False),
+                rpb=rpb,
+                key_mask=mask,
+                backend=backend,
+                interpret=False,
             )
             return jnp.sum(out.astype(jnp.float32))
 
@@ -363,8 +372,16 @@ def test_na2d_check_grads():
     q, k, v, rpb, mask = _na_inputs((1, 4, 5, 1, 2), jnp.float32, 3, True, True, seed=3)
     f = jax.jit(
         lambda q, k, v, r: na2d_pallas(
-            q, k, v, kernel_size=3, stride=(1, 2), is_causal=(True, False), rpb=r, key_mask=mask,
-            backend="triton", interpret=True,
+            q,
+            k,
+            v,
+            kernel_size=3,
+            stride=(1, 2),
+            is_causal=(True, False),
+            rpb=r,
+            key_mask=mask,
+            backend="triton",
+            interpret=True,
         )
     )
     check_grads(f, (q, k, v, rpb), order=1, modes=("rev",), atol=1e-2, rtol=1e-2, eps=1e-3)

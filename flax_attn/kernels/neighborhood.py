@@ -161,9 +161,7 @@ class _Plan:
         return self.rows.border != "reflect"
 
 
-def _make_plan(
-    where, backend, interpret, rows, cols, scale, d, heads, has_bias, has_mask, block_rows=None
-) -> _Plan:
+def _make_plan(where, backend, interpret, rows, cols, scale, d, heads, has_bias, has_mask, block_rows=None) -> _Plan:
     h, w = rows.size, cols.size
     ph, pw = rows.pad, cols.pad
     if backend == "triton":
