@@ -144,7 +144,13 @@ class SmallSECNN(nn.Module):
             for j in range(d):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = SEBasicBlock(
-                    x.shape[-1], w, stride, self.reduction, se_style="senet", name=f"layer{i + 1}_{j}", **kw
+                    inplanes=x.shape[-1],
+                    planes=w,
+                    stride=stride,
+                    reduction=self.reduction,
+                    se_style="senet",
+                    name=f"layer{i + 1}_{j}",
+                    **kw,
                 )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return Linear(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
