@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn import catalogue
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.max_pool import max_pool
@@ -93,7 +93,7 @@ class _AttentionModuleBase(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"(trunk_branches|softmax\d_blocks)_(\d)\.(.*)", r"\1.\2.\3")]
+        return sequential_rules(r"trunk_branches|softmax\d_blocks")
 
     def _rb(self, name):
         return ResidualBlock(
@@ -236,7 +236,7 @@ class _ResidualAttentionModel(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"(conv1|mpool2)_(\d)\.(.*)", r"\1.\2.\3")]
+        return sequential_rules("conv1|mpool2")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
