@@ -19,14 +19,13 @@ and dense (non-local) attention on the same input: 56x56, C = 256, 8 heads. Tabl
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
+from flax_attn.testing.timing import peak_memory_bytes, time_jax, time_torch
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -58,15 +57,8 @@ def _fwd_bwd(fn):
     return f
 
 
-def peak_bytes(fn, *args) -> int:
-    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if ma is None:
-        return -1
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-
-
 def _fmt_bytes(n):
-    return "n/a" if n < 0 else f"{n / 2**20:10.1f} MiB"
+    return "n/a" if n is None else f"{n / 2**20:10.1f} MiB"
 
 
 def cpu_memory():
@@ -82,8 +74,8 @@ def cpu_memory():
             ("ACmix unfold form (JAX)", unfold_form),
             ("dense non-local attention", dense),
         ):
-            fwd = peak_bytes(fn, x, x, x)
-            bwd = peak_bytes(_fwd_bwd(fn), x, x, x, x)
+            fwd = peak_memory_bytes(fn, x, x, x)
+            bwd = peak_memory_bytes(_fwd_bwd(fn), x, x, x, x)
             rows.append((jnp.dtype(dtype).name, name, fwd, bwd))
     io = int(np.prod(shape)) * 4
     print(
@@ -94,33 +86,6 @@ def cpu_memory():
     for dt, name, fwd, bwd in rows:
         dense_fwd = next(r[2] for r in rows if r[0] == dt and r[1].startswith("dense"))
         print(f"{dt:<9}{name:<32}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}{fwd / dense_fwd:>13.3f}x")
-
-
-def _time(fn, *args, reps=20):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _time_torch(fn, reps=20):
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def torch_rows(dtype_name):
@@ -151,9 +116,9 @@ def torch_rows(dtype_name):
     for name, fn in (("torch ACmix unfold", acmix_unfold), ("torch SDPA dense (yardstick)", sdpa)):
         try:
             with torch.no_grad():
-                t_f = _time_torch(fn)
+                t_f = time_torch(fn, device="cuda")
             torch.cuda.reset_peak_memory_stats()
-            t_fb = _time_torch(lambda fn=fn: fn().sum().backward())
+            t_fb = time_torch(lambda fn=fn: fn().sum().backward(), device="cuda")
             peak = torch.cuda.max_memory_allocated()
         except torch.cuda.OutOfMemoryError:
             t_f = t_fb = float("nan")
@@ -194,9 +159,9 @@ def gpu():
             try:
                 f = jax.jit(fn)
                 fb = jax.jit(_fwd_bwd(fn))
-                t_f = _time(f, q, k, v)
-                t_fb = _time(fb, q, k, v, do)
-                pk_f, pk_fb = peak_bytes(fn, q, k, v), peak_bytes(_fwd_bwd(fn), q, k, v, do)
+                t_f = time_jax(f, q, k, v)
+                t_fb = time_jax(fb, q, k, v, do)
+                pk_f, pk_fb = peak_memory_bytes(fn, q, k, v), peak_memory_bytes(_fwd_bwd(fn), q, k, v, do)
             except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
                 print(f"{name:<32} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue

@@ -17,9 +17,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -27,20 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_attn.testing.timing import median_seconds
 from flax_attn.training import sharding as sh
 from flax_attn.training.configs import get_config
 from flax_attn.training.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def task_throughput(name: str, steps: int) -> dict:
@@ -64,8 +54,8 @@ def task_throughput(name: str, steps: int) -> dict:
             holder["s"], mm = t.train_step(holder["s"], b, t.step_key)
             jax.block_until_ready(mm)
 
-        s1 = _median_time(step_only, steps)
-        s2 = _median_time(with_data, steps)
+        s1 = median_seconds(step_only, steps, warmup=0)
+        s2 = median_seconds(with_data, steps, warmup=0)
     return {
         "task": name,
         "batch": B,
@@ -136,8 +126,8 @@ def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
         opt.step()
 
     run_jax(), run_torch()  # compile / warm up
-    tj = _median_time(run_jax, reps)
-    tt = _median_time(run_torch, reps)
+    tj = median_seconds(run_jax, reps, warmup=0)
+    tt = median_seconds(run_torch, reps, warmup=0)
     return {
         "batch": batch,
         "size": size,

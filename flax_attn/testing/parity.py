@@ -42,6 +42,7 @@ __all__ = [
     "parity_dtype",
     "randomize_torch_module",
     "run_parity",
+    "to_torch_layout",
 ]
 
 # The default float64 parity bound (``Entry.float64_tolerance``): the ill-conditioned entries
@@ -94,7 +95,8 @@ def randomize_torch_module(module, seed: int = 0) -> None:
                 buf.fill_(7)
 
 
-def _to_torch_layout(x: np.ndarray, image: bool) -> np.ndarray:
+def to_torch_layout(x: np.ndarray, image: bool) -> np.ndarray:
+    """A Flax-layout input as the torch reference takes it: NHWC images to NCHW, others unchanged."""
     return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if image else x
 
 
@@ -258,7 +260,7 @@ def _run(
 
     t_inputs = {}
     for k, v in inputs.items():
-        t = torch.from_numpy(_to_torch_layout(np.asarray(v), k in entry.image_inputs))
+        t = torch.from_numpy(to_torch_layout(np.asarray(v), k in entry.image_inputs))
         if k in float_names and check_grads:
             t.requires_grad_(True)
         t_inputs[k] = t
