@@ -38,8 +38,8 @@ def task_throughput(name: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t = Trainer(cfg, d)
         state = t.initial_state()
-        src, B = t.task.train_source, cfg.data.batch_size
-        batch = sh.to_global(src.batch(0, t.rows), t.mesh, B)
+        src, batch_size = t.task.train_source, cfg.data.batch_size
+        batch = sh.to_global(src.batch(0, t.rows), t.mesh, batch_size)
         state, m = t.train_step(state, batch, t.step_key)  # compile
         jax.block_until_ready(m)
         holder = {"s": state}
@@ -49,7 +49,7 @@ def task_throughput(name: str, steps: int) -> dict:
             jax.block_until_ready(mm)
 
         def with_data(i=[1]):  # noqa: B006  (a step counter across calls)
-            b = sh.to_global(src.batch(i[0], t.rows), t.mesh, B)
+            b = sh.to_global(src.batch(i[0], t.rows), t.mesh, batch_size)
             i[0] += 1
             holder["s"], mm = t.train_step(holder["s"], b, t.step_key)
             jax.block_until_ready(mm)
@@ -58,11 +58,11 @@ def task_throughput(name: str, steps: int) -> dict:
         s2 = median_seconds(with_data, steps, warmup=0)
     return {
         "task": name,
-        "batch": B,
+        "batch": batch_size,
         "step_ms": 1e3 * s1,
-        "img_s": B / s1,
+        "img_s": batch_size / s1,
         "loop_ms": 1e3 * s2,
-        "loop_img_s": B / s2,
+        "loop_img_s": batch_size / s2,
     }
 
 

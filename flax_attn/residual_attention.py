@@ -179,7 +179,7 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
         return rb("last_blocks", (1 + mask) * out_trunk)
 
 
-class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801
+class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a two-level soft mask branch (reference: 28x28 input); see stage 1.
 
     Attributes:
@@ -205,7 +205,7 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801
         return rb("last_blocks", (1 + mask) * out_trunk)
 
 
-class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801
+class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a one-level soft mask branch (reference: 14x14 input); see stage 1.
 
     Attributes:
@@ -273,7 +273,7 @@ class _ResidualAttentionModel(nn.Module):
         return Linear(self.num_classes, name="fc", **kw)(out)
 
 
-class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801
+class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
     """Attention-56 for 224x224 images (reference ``ResidualAttentionModel_56``).
 
     Wang et al., CVPR 2017 (arXiv 1704.06904). conv7x7/2 + max-pool, then residual blocks and one
@@ -290,7 +290,7 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801
     depth: int = 56
 
 
-class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801
+class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
     """Attention-92 for 224x224 images (reference ``ResidualAttentionModel_92``): as Attention-56 with
     ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added."""
 
