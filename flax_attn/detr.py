@@ -130,6 +130,34 @@ class _TransformerLayerFields(nn.Module):
             param_dtype=self.param_dtype,
         )
 
+    # The layers' parts, built in the calling layer's scope under torch's attribute names.
+
+    @nn.nowrap
+    def _attention(self, name: str) -> MultiheadAttention:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name=name, **kw)
+
+    @nn.nowrap
+    def _norm(self, name: str) -> LayerNorm:
+        return LayerNorm(epsilon=self.layer_norm_eps, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @nn.nowrap
+    def _drop(self, x: jax.Array, train: bool) -> jax.Array:
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def _attend(attn: MultiheadAttention, query, key, value, key_padding_mask, attn_mask, train: bool) -> jax.Array:
+    """The attention output alone (DETR never asks for the weights)."""
+    return attn(
+        query,
+        key,
+        value,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        need_weights=False,
+        train=train,
+    )[0]
+
 
 class TransformerEncoderLayer(_TransformerLayerFields):
     """DETR's transformer encoder layer: self-attention and a feed-forward block, post- or pre-norm.
@@ -173,25 +201,14 @@ class TransformerEncoderLayer(_TransformerLayerFields):
         b, l, _ = src.shape
         _check_shape(where, "pos", pos, src.shape, "(like `src`)")
         _check_shape(where, "src_key_padding_mask", src_key_padding_mask, (b, l), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1", **kw)
-        norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2", **kw)
+        attn, norm1, norm2 = self._attention("self_attn"), self._norm("norm1"), self._norm("norm2")
 
         def drop(x):
-            return nn.Dropout(self.dropout)(x, deterministic=not train)
+            return self._drop(x, train)
 
         def self_attention(x):
             qk = _with_pos(x, pos)
-            return attn(
-                qk,
-                qk,
-                x,
-                key_padding_mask=src_key_padding_mask,
-                attn_mask=src_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            return _attend(attn, qk, qk, x, src_key_padding_mask, src_mask, train)
 
         def feed_forward(x):
             return _feed_forward(self, x, train)
@@ -258,36 +275,19 @@ class TransformerDecoderLayer(_TransformerLayerFields):
         _check_shape(where, "pos", pos, memory.shape, "(like `memory`)")
         _check_shape(where, "tgt_key_padding_mask", tgt_key_padding_mask, (b, q), "(batch, num_queries)")
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        cross_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw)
-        norm1, norm2, norm3 = (LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3))
+        self_attn, cross_attn = self._attention("self_attn"), self._attention("multihead_attn")
+        norm1, norm2, norm3 = (self._norm(f"norm{i}") for i in (1, 2, 3))
 
         def drop(x):
-            return nn.Dropout(self.dropout)(x, deterministic=not train)
+            return self._drop(x, train)
 
         def sa(x):
             qk = _with_pos(x, query_pos)
-            return self_attn(
-                qk,
-                qk,
-                x,
-                key_padding_mask=tgt_key_padding_mask,
-                attn_mask=tgt_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            return _attend(self_attn, qk, qk, x, tgt_key_padding_mask, tgt_mask, train)
 
         def ca(x):
-            return cross_attn(
-                _with_pos(x, query_pos),
-                _with_pos(memory, pos),
-                memory,
-                key_padding_mask=memory_key_padding_mask,
-                attn_mask=memory_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            q, k = _with_pos(x, query_pos), _with_pos(memory, pos)
+            return _attend(cross_attn, q, k, memory, memory_key_padding_mask, memory_mask, train)
 
         if self.normalize_before:
             tgt = tgt + drop(sa(norm1(tgt)))
@@ -336,9 +336,7 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
             )
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-                out
-            )
+            out = self._norm("norm")(out)
         return out
 
 
@@ -393,7 +391,7 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
             raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
         norm = None
         if self.norm:
-            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
+            norm = self._norm("norm")
         out = tgt
         intermediate = []
         for i in range(self.num_layers):
