@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
-from flax_attn.testing.timing import peak_memory_bytes, time_jax, time_torch
+from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -57,10 +57,6 @@ def _fwd_bwd(fn):
     return f
 
 
-def _fmt_bytes(n):
-    return "n/a" if n is None else f"{n / 2**20:10.1f} MiB"
-
-
 def cpu_memory():
     shape = (B, H, W, N, D)
     rows = []
@@ -85,7 +81,7 @@ def cpu_memory():
     print(f"{'dtype':<9}{'implementation':<32}{'forward':>16}{'fwd+bwd':>16}{'fwd vs dense':>14}")
     for dt, name, fwd, bwd in rows:
         dense_fwd = next(r[2] for r in rows if r[0] == dt and r[1].startswith("dense"))
-        print(f"{dt:<9}{name:<32}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}{fwd / dense_fwd:>13.3f}x")
+        print(f"{dt:<9}{name:<32}{format_mib(fwd):>16}{format_mib(bwd):>16}{fwd / dense_fwd:>13.3f}x")
 
 
 def torch_rows(dtype_name):
@@ -165,18 +161,22 @@ def gpu():
             except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
                 print(f"{name:<32} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            t_b = max(t_fb - t_f, 1e-9)
             print(
-                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
+                roofline_row(
+                    name,
+                    t_f,
+                    t_fb,
+                    fwd_bytes,
+                    bwd_bytes,
+                    HBM_BYTES_PER_S,
+                    peak_fwd=pk_f,
+                    peak_fwd_bwd=pk_fb,
+                    name_width=32,
+                )
             )
         for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name):
-            t_b = max(t_fb - t_f, 1e-9)
             print(
-                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                f"{'':>16}{_fmt_bytes(peak):>16}"
+                roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, HBM_BYTES_PER_S, peak_fwd_bwd=peak, name_width=32)
             )
     print(
         "\nroof = roofline time / measured time (1.00 = at the HBM bound); bwd = (fwd+bwd) - fwd. "

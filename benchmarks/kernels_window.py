@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops.window import window_attention
-from flax_attn.testing.timing import peak_memory_bytes, time_jax, time_torch
+from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 SWIN_T = dict(b=32, h=56, w=56, heads=3, d=32, ws=7, shift=3)
 SMOKE = dict(b=2, h=14, w=14, heads=2, d=8, ws=7, shift=3)
@@ -63,10 +63,6 @@ def _fwd_bwd(fn):
     return f
 
 
-def _fmt_bytes(n):
-    return "n/a" if n is None else f"{n / 2**20:10.1f} MiB"
-
-
 def cpu_memory(cfg):
     b, h, w, n_heads, d, ws, shift = (cfg[k] for k in ("b", "h", "w", "heads", "d", "ws", "shift"))
     shape = (b, h, w, n_heads, d)
@@ -86,7 +82,7 @@ def cpu_memory(cfg):
         fwd = peak_memory_bytes(fn, x, x, x, table)
         bwd = peak_memory_bytes(_fwd_bwd(fn), x, x, x, table, x)
         print(
-            f"{jnp.dtype(dtype).name:<10}{'XLA reference':<24}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}"
+            f"{jnp.dtype(dtype).name:<10}{'XLA reference':<24}{format_mib(fwd):>16}{format_mib(bwd):>16}"
             f"{fwd / probs:>13.2f}x"
         )
 
@@ -203,20 +199,10 @@ def timings(cfg, reps):
                 print(f"{name:<28} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             results[name] = (t_f, t_fb)
-            t_b = max(t_fb - t_f, 1e-9)
-            print(
-                f"{name:<28}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / hbm / t_f:>10.2f}{bwd_bytes / hbm / t_b:>10.2f}"
-                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
-            )
+            print(roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, hbm, peak_fwd=pk_f, peak_fwd_bwd=pk_fb))
         for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name, cfg):
             results[name] = (t_f, t_fb)
-            t_b = max(t_fb - t_f, 1e-9)
-            print(
-                f"{name:<28}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / hbm / t_f:>10.2f}{bwd_bytes / hbm / t_b:>10.2f}"
-                f"{'':>16}{_fmt_bytes(peak):>16}"
-            )
+            print(roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, hbm, peak_fwd_bwd=peak))
         if "pallas kernel" in results:
             base_f, base_fb = results["pallas kernel"]
             ratios = ", ".join(

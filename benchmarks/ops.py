@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
 
-from flax_attn.testing.timing import compiled_mib, environment, median_ms  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
 
 
 def _cases():
@@ -162,9 +162,7 @@ def main(argv=None) -> int:
         rows.append(bench(*case, args.repeats))
         print(rows[-1], flush=True)
     text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n{head}\n" + "\n".join(rows) + "\n"
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(f"# Ops benchmark\n\nCommand: `python benchmarks/ops.py`\n\n{text}")
+    write_report("Ops benchmark", "python benchmarks/ops.py", text, args.out)
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
 
-from flax_attn.testing.timing import compiled_mib, environment, median_ms  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
 
 SHAPES = [  # (batch, length, heads, head_dim, masked)
     (8, 256, 8, 64, False),
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
         lines.append(bench_shape(*shape, args.repeats))
         print(lines[-1], flush=True)
     text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n" + "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(f"# SDPA benchmark\n\nCommand: `python benchmarks/sdpa.py`\n\n{text}")
+    write_report("SDPA benchmark", "python benchmarks/sdpa.py", text, args.out)
     return 0
 
 

@@ -31,11 +31,14 @@ __all__ = [
     "compiled_bytes",
     "compiled_mib",
     "environment",
+    "format_mib",
     "median_ms",
     "median_seconds",
     "peak_memory_bytes",
+    "roofline_row",
     "time_jax",
     "time_torch",
+    "write_report",
 ]
 
 
@@ -104,6 +107,44 @@ def compiled_mib(compiled) -> float | None:
 def peak_memory_bytes(fn: Callable[..., Any], *args) -> int | None:
     """:func:`compiled_bytes` of ``jax.jit(fn)`` compiled for ``args`` (arrays or ShapeDtypeStructs)."""
     return compiled_bytes(jax.jit(fn).lower(*args).compile())
+
+
+def format_mib(nbytes: int | None) -> str:
+    """``nbytes`` as a right-aligned MiB figure for a table (``"n/a"`` where unknown)."""
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:10.1f} MiB"
+
+
+def roofline_row(
+    name: str,
+    t_fwd: float,
+    t_fwd_bwd: float,
+    fwd_bytes: int,
+    bwd_bytes: int,
+    hbm_bytes_per_s: float,
+    *,
+    peak_fwd: int | None = None,
+    peak_fwd_bwd: int | None = None,
+    name_width: int = 28,
+) -> str:
+    """One row of the kernel benchmarks' tables: microseconds forward and forward+backward, forward
+    TB/s, and the fraction of the HBM bound reached forward and backward (``bwd = fwd+bwd - fwd``),
+    then the peak memories (left blank where not given)."""
+    t_bwd = max(t_fwd_bwd - t_fwd, 1e-9)
+    peak_f = "" if peak_fwd is None else format_mib(peak_fwd)
+    peak_fb = "" if peak_fwd_bwd is None else format_mib(peak_fwd_bwd)
+    return (
+        f"{name:<{name_width}}{t_fwd * 1e6:>10.0f}{t_fwd_bwd * 1e6:>12.0f}{fwd_bytes / t_fwd / 1e12:>10.2f}"
+        f"{fwd_bytes / hbm_bytes_per_s / t_fwd:>10.2f}{bwd_bytes / hbm_bytes_per_s / t_bwd:>10.2f}"
+        f"{peak_f:>16}{peak_fb:>16}"
+    )
+
+
+def write_report(title: str, command: str, text: str, out=None) -> None:
+    """Print a benchmark's ``text`` and, with ``out`` (a path), write it under a heading naming the
+    command that made it."""
+    print("\n" + text)
+    if out:
+        out.write_text(f"# {title}\n\nCommand: `{command}`\n\n{text}")
 
 
 def environment() -> str:
