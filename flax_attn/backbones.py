@@ -60,11 +60,14 @@ class BasicBlock(nn.Module):
 
     Input ``(B, H, W, inplanes)``; output ``(B, ceil(H / stride), ceil(W / stride), expansion * planes)``.
 
-    Example:
-      >>> block = BasicBlock(inplanes=16, planes=32, stride=2)
+    Example (timm's ``BasicBlock(attn_layer="se")``, with GELU):
+      >>> import functools
+      >>> from flax_attn.se import SELayer
+      >>> se = functools.partial(SELayer, style="timm")
+      >>> gelu = functools.partial(jax.nn.gelu, approximate=False)
+      >>> block = BasicBlock(inplanes=16, planes=32, stride=2, attn=se, act=gelu)
       >>> x = jnp.ones((2, 9, 11, 16))
-      >>> variables = block.init(jax.random.PRNGKey(0), x)
-      >>> block.apply(variables, x).shape
+      >>> jax.eval_shape(lambda: block.init_with_output(jax.random.PRNGKey(0), x)[0]).shape
       (2, 5, 6, 32)
     """
 
@@ -180,11 +183,10 @@ class Bottleneck(BasicBlock):
 
     Input ``(B, H, W, inplanes)``; output ``(B, ceil(H / stride), ceil(W / stride), expansion * planes)``.
 
-    Example:
-      >>> block = Bottleneck(inplanes=32, planes=16, stride=2)
+    Example (a ResNeXt-style grouped block):
       >>> x = jnp.ones((2, 9, 11, 32))
-      >>> variables = block.init(jax.random.PRNGKey(0), x)
-      >>> block.apply(variables, x).shape
+      >>> out, _ = Bottleneck(32, 16, stride=2, groups=4).init_with_output(jax.random.PRNGKey(0), x)
+      >>> out.shape
       (2, 5, 6, 64)
     """
 
