@@ -28,8 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import _peak_mb, environment  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, environment  # noqa: E402
 
 
 def _old_module(ref: str, path: str) -> types.ModuleType:
@@ -307,7 +306,7 @@ def main(argv=None) -> int:
                 if i >= 2:
                     times[j].append((time.perf_counter() - t0) * 1e3)
         t_old, t_new = (statistics.median(t) for t in times)
-        m_old, m_new = (_peak_mb(c) for c in compiled)
+        m_old, m_new = (compiled_mib(c) for c in compiled)
         rows.append((name, t_old, t_new, m_old, m_new, serial[0], serial[1]))
         print(
             f"{name:50s} old {t_old:9.2f} ms  new {t_new:9.2f} ms  x{t_old / t_new:5.2f}  "

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +48,7 @@ from flax_attn.ops import (  # noqa: E402
     neighborhood_attention,
     window_attention,
 )
+from flax_attn.testing.timing import time_jax, time_torch  # noqa: E402
 
 # HBM bandwidth by device kind (bytes/s), for the roofline bound; "-" for devices not listed.
 BANDWIDTH = {
@@ -291,34 +290,6 @@ def _rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(1e-6, float(np.max(np.abs(want)))))
 
 
-def _time_s(fn, reps) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _time_torch_s(fn, reps, device) -> float:
-    import torch
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _min_bytes(args, out_nbytes, backward) -> int:
     """Unavoidable HBM traffic: read the inputs, write the output; backward also reads the output
     and its cotangent and writes one gradient per input."""
@@ -355,9 +326,9 @@ def check_op(op, g, dtype, on_gpu, smoke, reps):
         try:
             fwd = jax.jit(fn)
             fb = _vjp_fn(fn)
-            row["fwd"] = _time_s(lambda fwd=fwd: fwd(*args), reps)
+            row["fwd"] = time_jax(fwd, *args, repeats=reps)
             if "fwd only" not in name:
-                row["fwd_bwd"] = _time_s(lambda fb=fb: fb(args, ct), reps)
+                row["fwd_bwd"] = time_jax(fb, args, ct, repeats=reps)
         except Exception as e:
             row["error"] = " ".join(str(e).split())[:160]
         row["bytes_fwd"] = _min_bytes(args, out_nbytes, False)
@@ -372,8 +343,10 @@ def check_op(op, g, dtype, on_gpu, smoke, reps):
             import torch
 
             with torch.no_grad():
-                row["fwd"] = _time_torch_s(fwd, reps, "cuda" if on_gpu else "cpu")
-            row["fwd_bwd"] = _time_torch_s(lambda: fwd().float().sum().backward(), reps, "cuda" if on_gpu else "cpu")
+                row["fwd"] = time_torch(fwd, repeats=reps, device="cuda" if on_gpu else "cpu")
+            row["fwd_bwd"] = time_torch(
+                lambda: fwd().float().sum().backward(), repeats=reps, device="cuda" if on_gpu else "cpu"
+            )
         except Exception as e:
             row["error"] = " ".join(str(e).split())[:160]
         timings.append(row)

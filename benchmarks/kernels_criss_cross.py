@@ -15,13 +15,13 @@ C = 512, next to dense non-local attention (``softmax(q k^T) v`` over all H*W po
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
 from flax_attn.kernels.criss_cross import criss_cross_attention_pallas
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.testing.timing import peak_memory_bytes, time_jax, time_torch
 
 H100_HBM_BYTES_PER_S = 3.35e12
 
@@ -49,21 +49,8 @@ def _fwd_bwd(fn):
 
 
 def _peak_mib(fn, shapes):
-    mem = jax.jit(fn).lower(*shapes).compile().memory_analysis()
-    if mem is None:
-        return float("nan")
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    return total / 2**20
-
-
-def _time_us(fn, args, iters=50):
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    t = time.perf_counter()
-    for _ in range(iters):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / iters * 1e6
+    nbytes = peak_memory_bytes(fn, *shapes)
+    return float("nan") if nbytes is None else nbytes / 2**20
 
 
 def _bytes(b, h, w, cqk, cv, itemsize, backward):
@@ -92,21 +79,12 @@ def _torch_times(b, h, w, cqk, cv, dtype_name):
         att = torch.softmax(torch.cat([e_h, e_w], 3), 3).to(dt)
         return torch.einsum("byxj,bcjx->bcyx", att[..., :h], v) + torch.einsum("byxi,bcyi->bcyx", att[..., h:], v)
 
-    def timed(f, iters=50):
-        f()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(iters):
-            f()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / iters * 1e6
-
     def fb():
         fwd().float().sum().backward()
 
     with torch.no_grad():
-        t_f = timed(fwd)
-    t_fb = timed(fb)
+        t_f = time_torch(fwd, repeats=50, device="cuda") * 1e6
+    t_fb = time_torch(fb, repeats=50, device="cuda") * 1e6
     torch.cuda.reset_peak_memory_stats()
     fb()
     torch.cuda.synchronize()
@@ -139,7 +117,7 @@ def gpu(b=8, h=97, w=97, cqk=64, cv=512):
                 nbytes = _bytes(b, h, w, cqk, cv, dtype.itemsize, pass_name != "fwd")
                 roof = nbytes / H100_HBM_BYTES_PER_S * 1e6
                 try:
-                    t = _time_us(f, args)
+                    t = time_jax(jax.jit(f), *args, repeats=50) * 1e6
                     peak = _peak_mib(f, shapes)
                 except Exception as e:  # report, keep going: a table with a hole beats no table
                     print(f"{dtype_name:8s} {name:8s} {pass_name:8s} failed: {type(e).__name__}: {str(e)[:80]}")

@@ -27,9 +27,7 @@ and dense (non-local) attention on the same input: 56x56, C = 256, 8 heads. Tabl
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -43,6 +41,7 @@ from device_check import dense_na2d  # noqa: E402  (NATTEN's window as a dense m
 from flax_attn import ops as _ops  # noqa: E402
 from flax_attn.kernels.neighborhood import na2d_pallas  # noqa: E402
 from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention  # noqa: E402
+from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch  # noqa: E402
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -74,17 +73,6 @@ def _fwd_bwd(fn):
     return f
 
 
-def peak_bytes(fn, *args) -> int:
-    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if ma is None:
-        return -1
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-
-
-def _fmt_bytes(n):
-    return "n/a" if n < 0 else f"{n / 2**20:10.1f} MiB"
-
-
 def cpu_memory():
     shape = (B, H, W, N, D)
     rows = []
@@ -98,8 +86,8 @@ def cpu_memory():
             ("ACmix unfold form (JAX)", unfold_form),
             ("dense non-local attention", dense),
         ):
-            fwd = peak_bytes(fn, x, x, x)
-            bwd = peak_bytes(_fwd_bwd(fn), x, x, x, x)
+            fwd = peak_memory_bytes(fn, x, x, x)
+            bwd = peak_memory_bytes(_fwd_bwd(fn), x, x, x, x)
             rows.append((jnp.dtype(dtype).name, name, fwd, bwd))
     io = int(np.prod(shape)) * 4
     print(
@@ -109,34 +97,7 @@ def cpu_memory():
     print(f"{'dtype':<9}{'implementation':<32}{'forward':>16}{'fwd+bwd':>16}{'fwd vs dense':>14}")
     for dt, name, fwd, bwd in rows:
         dense_fwd = next(r[2] for r in rows if r[0] == dt and r[1].startswith("dense"))
-        print(f"{dt:<9}{name:<32}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}{fwd / dense_fwd:>13.3f}x")
-
-
-def _time(fn, *args, reps=20):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _time_torch(fn, reps=20):
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        print(f"{dt:<9}{name:<32}{format_mib(fwd):>16}{format_mib(bwd):>16}{fwd / dense_fwd:>13.3f}x")
 
 
 def torch_rows(dtype_name):
@@ -167,9 +128,9 @@ def torch_rows(dtype_name):
     for name, fn in (("torch ACmix unfold", acmix_unfold), ("torch SDPA dense (yardstick)", sdpa)):
         try:
             with torch.no_grad():
-                t_f = _time_torch(fn)
+                t_f = time_torch(fn, device="cuda")
             torch.cuda.reset_peak_memory_stats()
-            t_fb = _time_torch(lambda fn=fn: fn().sum().backward())
+            t_fb = time_torch(lambda fn=fn: fn().sum().backward(), device="cuda")
             peak = torch.cuda.max_memory_allocated()
         except torch.cuda.OutOfMemoryError:
             t_f = t_fb = float("nan")
@@ -210,24 +171,28 @@ def gpu():
             try:
                 f = jax.jit(fn)
                 fb = jax.jit(_fwd_bwd(fn))
-                t_f = _time(f, q, k, v)
-                t_fb = _time(fb, q, k, v, do)
-                pk_f, pk_fb = peak_bytes(fn, q, k, v), peak_bytes(_fwd_bwd(fn), q, k, v, do)
+                t_f = time_jax(f, q, k, v)
+                t_fb = time_jax(fb, q, k, v, do)
+                pk_f, pk_fb = peak_memory_bytes(fn, q, k, v), peak_memory_bytes(_fwd_bwd(fn), q, k, v, do)
             except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
                 print(f"{name:<32} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            t_b = max(t_fb - t_f, 1e-9)
             print(
-                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
+                roofline_row(
+                    name,
+                    t_f,
+                    t_fb,
+                    fwd_bytes,
+                    bwd_bytes,
+                    HBM_BYTES_PER_S,
+                    peak_fwd=pk_f,
+                    peak_fwd_bwd=pk_fb,
+                    name_width=32,
+                )
             )
         for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name):
-            t_b = max(t_fb - t_f, 1e-9)
             print(
-                f"{name:<32}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / HBM_BYTES_PER_S / t_f:>10.2f}{bwd_bytes / HBM_BYTES_PER_S / t_b:>10.2f}"
-                f"{'':>16}{_fmt_bytes(peak):>16}"
+                roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, HBM_BYTES_PER_S, peak_fwd_bwd=peak, name_width=32)
             )
     print(
         "\nroof = roofline time / measured time (1.00 = at the HBM bound); bwd = (fwd+bwd) - fwd. "
@@ -280,16 +245,16 @@ def na2d(smoke: bool):
             results = {}
             for name, fn in impls:
                 try:
-                    t_f = _time(jax.jit(fn), q, k, v, reps=reps)
-                    t_fb = _time(jax.jit(_fwd_bwd(fn)), q, k, v, do, reps=reps)
-                    pk_f, pk_fb = peak_bytes(fn, q, k, v), peak_bytes(_fwd_bwd(fn), q, k, v, do)
+                    t_f = time_jax(jax.jit(fn), q, k, v, repeats=reps)
+                    t_fb = time_jax(jax.jit(_fwd_bwd(fn)), q, k, v, do, repeats=reps)
+                    pk_f, pk_fb = peak_memory_bytes(fn, q, k, v), peak_memory_bytes(_fwd_bwd(fn), q, k, v, do)
                 except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
                     print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
                     continue
                 results[name] = t_fb
                 ratio = results.get("dense masked (XLA)", float("nan")) / t_fb
                 print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}"
-                      f"{ratio:>12.2f}x{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}")  # fmt: skip
+                      f"{ratio:>12.2f}x{format_mib(pk_f):>16}{format_mib(pk_fb):>16}")  # fmt: skip
             if not opts.get("rpb") and not opts.get("key_mask") and jax.default_backend() == "gpu":
                 _natten_row(dtype, label, kw, (b, h, w, n, d), reps)
     print("\nvs dense f+b = dense masked forward+backward time / this row's (above 1: faster than dense). "
@@ -307,8 +272,8 @@ def _natten_row(dtype, label, kw, shape, reps):
     name = "natten.na2d (torch)"
     try:
         with torch.no_grad():
-            t_f = _time_torch(lambda: natten.na2d(q, k, v, **kw), reps)
-        t_fb = _time_torch(lambda: natten.na2d(q, k, v, **kw).float().sum().backward(), reps)
+            t_f = time_torch(lambda: natten.na2d(q, k, v, **kw), repeats=reps, device="cuda")
+        t_fb = time_torch(lambda: natten.na2d(q, k, v, **kw).float().sum().backward(), repeats=reps, device="cuda")
     except Exception as e:  # noqa: BLE001
         print(f"{jnp.dtype(dtype).name:<9}{label:<16}{name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
         return

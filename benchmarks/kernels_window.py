@@ -30,14 +30,13 @@ Tables only; no asserts.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops.window import window_attention
+from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 SWIN_T = dict(b=32, h=56, w=56, heads=3, d=32, ws=7, shift=3)
 SMOKE = dict(b=2, h=14, w=14, heads=2, d=8, ws=7, shift=3)
@@ -64,17 +63,6 @@ def _fwd_bwd(fn):
     return f
 
 
-def peak_bytes(fn, *args) -> int:
-    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if ma is None:
-        return -1
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-
-
-def _fmt_bytes(n):
-    return "n/a" if n < 0 else f"{n / 2**20:10.1f} MiB"
-
-
 def cpu_memory(cfg):
     b, h, w, n_heads, d, ws, shift = (cfg[k] for k in ("b", "h", "w", "heads", "d", "ws", "shift"))
     shape = (b, h, w, n_heads, d)
@@ -91,38 +79,12 @@ def cpu_memory(cfg):
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jax.ShapeDtypeStruct(shape, dtype)
         fn = _impl("xla", ws, shift)
-        fwd = peak_bytes(fn, x, x, x, table)
-        bwd = peak_bytes(_fwd_bwd(fn), x, x, x, table, x)
+        fwd = peak_memory_bytes(fn, x, x, x, table)
+        bwd = peak_memory_bytes(_fwd_bwd(fn), x, x, x, table, x)
         print(
-            f"{jnp.dtype(dtype).name:<10}{'XLA reference':<24}{_fmt_bytes(fwd):>16}{_fmt_bytes(bwd):>16}"
+            f"{jnp.dtype(dtype).name:<10}{'XLA reference':<24}{format_mib(fwd):>16}{format_mib(bwd):>16}"
             f"{fwd / probs:>13.2f}x"
         )
-
-
-def _time(fn, *args, reps=20):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _time_torch(fn, reps=20):
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def _torch_impls(cfg, dt, dev):
@@ -194,9 +156,9 @@ def torch_rows(dtype_name, cfg):
     for name, fn in impls:
         try:
             with torch.no_grad():
-                t_f = _time_torch(fn)
+                t_f = time_torch(fn, device="cuda")
             torch.cuda.reset_peak_memory_stats()
-            t_fb = _time_torch(lambda fn=fn: fn().float().sum().backward())
+            t_fb = time_torch(lambda fn=fn: fn().float().sum().backward(), device="cuda")
             peak = torch.cuda.max_memory_allocated()
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             print(f"{name:<28} failed: {type(e).__name__}: {str(e)[:120]}")
@@ -230,27 +192,17 @@ def timings(cfg, reps):
         for name, impl in (("pallas kernel", "pallas"), ("XLA reference", "xla")):
             fn = _impl(impl, ws, shift)
             try:
-                t_f = _time(jax.jit(fn), q, k, v, table, reps=reps)
-                t_fb = _time(jax.jit(_fwd_bwd(fn)), q, k, v, table, do, reps=reps)
-                pk_f, pk_fb = peak_bytes(fn, q, k, v, table), peak_bytes(_fwd_bwd(fn), q, k, v, table, do)
+                t_f = time_jax(jax.jit(fn), q, k, v, table, repeats=reps)
+                t_fb = time_jax(jax.jit(_fwd_bwd(fn)), q, k, v, table, do, repeats=reps)
+                pk_f, pk_fb = peak_memory_bytes(fn, q, k, v, table), peak_memory_bytes(_fwd_bwd(fn), q, k, v, table, do)
             except Exception as e:  # noqa: BLE001  (an OOM or lowering failure is a result here)
                 print(f"{name:<28} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             results[name] = (t_f, t_fb)
-            t_b = max(t_fb - t_f, 1e-9)
-            print(
-                f"{name:<28}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / hbm / t_f:>10.2f}{bwd_bytes / hbm / t_b:>10.2f}"
-                f"{_fmt_bytes(pk_f):>16}{_fmt_bytes(pk_fb):>16}"
-            )
+            print(roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, hbm, peak_fwd=pk_f, peak_fwd_bwd=pk_fb))
         for name, t_f, t_fb, peak in torch_rows(jnp.dtype(dtype).name, cfg):
             results[name] = (t_f, t_fb)
-            t_b = max(t_fb - t_f, 1e-9)
-            print(
-                f"{name:<28}{t_f * 1e6:>10.0f}{t_fb * 1e6:>12.0f}{fwd_bytes / t_f / 1e12:>10.2f}"
-                f"{fwd_bytes / hbm / t_f:>10.2f}{bwd_bytes / hbm / t_b:>10.2f}"
-                f"{'':>16}{_fmt_bytes(peak):>16}"
-            )
+            print(roofline_row(name, t_f, t_fb, fwd_bytes, bwd_bytes, hbm, peak_fwd_bwd=peak))
         if "pallas kernel" in results:
             base_f, base_fb = results["pallas kernel"]
             ratios = ", ".join(

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run import _median_ms, _peak_mb, environment  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
+
+from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
 
 
 def _cases():
@@ -122,8 +123,8 @@ def bench(name, make_inputs, jax_fn, torch_fn, repeats):
     jin = {k: jnp.asarray(v) for k, v in inputs.items()}
     fwd = jax.jit(lambda a: jax_fn(**a)).lower(jin).compile()
     fb = jax.jit(jax.grad(lambda a: jnp.sum(jax_fn(**a)))).lower(jin).compile()
-    t_fwd = _median_ms(lambda: jax.block_until_ready(fwd(jin)), repeats)
-    t_fb = _median_ms(lambda: jax.block_until_ready(fb(jin)), repeats)
+    t_fwd = median_ms(lambda: jax.block_until_ready(fwd(jin)), repeats, warmup=2)
+    t_fb = median_ms(lambda: jax.block_until_ready(fb(jin)), repeats, warmup=2)
     tin = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
     def torch_fwd():
@@ -135,12 +136,12 @@ def bench(name, make_inputs, jax_fn, torch_fn, repeats):
     def torch_fb():
         return torch.autograd.grad(torch_fn(**tg).sum(), list(tg.values()))
 
-    tt_fwd = _median_ms(torch_fwd, repeats)
-    tt_fb = _median_ms(torch_fb, repeats)
+    tt_fwd = median_ms(torch_fwd, repeats, warmup=2)
+    tt_fb = median_ms(torch_fb, repeats, warmup=2)
     shapes = " ".join(f"{k}{tuple(v.shape)}" for k, v in inputs.items())
     return (
         f"| {name} | {shapes} | {t_fwd:.2f} | {tt_fwd:.2f} | {tt_fwd / t_fwd:.2f} | {t_fb:.2f} | "
-        f"{tt_fb:.2f} | {tt_fb / t_fb:.2f} | {_peak_mb(fwd):.1f} | {_peak_mb(fb):.1f} |"
+        f"{tt_fb:.2f} | {tt_fb / t_fb:.2f} | {compiled_mib(fwd):.1f} | {compiled_mib(fb):.1f} |"
     )
 
 
@@ -161,9 +162,7 @@ def main(argv=None) -> int:
         rows.append(bench(*case, args.repeats))
         print(rows[-1], flush=True)
     text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n{head}\n" + "\n".join(rows) + "\n"
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(f"# Ops benchmark\n\nCommand: `python benchmarks/ops.py`\n\n{text}")
+    write_report("Ops benchmark", "python benchmarks/ops.py", text, args.out)
     return 0
 
 

@@ -16,39 +16,14 @@ No asserts: this prints tables.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
 
-
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _peak_mb(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if m is None:
-        return None
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return total / 2**20
+from flax_attn.testing.timing import compiled_mib, environment, median_ms  # noqa: E402
 
 
 def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: str = "float32"):
@@ -100,10 +75,10 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
     fwd_c = jax.jit(fwd).lower(variables, jin).compile()
     bwd_c = jax.jit(fwd_bwd).lower(variables, float_in).compile()
     row = {"block": entry.name, "shape": " ".join(f"{k}{tuple(np.shape(v))}" for k, v in inputs.items())}
-    row["jax_fwd"] = _median_ms(lambda: jax.block_until_ready(fwd_c(variables, jin)), repeats)
-    row["jax_fb"] = _median_ms(lambda: jax.block_until_ready(bwd_c(variables, float_in)), repeats)
-    row["mem_fwd"] = _peak_mb(fwd_c)
-    row["mem_fb"] = _peak_mb(bwd_c)
+    row["jax_fwd"] = median_ms(lambda: jax.block_until_ready(fwd_c(variables, jin)), repeats, warmup=2)
+    row["jax_fb"] = median_ms(lambda: jax.block_until_ready(bwd_c(variables, float_in)), repeats, warmup=2)
+    row["mem_fwd"] = compiled_mib(fwd_c)
+    row["mem_fb"] = compiled_mib(bwd_c)
 
     tin = {k: torch.from_numpy(to_torch_axes(np.asarray(v), k in entry.image_inputs)) for k, v in inputs.items()}
 
@@ -112,7 +87,7 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
             return entry.call_torch(m, **tin)
 
     tmod.eval()
-    row["torch_fwd"] = _median_ms(lambda: t_fwd(tmod), repeats)
+    row["torch_fwd"] = median_ms(lambda: t_fwd(tmod), repeats, warmup=2)
     tmod.train(train)
     params = [p for p in tmod.parameters() if p.requires_grad]
     tin_g = {k: (v.clone().requires_grad_(True) if k in float_names else v) for k, v in tin.items()}
@@ -122,12 +97,12 @@ def bench_entry(entry, *, repeats: int, small: bool, use_compile: bool, dtype: s
         total = sum(o.float().sum() for o in jax.tree_util.tree_leaves(out) if o is not None)
         return torch.autograd.grad(total, params + [tin_g[k] for k in float_names], allow_unused=True)
 
-    row["torch_fb"] = _median_ms(lambda: t_fb(tmod), repeats)
+    row["torch_fb"] = median_ms(lambda: t_fb(tmod), repeats, warmup=2)
     if use_compile:
         try:
             cm = torch.compile(tmod)
             cm.eval()
-            row["compile_fwd"] = _median_ms(lambda: t_fwd(cm), repeats, warmup=3)
+            row["compile_fwd"] = median_ms(lambda: t_fwd(cm), repeats, warmup=3)
         except Exception as e:  # torch.compile is unavailable for some ops/platforms
             row["compile_fwd"] = None
             row["compile_error"] = type(e).__name__
@@ -160,18 +135,6 @@ def table(rows, use_compile: bool) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def environment() -> str:
-    import jax
-    import torch
-
-    dev = jax.devices()[0]
-    return (
-        f"date {datetime.date.today()}, device {dev.platform}:{dev.device_kind} ({os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}), jax {jax.__version__}, torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}"
-    )
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run import _median_ms, _peak_mb, environment  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
+
+from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
 
 SHAPES = [  # (batch, length, heads, head_dim, masked)
     (8, 256, 8, 64, False),
@@ -45,9 +46,9 @@ def bench_shape(b, l, h, d, masked, repeats):
     ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
     fb = jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(sdpa(q, k, v, mask=m)), argnums=(0, 1, 2)))
     fb = fb.lower(jq, jk, jv, jm).compile()
-    t_f = _median_ms(lambda: jax.block_until_ready(fwd(jq, jk, jv, jm)), repeats)
-    t_ref = _median_ms(lambda: jax.block_until_ready(ref(jq, jk, jv, jm)), repeats)
-    t_fb = _median_ms(lambda: jax.block_until_ready(fb(jq, jk, jv, jm)), repeats)
+    t_f = median_ms(lambda: jax.block_until_ready(fwd(jq, jk, jv, jm)), repeats, warmup=2)
+    t_ref = median_ms(lambda: jax.block_until_ready(ref(jq, jk, jv, jm)), repeats, warmup=2)
+    t_fb = median_ms(lambda: jax.block_until_ready(fb(jq, jk, jv, jm)), repeats, warmup=2)
 
     tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
     tm = None if mask is None else torch.from_numpy(mask)
@@ -62,8 +63,8 @@ def bench_shape(b, l, h, d, masked, repeats):
         out = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, attn_mask=tm)
         return torch.autograd.grad(out.sum(), (gq, gk, gv))
 
-    tt_f = _median_ms(t_fwd, repeats)
-    tt_fb = _median_ms(t_fwd_bwd, repeats)
+    tt_f = median_ms(t_fwd, repeats, warmup=2)
+    tt_fb = median_ms(t_fwd_bwd, repeats, warmup=2)
     cells = [
         f"{b}, {l}, {h}, {d}",
         "key padding" if masked else "-",
@@ -74,8 +75,8 @@ def bench_shape(b, l, h, d, masked, repeats):
         f"{t_fb:.2f}",
         f"{tt_fb:.2f}",
         f"{tt_fb / t_fb:.2f}",
-        f"{_peak_mb(fwd):.1f}",
-        f"{_peak_mb(fb):.1f}",
+        f"{compiled_mib(fwd):.1f}",
+        f"{compiled_mib(fb):.1f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -107,9 +108,7 @@ def main(argv=None) -> int:
         lines.append(bench_shape(*shape, args.repeats))
         print(lines[-1], flush=True)
     text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n" + "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(f"# SDPA benchmark\n\nCommand: `python benchmarks/sdpa.py`\n\n{text}")
+    write_report("SDPA benchmark", "python benchmarks/sdpa.py", text, args.out)
     return 0
 
 

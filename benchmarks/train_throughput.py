@@ -17,9 +17,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_attn.testing.timing import median_seconds
 from flax_attn.training import sharding as sh
 from flax_attn.training.configs import get_config
 from flax_attn.training.trainer import Trainer
@@ -34,22 +33,13 @@ from flax_attn.training.trainer import Trainer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def task_throughput(name: str, steps: int) -> dict:
     cfg = get_config(name)
     with tempfile.TemporaryDirectory() as d:
         t = Trainer(cfg, d)
         state = t.initial_state()
-        src, B = t.task.train_source, cfg.data.batch_size
-        batch = sh.to_global(src.batch(0, t.rows), t.mesh, B)
+        src, batch_size = t.task.train_source, cfg.data.batch_size
+        batch = sh.to_global(src.batch(0, t.rows), t.mesh, batch_size)
         state, m = t.train_step(state, batch, t.step_key)  # compile
         jax.block_until_ready(m)
         holder = {"s": state}
@@ -59,20 +49,20 @@ def task_throughput(name: str, steps: int) -> dict:
             jax.block_until_ready(mm)
 
         def with_data(i=[1]):  # noqa: B006  (a step counter across calls)
-            b = sh.to_global(src.batch(i[0], t.rows), t.mesh, B)
+            b = sh.to_global(src.batch(i[0], t.rows), t.mesh, batch_size)
             i[0] += 1
             holder["s"], mm = t.train_step(holder["s"], b, t.step_key)
             jax.block_until_ready(mm)
 
-        s1 = _median_time(step_only, steps)
-        s2 = _median_time(with_data, steps)
+        s1 = median_seconds(step_only, steps, warmup=0)
+        s2 = median_seconds(with_data, steps, warmup=0)
     return {
         "task": name,
-        "batch": B,
+        "batch": batch_size,
         "step_ms": 1e3 * s1,
-        "img_s": B / s1,
+        "img_s": batch_size / s1,
         "loop_ms": 1e3 * s2,
-        "loop_img_s": B / s2,
+        "loop_img_s": batch_size / s2,
     }
 
 
@@ -136,8 +126,8 @@ def jax_vs_torch(batch: int, size: int, reps: int) -> dict:
         opt.step()
 
     run_jax(), run_torch()  # compile / warm up
-    tj = _median_time(run_jax, reps)
-    tt = _median_time(run_torch, reps)
+    tj = median_seconds(run_jax, reps, warmup=0)
+    tt = median_seconds(run_torch, reps, warmup=0)
     return {
         "batch": batch,
         "size": size,

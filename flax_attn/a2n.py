@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
@@ -155,7 +155,7 @@ class AAB(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"ADM_(\d+)\.(.*)", r"ADM.\1.\2")]
+        return sequential_rules("ADM")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -235,7 +235,7 @@ class A2N(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"AAB_trunk_(\d+)\.(.*)", r"AAB_trunk.\1.\2")]
+        return sequential_rules("AAB_trunk")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

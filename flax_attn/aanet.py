@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename
+from flax_attn import backbones
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.deform import DeformConv2d
 from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
@@ -56,17 +57,6 @@ Dtype = Any
 
 def _leaky(x):
     return nn.leaky_relu(x, 0.2)
-
-
-def _seq_rules(*names):
-    """``name_3_1.x`` -> ``name.3.1.x`` for PyTorch ``ModuleList``/``Sequential`` children."""
-    rules = []
-    for n in names:
-        for depth in (4, 3, 2, 1):
-            idx = "_".join([r"(\d+)"] * depth)
-            rep = ".".join(f"\\{i + 1}" for i in range(depth))
-            rules.append(Rename(rf"{n}_{idx}\.(.*)", rf"{n}.{rep}.\{depth + 1}"))
-    return rules
 
 
 class AANetDeformConv2d(nn.Module):
@@ -142,30 +132,10 @@ class AANetDeformConv2d(nn.Module):
         )(x, offset, mask)
 
 
-class _Bottleneck(nn.Module):
-    """conv1 (1x1) - bn1 - relu - conv2 - bn2 - relu - conv3 (1x1) - bn3, + identity, relu."""
-
-    def _run(self, where, x, conv2, width, train):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        check_rank(where, "x", x, 4, "(N, H, W, C)")
-        check_channels(where, "x", x, self.inplanes)
-        if self.inplanes != self.planes or self.stride != 1:
-            # AANet builds these blocks without a downsample branch: the residual needs equal shapes.
-            raise ValueError(
-                f"{where}: needs inplanes == planes and stride 1 (no downsample), got "
-                f"inplanes={self.inplanes}, planes={self.planes}, stride={self.stride}"
-            )
-        out = Conv(width, 1, use_bias=False, name="conv1", **kw)(x)
-        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = conv2(out)
-        out = nn.relu(BatchNorm(name="bn2", **kw)(out, train=train))
-        out = Conv(self.planes, 1, use_bias=False, name="conv3", **kw)(out)
-        out = BatchNorm(name="bn3", **kw)(out, train=train)
-        return nn.relu(out + x)
-
-
-class SimpleBottleneck(_Bottleneck):
+class SimpleBottleneck(backbones.Bottleneck):
     """AANet's ``SimpleBottleneck`` (no channel expansion; plain 3x3 ``conv2``), used by the early stages.
+
+    :class:`flax_attn.backbones.Bottleneck` with ``expansion=1`` and no downsample branch.
 
     Attributes:
       inplanes, planes, stride, groups, base_width, dilation: as in AANet; width is
@@ -175,34 +145,11 @@ class SimpleBottleneck(_Bottleneck):
     Input/output ``(N, H, W, planes)``.
     """
 
-    inplanes: int
-    planes: int
-    stride: int = 1
-    groups: int = 1
-    base_width: int = 64
-    dilation: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        conv2 = Conv(
-            width,
-            3,
-            stride=self.stride,
-            padding=self.dilation,
-            dilation=self.dilation,
-            groups=self.groups,
-            use_bias=False,
-            name="conv2",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        return self._run("SimpleBottleneck", x, conv2, width, train)
+    downsample: bool | None = False
+    expansion: int = 1
 
 
-class DeformSimpleBottleneck(_Bottleneck):
+class DeformSimpleBottleneck(SimpleBottleneck):
     """AANet's ``DeformSimpleBottleneck``: the intra-scale aggregation (ISA) block.
 
     As :class:`SimpleBottleneck` with ``conv2`` an :class:`AANetDeformConv2d` (modulated, dilation
@@ -217,24 +164,16 @@ class DeformSimpleBottleneck(_Bottleneck):
       (1, 9, 11, 8)
     """
 
-    inplanes: int
-    planes: int
-    stride: int = 1
-    groups: int = 1
-    base_width: int = 64
     mdconv_dilation: int = 2
     deformable_groups: int = 2
     modulation: bool = True
     double_mask: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        conv2 = AANetDeformConv2d(
+    @nn.nowrap
+    def make_conv2(self, width: int) -> nn.Module:
+        return AANetDeformConv2d(
             width,
             width,
             stride=self.stride,
@@ -246,7 +185,6 @@ class DeformSimpleBottleneck(_Bottleneck):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        return self._run("DeformSimpleBottleneck", x, lambda h: conv2(h, train=train), width, train)
 
 
 def _check_volumes(where, cost_volume, num_scales, max_disp):
@@ -289,7 +227,7 @@ class AdaptiveAggregationModule(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("branches", "fuse_layers")
+        return sequential_rules("branches", "fuse_layers")
 
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
@@ -376,7 +314,7 @@ class AdaptiveAggregation(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("fusions", "final_conv")
+        return sequential_rules("fusions", "final_conv")
 
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
@@ -405,84 +343,23 @@ class AdaptiveAggregation(nn.Module):
 
 # --------------------------------------------------------------------------- network
 
-# nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'), AANetFeature's conv init.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-class Bottleneck(nn.Module):
+class Bottleneck(backbones.Bottleneck):
     """ResNet bottleneck of AANet's feature extractor (``nets/resnet.py``), expansion 4.
 
     ``conv1`` (1x1) - ``bn1`` - relu - ``conv2`` (3x3, ``stride``) - ``bn2`` - relu - ``conv3`` (1x1,
     ``4 * planes``) - ``bn3``, plus the identity (``downsample``: 1x1 strided conv + BN, keys
-    ``downsample.0``/``downsample.1``), relu.
+    ``downsample.0``/``downsample.1``), relu: :class:`flax_attn.backbones.Bottleneck`.
 
     Attributes:
       inplanes, planes, stride, groups, base_width, dilation: as in torchvision/AANet.
       downsample: whether the block has the projection shortcut (a module in PyTorch).
-      kernel_init: conv kernel init; zero_init_residual: ``bn3`` starts at zero gamma.
+      kernel_init: conv kernel init; zero_init_last: ``bn3`` starts at zero gamma.
 
     Input ``(N, H, W, inplanes)``; output ``(N, ceil(H / stride), ceil(W / stride), 4 * planes)``.
     """
 
-    inplanes: int
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    groups: int = 1
-    base_width: int = 64
-    dilation: int = 1
-    kernel_init: Any = torch_default_kernel_init
-    zero_init_residual: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    expansion = 4
-
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return _seq_rules("downsample")
-
-    @nn.nowrap
-    def _conv2(self, width, kw):
-        return Conv(
-            width,
-            3,
-            stride=self.stride,
-            padding=self.dilation,
-            dilation=self.dilation,
-            groups=self.groups,
-            use_bias=False,
-            kernel_init=self.kernel_init,
-            name="conv2",
-            **kw,
-        )
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        where = type(self).__name__
-        check_rank(where, "x", x, 4, "(N, H, W, C)")
-        check_channels(where, "x", x, self.inplanes)
-        out_c = self.planes * self.expansion
-        if not self.downsample and (self.stride != 1 or self.inplanes != out_c):
-            raise ValueError(
-                f"{where}: without `downsample` needs stride 1 and inplanes == 4 * planes, got "
-                f"inplanes={self.inplanes}, planes={self.planes}, stride={self.stride}"
-            )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        ki = self.kernel_init
-        out = Conv(width, 1, use_bias=False, kernel_init=ki, name="conv1", **kw)(x)
-        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = self._conv2(width, kw)(out)
-        out = nn.relu(BatchNorm(name="bn2", **kw)(out, train=train))
-        out = Conv(out_c, 1, use_bias=False, kernel_init=ki, name="conv3", **kw)(out)
-        bn3_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        out = BatchNorm(scale_init=bn3_init, name="bn3", **kw)(out, train=train)
-        identity = x
-        if self.downsample:
-            identity = Conv(out_c, 1, stride=self.stride, use_bias=False, kernel_init=ki, name="downsample_0", **kw)(x)
-            identity = BatchNorm(name="downsample_1", **kw)(identity, train=train)
-        return nn.relu(out + identity)
+    downsample: bool | None = False
 
 
 class DeformBottleneck(Bottleneck):
@@ -493,13 +370,13 @@ class DeformBottleneck(Bottleneck):
     """
 
     @nn.nowrap
-    def _conv2(self, width, kw):
+    def make_conv2(self, width: int) -> nn.Module:
         # offset_conv is zero-initialised unless an init loop over every conv (AANetFeature's
         # kaiming) re-initialises the block's convs, offset_conv included.
         custom = self.kernel_init is not torch_default_kernel_init
         offset_init = self.kernel_init if custom else nn.initializers.zeros
-        conv = AANetDeformConv2d(width, width, stride=self.stride, offset_kernel_init=offset_init, name="conv2", **kw)
-        return lambda h: conv(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return AANetDeformConv2d(width, width, stride=self.stride, offset_kernel_init=offset_init, name="conv2", **kw)
 
 
 class AANetFeature(nn.Module):
@@ -535,7 +412,7 @@ class AANetFeature(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("conv1", "layer1", "layer2", "layer3")
+        return sequential_rules("conv1", "layer1", "layer2", "layer3")
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -544,7 +421,9 @@ class AANetFeature(nn.Module):
         check_channels(where, "x", x, 3)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = self.in_channels
-        h = Conv(c, 7, stride=3, padding=3, use_bias=False, kernel_init=_kaiming_fan_out, name="conv1_0", **kw)(x)
+        h = Conv(
+            c, 7, stride=3, padding=3, use_bias=False, kernel_init=backbones.resnet_conv_init, name="conv1_0", **kw
+        )(x)
         h = nn.relu(BatchNorm(name="conv1_1", **kw)(h, train=train))
         inplanes, outs = c, []
         for li, (planes, blocks, stride) in enumerate(((c, 3, 1), (2 * c, 4, 2), (4 * c, 6, 2)), start=1):
@@ -557,9 +436,9 @@ class AANetFeature(nn.Module):
                     downsample=b == 0 and (stride != 1 or inplanes != 4 * planes),
                     groups=self.groups,
                     base_width=self.width_per_group,
-                    kernel_init=_kaiming_fan_out,
+                    kernel_init=backbones.resnet_conv_init,
                     # AANet zeroes bn3 of `Bottleneck`s only: its DeformBottleneck is another class.
-                    zero_init_residual=self.zero_init_residual and block is Bottleneck,
+                    zero_init_last=self.zero_init_residual and block is Bottleneck,
                     name=f"layer{li}_{b}",
                     **kw,
                 )(h, train=train)
@@ -594,7 +473,7 @@ class FeaturePyramidNetwork(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("lateral_convs", "fpn_convs")
+        return sequential_rules("lateral_convs", "fpn_convs")
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], *, train: bool = False):
@@ -689,8 +568,10 @@ class DisparityEstimation(nn.Module):
         return disparity_regression(cost_volume, match_similarity=self.match_similarity)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(backbones.BasicBlock):
     """AANet's ``nets/feature.BasicBlock`` (StereoNet's residual block, LeakyReLU(0.2) by default).
+
+    :class:`flax_attn.backbones.BasicBlock` with no downsample branch and LeakyReLU.
 
     Attributes:
       inplanes, planes, stride, dilation, leaky_relu: as in AANet (only ``stride=1``,
@@ -699,32 +580,12 @@ class BasicBlock(nn.Module):
     Input/output ``(N, H, W, planes)``.
     """
 
-    inplanes: int
-    planes: int
-    stride: int = 1
-    dilation: int = 1
+    downsample: bool | None = False
     leaky_relu: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        where = "BasicBlock"
-        check_rank(where, "x", x, 4, "(N, H, W, C)")
-        check_channels(where, "x", x, self.inplanes)
-        if self.inplanes != self.planes or self.stride != 1:
-            raise ValueError(
-                f"{where}: needs inplanes == planes and stride 1 (no downsample), got "
-                f"inplanes={self.inplanes}, planes={self.planes}, stride={self.stride}"
-            )
-        act = _leaky if self.leaky_relu else nn.relu
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        d = self.dilation
-        out = Conv(self.planes, 3, padding=d, dilation=d, use_bias=False, name="conv1", **kw)(x)
-        out = act(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = Conv(self.planes, 3, padding=d, dilation=d, use_bias=False, name="conv2", **kw)(out)
-        out = BatchNorm(name="bn2", **kw)(out, train=train)
-        return act(out + x)
+    @nn.nowrap
+    def activation(self):
+        return _leaky if self.leaky_relu else nn.relu
 
 
 class StereoDRNetRefinement(nn.Module):
@@ -756,7 +617,7 @@ class StereoDRNetRefinement(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("conv1", "conv2", "dilated_blocks")
+        return sequential_rules("conv1", "conv2", "dilated_blocks")
 
     @nn.compact
     def __call__(self, low_disp, left_img, right_img, *, train: bool = False):
@@ -854,7 +715,7 @@ class AANet(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return _seq_rules("refinement")
+        return sequential_rules("refinement")
 
     @nn.nowrap
     def _check_config(self):

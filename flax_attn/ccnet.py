@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import Rename, sequential_rules
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
@@ -138,7 +138,7 @@ class RCCAModule(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"bottleneck_(\d+)\.(.*)", r"bottleneck.\1.\2")]
+        return sequential_rules("bottleneck")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

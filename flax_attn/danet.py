@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
@@ -137,7 +137,7 @@ class DANetHead(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"(conv5a|conv5c|conv51|conv52|conv6|conv7|conv8)_(\d)\.(.*)", r"\1.\2.\3")]
+        return sequential_rules("conv5a|conv5c|conv51|conv52|conv6|conv7|conv8")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False):

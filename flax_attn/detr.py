@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_attn import backbones
 from flax_attn.attention import MultiheadAttention
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import statistics_dtype
@@ -87,9 +88,6 @@ def _with_pos(x, pos):
     return x if pos is None else x + pos
 
 
-_LAYERS_RULE = Rename(r"layers_(\d+)\.(.*)", r"layers.\1.\2")
-
-
 def _feed_forward(layer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     """``linear2(dropout(activation(linear1(x))))``, with ``linear1``/``linear2`` in ``layer``'s scope."""
     kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, kernel_init=layer.kernel_init)
@@ -101,7 +99,66 @@ def _feed_forward(layer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
 # --------------------------------------------------------------------------- transformer layers
 
 
-class TransformerEncoderLayer(nn.Module):
+class _TransformerLayerFields(nn.Module):
+    """The arguments every transformer layer and layer stack here takes, declared once (documented
+    on :class:`TransformerEncoderLayer`); the stacks hand them to their layers with :meth:`layer_fields`."""
+
+    d_model: int
+    nhead: int
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    normalize_before: bool = False
+    layer_norm_eps: float = 1e-5
+    kernel_init: Callable = torch_default_kernel_init
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.nowrap
+    def layer_fields(self) -> dict[str, Any]:
+        return dict(
+            d_model=self.d_model,
+            nhead=self.nhead,
+            dim_feedforward=self.dim_feedforward,
+            dropout=self.dropout,
+            activation=self.activation,
+            normalize_before=self.normalize_before,
+            layer_norm_eps=self.layer_norm_eps,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    # The layers' parts, built in the calling layer's scope under torch's attribute names.
+
+    @nn.nowrap
+    def _attention(self, name: str) -> MultiheadAttention:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name=name, **kw)
+
+    @nn.nowrap
+    def _norm(self, name: str) -> LayerNorm:
+        return LayerNorm(epsilon=self.layer_norm_eps, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @nn.nowrap
+    def _drop(self, x: jax.Array, train: bool) -> jax.Array:
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def _attend(attn: MultiheadAttention, query, key, value, key_padding_mask, attn_mask, train: bool) -> jax.Array:
+    """The attention output alone (DETR never asks for the weights)."""
+    return attn(
+        query,
+        key,
+        value,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        need_weights=False,
+        train=train,
+    )[0]
+
+
+class TransformerEncoderLayer(_TransformerLayerFields):
     """DETR's transformer encoder layer: self-attention and a feed-forward block, post- or pre-norm.
 
     Positional embeddings ``pos`` are added to the queries and keys of the self-attention, not to
@@ -132,17 +189,6 @@ class TransformerEncoderLayer(nn.Module):
       (2, 10, 32)
     """
 
-    d_model: int
-    nhead: int
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    normalize_before: bool = False
-    layer_norm_eps: float = 1e-5
-    kernel_init: Callable = torch_default_kernel_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
 
     @nn.compact
@@ -154,25 +200,14 @@ class TransformerEncoderLayer(nn.Module):
         b, l, _ = src.shape
         _check_shape(where, "pos", pos, src.shape, "(like `src`)")
         _check_shape(where, "src_key_padding_mask", src_key_padding_mask, (b, l), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1", **kw)
-        norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2", **kw)
+        attn, norm1, norm2 = self._attention("self_attn"), self._norm("norm1"), self._norm("norm2")
 
         def drop(x):
-            return nn.Dropout(self.dropout)(x, deterministic=not train)
+            return self._drop(x, train)
 
         def self_attention(x):
             qk = _with_pos(x, pos)
-            return attn(
-                qk,
-                qk,
-                x,
-                key_padding_mask=src_key_padding_mask,
-                attn_mask=src_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            return _attend(attn, qk, qk, x, src_key_padding_mask, src_mask, train)
 
         def feed_forward(x):
             return _feed_forward(self, x, train)
@@ -184,7 +219,7 @@ class TransformerEncoderLayer(nn.Module):
         return norm2(src + drop(feed_forward(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_TransformerLayerFields):
     """DETR's transformer decoder layer: self-attention, cross-attention to ``memory``, feed-forward.
 
     ``query_pos`` is added to the queries and keys of the self-attention and to the queries of the
@@ -205,17 +240,6 @@ class TransformerDecoderLayer(nn.Module):
       >>> layer.apply(variables, tgt, memory).shape
       (2, 5, 32)
     """
-
-    d_model: int
-    nhead: int
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    normalize_before: bool = False
-    layer_norm_eps: float = 1e-5
-    kernel_init: Callable = torch_default_kernel_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
 
@@ -250,36 +274,19 @@ class TransformerDecoderLayer(nn.Module):
         _check_shape(where, "pos", pos, memory.shape, "(like `memory`)")
         _check_shape(where, "tgt_key_padding_mask", tgt_key_padding_mask, (b, q), "(batch, num_queries)")
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
-        cross_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw)
-        norm1, norm2, norm3 = (LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3))
+        self_attn, cross_attn = self._attention("self_attn"), self._attention("multihead_attn")
+        norm1, norm2, norm3 = (self._norm(f"norm{i}") for i in (1, 2, 3))
 
         def drop(x):
-            return nn.Dropout(self.dropout)(x, deterministic=not train)
+            return self._drop(x, train)
 
         def sa(x):
             qk = _with_pos(x, query_pos)
-            return self_attn(
-                qk,
-                qk,
-                x,
-                key_padding_mask=tgt_key_padding_mask,
-                attn_mask=tgt_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            return _attend(self_attn, qk, qk, x, tgt_key_padding_mask, tgt_mask, train)
 
         def ca(x):
-            return cross_attn(
-                _with_pos(x, query_pos),
-                _with_pos(memory, pos),
-                memory,
-                key_padding_mask=memory_key_padding_mask,
-                attn_mask=memory_mask,
-                need_weights=False,
-                train=train,
-            )[0]
+            q, k = _with_pos(x, query_pos), _with_pos(memory, pos)
+            return _attend(cross_attn, q, k, memory, memory_key_padding_mask, memory_mask, train)
 
         if self.normalize_before:
             tgt = tgt + drop(sa(norm1(tgt)))
@@ -290,7 +297,7 @@ class TransformerDecoderLayer(nn.Module):
         return norm3(tgt + drop(_feed_forward(self, tgt, train)))
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(_TransformerLayerFields, kw_only=True):
     """DETR's ``TransformerEncoder``: ``num_layers`` encoder layers and an optional final LayerNorm.
 
     Attributes:
@@ -311,50 +318,28 @@ class TransformerEncoder(nn.Module):
     """
 
     num_layers: int
-    d_model: int
-    nhead: int
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    normalize_before: bool = False
     norm: bool | None = None
-    layer_norm_eps: float = 1e-5
-    kernel_init: Callable = torch_default_kernel_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [_LAYERS_RULE]
+        return sequential_rules("layers")
 
     @nn.compact
     def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
         out = src
         for i in range(self.num_layers):
-            out = TransformerEncoderLayer(
-                self.d_model,
-                self.nhead,
-                self.dim_feedforward,
-                self.dropout,
-                self.activation,
-                self.normalize_before,
-                self.layer_norm_eps,
-                self.kernel_init,
-                self.dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train)
+            out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(
+                out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train
+            )
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-                out
-            )
+            out = self._norm("norm")(out)
         return out
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(_TransformerLayerFields, kw_only=True):
     """DETR's ``TransformerDecoder``: ``num_layers`` decoder layers, a final LayerNorm, and the stack.
 
     The output always has a leading layer axis, as DETR's: with ``return_intermediate`` it is the
@@ -378,24 +363,14 @@ class TransformerDecoder(nn.Module):
     """
 
     num_layers: int
-    d_model: int
-    nhead: int
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    normalize_before: bool = False
     norm: bool = True
     return_intermediate: bool = False
-    layer_norm_eps: float = 1e-5
-    kernel_init: Callable = torch_default_kernel_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [_LAYERS_RULE]
+        return sequential_rules("layers")
 
     @nn.compact
     def __call__(
@@ -415,23 +390,11 @@ class TransformerDecoder(nn.Module):
             raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
         norm = None
         if self.norm:
-            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
+            norm = self._norm("norm")
         out = tgt
         intermediate = []
         for i in range(self.num_layers):
-            out = TransformerDecoderLayer(
-                self.d_model,
-                self.nhead,
-                self.dim_feedforward,
-                self.dropout,
-                self.activation,
-                self.normalize_before,
-                self.layer_norm_eps,
-                self.kernel_init,
-                self.dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(
+            out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(
                 out,
                 memory,
                 tgt_mask=tgt_mask,
@@ -520,11 +483,11 @@ class Transformer(nn.Module):
         kpm = jnp.asarray(mask, jnp.bool_).reshape(b, h * w)
         query_pos = jnp.broadcast_to(query_embed[None], (b, *query_embed.shape))
         tgt = jnp.zeros_like(query_pos)
-        memory = TransformerEncoder(self.num_encoder_layers, name="encoder", **common)(
+        memory = TransformerEncoder(num_layers=self.num_encoder_layers, name="encoder", **common)(
             src, src_key_padding_mask=kpm, pos=pos, train=train
         )
         hs = TransformerDecoder(
-            self.num_decoder_layers,
+            num_layers=self.num_decoder_layers,
             norm=True,
             return_intermediate=self.return_intermediate_dec,
             name="decoder",
@@ -662,49 +625,27 @@ class FrozenBatchNorm2d(nn.Module):
         return (x.astype(sdt) * scale + shift).astype(self.dtype or x.dtype)
 
 
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck block (stride on the 3x3 conv), with frozen BatchNorm.
+def _frozen_norm(*, name: str, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32) -> FrozenBatchNorm2d:
+    """The backbone blocks' norm: :class:`FrozenBatchNorm2d`, whose four float32 torch buffers take no
+    ``param_dtype``."""
+    del param_dtype
+    return FrozenBatchNorm2d(dtype=dtype, name=name)
+
+
+class Bottleneck(backbones.Bottleneck):
+    """torchvision's ResNet v1.5 bottleneck block (stride on the 3x3 conv), with frozen BatchNorm:
+    :class:`flax_attn.backbones.Bottleneck` with :class:`FrozenBatchNorm2d` as its norm.
 
     Attributes:
+      inplanes: input channels.
       planes: width of the 1x1/3x3 convs; the output has ``4 * planes`` channels.
       stride: stride of ``conv2`` and of the ``downsample`` projection.
       dilation: dilation (and padding) of ``conv2``.
       downsample: project the identity with a strided 1x1 conv + norm (``downsample.0``/``.1``).
     """
 
-    planes: int
-    stride: int = 1
-    dilation: int = 1
-    downsample: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return [Rename(r"downsample_(\d)\.(.*)", r"downsample.\1.\2")]
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        out = Conv(self.planes, 1, name="conv1", **kw)(x)
-        out = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(out))
-        out = Conv(
-            self.planes,
-            3,
-            stride=self.stride,
-            padding=self.dilation,
-            dilation=self.dilation,
-            name="conv2",
-            **kw,
-        )(out)
-        out = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn2")(out))
-        out = Conv(self.planes * 4, 1, name="conv3", **kw)(out)
-        out = FrozenBatchNorm2d(dtype=self.dtype, name="bn3")(out)
-        identity = x
-        if self.downsample:
-            identity = Conv(self.planes * 4, 1, stride=self.stride, name="downsample_0", **kw)(x)
-            identity = FrozenBatchNorm2d(dtype=self.dtype, name="downsample_1")(identity)
-        return nn.relu(out + identity)
+    downsample: bool | None = False
+    norm: Any = _frozen_norm
 
 
 _RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
@@ -731,7 +672,7 @@ class ResNetBody(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"layer(\d)_(\d+)\.(.*)", r"layer\1.\2.\3")]
+        return sequential_rules(r"layer\d")
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -751,7 +692,8 @@ class ResNetBody(nn.Module):
             for i in range(blocks):
                 first = i == 0
                 x = Bottleneck(
-                    planes,
+                    inplanes=inplanes,
+                    planes=planes,
                     stride=stride if first else 1,
                     dilation=previous_dilation if first else cur_dilation,
                     downsample=first and (stride != 1 or inplanes != planes * 4),
@@ -789,9 +731,13 @@ class Backbone(nn.Module):
             raise ValueError(f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}")
         check_rank("Backbone", "x", x, 4, "(batch, height, width, 3)")
         _check_shape("Backbone", "mask", mask, x.shape[:3], "(batch, height, width) like `x`")
-        feats = ResNetBody(_RESNET_LAYERS[self.backbone], self.dilation, self.dtype, self.param_dtype, name="body")(
-            x, train=train
-        )
+        feats = ResNetBody(
+            layers=_RESNET_LAYERS[self.backbone],
+            dilation=self.dilation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="body",
+        )(x, train=train)
         m = interpolate(jnp.asarray(mask, jnp.float32)[..., None], size=feats.shape[1:3], mode="nearest")
         return feats, m[..., 0].astype(jnp.bool_)
 
@@ -815,7 +761,7 @@ class MLP(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [_LAYERS_RULE]
+        return sequential_rules("layers")
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -887,7 +833,7 @@ class DETR(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"backbone_(\d)\.(.*)", r"backbone.\1.\2")]
+        return sequential_rules("backbone")
 
     @nn.compact
     def __call__(self, samples, mask=None, *, train: bool = False):
@@ -908,7 +854,9 @@ class DETR(nn.Module):
                 f"{where}: unknown `position_embedding` {self.position_embedding!r}; expected 'sine' or 'learned'"
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(samples, mask, train=train)
+        feats, fmask = Backbone(backbone=self.backbone, dilation=self.dilation, name="backbone_0", **kw)(
+            samples, mask, train=train
+        )
         pos = pos_module(feats, fmask).astype(feats.dtype)
         src = Conv(self.hidden_dim, 1, name="input_proj", **kw)(feats)
         query_embed = _first_rows(
@@ -922,19 +870,21 @@ class DETR(nn.Module):
             self.num_queries,
         )
         hs, _ = Transformer(
-            self.hidden_dim,
-            self.nheads,
-            self.enc_layers,
-            self.dec_layers,
-            self.dim_feedforward,
-            self.dropout,
+            d_model=self.hidden_dim,
+            nhead=self.nheads,
+            num_encoder_layers=self.enc_layers,
+            num_decoder_layers=self.dec_layers,
+            dim_feedforward=self.dim_feedforward,
+            dropout=self.dropout,
             normalize_before=self.pre_norm,
             return_intermediate_dec=True,
             name="transformer",
             **kw,
         )(src, fmask, query_embed, pos, train=train)
         outputs_class = Linear(self.num_classes + 1, name="class_embed", **kw)(hs)
-        outputs_coord = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, name="bbox_embed", **kw)(hs))
+        outputs_coord = jax.nn.sigmoid(
+            MLP(hidden_dim=self.hidden_dim, output_dim=4, num_layers=3, name="bbox_embed", **kw)(hs)
+        )
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename, Reshape
+from flax_attn.convert.engine import Rename, Reshape, sequential_rules
 from flax_attn.layers import Conv, LayerNorm
 from flax_attn.ops.channel import attention_pool2d, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
@@ -75,7 +75,7 @@ class ContextBlock(nn.Module):
         p = self.planes
         return [
             Rename(r"(channel_(?:add|mul)_conv)_1\.(weight|bias)", r"\1.1.\2", Reshape((p, 1, 1), (p,))),
-            Rename(r"(channel_(?:add|mul)_conv)_(\d)\.(.*)", r"\1.\2.\3"),
+            *sequential_rules("channel_(?:add|mul)_conv"),
         ]
 
     @nn.compact

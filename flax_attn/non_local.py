@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import LinearFromNCHW, Rename
+from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
 from flax_attn.layers import BatchNorm, Conv, Linear, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels
 from flax_attn.ops.max_pool import max_pool
@@ -96,7 +96,7 @@ class NonLocalBlockND(nn.Module):
     @nn.nowrap
     def torch_rules(self, layout):
         rules = [
-            Rename(r"W_(\d)\.(.*)", r"W.\1.\2"),
+            *sequential_rules("W"),
             Rename(r"concat_project_0\.(.*)", r"concat_project.0.\1"),
         ]
         if self.sub_sample:
@@ -226,9 +226,9 @@ class NonLocalMNISTNet(nn.Module):
     @nn.nowrap
     def torch_rules(self, layout):
         return [
-            Rename(r"(conv_\d)_(\d)\.(.*)", r"\1.\2.\3"),
+            *sequential_rules(r"conv_\d"),
             Rename(r"fc_0\.weight", "fc.0.weight", LinearFromNCHW(128, 3, 3)),
-            Rename(r"fc_(\d)\.(.*)", r"fc.\1.\2"),
+            *sequential_rules("fc"),
         ]
 
     @nn.compact

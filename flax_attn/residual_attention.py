@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.max_pool import max_pool
@@ -92,7 +92,7 @@ class _AttentionModuleBase(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"(trunk_branches|softmax\d_blocks)_(\d)\.(.*)", r"\1.\2.\3")]
+        return sequential_rules(r"trunk_branches|softmax\d_blocks")
 
     def _rb(self, name):
         return ResidualBlock(
@@ -178,7 +178,7 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
         return rb("last_blocks", (1 + mask) * out_trunk)
 
 
-class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801
+class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a two-level soft mask branch (reference: 28x28 input); see stage 1.
 
     Attributes:
@@ -204,7 +204,7 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801
         return rb("last_blocks", (1 + mask) * out_trunk)
 
 
-class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801
+class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a one-level soft mask branch (reference: 14x14 input); see stage 1.
 
     Attributes:
@@ -235,7 +235,7 @@ class _ResidualAttentionModel(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"(conv1|mpool2)_(\d)\.(.*)", r"\1.\2.\3")]
+        return sequential_rules("conv1|mpool2")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -272,7 +272,7 @@ class _ResidualAttentionModel(nn.Module):
         return Linear(self.num_classes, name="fc", **kw)(out)
 
 
-class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801
+class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
     """Attention-56 for 224x224 images (reference ``ResidualAttentionModel_56``).
 
     Wang et al., CVPR 2017 (arXiv 1704.06904). conv7x7/2 + max-pool, then residual blocks and one
@@ -289,7 +289,7 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801
     depth: int = 56
 
 
-class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801
+class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
     """Attention-92 for 224x224 images (reference ``ResidualAttentionModel_92``): as Attention-56 with
     ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added."""
 

@@ -17,15 +17,15 @@ the same math as the Linear form, so it is a layout (``layout="conv"``) of the s
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Conv1x1AsLinear, Rename
+from flax_attn import backbones
+from flax_attn.convert.engine import Conv1x1AsLinear, Rename, sequential_rules
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.checks import check_channels, check_rank
@@ -135,7 +135,7 @@ class SELayer(nn.Module):
                 Rename(r"fc_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear()),
                 Rename(r"fc_(0|2)\.bias", r"fc1.\1.bias"),
             ]
-        return [Rename(r"fc_(0|2)\.(.*)", r"fc.\1.\2")]
+        return sequential_rules("fc")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -155,53 +155,38 @@ class SELayer(nn.Module):
 
 # --------------------------------------------------------------------------- residual blocks
 
-# torchvision and timm: kaiming_normal_(mode="fan_out", nonlinearity="relu") on every conv.
-_resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
 
 def _check_style(where: str, se_style: str) -> None:
     if se_style not in _SE_STYLES:
         raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {se_style!r}")
 
 
-class _SEResidualBlock(nn.Module):
-    """What the SE residual blocks share: their constructor arguments (documented on each block),
-    the shortcut, and the rename table (``downsample_0`` -> ``downsample.0``)."""
-
-    inplanes: int
-    planes: int
-    stride: int = 1
-    reduction: int = 16
-    downsample: bool | None = None
-    se_style: str = "senet"
-    zero_init_last: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+class _SEBlock:
+    """What the SE residual blocks add to :mod:`flax_attn.backbones`' blocks: the SE layer (``se``)
+    on the residual branch, built from ``reduction`` and ``se_style``, and the layouts."""
 
     # The default se_style's layout first: it is what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
 
     @nn.nowrap
-    def torch_rules(self, layout):
-        return [Rename(r"downsample_(\d)\.(.*)", r"downsample.\1.\2")]
+    def check_config(self, where: str) -> None:
+        _check_style(where, self.se_style)
+        super().check_config(where)
 
     @nn.nowrap
-    def _needs_downsample(self, expansion: int) -> bool:
-        if self.downsample is not None:
-            return self.downsample
-        return self.stride != 1 or self.inplanes != self.planes * expansion
-
-    @nn.nowrap
-    def _downsample(self, x, out_ch, train, kw):
-        r = Conv(
-            out_ch, 1, stride=self.stride, use_bias=False, kernel_init=_resnet_conv_init, name="downsample_0", **kw
-        )(x)
-        return BatchNorm(name="downsample_1", **kw)(r, train=train)
+    def attention(self, channels: int) -> nn.Module:
+        _check_style(type(self).__name__, self.se_style)
+        return SELayer(
+            channels, self.reduction, se_style=self.se_style, name="se", dtype=self.dtype, param_dtype=self.param_dtype
+        )
 
 
-class SEBasicBlock(_SEResidualBlock):
+class SEBasicBlock(_SEBlock, backbones.BasicBlock):
     """ResNet basic block with SE before the residual sum (senet.pytorch ``SEBasicBlock``, timm
     ``BasicBlock(attn_layer="se")``): conv3x3-BN-ReLU-conv3x3-BN-SE, + shortcut, ReLU.
+
+    :class:`flax_attn.backbones.BasicBlock` with the SE layer as its attention and torchvision's conv
+    init.
 
     Attributes:
       inplanes, planes, stride: as in torchvision; ``expansion`` is 1.
@@ -221,30 +206,17 @@ class SEBasicBlock(_SEResidualBlock):
       (2, 5, 6, 32)
     """
 
-    expansion: ClassVar[int] = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        where = "SEBasicBlock"
-        _check_style(where, self.se_style)
-        check_rank(where, "x", x, 4, _NHWC)
-        check_channels(where, "x", x, self.inplanes)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(Conv, kernel_size=3, padding=1, use_bias=False, kernel_init=_resnet_conv_init, **kw)
-        out = conv(self.planes, stride=self.stride, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = conv(self.planes, name="conv2")(out)
-        last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        out = BatchNorm(name="bn2", scale_init=last_init, **kw)(out, train=train)
-        out = SELayer(self.planes, self.reduction, se_style=self.se_style, name="se", **kw)(out)
-        shortcut = self._downsample(x, self.planes, train, kw) if self._needs_downsample(1) else x
-        return nn.relu(out + shortcut)
+    kernel_init: Callable = backbones.resnet_conv_init
+    reduction: int = 16
+    se_style: str = "senet"
 
 
-class SEBottleneck(_SEResidualBlock):
+class SEBottleneck(_SEBlock, backbones.Bottleneck):
     """ResNet bottleneck with SE before the residual sum (senet.pytorch ``SEBottleneck``, timm
     ``Bottleneck(attn_layer="se")``): 1x1-BN-ReLU, 3x3 (stride here, "ResNet v1.5")-BN-ReLU,
     1x1 to ``4 * planes``-BN, SE, + shortcut, ReLU.
+
+    :class:`flax_attn.backbones.Bottleneck` with the SE layer as its attention.
 
     Attributes:
       inplanes, planes, stride: as in torchvision; output channels are ``4 * planes``.
@@ -260,37 +232,14 @@ class SEBottleneck(_SEResidualBlock):
       (2, 5, 6, 64)
     """
 
-    expansion: ClassVar[int] = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        where = "SEBottleneck"
-        _check_style(where, self.se_style)
-        check_rank(where, "x", x, 4, _NHWC)
-        check_channels(where, "x", x, self.inplanes)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(Conv, use_bias=False, kernel_init=_resnet_conv_init, **kw)
-        out_ch = self.planes * self.expansion
-        out = conv(self.planes, 1, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1", **kw)(out, train=train))
-        out = conv(self.planes, 3, stride=self.stride, padding=1, name="conv2")(out)
-        out = nn.relu(BatchNorm(name="bn2", **kw)(out, train=train))
-        out = conv(out_ch, 1, name="conv3")(out)
-        last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        out = BatchNorm(name="bn3", scale_init=last_init, **kw)(out, train=train)
-        out = SELayer(out_ch, self.reduction, se_style=self.se_style, name="se", **kw)(out)
-        shortcut = self._downsample(x, out_ch, train, kw) if self._needs_downsample(self.expansion) else x
-        return nn.relu(out + shortcut)
+    kernel_init: Callable = backbones.resnet_conv_init
+    reduction: int = 16
+    se_style: str = "senet"
 
 
 # --------------------------------------------------------------------------- SE-ResNet
 
 _BLOCKS = {"basic": SEBasicBlock, "bottleneck": SEBottleneck}
-
-
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    # torch MaxPool2d(3, 2, padding=1); the op's gradient is a mask, not select_and_scatter.
-    return max_pool(x, 3, 2, 1)
 
 
 class SEResNet(nn.Module):
@@ -341,7 +290,7 @@ class SEResNet(nn.Module):
                 f"SEResNet: layout {layout!r} does not match se_style={self.se_style!r}; the SE layers "
                 f"differ between the two (bias, hidden width): build the model with se_style={layout!r}"
             )
-        return [Rename(r"layer(\d)_(\d+)\.(.*)", r"layer\1.\2.\3")]
+        return sequential_rules(r"layer\d")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -355,18 +304,21 @@ class SEResNet(nn.Module):
         check_channels(where, "x", x, self.in_chans)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = _BLOCKS[self.block]
-        x = Conv(64, 7, stride=2, padding=3, use_bias=False, kernel_init=_resnet_conv_init, name="conv1", **kw)(x)
+        x = Conv(
+            64, 7, stride=2, padding=3, use_bias=False, kernel_init=backbones.resnet_conv_init, name="conv1", **kw
+        )(x)
         x = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
-        x = _max_pool_3x3_s2(x)
+        # torch MaxPool2d(3, 2, padding=1); the op's gradient is a mask, not select_and_scatter.
+        x = max_pool(x, 3, 2, 1)
         inplanes = 64
         for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
             for i in range(depth):
                 stride = 2 if (stage > 1 and i == 0) else 1
                 x = block_cls(
-                    inplanes,
-                    planes,
-                    stride,
-                    self.reduction,
+                    inplanes=inplanes,
+                    planes=planes,
+                    stride=stride,
+                    reduction=self.reduction,
                     se_style=self.se_style,
                     zero_init_last=self.se_style == "timm",
                     name=f"layer{stage}_{i}",

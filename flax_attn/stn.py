@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.convert.engine import LinearFromNCHW, Rename
+from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import statistics_dtype
@@ -142,7 +142,7 @@ class TutorialLocalization(nn.Module):
         fh, fw = _loc_feature_size(self.input_size)
         return [
             Rename(r"fc_loc_0\.weight", "fc_loc.0.weight", LinearFromNCHW(10, fh, fw)),
-            Rename(r"(localization|fc_loc)_(\d+)\.(.*)", r"\1.\2.\3"),
+            *sequential_rules("localization|fc_loc"),
         ]
 
     @nn.compact

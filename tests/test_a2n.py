@@ -305,3 +305,24 @@ def test_psnr_y_protocol():
         sr_metrics.bicubic_downscale(hr, 3)
     with pytest.raises(ValueError, match="same shape"):
         sr_metrics.psnr_y(hr[:10], hr, 2)
+
+
+def test_sr_metrics_one_implementation_numpy_and_jit():
+    """The trainer's jitted metrics and the float64 protocol are the same functions: on a batch they
+    agree to float32 rounding, per image, with the JAX path traced under jit."""
+    rng = np.random.default_rng(4)
+    hr = rng.integers(0, 256, (2, 24, 26, 3)).astype(np.float64)
+    sr = np.clip(hr + rng.normal(0, 6, hr.shape), 0, 255).round()
+    want = [sr_metrics.psnr_y(sr[i], hr[i], 2) for i in range(2)]
+    assert all(isinstance(w, float) for w in want)
+    got = jax.jit(lambda a, b: sr_metrics.psnr_y(a, b, 2))(jnp.asarray(sr, jnp.float32), jnp.asarray(hr, jnp.float32))
+    assert got.dtype == jnp.float32 and got.shape == (2,)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    np.testing.assert_allclose(sr_metrics.psnr_y(sr, hr, 2), want, rtol=1e-12)  # a NumPy batch, float64
+    assert sr_metrics.psnr_y(hr[0], hr[0], 2) == float("inf")  # the protocol's value for a perfect image
+    assert np.isfinite(float(sr_metrics.psnr_y(jnp.asarray(hr[0]), jnp.asarray(hr[0]), 2)))  # floored MSE
+    ssim = jax.jit(lambda a, b: sr_metrics.ssim_y(a, b, 2))(jnp.asarray(sr), jnp.asarray(hr))
+    assert ssim.shape == (2,) and bool(jnp.all((ssim > 0.5) & (ssim < 1)))
+    np.testing.assert_allclose(sr_metrics.ssim_y(hr, hr, 2), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"ssim_y: `shave`=12 leaves nothing of a 24x26 image"):
+        sr_metrics.ssim_y(sr, hr, 12)

@@ -37,7 +37,7 @@ def _grad_hlo(f, x):
 )
 def test_max_pool_matches_torch_with_ties(shape, args):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    F = torch.nn.functional  # noqa: N806  (PyTorch's own alias)
     # ReLU'd and quantised: most windows hold several equal maxima (all zero, or equal halves).
     x = np.round(np.maximum(RNG.standard_normal(shape), 0) * 2).astype(np.float32) / 2
     k, s, p = args

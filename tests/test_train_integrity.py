@@ -219,6 +219,8 @@ BAD_OVERRIDES = [
     ("lrate=3", "has no field 'lrate'"),
     ("steps", "must look like key=value"),
     ("steps.x=3", "steps is 800, which has no fields"),
+    # an optional field says why the value fits none of its types
+    ("optim.clip_grad_norm=fast", "does not fit float | None (override optim.clip_grad_norm: expected a number"),
 ]
 
 

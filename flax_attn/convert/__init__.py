@@ -21,6 +21,7 @@ from flax_attn.convert.engine import (
     Transform,
     from_torch,
     mapping,
+    sequential_rules,
     to_torch,
 )
 from flax_attn.convert.io import (
@@ -54,5 +55,6 @@ __all__ = [
     "mapping",
     "save_state_dict",
     "save_variables",
+    "sequential_rules",
     "to_torch",
 ]

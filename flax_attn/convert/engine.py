@@ -51,6 +51,7 @@ __all__ = [
     "Transform",
     "from_torch",
     "mapping",
+    "sequential_rules",
     "to_torch",
 ]
 
@@ -174,6 +175,40 @@ class Ignore:
     """Torch keys (``re.search`` on the full key) that have no Flax counterpart, e.g. cached buffers."""
 
     pattern: str
+
+
+def sequential_rules(*names: str, depth: int = 4) -> list[Rename]:
+    """Rename rules for PyTorch ``nn.Sequential``/``nn.ModuleList`` children: ``name_3_1.x`` -> ``name.3.1.x``.
+
+    Flax submodule names cannot contain dots, so a child that PyTorch calls ``layer1.0`` (or
+    ``branches.2.1``, a list of lists) is named ``layer1_0`` (``branches_2_1``) in Flax; these rules
+    put the dots back. Each name may be a regular expression (``softmax\\d_blocks``,
+    ``conv5a|conv5c``); up to ``depth`` levels of indices are renamed, the deepest first.
+
+    Example:
+      >>> import re
+      >>> rules = sequential_rules("layer1", "downsample")
+      >>> def rename(name):
+      ...     for rule in rules:
+      ...         if re.fullmatch(rule.pattern, name):
+      ...             return re.fullmatch(rule.pattern, name).expand(rule.replacement)
+      ...     return name
+      >>> rename("layer1_0.conv1.weight"), rename("downsample_1.running_mean"), rename("fc.weight")
+      ('layer1.0.conv1.weight', 'downsample.1.running_mean', 'fc.weight')
+      >>> rename("layer1_2_3.bn1.bias")
+      'layer1.2.3.bn1.bias'
+    """
+    if not names:
+        raise ValueError("sequential_rules: give at least one name, got none")
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"sequential_rules: `depth` must be a positive int, got {depth!r}")
+    rules = []
+    for name in names:
+        for d in range(depth, 0, -1):
+            indices = "_".join(f"(?P<i{k}>\\d+)" for k in range(d))
+            dotted = ".".join(f"\\g<i{k}>" for k in range(d))
+            rules.append(Rename(rf"(?P<name>{name})_{indices}\.(?P<rest>.*)", rf"\g<name>.{dotted}.\g<rest>"))
+    return rules
 
 
 _CHUNK = re.compile(r"^(.*)\[(\d+)/(\d+)\]$")

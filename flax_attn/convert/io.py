@@ -202,7 +202,7 @@ def _no_duplicates(path: Path):
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    E = CheckpointFormatError
+    E = CheckpointFormatError  # noqa: N806  (a short alias for the one error this parser raises)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:

@@ -512,7 +512,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise ConfigError(f"override {key}: {value!r} does not fit {hint}")
+        # Each member's own complaint says what the value would have needed to be.
+        raise ConfigError(f"override {key}: {value!r} does not fit {hint} ({'; '.join(errors)})")
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"override {key}: expected a number, got {value!r}")

@@ -90,7 +90,7 @@ class CorruptImageWarning(UserWarning):
     """An image file could not be used and was replaced by the next record."""
 
 
-class _Unusable(Exception):
+class _UnusableImageError(Exception):
     pass
 
 
@@ -303,7 +303,7 @@ def sr_patch(
     hr = crop_to_multiple(hr, scale)
     lh, lw = hr.shape[0] // scale, hr.shape[1] // scale
     if min(lh, lw) < patch:
-        raise _Unusable(f"its LR size {lh}x{lw} is smaller than data.patch_size {patch}")
+        raise _UnusableImageError(f"its LR size {lh}x{lw} is smaller than data.patch_size {patch}")
     y, x = int(rng.integers(0, lh - patch + 1)), int(rng.integers(0, lw - patch + 1))
     m = 2
     y0, x0, y1, x1 = max(y - m, 0), max(x - m, 0), min(y + patch + m, lh), min(x + patch + m, lw)
@@ -361,7 +361,7 @@ class _Reader:
             path = self.paths[idx]
             try:
                 return idx, self.prepare(decode_image(path, self.channels), rng), k
-            except (OSError, ValueError, SyntaxError, _Unusable) as e:
+            except (OSError, ValueError, SyntaxError, _UnusableImageError) as e:
                 if path not in self._warned:
                     self._warned.add(path)
                     warnings.warn(

@@ -1,10 +1,7 @@
 """Image metrics (PSNR/SSIM on the Y channel), the progress line and the metrics log.
 
-PSNR and SSIM follow the super-resolution benchmark convention (as used by A2N/EDSR): RGB in
-[0, 255] -> Y of ITU-R BT.601 (``16 + (65.738 R + 129.057 G + 25.064 B) / 256``), a border of
-``scale`` pixels shaved, data range 255; SSIM with the 11x11 Gaussian window (sigma 1.5) of Wang
-et al. and valid filtering (equal to ``skimage.metrics.structural_similarity`` with
-``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255``).
+PSNR and SSIM are :mod:`flax_attn.sr_metrics`' (the super-resolution benchmark convention of
+A2N/EDSR), re-exported here for the training tasks.
 """
 
 from __future__ import annotations
@@ -18,55 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from flax_attn.sr_metrics import psnr_y, rgb_to_y, ssim_y
+
 __all__ = ["MetricsWriter", "Progress", "psnr_y", "rgb_to_y", "ssim_y"]
-
-
-def rgb_to_y(rgb255: jax.Array) -> jax.Array:
-    """BT.601 luma of ``(..., 3)`` RGB in [0, 255]; returns ``(...)`` in [16, 235]."""
-    w = jnp.asarray([65.738, 129.057, 25.064], jnp.float32) / 256.0
-    return 16.0 + jnp.sum(rgb255.astype(jnp.float32) * w, axis=-1)
-
-
-def _shave(y: jax.Array, border: int) -> jax.Array:
-    return y[..., border : y.shape[-2] - border, border : y.shape[-1] - border] if border else y
-
-
-def psnr_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
-    """Per-image PSNR (dB) on Y between RGB batches ``(B, H, W, 3)`` in [0, 255]."""
-    ya, yb = _shave(rgb_to_y(a255), border), _shave(rgb_to_y(b255), border)
-    mse = jnp.mean(jnp.square(ya - yb), axis=(-2, -1))
-    return 10.0 * jnp.log10(255.0**2 / jnp.maximum(mse, 1e-10))
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    r = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    g = np.exp(-(r**2) / (2 * sigma**2))
-    g /= g.sum()
-    return g.astype(np.float32)
-
-
-def _filter_valid(x: jax.Array, g: np.ndarray) -> jax.Array:
-    # Separable valid filtering of (B, H, W).
-    k = jnp.asarray(g)
-    n = len(g)
-    h = sum(k[i] * x[:, i : x.shape[1] - n + 1 + i, :] for i in range(n))
-    return sum(k[i] * h[:, :, i : h.shape[2] - n + 1 + i] for i in range(n))
-
-
-def ssim_y(a255: jax.Array, b255: jax.Array, border: int) -> jax.Array:
-    """Per-image SSIM on Y between RGB batches ``(B, H, W, 3)`` in [0, 255]."""
-    x, y = _shave(rgb_to_y(a255), border), _shave(rgb_to_y(b255), border)
-    g = _gaussian_window()
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = _filter_valid(x, g), _filter_valid(y, g)
-    sxx = _filter_valid(x * x, g) - mx * mx
-    syy = _filter_valid(y * y, g) - my * my
-    sxy = _filter_valid(x * y, g) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return jnp.mean(s, axis=(-2, -1))
 
 
 class Progress:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.attention import MultiheadAttention
-from flax_attn.convert.engine import Rename
+from flax_attn.convert.engine import Rename, sequential_rules
 from flax_attn.layers import BatchNorm, Conv, LayerNorm, Linear
 from flax_attn.ops import interpolate
 from flax_attn.ops.checks import check_channels, check_rank
@@ -130,7 +130,7 @@ class SmallSECNN(nn.Module):
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [Rename(r"layer(\d+)_(\d+)\.(.*)", r"layer\1.\2.\3")]
+        return sequential_rules(r"layer\d+")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -144,7 +144,13 @@ class SmallSECNN(nn.Module):
             for j in range(d):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = SEBasicBlock(
-                    x.shape[-1], w, stride, self.reduction, se_style="senet", name=f"layer{i + 1}_{j}", **kw
+                    inplanes=x.shape[-1],
+                    planes=w,
+                    stride=stride,
+                    reduction=self.reduction,
+                    se_style="senet",
+                    name=f"layer{i + 1}_{j}",
+                    **kw,
                 )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return Linear(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 
-class PAM_Module(nn.Module):  # noqa: N801
+class PAM_Module(nn.Module):
     def __init__(self, in_dim):
         super().__init__()
         self.chanel_in = in_dim
@@ -26,7 +26,7 @@ class PAM_Module(nn.Module):  # noqa: N801
         return self.gamma * out + x
 
 
-class CAM_Module(nn.Module):  # noqa: N801
+class CAM_Module(nn.Module):
     def __init__(self, in_dim):
         super().__init__()
         self.chanel_in = in_dim

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import Normal
 
 
-class retina:  # noqa: N801  (official name)
+class retina:
     def __init__(self, g, k, s):
         self.g, self.k, self.s = g, k, s
 
@@ -58,7 +58,7 @@ class retina:  # noqa: N801  (official name)
         return (from_x < 0) or (from_y < 0) or (to_x > T) or (to_y > T)
 
 
-class glimpse_network(nn.Module):  # noqa: N801
+class glimpse_network(nn.Module):
     def __init__(self, h_g, h_l, g, k, s, c):
         super().__init__()
         self.retina = retina(g, k, s)
@@ -75,7 +75,7 @@ class glimpse_network(nn.Module):  # noqa: N801
         return F.relu(self.fc3(phi_out) + self.fc4(l_out))
 
 
-class core_network(nn.Module):  # noqa: N801
+class core_network(nn.Module):
     def __init__(self, input_size, hidden_size):
         super().__init__()
         self.i2h = nn.Linear(input_size, hidden_size)
@@ -85,7 +85,7 @@ class core_network(nn.Module):  # noqa: N801
         return F.relu(self.i2h(g_t) + self.h2h(h_t_prev))
 
 
-class action_network(nn.Module):  # noqa: N801
+class action_network(nn.Module):
     def __init__(self, input_size, output_size):
         super().__init__()
         self.fc = nn.Linear(input_size, output_size)
@@ -94,7 +94,7 @@ class action_network(nn.Module):  # noqa: N801
         return F.log_softmax(self.fc(h_t), dim=1)
 
 
-class location_network(nn.Module):  # noqa: N801
+class location_network(nn.Module):
     def __init__(self, input_size, output_size, std):
         super().__init__()
         self.std = std
@@ -107,7 +107,7 @@ class location_network(nn.Module):  # noqa: N801
         return mu, l_t.detach()
 
 
-class baseline_network(nn.Module):  # noqa: N801
+class baseline_network(nn.Module):
     def __init__(self, input_size, output_size):
         super().__init__()
         self.fc = nn.Linear(input_size, output_size)

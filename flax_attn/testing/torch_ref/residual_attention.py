@@ -48,7 +48,7 @@ def _mask_head(c):
     )
 
 
-class AttentionModule_stage1(nn.Module):  # noqa: N801
+class AttentionModule_stage1(nn.Module):
     def __init__(self, in_channels, out_channels, size1=(56, 56), size2=(28, 28), size3=(14, 14)):
         super().__init__()
         rb = lambda: ResidualBlock(in_channels, out_channels)  # noqa: E731
@@ -87,7 +87,7 @@ class AttentionModule_stage1(nn.Module):  # noqa: N801
         return self.last_blocks(out)
 
 
-class AttentionModule_stage2(nn.Module):  # noqa: N801
+class AttentionModule_stage2(nn.Module):
     def __init__(self, in_channels, out_channels, size1=(28, 28), size2=(14, 14)):
         super().__init__()
         rb = lambda: ResidualBlock(in_channels, out_channels)  # noqa: E731
@@ -117,7 +117,7 @@ class AttentionModule_stage2(nn.Module):  # noqa: N801
         return self.last_blocks(out)
 
 
-class AttentionModule_stage3(nn.Module):  # noqa: N801
+class AttentionModule_stage3(nn.Module):
     def __init__(self, in_channels, out_channels, size1=(14, 14)):
         super().__init__()
         rb = lambda: ResidualBlock(in_channels, out_channels)  # noqa: E731
