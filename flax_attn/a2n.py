@@ -31,6 +31,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.pooling import adaptive_avg_pool2d
 from flax_attn.ops.resize import interpolate
 
@@ -70,6 +71,7 @@ class PA(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("PA", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("PA", self.dtype, x=x))
         check_channels("PA", "x", x, self.nf)
         logits = Conv(self.nf, 1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         out, att = sigmoid_gate(x.astype(logits.dtype), logits)
@@ -103,6 +105,7 @@ class AttentionBranch(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("AttentionBranch", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("AttentionBranch", self.dtype, x=x))
         check_channels("AttentionBranch", "x", x, self.nf)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = (self.k_size - 1) // 2
@@ -159,6 +162,7 @@ class AAB(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("AAB", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("AAB", self.dtype, x=x))
         check_channels("AAB", "x", x, self.nf)
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
@@ -239,6 +243,7 @@ class A2N(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("A2N", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("A2N", self.dtype, x=x))
         check_channels("A2N", "x", x, self.in_nc)
         if self.scale not in (2, 3, 4):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")

@@ -19,6 +19,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import Ignore
 from flax_attn.layers import Conv, Linear
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.window import window_attention
 
@@ -100,6 +101,7 @@ class ACmix(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ACmix"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, in_planes)")
         check_channels(where, "x", x, self.in_planes)
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
@@ -221,6 +223,7 @@ class WindowAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "WindowAttention"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, dim)")
         check_channels(where, "x", x, self.dim)
         check_divisible(where, "dim", self.dim, "num_heads", self.num_heads)

@@ -14,6 +14,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import Linear
 from flax_attn.ops.attention import scaled_dot_product_attention
 from flax_attn.ops.checks import check_divisible, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["MultiheadAttention", "ProjectedMultiHeadAttention"]
 
@@ -110,6 +111,8 @@ class MultiheadAttention(nn.Module):
         where = "MultiheadAttention"
         key = query if key is None else key
         value = key if value is None else value
+        dtype = compute_dtype(where, self.dtype, query=query, key=key, value=value)
+        query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
         kdim = self.kdim or self.embed_dim
         vdim = self.vdim or self.embed_dim
         check_divisible(where, "embed_dim", self.embed_dim, "num_heads", self.num_heads)
@@ -237,6 +240,8 @@ class ProjectedMultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, mask=None, *, train: bool = False):
         where = "ProjectedMultiHeadAttention"
+        dtype = compute_dtype(where, self.dtype, q=q, k=k, v=v)
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         for name, arr, dim in (("q", q, self.d_k_), ("k", k, self.d_k_), ("v", v, self.d_v_)):
             check_rank(where, name, arr, 3, f"(batch, length, {dim})")
             if arr.shape[-1] != dim:

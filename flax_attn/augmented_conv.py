@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax_attn import catalogue
 from flax_attn.layers import Conv
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.relative_logits import augmented_attention
 
 __all__ = ["AugmentedConv"]
@@ -92,6 +93,7 @@ class AugmentedConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "AugmentedConv"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         self._check_config()
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)

@@ -29,6 +29,7 @@ from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.channel import channel_pool, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
 
@@ -64,6 +65,7 @@ class BasicConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = x.astype(compute_dtype("BasicConv", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(
             self.out_planes,
@@ -108,6 +110,7 @@ class ChannelGate(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ChannelGate"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
             raise ValueError(
@@ -143,6 +146,7 @@ class SpatialGate(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SpatialGate"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
@@ -195,6 +199,7 @@ class CBAM(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_rank("CBAM", "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype("CBAM", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
@@ -234,6 +239,7 @@ class ChannelAttention(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ChannelAttention"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_channels(where, "x", x, self.channel)
         hidden = _hidden(where, "channel", self.channel, "rate", self.rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
@@ -270,6 +276,7 @@ class SpatialAttention(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SpatialAttention"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))

@@ -17,6 +17,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
@@ -59,6 +60,7 @@ class CrissCrossAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
         where = "CrissCrossAttention"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
             raise ValueError(
                 f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)"
@@ -72,7 +74,7 @@ class CrissCrossAttention(nn.Module):
         gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
         res = criss_cross_attention(q, k, v, return_weights=return_weights, implementation=self.implementation)
         out, weights = res if return_weights else (res, None)
-        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        dtype = x.dtype  # the compute dtype (ops.dtypes.compute_dtype above)
         y = gamma.astype(dtype) * out.astype(dtype) + x.astype(dtype)
         return (y, weights) if return_weights else y
 
@@ -144,6 +146,7 @@ class RCCAModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "RCCAModule"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_channels < 32:
             raise ValueError(
                 f"{where}: `in_channels`={self.in_channels} must be at least 32 "

@@ -18,6 +18,7 @@ from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.channel import directional_avg_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CoordAtt", "h_sigmoid", "h_swish"]
 
@@ -67,6 +68,7 @@ class CoordAtt(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "CoordAtt"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.inp)
         if self.oup not in (self.inp, 1):

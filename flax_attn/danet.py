@@ -17,6 +17,7 @@ from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
 
@@ -52,6 +53,7 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "PAM_Module"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
             raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
@@ -93,6 +95,7 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "CAM_Module"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_dim)
         x = x.astype(self.dtype or x.dtype)
@@ -143,6 +146,7 @@ class DANetHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False):
         where = "DANetHead"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)
         inter = self.in_channels // 4

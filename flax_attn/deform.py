@@ -24,7 +24,7 @@ from flax_attn import catalogue
 from flax_attn.layers import Conv, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
 
@@ -48,6 +48,7 @@ class _DeformWeights(nn.Module):
     """Shared parameter handling: ``kernel`` (kh, kw, C/groups, O) HWIO and optional ``bias``."""
 
     def _params(self, where, x, bias: bool, kernel_init, bias_init):
+        compute_dtype(where, self.dtype, x=x)
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         check_channels(where, "x", x, self.in_channels)
         check_divisible(where, "in_channels", self.in_channels, "groups", self.groups)
@@ -63,7 +64,7 @@ class _DeformWeights(nn.Module):
         return kernel, b
 
     def _conv(self, x, offset, kernel, bias, mask):
-        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        dtype = compute_dtype(type(self).__name__, self.dtype, x=x, offset=offset, mask=mask)
         return deform_conv2d(
             x.astype(dtype),
             offset,
@@ -216,7 +217,8 @@ class ModulatedDeformConv2dPack(_DeformWeights):
             param_dtype=self.param_dtype,
         )(x)
         n_off = self.deform_groups * 2 * kh * kw
-        offset, mask = out[..., :n_off], jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype)))
+        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
+        offset = out[..., :n_off]
         return self._conv(x, offset, kernel, bias, mask)
 
 

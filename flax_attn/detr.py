@@ -31,7 +31,7 @@ from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
@@ -150,13 +150,15 @@ class TransformerEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
         where = "TransformerEncoderLayer"
+        dtype = compute_dtype(where, self.dtype, src=src, pos=pos)
+        src = src.astype(dtype)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "src", src, 3, "(batch, length, d_model)")
         check_channels(where, "src", src, self.d_model)
         b, l, _ = src.shape
         _check_shape(where, "pos", pos, src.shape, "(like `src`)")
         _check_shape(where, "src_key_padding_mask", src_key_padding_mask, (b, l), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
         norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1", **kw)
         norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2", **kw)
@@ -236,6 +238,8 @@ class TransformerDecoderLayer(nn.Module):
         train: bool = False,
     ):
         where = "TransformerDecoderLayer"
+        dtype = compute_dtype(where, self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
+        tgt, memory = tgt.astype(dtype), memory.astype(dtype)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "tgt", tgt, 3, "(batch, num_queries, d_model)")
         check_rank(where, "memory", memory, 3, "(batch, length, d_model)")
@@ -252,7 +256,7 @@ class TransformerDecoderLayer(nn.Module):
         _check_shape(where, "pos", pos, memory.shape, "(like `memory`)")
         _check_shape(where, "tgt_key_padding_mask", tgt_key_padding_mask, (b, q), "(batch, num_queries)")
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         self_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="self_attn", **kw)
         cross_attn = MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name="multihead_attn", **kw)
         norm1, norm2, norm3 = (LayerNorm(epsilon=self.layer_norm_eps, name=f"norm{i}", **kw) for i in (1, 2, 3))
@@ -333,6 +337,7 @@ class TransformerEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
+        dtype = compute_dtype("TransformerEncoder", self.dtype, src=src, pos=pos)
         out = src
         for i in range(self.num_layers):
             out = TransformerEncoderLayer(
@@ -344,15 +349,13 @@ class TransformerEncoder(nn.Module):
                 self.normalize_before,
                 self.layer_norm_eps,
                 self.kernel_init,
-                self.dtype,
+                dtype,
                 self.param_dtype,
                 name=f"layers_{i}",
             )(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train)
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-                out
-            )
+            out = LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, param_dtype=self.param_dtype, name="norm")(out)
         return out
 
 
@@ -415,9 +418,10 @@ class TransformerDecoder(nn.Module):
     ):
         if self.return_intermediate and not self.norm:
             raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
+        dtype = compute_dtype("TransformerDecoder", self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
         norm = None
         if self.norm:
-            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
+            norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, param_dtype=self.param_dtype, name="norm")
         out = tgt
         intermediate = []
         for i in range(self.num_layers):
@@ -430,7 +434,7 @@ class TransformerDecoder(nn.Module):
                 self.normalize_before,
                 self.layer_norm_eps,
                 self.kernel_init,
-                self.dtype,
+                dtype,
                 self.param_dtype,
                 name=f"layers_{i}",
             )(
@@ -498,6 +502,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, src, mask, query_embed, pos_embed, *, train: bool = False):
         where = "Transformer"
+        dtype = compute_dtype(where, self.dtype, src=src, query_embed=query_embed, pos_embed=pos_embed)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "src", src, 4, "(batch, height, width, d_model)")
         check_channels(where, "src", src, self.d_model)
@@ -514,7 +519,7 @@ class Transformer(nn.Module):
             activation=self.activation,
             normalize_before=self.normalize_before,
             kernel_init=nn.initializers.xavier_uniform(),
-            dtype=self.dtype,
+            dtype=dtype,
             param_dtype=self.param_dtype,
         )
         src = src.reshape(b, h * w, c)
@@ -547,9 +552,11 @@ class PositionEmbeddingSine(nn.Module):
       normalize: divide the valid-pixel counts by the image's extent and multiply by ``scale``
         (DETR's detector uses True).
       scale: default ``2 * pi``; may only be given with ``normalize=True``.
+      dtype: output dtype (``None``: ``x``'s floating dtype); the encoding itself is computed in
+        float32 as DETR does, then cast.
 
     Call: ``(x (B, H, W, C), mask (B, H, W) bool True = padded, *, train=False)`` ->
-    ``(B, H, W, 2 * num_pos_feats)`` float32 (``x`` only gives the shape).
+    ``(B, H, W, 2 * num_pos_feats)`` in the compute dtype (``x`` gives the shape and the dtype).
 
     Example:
       >>> pe = PositionEmbeddingSine(num_pos_feats=16, normalize=True)
@@ -562,18 +569,29 @@ class PositionEmbeddingSine(nn.Module):
     temperature: float = 10000
     normalize: bool = False
     scale: float | None = None
+    dtype: Dtype | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, x, mask, *, train: bool = False):
         where = "PositionEmbeddingSine"
+        dtype = _position_dtype(self.dtype, x)
         if self.scale is not None and not self.normalize:
             raise ValueError(f"{where}: `normalize` should be True if `scale` is passed")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         _check_shape(where, "mask", mask, x.shape[:3], "(batch, height, width) like `x`")
         scale = 2 * math.pi if self.scale is None else self.scale
-        return sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
+        pos = sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
+        return pos.astype(dtype)
+
+
+def _position_dtype(dtype, x) -> jnp.dtype:
+    """The position encodings read only the shape of ``x``, so an integer ``x`` is allowed; a
+    floating one gives the compute dtype when ``dtype`` is ``None`` (else float32)."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
 def _first_rows(embed: nn.Embed, n: int) -> jax.Array:
@@ -615,12 +633,13 @@ class PositionEmbeddingLearned(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
         where = "PositionEmbeddingLearned"
+        dtype = _position_dtype(self.dtype, x)
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         b, h, w, _ = x.shape
         if h > 50 or w > 50:
             raise ValueError(f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})")
         init = nn.initializers.uniform(1.0)
-        kw = dict(embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(embedding_init=init, dtype=dtype, param_dtype=self.param_dtype)
         x_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="col_embed", **kw), w)
         y_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="row_embed", **kw), h)
         pos = jnp.concatenate(
@@ -894,6 +913,7 @@ class DETR(nn.Module):
     @nn.compact
     def __call__(self, samples, mask=None, *, train: bool = False):
         where = "DETR"
+        samples = samples.astype(compute_dtype(where, self.dtype, samples=samples))
         check_rank(where, "samples", samples, 4, "(batch, height, width, 3)")
         check_channels(where, "samples", samples, 3)
         if mask is None:
@@ -909,7 +929,7 @@ class DETR(nn.Module):
             raise ValueError(
                 f"{where}: unknown `position_embedding` {self.position_embedding!r}; expected 'sine' or 'learned'"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=samples.dtype, param_dtype=self.param_dtype)
         feats, fmask = Backbone(self.backbone, self.dilation, name="backbone_0", **kw)(samples, mask, train=train)
         pos = pos_module(feats, fmask).astype(feats.dtype)
         src = Conv(self.hidden_dim, 1, name="input_proj", **kw)(feats)

@@ -19,6 +19,7 @@ from flax_attn import catalogue
 from flax_attn.layers import Conv
 from flax_attn.ops.channel import eca_kernel_size, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ECALayer"]
 
@@ -62,6 +63,7 @@ class ECALayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ECALayer"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.channel)
         k = self.kernel_size

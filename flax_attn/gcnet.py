@@ -22,6 +22,7 @@ from flax_attn.convert.engine import Rename, Reshape
 from flax_attn.layers import Conv, LayerNorm
 from flax_attn.ops.channel import attention_pool2d, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ContextBlock"]
 
@@ -82,6 +83,7 @@ class ContextBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ContextBlock"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.pooling_type not in ("avg", "att"):
             raise ValueError(f"{where}: `pooling_type` must be 'avg' or 'att', got {self.pooling_type!r}")
         fusions = tuple(self.fusion_types)

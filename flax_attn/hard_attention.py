@@ -25,6 +25,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import Linear
 from flax_attn.ops.checks import check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.sampling import foveate
 
 __all__ = [
@@ -215,6 +216,8 @@ class RecurrentAttention(nn.Module):
 
     def __call__(self, x, l_0, noise, *, train: bool = False):
         where = "RecurrentAttention"
+        dtype = compute_dtype(where, self.dtype, x=x, l_0=l_0, noise=noise)
+        x = x.astype(dtype)
         check_rank(where, "x", x, 4, "(B, H, W, C)")
         b = x.shape[0]
         if x.shape[-1] != self.c:
@@ -230,7 +233,6 @@ class RecurrentAttention(nn.Module):
         if self.h_g + self.h_l != self.hidden_size:
             # The official core is core_network(hidden_size, hidden_size) fed with g_t of size h_g + h_l.
             raise ValueError(f"{where}: h_g + h_l = {self.h_g + self.h_l} must equal hidden_size={self.hidden_size}")
-        dtype = self.dtype or x.dtype
         h_t = jnp.zeros((b, self.hidden_size), dtype)
         l_t = l_0.astype(dtype)
         locs, mus, bs, lps = [], [], [], []

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 Dtype = Any
 
@@ -146,7 +146,7 @@ class Conv(nn.Module):
         # ``<name>.kernel`` like torch's ``<name>.weight``, with no extra scope in between.
         in_ch = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
+        dtype = compute_dtype(f"Conv({self.name})", self.dtype, x=x)  # None: the input's (bf16 in, bf16 out)
         n = len(ks)
         spatial = "".join("DHW"[3 - n :])
         strides = _tuple(self.stride, n, "stride")
@@ -182,8 +182,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = compute_dtype(f"Linear({self.name})", self.dtype, x=x)  # None: the input's (bf16 in, bf16 out)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
@@ -218,6 +218,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dtype = compute_dtype(f"BatchNorm({self.name})", self.dtype, x=x)
         c = x.shape[-1]
         mean_var = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         var_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -246,7 +247,7 @@ class BatchNorm(nn.Module):
         if self.affine:
             y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(sdt)
             y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(sdt)
-        return y.astype(self.dtype or x.dtype)
+        return y.astype(dtype)
 
 
 class LayerNorm(nn.LayerNorm):

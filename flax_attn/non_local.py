@@ -17,6 +17,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.non_local import NON_LOCAL_MODES, non_local_attention
 
@@ -132,7 +133,7 @@ class NonLocalBlockND(nn.Module):
     def __call__(self, x: jax.Array, return_nl_map: bool = False, *, train: bool = False):
         self._check(x)
         d, inter = self.dimension, self._inter
-        dtype = self.dtype or x.dtype
+        dtype = compute_dtype(type(self).__name__, self.dtype, x=x)
         x = x.astype(dtype)
         b = x.shape[0]
 
@@ -235,6 +236,7 @@ class NonLocalMNISTNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, return_nl_map: bool = False, *, train: bool = False):
         where = "NonLocalMNISTNet"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
             raise ValueError(
                 f"{where}: `x` must be (batch, 28, 28, 1) (the head is fixed to 128x3x3), got shape {x.shape}"

@@ -18,6 +18,7 @@ from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.resize import interpolate
 
@@ -58,6 +59,7 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "ResidualBlock"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.output_channels % 4 or self.output_channels <= 0:
             raise ValueError(f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
@@ -123,6 +125,7 @@ class _AttentionModuleBase(nn.Module):
 
     def _check(self, x):
         where = type(self).__name__
+        compute_dtype(where, self.dtype, x=x)
         if self.in_channels != self.out_channels:
             raise ValueError(
                 f"{where}: `in_channels`={self.in_channels} must equal `out_channels`={self.out_channels} "

@@ -30,7 +30,7 @@ from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, Conv, Linear
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 
 __all__ = [
@@ -137,6 +137,7 @@ class SELayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SELayer"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.style not in _SE_STYLES:
             raise ValueError(f"{where}: `style` must be one of {_SE_STYLES}, got {self.style!r}")
         check_rank(where, "x", x, 4, _NHWC)
@@ -224,6 +225,7 @@ class SEBasicBlock(_SEResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SEBasicBlock"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         style = _check_style(where, self.se_style)
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
@@ -263,6 +265,7 @@ class SEBottleneck(_SEResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SEBottleneck"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         style = _check_style(where, self.se_style)
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
@@ -341,6 +344,7 @@ class SEResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SEResNet"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         _check_style(where, self.se_style)
         if self.block not in _BLOCKS:
             raise ValueError(f"{where}: `block` must be one of {tuple(_BLOCKS)}, got {self.block!r}")

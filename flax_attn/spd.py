@@ -20,6 +20,7 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.layers import BatchNorm, Conv
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.space_to_depth import space_to_depth
 
 __all__ = ["SPDConv"]
@@ -66,6 +67,7 @@ class SPDConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         where = "SPDConv"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.c1)
         if x.shape[1] % 2 or x.shape[2] % 2:
