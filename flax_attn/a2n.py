@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
-from flax_attn.layers import Conv, Linear
+from flax_attn.layers import Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -67,9 +67,11 @@ class PA(nn.Module):
     nf: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("PA", "x", x, 4, _IMAGE)
         x = x.astype(compute_dtype("PA", self.dtype, x=x))
         check_channels("PA", "x", x, self.nf)
@@ -101,9 +103,11 @@ class AttentionBranch(nn.Module):
     k_size: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("AttentionBranch", "x", x, 4, _IMAGE)
         x = x.astype(compute_dtype("AttentionBranch", self.dtype, x=x))
         check_channels("AttentionBranch", "x", x, self.nf)
@@ -154,13 +158,15 @@ class AAB(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"ADM_(\d+)\.(.*)", r"ADM.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("AAB", "x", x, 4, _IMAGE)
         x = x.astype(compute_dtype("AAB", self.dtype, x=x))
         check_channels("AAB", "x", x, self.nf)
@@ -235,13 +241,15 @@ class A2N(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"AAB_trunk_(\d+)\.(.*)", r"AAB_trunk.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("A2N", "x", x, 4, _IMAGE)
         x = x.astype(compute_dtype("A2N", self.dtype, x=x))
         check_channels("A2N", "x", x, self.in_nc)

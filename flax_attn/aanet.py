@@ -30,7 +30,7 @@ import numpy as np
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
 from flax_attn.deform import DeformConv2d
-from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.resize import interpolate
@@ -102,9 +102,11 @@ class AANetDeformConv2d(nn.Module):
     param_dtype: Dtype = jnp.float32
     # AANet zero-initialises offset_conv; AANetFeature's kaiming loop later overwrites its weight.
     offset_kernel_init: Any = nn.initializers.zeros
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANetDeformConv2d"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -187,9 +189,13 @@ class SimpleBottleneck(_Bottleneck):
     dilation: int = 1
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         conv2 = Conv(
             width,
@@ -232,9 +238,13 @@ class DeformSimpleBottleneck(_Bottleneck):
     double_mask: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         conv2 = AANetDeformConv2d(
             width,
@@ -292,13 +302,17 @@ class AdaptiveAggregationModule(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("branches", "fuse_layers")
 
     @nn.compact
-    def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         where = "AdaptiveAggregationModule"
         _check_volumes(where, cost_volume, self.num_scales, self.max_disp)
         dtype, x = _cast_volumes(where, self.dtype, cost_volume)
@@ -377,13 +391,17 @@ class AdaptiveAggregation(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("fusions", "final_conv")
 
     @nn.compact
-    def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         _check_volumes("AdaptiveAggregation", cost_volume, self.num_scales, self.max_disp)
         dtype, cv = _cast_volumes("AdaptiveAggregation", self.dtype, cost_volume)
         kw = dict(dtype=dtype, param_dtype=self.param_dtype)
@@ -439,6 +457,9 @@ class Bottleneck(nn.Module):
     zero_init_residual: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     expansion = 4
 
@@ -462,7 +483,8 @@ class Bottleneck(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = type(self).__name__
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -535,13 +557,17 @@ class AANetFeature(nn.Module):
     feature_mdconv: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("conv1", "layer1", "layer2", "layer3")
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANetFeature"
         check_rank(where, "x", x, 4, "(N, H, W, 3)")
         check_channels(where, "x", x, 3)
@@ -593,13 +619,17 @@ class FeaturePyramidNetwork(nn.Module):
     num_levels: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return _seq_rules("lateral_convs", "fpn_convs")
 
     @nn.compact
-    def __call__(self, inputs: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, inputs: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         where = "FeaturePyramidNetwork"
         n = len(self.in_channels)
         if not isinstance(inputs, (list, tuple)) or len(inputs) != n:
@@ -646,9 +676,11 @@ class CostVolumePyramid(nn.Module):
     max_disp: int
     feature_similarity: str = "correlation"
     dtype: Dtype | None = None
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, left_feature_pyramid, right_feature_pyramid, *, train: bool = False):
+    def __call__(self, left_feature_pyramid, right_feature_pyramid, train: bool | None = None):
+        train = merge_train(self, train)
         where = "CostVolumePyramid"
         if self.feature_similarity != "correlation":
             raise ValueError(
@@ -684,9 +716,11 @@ class DisparityEstimation(nn.Module):
     max_disp: int
     match_similarity: bool = True
     dtype: Dtype | None = None
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, cost_volume, *, train: bool = False):
+    def __call__(self, cost_volume, train: bool | None = None):
+        train = merge_train(self, train)
         dtype = compute_dtype("DisparityEstimation", self.dtype, cost_volume=cost_volume)
         check_rank("DisparityEstimation", "cost_volume", cost_volume, 4, "(N, H, W, D)")
         if cost_volume.shape[-1] > self.max_disp:
@@ -714,9 +748,13 @@ class BasicBlock(nn.Module):
     leaky_relu: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "BasicBlock"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -758,6 +796,9 @@ class StereoDRNetRefinement(nn.Module):
 
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     dilation_list = (1, 2, 4, 8, 1, 1)
 
@@ -766,7 +807,8 @@ class StereoDRNetRefinement(nn.Module):
         return _seq_rules("conv1", "conv2", "dilated_blocks")
 
     @nn.compact
-    def __call__(self, low_disp, left_img, right_img, *, train: bool = False):
+    def __call__(self, low_disp, left_img, right_img, train: bool | None = None):
+        train = merge_train(self, train)
         where = "StereoDRNetRefinement"
         check_rank(where, "low_disp", low_disp, 3, "(N, H, W)")
         check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
@@ -858,6 +900,9 @@ class AANet(nn.Module):
     num_deform_blocks: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -887,7 +932,8 @@ class AANet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, left_img, right_img, *, train: bool = False):
+    def __call__(self, left_img, right_img, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANet"
         self._check_config()
         dtype = compute_dtype(where, self.dtype, left_img=left_img, right_img=right_img)
@@ -958,17 +1004,17 @@ class AANet(nn.Module):
 class _AggregationByScale(AdaptiveAggregation):
     """Catalogue adapter: the scales as keyword arrays ``cost0``, ``cost1``, ... (same variables)."""
 
-    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, *, train: bool = False):
+    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, train: bool | None = None):
         cv = [c for c in (cost0, cost1, cost2, cost3) if c is not None]
-        return super().__call__(cv, train=train)
+        return super().__call__(cv, train)  # the parent resolves `train` (and its attribute)
 
 
 class _ModuleByScale(AdaptiveAggregationModule):
     """Catalogue adapter, as ``_AggregationByScale``."""
 
-    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, *, train: bool = False):
+    def __call__(self, cost0, cost1=None, cost2=None, cost3=None, train: bool | None = None):
         cv = [c for c in (cost0, cost1, cost2, cost3) if c is not None]
-        return super().__call__(cv, train=train)
+        return super().__call__(cv, train)
 
 
 def _volumes(n, hw, max_disp, scales):
@@ -1070,15 +1116,15 @@ catalogue.register(
 class _FPNByLevel(FeaturePyramidNetwork):
     """Catalogue adapter: the levels as keyword arrays ``x0``, ``x1``, ``x2`` (same variables)."""
 
-    def __call__(self, x0, x1, x2, *, train: bool = False):
-        return super().__call__([x0, x1, x2], train=train)
+    def __call__(self, x0, x1, x2, train: bool | None = None):
+        return super().__call__([x0, x1, x2], train)
 
 
 class _CostByScale(CostVolumePyramid):
     """Catalogue adapter: ``left0..2`` and ``right0..2`` keyword arrays."""
 
-    def __call__(self, left0, left1, left2, right0, right1, right2, *, train: bool = False):
-        return super().__call__([left0, left1, left2], [right0, right1, right2], train=train)
+    def __call__(self, left0, left1, left2, right0, right1, right2, train: bool | None = None):
+        return super().__call__([left0, left1, left2], [right0, right1, right2], train)
 
 
 def _fpn_inputs(n, hw, channels):

@@ -11,7 +11,7 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
-from flax_attn.layers import Linear
+from flax_attn.layers import Linear, merge_train
 from flax_attn.ops.attention import scaled_dot_product_attention
 from flax_attn.ops.checks import check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -50,7 +50,7 @@ class MultiheadAttention(nn.Module):
       kdim, vdim: key/value feature sizes (default ``embed_dim``).
 
     Call: ``(query (B, L, E), key (B, S, kdim), value (B, S, vdim), key_padding_mask=None,
-    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False, train=False)``
+    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False, train=None)``
     returns ``(output (B, L, E), weights)`` with weights ``(B, L, S)`` (averaged over heads),
     ``(B, num_heads, L, S)``, or ``None`` when ``need_weights=False``.
 
@@ -84,6 +84,7 @@ class MultiheadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("torch.nn",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -105,9 +106,9 @@ class MultiheadAttention(nn.Module):
         attn_mask: jax.Array | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         where = "MultiheadAttention"
         key = query if key is None else key
         value = key if value is None else value
@@ -236,9 +237,11 @@ class ProjectedMultiHeadAttention(nn.Module):
     d_o: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, q, k, v, mask=None, *, train: bool = False):
+    def __call__(self, q, k, v, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "ProjectedMultiHeadAttention"
         dtype = compute_dtype(where, self.dtype, q=q, k=k, v=v)
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)

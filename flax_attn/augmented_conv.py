@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn import catalogue
-from flax_attn.layers import Conv
+from flax_attn.layers import Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.relative_logits import augmented_attention
@@ -49,7 +49,7 @@ class AugmentedConv(nn.Module):
       relative: add relative-position logits.
       stride: 1 or 2.
 
-    Call: ``(x (B, H, W, in_channels), *, train=False)`` -> ``(B, Ho, Wo, out_channels)``.
+    Call: ``(x (B, H, W, in_channels), train=None)`` -> ``(B, Ho, Wo, out_channels)``.
 
     Example:
       >>> aa = AugmentedConv(3, 20, kernel_size=3, dk=8, dv=4, Nh=2, shape=7, relative=True)
@@ -71,6 +71,7 @@ class AugmentedConv(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     def _check_config(self):
         where = "AugmentedConv"
@@ -91,7 +92,8 @@ class AugmentedConv(nn.Module):
             raise ValueError(f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "AugmentedConv"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         self._check_config()

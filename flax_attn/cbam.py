@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
-from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
 from flax_attn.ops.channel import channel_pool, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -62,9 +62,13 @@ class BasicConv(nn.Module):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         x = x.astype(compute_dtype("BasicConv", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(
@@ -101,13 +105,15 @@ class ChannelGate(nn.Module):
     pool_types: Sequence[str] = ("avg", "max")
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"mlp_(1|3)\.(.*)", r"mlp.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ChannelGate"
         check_rank(where, "x", x, 4, _NHWC)
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -141,9 +147,13 @@ class SpatialGate(nn.Module):
     kernel_size: int = 7
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SpatialGate"
         check_rank(where, "x", x, 4, _NHWC)
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -195,9 +205,13 @@ class CBAM(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("CBAM", "x", x, 4, _NHWC)
         x = x.astype(compute_dtype("CBAM", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -230,13 +244,15 @@ class ChannelAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"fc1_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear())]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ChannelAttention"
         check_rank(where, "x", x, 4, _NHWC)
         x = x.astype(compute_dtype(where, self.dtype, x=x))
@@ -271,9 +287,11 @@ class SpatialAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SpatialAttention"
         check_rank(where, "x", x, 4, _NHWC)
         x = x.astype(compute_dtype(where, self.dtype, x=x))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename
-from flax_attn.layers import BatchNorm, Conv
+from flax_attn.layers import BatchNorm, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.dtypes import compute_dtype
@@ -56,9 +56,11 @@ class CrissCrossAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
+    def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
+        train = merge_train(self, train)
         where = "CrissCrossAttention"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
@@ -85,6 +87,8 @@ class _ConvABN(nn.Module):
     features: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -138,13 +142,17 @@ class RCCAModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"bottleneck_(\d+)\.(.*)", r"bottleneck.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "RCCAModule"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_channels < 32:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn import catalogue
-from flax_attn.layers import Conv, torch_default_kernel_init
+from flax_attn.layers import Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
@@ -107,9 +107,11 @@ class DeformConv2d(_DeformWeights):
     bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, offset, mask=None, *, train: bool = False):
+    def __call__(self, x, offset, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         kh, kw = _pair(self.kernel_size)
         fan_in = self.in_channels // self.groups * kh * kw
         kernel, bias = self._params("DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in))
@@ -140,9 +142,11 @@ class DeformConv2dPack(_DeformWeights):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "DeformConv2dPack"
         if self.bias:
             raise ValueError(f"{where}: `bias` must be False (mmcv's DeformConv2d has no bias)")
@@ -194,9 +198,11 @@ class ModulatedDeformConv2dPack(_DeformWeights):
     bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         kh, kw = _pair(self.kernel_size)
         kernel, bias = self._params(
             "ModulatedDeformConv2dPack",

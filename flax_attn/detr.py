@@ -28,8 +28,8 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.attention import MultiheadAttention
-from flax_attn.convert.engine import Rename
-from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
+from flax_attn.convert.engine import Rename, Stacked
+from flax_attn.layers import Conv, LayerNorm, Linear, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -123,7 +123,7 @@ class TransformerEncoderLayer(nn.Module):
         Xavier-uniform).
 
     Call: ``(src (B, L, d_model), src_mask=None, src_key_padding_mask=None (B, L) bool,
-    pos=None (B, L, d_model), *, train=False)`` -> ``(B, L, d_model)``. ``src_mask`` is torch's
+    pos=None (B, L, d_model), train=None)`` -> ``(B, L, d_model)``. ``src_mask`` is torch's
     ``attn_mask``: ``(L, L)`` or ``(B * nhead, L, L)``, bool (True = not allowed) or float (added).
 
     Example:
@@ -146,9 +146,11 @@ class TransformerEncoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
+    def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "TransformerEncoderLayer"
         dtype = compute_dtype(where, self.dtype, src=src, pos=pos)
         src = src.astype(dtype)
@@ -200,7 +202,7 @@ class TransformerDecoderLayer(nn.Module):
 
     Call: ``(tgt (B, Q, d_model), memory (B, S, d_model), tgt_mask=None, memory_mask=None,
     tgt_key_padding_mask=None (B, Q), memory_key_padding_mask=None (B, S), pos=None (B, S, d_model),
-    query_pos=None (B, Q, d_model), *, train=False)`` -> ``(B, Q, d_model)``.
+    query_pos=None (B, Q, d_model), train=None)`` -> ``(B, Q, d_model)``.
 
     Example:
       >>> layer = TransformerDecoderLayer(d_model=32, nhead=4, dim_feedforward=64)
@@ -222,6 +224,7 @@ class TransformerDecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
+    train: bool | None = None
 
     @nn.compact
     def __call__(
@@ -234,9 +237,9 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask=None,
         pos=None,
         query_pos=None,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         where = "TransformerDecoderLayer"
         dtype = compute_dtype(where, self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
         tgt, memory = tgt.astype(dtype), memory.astype(dtype)
@@ -296,6 +299,32 @@ class TransformerDecoderLayer(nn.Module):
         return norm3(tgt + drop(_feed_forward(self, tgt, train)))
 
 
+class _EncoderLayerStep(TransformerEncoderLayer):
+    """One ``nn.scan`` step of :class:`TransformerEncoder`: ``(carry, broadcast args) -> (carry, None)``."""
+
+    def __call__(self, src, src_mask, src_key_padding_mask, pos, train):
+        return super().__call__(src, src_mask, src_key_padding_mask, pos, train), None
+
+
+class _DecoderLayerStep(TransformerDecoderLayer):
+    """One ``nn.scan`` step of :class:`TransformerDecoder`; the per-layer outputs are stacked."""
+
+    def __call__(self, tgt, memory, tgt_mask, memory_mask, tgt_kpm, memory_kpm, pos, query_pos, train):
+        out = super().__call__(tgt, memory, tgt_mask, memory_mask, tgt_kpm, memory_kpm, pos, query_pos, train)
+        return out, out
+
+
+def _scan(step: type[nn.Module], length: int):
+    # Parameters and dropout masks differ per layer; every argument but the carry is shared.
+    return nn.scan(
+        step,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+    )
+
+
 class TransformerEncoder(nn.Module):
     """DETR's ``TransformerEncoder``: ``num_layers`` encoder layers and an optional final LayerNorm.
 
@@ -305,9 +334,12 @@ class TransformerEncoder(nn.Module):
         in pre-norm mode.
       d_model, nhead, dim_feedforward, dropout, activation, normalize_before, layer_norm_eps,
         kernel_init: of every :class:`TransformerEncoderLayer`.
+      scan_layers: run the layers as one ``nn.scan`` (compiled once, however deep): their
+        parameters are stacked along a leading layer axis (``params["layers"]``), and the converter
+        maps them to and from PyTorch's ``layers.0.*``, ``layers.1.*``, ... all the same.
 
-    Call: ``(src (B, L, d_model), mask=None, src_key_padding_mask=None (B, L), pos=None, *,
-    train=False)`` -> ``(B, L, d_model)``.
+    Call: ``(src (B, L, d_model), mask=None, src_key_padding_mask=None (B, L), pos=None,
+    train=None)`` -> ``(B, L, d_model)``.
 
     Example:
       >>> enc = TransformerEncoder(num_layers=2, d_model=32, nhead=4, dim_feedforward=64)
@@ -328,31 +360,39 @@ class TransformerEncoder(nn.Module):
     kernel_init: Callable = torch_default_kernel_init
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [_LAYERS_RULE]
+        return [Stacked("layers")] if self.scan_layers else [_LAYERS_RULE]
 
     @nn.compact
-    def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
+    def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, train: bool | None = None):
+        train = merge_train(self, train)
         dtype = compute_dtype("TransformerEncoder", self.dtype, src=src, pos=pos)
+        layer_args = (
+            self.d_model,
+            self.nhead,
+            self.dim_feedforward,
+            self.dropout,
+            self.activation,
+            self.normalize_before,
+            self.layer_norm_eps,
+            self.kernel_init,
+            dtype,
+            self.param_dtype,
+        )
         out = src
-        for i in range(self.num_layers):
-            out = TransformerEncoderLayer(
-                self.d_model,
-                self.nhead,
-                self.dim_feedforward,
-                self.dropout,
-                self.activation,
-                self.normalize_before,
-                self.layer_norm_eps,
-                self.kernel_init,
-                dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train)
+        if self.scan_layers:
+            stack = _scan(_EncoderLayerStep, self.num_layers)(*layer_args, name="layers")
+            out, _ = stack(out, mask, src_key_padding_mask, pos, train)
+        for i in range(0 if self.scan_layers else self.num_layers):
+            out = TransformerEncoderLayer(*layer_args, name=f"layers_{i}")(
+                out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train
+            )
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
             out = LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, param_dtype=self.param_dtype, name="norm")(out)
@@ -371,6 +411,8 @@ class TransformerDecoder(nn.Module):
       norm: final LayerNorm (``norm.*``; DETR always has one); ``return_intermediate`` needs it.
       return_intermediate: stack every layer's normed output (DETR's auxiliary losses).
       d_model, nhead, ...: of every :class:`TransformerDecoderLayer`.
+      scan_layers: one ``nn.scan`` over the layers, parameters stacked along a leading layer axis,
+        as :class:`TransformerEncoder`'s.
 
     Call: as :class:`TransformerDecoderLayer`.
 
@@ -395,12 +437,14 @@ class TransformerDecoder(nn.Module):
     kernel_init: Callable = torch_default_kernel_init
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return [_LAYERS_RULE]
+        return [Stacked("layers")] if self.scan_layers else [_LAYERS_RULE]
 
     @nn.compact
     def __call__(
@@ -413,31 +457,38 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask=None,
         pos=None,
         query_pos=None,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         if self.return_intermediate and not self.norm:
             raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
         dtype = compute_dtype("TransformerDecoder", self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
         norm = None
         if self.norm:
             norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, param_dtype=self.param_dtype, name="norm")
+        layer_args = (
+            self.d_model,
+            self.nhead,
+            self.dim_feedforward,
+            self.dropout,
+            self.activation,
+            self.normalize_before,
+            self.layer_norm_eps,
+            self.kernel_init,
+            dtype,
+            self.param_dtype,
+        )
         out = tgt
+        if self.scan_layers:
+            stack = _scan(_DecoderLayerStep, self.num_layers)(*layer_args, name="layers")
+            masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)
+            out, every = stack(out, memory, *masks, pos, query_pos, train)
+            if self.return_intermediate:
+                return norm(every)  # LayerNorm acts on the last axis: the same as per layer
+            return (out if norm is None else norm(out))[None]
         intermediate = []
         for i in range(self.num_layers):
-            out = TransformerDecoderLayer(
-                self.d_model,
-                self.nhead,
-                self.dim_feedforward,
-                self.dropout,
-                self.activation,
-                self.normalize_before,
-                self.layer_norm_eps,
-                self.kernel_init,
-                dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(
+            out = TransformerDecoderLayer(*layer_args, name=f"layers_{i}")(
                 out,
                 memory,
                 tgt_mask=tgt_mask,
@@ -469,9 +520,10 @@ class Transformer(nn.Module):
       d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation,
       normalize_before, return_intermediate_dec: DETR's names and defaults (512, 8, 6, 6, 2048, 0.1,
       "relu", False, False); DETR's detector uses ``d_model=256`` and ``return_intermediate_dec=True``.
+      scan_layers: the encoder and decoder stacks as ``nn.scan``s (see :class:`TransformerEncoder`).
 
     Call: ``(src (B, H, W, d_model), mask (B, H, W) bool True = padded, query_embed (Q, d_model),
-    pos_embed (B, H, W, d_model), *, train=False)`` -> ``(hs, memory)``: the decoder stack
+    pos_embed (B, H, W, d_model), train=None)`` -> ``(hs, memory)``: the decoder stack
     ``(num_decoder_layers or 1, B, Q, d_model)`` and the encoder output ``(B, H, W, d_model)``.
 
     Example:
@@ -496,11 +548,14 @@ class Transformer(nn.Module):
     return_intermediate_dec: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, src, mask, query_embed, pos_embed, *, train: bool = False):
+    def __call__(self, src, mask, query_embed, pos_embed, train: bool | None = None):
+        train = merge_train(self, train)
         where = "Transformer"
         dtype = compute_dtype(where, self.dtype, src=src, query_embed=query_embed, pos_embed=pos_embed)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
@@ -521,6 +576,7 @@ class Transformer(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=dtype,
             param_dtype=self.param_dtype,
+            scan_layers=self.scan_layers,
         )
         src = src.reshape(b, h * w, c)
         pos = pos_embed.reshape(b, h * w, c)
@@ -555,7 +611,7 @@ class PositionEmbeddingSine(nn.Module):
       dtype: output dtype (``None``: ``x``'s floating dtype); the encoding itself is computed in
         float32 as DETR does, then cast.
 
-    Call: ``(x (B, H, W, C), mask (B, H, W) bool True = padded, *, train=False)`` ->
+    Call: ``(x (B, H, W, C), mask (B, H, W) bool True = padded, train=None)`` ->
     ``(B, H, W, 2 * num_pos_feats)`` in the compute dtype (``x`` gives the shape and the dtype).
 
     Example:
@@ -572,9 +628,11 @@ class PositionEmbeddingSine(nn.Module):
     dtype: Dtype | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool = False):
+    def __call__(self, x, mask, train: bool | None = None):
+        train = merge_train(self, train)
         where = "PositionEmbeddingSine"
         dtype = _position_dtype(self.dtype, x)
         if self.scale is not None and not self.normalize:
@@ -613,7 +671,7 @@ class PositionEmbeddingLearned(nn.Module):
     Attributes:
       num_pos_feats: channels per axis (default 256).
 
-    Call: ``(x (B, H, W, C), mask=None, *, train=False)`` with ``H, W <= 50`` ->
+    Call: ``(x (B, H, W, C), mask=None, train=None)`` with ``H, W <= 50`` ->
     ``(B, H, W, 2 * num_pos_feats)``. ``mask`` is accepted (and ignored) so that both encodings
     take the same arguments.
 
@@ -629,9 +687,11 @@ class PositionEmbeddingLearned(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask=None, *, train: bool = False):
+    def __call__(self, x, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "PositionEmbeddingLearned"
         dtype = _position_dtype(self.dtype, x)
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
@@ -669,9 +729,11 @@ class FrozenBatchNorm2d(nn.Module):
 
     eps: float = 1e-5
     dtype: Dtype | None = None
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         c = x.shape[-1]
         weight = self.variable("batch_stats", "weight", lambda: jnp.ones((c,), jnp.float32)).value
         bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
@@ -699,13 +761,15 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"downsample_(\d)\.(.*)", r"downsample.\1.\2")]
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         out = Conv(self.planes, 1, name="conv1", **kw)(x)
         out = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(out))
@@ -741,7 +805,7 @@ class ResNetBody(nn.Module):
       layers: blocks per stage ((3, 4, 6, 3) is ResNet-50).
       dilation: replace the stride of ``layer4`` with dilation 2 (``replace_stride_with_dilation``).
 
-    Call: ``(x (B, H, W, 3), *, train=False)`` -> ``(B, ceil(H/32), ceil(W/32), 2048)`` (roughly;
+    Call: ``(x (B, H, W, 3), train=None)`` -> ``(B, ceil(H/32), ceil(W/32), 2048)`` (roughly;
     the exact size follows the strided convs' arithmetic).
     """
 
@@ -749,13 +813,15 @@ class ResNetBody(nn.Module):
     dilation: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"layer(\d)_(\d+)\.(.*)", r"layer\1.\2.\3")]
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         check_rank("ResNetBody", "x", x, 4, "(batch, height, width, 3)")
         check_channels("ResNetBody", "x", x, 3)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -793,7 +859,7 @@ class Backbone(nn.Module):
       backbone: ``"resnet50"`` or ``"resnet101"`` (DETR's ``--backbone``).
       dilation: DC5 variant (DETR's ``--dilation``).
 
-    Call: ``(x (B, H, W, 3), mask (B, H, W) bool, *, train=False)`` -> ``(features (B, h, w, 2048),
+    Call: ``(x (B, H, W, 3), mask (B, H, W) bool, train=None)`` -> ``(features (B, h, w, 2048),
     mask (B, h, w) bool)``.
     """
 
@@ -803,9 +869,11 @@ class Backbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     num_channels: ClassVar[int] = 2048
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool = False):
+    def __call__(self, x, mask, train: bool | None = None):
+        train = merge_train(self, train)
         if self.backbone not in _RESNET_LAYERS:
             raise ValueError(f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}")
         check_rank("Backbone", "x", x, 4, "(batch, height, width, 3)")
@@ -833,13 +901,15 @@ class MLP(nn.Module):
     num_layers: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [_LAYERS_RULE]
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             x = Linear(
@@ -876,7 +946,7 @@ class DETR(nn.Module):
       position_embedding: ``"sine"`` or ``"learned"``.
       hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, pre_norm: transformer.
 
-    Call: ``(samples (B, H, W, 3), mask=None (B, H, W) bool True = padded, *, train=False)`` ->
+    Call: ``(samples (B, H, W, 3), mask=None (B, H, W) bool True = padded, train=None)`` ->
     ``{"pred_logits": (B, Q, num_classes + 1), "pred_boxes": (B, Q, 4), "aux_outputs": [...]}``.
 
     Example:
@@ -905,13 +975,15 @@ class DETR(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"backbone_(\d)\.(.*)", r"backbone.\1.\2")]
 
     @nn.compact
-    def __call__(self, samples, mask=None, *, train: bool = False):
+    def __call__(self, samples, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "DETR"
         samples = samples.astype(compute_dtype(where, self.dtype, samples=samples))
         check_rank(where, "samples", samples, 4, "(batch, height, width, 3)")

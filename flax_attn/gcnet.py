@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Rename, Reshape
-from flax_attn.layers import Conv, LayerNorm
+from flax_attn.layers import Conv, LayerNorm, merge_train
 from flax_attn.ops.channel import attention_pool2d, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -67,6 +67,7 @@ class ContextBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @property
     def planes(self) -> int:
@@ -81,7 +82,8 @@ class ContextBlock(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ContextBlock"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.pooling_type not in ("avg", "att"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
-from flax_attn.layers import Linear
+from flax_attn.layers import Linear, merge_train
 from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.sampling import foveate
@@ -196,6 +196,7 @@ class RecurrentAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -214,7 +215,8 @@ class RecurrentAttention(nn.Module):
         log_pi = jnp.sum(gaussian_log_prob(l_t, mu, self.std), axis=1)
         return h_t, mu, l_t, b_t, log_pi
 
-    def __call__(self, x, l_0, noise, *, train: bool = False):
+    def __call__(self, x, l_0, noise, train: bool | None = None):
+        train = merge_train(self, train)
         where = "RecurrentAttention"
         dtype = compute_dtype(where, self.dtype, x=x, l_0=l_0, noise=noise)
         x = x.astype(dtype)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
-from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
@@ -116,6 +116,7 @@ class SELayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "conv", "timm")
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -135,7 +136,8 @@ class SELayer(nn.Module):
         return [Rename(r"fc_(0|2)\.(.*)", r"fc.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SELayer"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.style not in _SE_STYLES:
@@ -221,9 +223,13 @@ class SEBasicBlock(_SEResidualBlock):
     """
 
     expansion: ClassVar[int] = 1
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SEBasicBlock"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         style = _check_style(where, self.se_style)
@@ -261,9 +267,13 @@ class SEBottleneck(_SEResidualBlock):
     """
 
     expansion: ClassVar[int] = 4
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SEBottleneck"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         style = _check_style(where, self.se_style)
@@ -331,6 +341,9 @@ class SEResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("timm", "senet")
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -342,7 +355,8 @@ class SEResNet(nn.Module):
         return [Rename(r"layer(\d)_(\d+)\.(.*)", r"layer\1.\2.\3")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SEResNet"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         _check_style(where, self.se_style)

@@ -19,7 +19,7 @@ import numpy as np
 
 from flax_attn import catalogue
 from flax_attn.convert.engine import LinearFromNCHW, Rename
-from flax_attn.layers import Conv, Linear
+from flax_attn.layers import Conv, Linear, merge_train
 from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -89,13 +89,15 @@ class SpatialTransformer(nn.Module):
     padding_mode: str = "zeros"
     align_corners: bool = False
     dtype: Any = None
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"localization\.(.*)", r"\1")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_theta: bool = False):
+    def __call__(self, x: jax.Array, train: bool | None = None, *, return_theta: bool = False):
+        train = merge_train(self, train)
         where = "SpatialTransformer"
         x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(N, H, W, C)")
@@ -139,6 +141,7 @@ class TutorialLocalization(nn.Module):
     input_size: Sequence[int] = (28, 28)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -149,7 +152,8 @@ class TutorialLocalization(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "TutorialLocalization"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         expected = (*tuple(self.input_size), self.in_channels)
@@ -188,6 +192,7 @@ class STNTutorialNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("tutorial",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -197,7 +202,8 @@ class STNTutorialNet(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         x = x.astype(compute_dtype("STNTutorialNet", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         theta = TutorialLocalization(name="stn_loc", **kw)(x)
