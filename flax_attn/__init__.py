@@ -1,9 +1,11 @@
 """flax-attn: attention blocks for JAX/Flax that match their PyTorch originals.
 
 Blocks are Flax linen modules (NHWC images, ``(batch, length, features)`` sequences) that take
-``train=`` in ``__call__``; the math lives in :mod:`flax_attn.ops`, checkpoints move through
-:mod:`flax_attn.convert`, and :mod:`flax_attn.catalogue` lists every block with its PyTorch
-reference. Importing this package never imports torch.
+``train`` in the constructor or positionally in ``__call__`` (so they work inside ``nn.scan``,
+``nn.remat`` and ``nn.vmap``) and follow one dtype rule (:mod:`flax_attn.ops.dtypes`); the math
+lives in :mod:`flax_attn.ops`, checkpoints move through :mod:`flax_attn.convert`,
+:mod:`flax_attn.catalogue` lists every block with its PyTorch reference, and
+:mod:`flax_attn.nnx` wraps any block for Flax NNX. Importing this package never imports torch.
 """
 
 from flax_attn import catalogue, convert, layers, ops

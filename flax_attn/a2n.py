@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import Conv, Linear
+from flax_attn.layers import Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.pooling import adaptive_avg_pool2d
 from flax_attn.ops.resize import interpolate
 
@@ -65,12 +66,15 @@ class PA(nn.Module):
     nf: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("PA", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("PA", self.dtype, x=x))
         check_channels("PA", "x", x, self.nf)
         logits = Conv(self.nf, 1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         out, att = sigmoid_gate(x.astype(logits.dtype), logits)
@@ -100,10 +104,13 @@ class AttentionBranch(nn.Module):
     k_size: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("AttentionBranch", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("AttentionBranch", self.dtype, x=x))
         check_channels("AttentionBranch", "x", x, self.nf)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = (self.k_size - 1) // 2
@@ -152,14 +159,17 @@ class AAB(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("ADM")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("AAB", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("AAB", self.dtype, x=x))
         check_channels("AAB", "x", x, self.nf)
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
@@ -232,14 +242,17 @@ class A2N(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("AAB_trunk")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("A2N", "x", x, 4, _IMAGE)
+        x = x.astype(compute_dtype("A2N", self.dtype, x=x))
         check_channels("A2N", "x", x, self.in_nc)
         if self.scale not in (2, 3, 4):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")

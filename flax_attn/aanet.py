@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from flax_attn import backbones
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.deform import DeformConv2d
-from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.resize import interpolate
 from flax_attn.ops.stereo import correlation_cost_volume, disparity_regression, disparity_warp
 
@@ -90,11 +90,14 @@ class AANetDeformConv2d(nn.Module):
     param_dtype: Dtype = jnp.float32
     # AANet zero-initialises offset_conv; AANetFeature's kaiming loop later overwrites its weight.
     offset_kernel_init: Any = nn.initializers.zeros
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANetDeformConv2d"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_channels(where, "x", x, self.in_channels)
         check_divisible(where, "in_channels", self.in_channels, "deformable_groups", self.deformable_groups)
         ks = self.kernel_size
@@ -196,6 +199,12 @@ def _check_volumes(where, cost_volume, num_scales, max_disp):
         check_channels(where, f"cost_volume[{i}]", cv, max_disp // (2**i))
 
 
+def _cast_volumes(where, dtype, cost_volume):
+    """The cost volumes in the compute dtype (``ops.dtypes.compute_dtype`` over all of them)."""
+    dtype = compute_dtype(where, dtype, **{f"cost_volume[{i}]": cv for i, cv in enumerate(cost_volume)})
+    return dtype, [cv.astype(dtype) for cv in cost_volume]
+
+
 class AdaptiveAggregationModule(nn.Module):
     """One AANet stage (``AdaptiveAggregationModule``): ISA on every scale, then CSA across scales.
 
@@ -222,6 +231,9 @@ class AdaptiveAggregationModule(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -230,11 +242,12 @@ class AdaptiveAggregationModule(nn.Module):
         return sequential_rules("branches", "fuse_layers")
 
     @nn.compact
-    def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         where = "AdaptiveAggregationModule"
         _check_volumes(where, cost_volume, self.num_scales, self.max_disp)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = list(cost_volume)
+        dtype, x = _cast_volumes(where, self.dtype, cost_volume)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         for i in range(self.num_scales):
             nc = self.max_disp // (2**i)
             for j in range(self.num_blocks):
@@ -309,6 +322,9 @@ class AdaptiveAggregation(nn.Module):
     mdconv_dilation: int = 2
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -317,10 +333,11 @@ class AdaptiveAggregation(nn.Module):
         return sequential_rules("fusions", "final_conv")
 
     @nn.compact
-    def __call__(self, cost_volume: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         _check_volumes("AdaptiveAggregation", cost_volume, self.num_scales, self.max_disp)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        cv = list(cost_volume)
+        dtype, cv = _cast_volumes("AdaptiveAggregation", self.dtype, cost_volume)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         for i in range(self.num_fusions):
             if self.intermediate_supervision:
                 n_out = self.num_scales
@@ -407,6 +424,9 @@ class AANetFeature(nn.Module):
     feature_mdconv: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -415,11 +435,13 @@ class AANetFeature(nn.Module):
         return sequential_rules("conv1", "layer1", "layer2", "layer3")
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANetFeature"
         check_rank(where, "x", x, 4, "(N, H, W, 3)")
         check_channels(where, "x", x, 3)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        kw = dict(dtype=x.dtype, param_dtype=self.param_dtype)
         c = self.in_channels
         h = Conv(
             c, 7, stride=3, padding=3, use_bias=False, kernel_init=backbones.resnet_conv_init, name="conv1_0", **kw
@@ -468,6 +490,9 @@ class FeaturePyramidNetwork(nn.Module):
     num_levels: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -476,7 +501,8 @@ class FeaturePyramidNetwork(nn.Module):
         return sequential_rules("lateral_convs", "fpn_convs")
 
     @nn.compact
-    def __call__(self, inputs: Sequence[jax.Array], *, train: bool = False):
+    def __call__(self, inputs: Sequence[jax.Array], train: bool | None = None):
+        train = merge_train(self, train)
         where = "FeaturePyramidNetwork"
         n = len(self.in_channels)
         if not isinstance(inputs, (list, tuple)) or len(inputs) != n:
@@ -492,7 +518,9 @@ class FeaturePyramidNetwork(nn.Module):
                     f"{where}: level {i - 1} must be twice level {i} in size for the 2x top-down "
                     f"upsampling, expected spatial size {want}, got {tuple(inputs[i - 1].shape[1:3])}"
                 )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+        dtype = compute_dtype(where, self.dtype, **{f"inputs[{i}]": f for i, f in enumerate(inputs)})
+        inputs = [f.astype(dtype) for f in inputs]
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
         laterals = [
             Conv(self.out_channels, 1, name=f"lateral_convs_{i}", **kw)(inputs[i]) for i in range(self.num_levels)
         ]
@@ -501,7 +529,7 @@ class FeaturePyramidNetwork(nn.Module):
         outs = []
         for i in range(len(laterals)):
             h = Conv(self.out_channels, 3, padding=1, name=f"fpn_convs_{i}_0", **kw)(laterals[i])
-            bn = BatchNorm(name=f"fpn_convs_{i}_1", dtype=self.dtype, param_dtype=self.param_dtype)
+            bn = BatchNorm(name=f"fpn_convs_{i}_1", dtype=dtype, param_dtype=self.param_dtype)
             outs.append(nn.relu(bn(h, train=train)))
         return outs
 
@@ -512,6 +540,7 @@ class CostVolumePyramid(nn.Module):
     Attributes:
       max_disp: candidates at the finest scale; scale ``s`` gets ``max_disp // 2**s``.
       feature_similarity: only ``'correlation'`` (AANet's) is implemented.
+      dtype: compute and output dtype (``None``: the features' floating result type).
 
     Call with two lists of feature maps ``(N, H_s, W_s, C_s)`` (finest first); returns a list of
     ``(N, H_s, W_s, max_disp // 2**s)`` volumes (:func:`flax_attn.ops.correlation_cost_volume`).
@@ -519,11 +548,14 @@ class CostVolumePyramid(nn.Module):
 
     max_disp: int
     feature_similarity: str = "correlation"
+    dtype: Dtype | None = None
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
-    def __call__(self, left_feature_pyramid, right_feature_pyramid, *, train: bool = False):
+    def __call__(self, left_feature_pyramid, right_feature_pyramid, train: bool | None = None):
+        train = merge_train(self, train)
         where = "CostVolumePyramid"
         if self.feature_similarity != "correlation":
             raise ValueError(
@@ -534,8 +566,11 @@ class CostVolumePyramid(nn.Module):
                 f"{where}: left and right pyramids must have the same number of levels, got "
                 f"{len(left_feature_pyramid)} and {len(right_feature_pyramid)}"
             )
+        features = {f"left_feature_pyramid[{i}]": f for i, f in enumerate(left_feature_pyramid)}
+        features.update({f"right_feature_pyramid[{i}]": f for i, f in enumerate(right_feature_pyramid)})
+        dtype = compute_dtype(where, self.dtype, **features)
         return [
-            correlation_cost_volume(left, right, self.max_disp // (2**s))
+            correlation_cost_volume(left.astype(dtype), right.astype(dtype), self.max_disp // (2**s)).astype(dtype)
             for s, (left, right) in enumerate(zip(left_feature_pyramid, right_feature_pyramid))
         ]
 
@@ -547,6 +582,7 @@ class DisparityEstimation(nn.Module):
       max_disp: candidates at the finest scale (kept for the official signature: the candidates
         are always ``0 .. D - 1`` of the volume given, as in AANet).
       match_similarity: the volume is a similarity (correlation: True) rather than a cost.
+      dtype: output dtype (``None``: the volume's floating dtype); the softmax runs in float32.
 
     Input ``(N, H, W, D)``, ``D <= max_disp``; output ``(N, H, W)`` disparities in ``[0, D - 1]``
     (:func:`flax_attn.ops.disparity_regression`).
@@ -554,18 +590,22 @@ class DisparityEstimation(nn.Module):
 
     max_disp: int
     match_similarity: bool = True
+    dtype: Dtype | None = None
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
-    def __call__(self, cost_volume, *, train: bool = False):
+    def __call__(self, cost_volume, train: bool | None = None):
+        train = merge_train(self, train)
+        dtype = compute_dtype("DisparityEstimation", self.dtype, cost_volume=cost_volume)
         check_rank("DisparityEstimation", "cost_volume", cost_volume, 4, "(N, H, W, D)")
         if cost_volume.shape[-1] > self.max_disp:
             raise ValueError(
                 f"DisparityEstimation: `cost_volume` has {cost_volume.shape[-1]} candidates, more than "
                 f"max_disp={self.max_disp} (shape {tuple(cost_volume.shape)})"
             )
-        return disparity_regression(cost_volume, match_similarity=self.match_similarity)
+        return disparity_regression(cost_volume, match_similarity=self.match_similarity).astype(dtype)
 
 
 class BasicBlock(backbones.BasicBlock):
@@ -610,6 +650,9 @@ class StereoDRNetRefinement(nn.Module):
 
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     dilation_list = (1, 2, 4, 8, 1, 1)
 
@@ -620,7 +663,8 @@ class StereoDRNetRefinement(nn.Module):
         return sequential_rules("conv1", "conv2", "dilated_blocks")
 
     @nn.compact
-    def __call__(self, low_disp, left_img, right_img, *, train: bool = False):
+    def __call__(self, low_disp, left_img, right_img, train: bool | None = None):
+        train = merge_train(self, train)
         where = "StereoDRNetRefinement"
         check_rank(where, "low_disp", low_disp, 3, "(N, H, W)")
         check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
@@ -635,7 +679,9 @@ class StereoDRNetRefinement(nn.Module):
                 f"{where}: batch of `low_disp` {tuple(low_disp.shape)} does not match "
                 f"`left_img` {tuple(left_img.shape)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype = compute_dtype(where, self.dtype, low_disp=low_disp, left_img=left_img, right_img=right_img)
+        low_disp, left_img, right_img = low_disp.astype(dtype), left_img.astype(dtype), right_img.astype(dtype)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         disp = low_disp[..., None]
         h, w = left_img.shape[1:3]
         # AANet scales by the width ratio only (disparity is horizontal).
@@ -710,6 +756,9 @@ class AANet(nn.Module):
     num_deform_blocks: int = 3
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -741,9 +790,12 @@ class AANet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, left_img, right_img, *, train: bool = False):
+    def __call__(self, left_img, right_img, train: bool | None = None):
+        train = merge_train(self, train)
         where = "AANet"
         self._check_config()
+        dtype = compute_dtype(where, self.dtype, left_img=left_img, right_img=right_img)
+        left_img, right_img = left_img.astype(dtype), right_img.astype(dtype)
         check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
         check_channels(where, "left_img", left_img, 3)
         if left_img.shape != right_img.shape:

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.convert.engine import Ignore
-from flax_attn.layers import Conv, Linear
+from flax_attn.layers import Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.window import window_attention
 
@@ -95,10 +96,13 @@ class ACmix(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ACmix"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, in_planes)")
         check_channels(where, "x", x, self.in_planes)
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
@@ -212,14 +216,17 @@ class WindowAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Ignore(r"(^|\.)relative_position_index$")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "WindowAttention"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, dim)")
         check_channels(where, "x", x, self.dim)
         check_divisible(where, "dim", self.dim, "num_heads", self.num_heads)

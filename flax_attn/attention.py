@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename
-from flax_attn.layers import Linear
+from flax_attn.layers import Linear, merge_train
 from flax_attn.ops.attention import scaled_dot_product_attention
 from flax_attn.ops.checks import check_divisible, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["MultiheadAttention", "ProjectedMultiHeadAttention"]
 
@@ -47,7 +48,7 @@ class MultiheadAttention(nn.Module):
       kdim, vdim: key/value feature sizes (default ``embed_dim``).
 
     Call: ``(query (B, L, E), key (B, S, kdim), value (B, S, vdim), key_padding_mask=None,
-    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False, train=False)``
+    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False, train=None)``
     returns ``(output (B, L, E), weights)`` with weights ``(B, L, S)`` (averaged over heads),
     ``(B, num_heads, L, S)``, or ``None`` when ``need_weights=False``.
 
@@ -81,6 +82,7 @@ class MultiheadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("torch.nn",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -102,12 +104,14 @@ class MultiheadAttention(nn.Module):
         attn_mask: jax.Array | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         where = "MultiheadAttention"
         key = query if key is None else key
         value = key if value is None else value
+        dtype = compute_dtype(where, self.dtype, query=query, key=key, value=value)
+        query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
         kdim = self.kdim or self.embed_dim
         vdim = self.vdim or self.embed_dim
         check_divisible(where, "embed_dim", self.embed_dim, "num_heads", self.num_heads)
@@ -231,12 +235,16 @@ class ProjectedMultiHeadAttention(nn.Module):
     d_o: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
 
     @nn.compact
-    def __call__(self, q, k, v, mask=None, *, train: bool = False):
+    def __call__(self, q, k, v, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "ProjectedMultiHeadAttention"
+        dtype = compute_dtype(where, self.dtype, q=q, k=k, v=v)
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         for name, arr, dim in (("q", q, self.d_k_), ("k", k, self.d_k_), ("v", v, self.d_v_)):
             check_rank(where, name, arr, 3, f"(batch, length, {dim})")
             if arr.shape[-1] != dim:

@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.layers import Conv
+from flax_attn.layers import Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.relative_logits import augmented_attention
 
 __all__ = ["AugmentedConv"]
@@ -47,7 +48,7 @@ class AugmentedConv(nn.Module):
       relative: add relative-position logits.
       stride: 1 or 2.
 
-    Call: ``(x (B, H, W, in_channels), *, train=False)`` -> ``(B, Ho, Wo, out_channels)``.
+    Call: ``(x (B, H, W, in_channels), train=None)`` -> ``(B, Ho, Wo, out_channels)``.
 
     Example:
       >>> aa = AugmentedConv(3, 20, kernel_size=3, dk=8, dv=4, Nh=2, shape=7, relative=True)
@@ -69,6 +70,7 @@ class AugmentedConv(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     def _check_config(self):
         where = "AugmentedConv"
@@ -89,8 +91,10 @@ class AugmentedConv(nn.Module):
             raise ValueError(f"{where}: relative=True needs `shape` (the output height = width), got {self.shape}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "AugmentedConv"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         self._check_config()
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)

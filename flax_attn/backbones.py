@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet_conv_init"]
 
@@ -84,6 +85,9 @@ class BasicBlock(nn.Module):
     zero_init_last: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     expansion: int = 1
 
@@ -138,11 +142,15 @@ class BasicBlock(nn.Module):
         return self.norm(name=name, dtype=self.dtype, param_dtype=self.param_dtype, **extra)
 
     @nn.nowrap
-    def _check_input(self, x) -> None:
+    def _check_input(self, x, train: bool | None) -> tuple[jax.Array, bool]:
+        """Validate config and input; the input in the compute dtype and the merged train flag."""
         where = type(self).__name__
+        train = merge_train(self, train)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         self.check_config(where)
         check_rank(where, "x", x, 4, _NHWC)
         check_channels(where, "x", x, self.inplanes)
+        return x, train
 
     @nn.nowrap
     def _finish(self, x, out, train):
@@ -161,8 +169,8 @@ class BasicBlock(nn.Module):
         return self.activation()(out + shortcut)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        self._check_input(x)
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        x, train = self._check_input(x, train)
         act, d = self.activation(), self.dilation
         out = self._conv(self.planes, 3, "conv1", stride=self.stride, padding=d, dilation=d)(x)
         out = act(self._norm("bn1")(out, train=train))
@@ -205,8 +213,8 @@ class Bottleneck(BasicBlock):
         return self._conv(width, 3, "conv2", stride=self.stride, padding=d, dilation=d, groups=self.groups)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        self._check_input(x)
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        x, train = self._check_input(x, train)
         act, width = self.activation(), self.width()
         out = self._conv(width, 1, "conv1")(x)
         out = act(self._norm("bn1")(out, train=train))

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
-from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
 from flax_attn.ops.channel import channel_pool, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
 
@@ -60,9 +61,14 @@ class BasicConv(nn.Module):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
+        x = x.astype(compute_dtype("BasicConv", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(
             self.out_planes,
@@ -98,15 +104,18 @@ class ChannelGate(nn.Module):
     pool_types: Sequence[str] = ("avg", "max")
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"mlp_(1|3)\.(.*)", r"mlp.\1.\2")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ChannelGate"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
             raise ValueError(
@@ -137,11 +146,16 @@ class SpatialGate(nn.Module):
     kernel_size: int = 7
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SpatialGate"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
@@ -190,10 +204,15 @@ class CBAM(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         check_rank("CBAM", "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype("CBAM", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
@@ -224,15 +243,18 @@ class ChannelAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"fc1_(0|2)\.weight", r"fc1.\1.weight", Conv1x1AsLinear())]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ChannelAttention"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_channels(where, "x", x, self.channel)
         hidden = _hidden(where, "channel", self.channel, "rate", self.rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
@@ -264,11 +286,14 @@ class SpatialAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SpatialAttention"
         check_rank(where, "x", x, 4, _NHWC)
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))

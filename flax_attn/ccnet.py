@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv
+from flax_attn.layers import BatchNorm, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
@@ -54,10 +55,13 @@ class CrissCrossAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
+    def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
+        train = merge_train(self, train)
         where = "CrissCrossAttention"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
             raise ValueError(
                 f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)"
@@ -71,7 +75,7 @@ class CrissCrossAttention(nn.Module):
         gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
         res = criss_cross_attention(q, k, v, return_weights=return_weights, implementation=self.implementation)
         out, weights = res if return_weights else (res, None)
-        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        dtype = x.dtype  # the compute dtype (ops.dtypes.compute_dtype above)
         y = gamma.astype(dtype) * out.astype(dtype) + x.astype(dtype)
         return (y, weights) if return_weights else y
 
@@ -82,6 +86,8 @@ class _ConvABN(nn.Module):
     features: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -135,14 +141,19 @@ class RCCAModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("bottleneck")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "RCCAModule"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_channels < 32:
             raise ValueError(
                 f"{where}: `in_channels`={self.in_channels} must be at least 32 "

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv
+from flax_attn.layers import BatchNorm, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
 
@@ -32,7 +33,7 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     Attributes:
       in_dim: channels ``C`` (at least 8).
 
-    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``. Memory: the ``(H*W, H*W)``
+    Call: ``(x (B, H, W, C), train=None)`` -> ``(B, H, W, C)``. Memory: the ``(H*W, H*W)``
     attention per image (inherent to the block).
 
     Example:
@@ -47,10 +48,13 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "PAM_Module"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
             raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
@@ -74,7 +78,7 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
     Attributes:
       in_dim: channels ``C``.
 
-    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``; only a ``(C, C)`` matrix is formed.
+    Call: ``(x (B, H, W, C), train=None)`` -> ``(B, H, W, C)``; only a ``(C, C)`` matrix is formed.
 
     Example:
       >>> cam = CAM_Module(16)
@@ -88,10 +92,13 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "CAM_Module"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_dim)
         x = x.astype(self.dtype or x.dtype)
@@ -116,7 +123,7 @@ class DANetHead(nn.Module):
       dropout: channel-dropout rate of the three classifiers (official 0.1; whole channels are
         dropped per sample with ``train=True``, rng stream ``dropout``).
 
-    Call: ``(x (B, H, W, in_channels), *, train=False)`` returns the official tuple
+    Call: ``(x (B, H, W, in_channels), train=None)`` returns the official tuple
     ``(sasc_output, sa_output, sc_output)``, each ``(B, H, W, out_channels)``.
 
     Example:
@@ -134,14 +141,19 @@ class DANetHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("conv5a|conv5c|conv51|conv52|conv6|conv7|conv8")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool | None = None):
+        train = merge_train(self, train)
         where = "DANetHead"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)
         inter = self.in_channels // 4

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.layers import Conv, torch_default_kernel_init
+from flax_attn.layers import Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
 
@@ -47,6 +47,7 @@ class _DeformWeights(nn.Module):
     """Shared parameter handling: ``kernel`` (kh, kw, C/groups, O) HWIO and optional ``bias``."""
 
     def _params(self, where, x, bias: bool, kernel_init, bias_init):
+        compute_dtype(where, self.dtype, x=x)
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         check_channels(where, "x", x, self.in_channels)
         check_divisible(where, "in_channels", self.in_channels, "groups", self.groups)
@@ -62,7 +63,7 @@ class _DeformWeights(nn.Module):
         return kernel, b
 
     def _conv(self, x, offset, kernel, bias, mask):
-        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        dtype = compute_dtype(type(self).__name__, self.dtype, x=x, offset=offset, mask=mask)
         return deform_conv2d(
             x.astype(dtype),
             offset,
@@ -105,11 +106,13 @@ class DeformConv2d(_DeformWeights):
     bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("torchvision",)
 
     @nn.compact
-    def __call__(self, x, offset, mask=None, *, train: bool = False):
+    def __call__(self, x, offset, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         kh, kw = _pair(self.kernel_size)
         fan_in = self.in_channels // self.groups * kh * kw
         kernel, bias = self._params("DeformConv2d", x, self.bias, torch_default_kernel_init, _uniform_fan_in(fan_in))
@@ -140,11 +143,13 @@ class DeformConv2dPack(_DeformWeights):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         where = "DeformConv2dPack"
         if self.bias:
             raise ValueError(f"{where}: `bias` must be False (mmcv's DeformConv2d has no bias)")
@@ -196,11 +201,13 @@ class ModulatedDeformConv2dPack(_DeformWeights):
     bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         kh, kw = _pair(self.kernel_size)
         kernel, bias = self._params(
             "ModulatedDeformConv2dPack",
@@ -221,5 +228,6 @@ class ModulatedDeformConv2dPack(_DeformWeights):
             param_dtype=self.param_dtype,
         )(x)
         n_off = self.deform_groups * 2 * kh * kw
-        offset, mask = out[..., :n_off], jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype)))
+        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
+        offset = out[..., :n_off]
         return self._conv(x, offset, kernel, bias, mask)

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 
 from flax_attn import backbones
 from flax_attn.attention import MultiheadAttention
-from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import Conv, LayerNorm, Linear, torch_default_kernel_init
+from flax_attn.convert.engine import Stacked, sequential_rules
+from flax_attn.layers import Conv, LayerNorm, Linear, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.position import sine_position_embedding
 from flax_attn.ops.resize import interpolate
@@ -178,7 +178,7 @@ class TransformerEncoderLayer(_TransformerLayerFields):
         Xavier-uniform).
 
     Call: ``(src (B, L, d_model), src_mask=None, src_key_padding_mask=None (B, L) bool,
-    pos=None (B, L, d_model), *, train=False)`` -> ``(B, L, d_model)``. ``src_mask`` is torch's
+    pos=None (B, L, d_model), train=None)`` -> ``(B, L, d_model)``. ``src_mask`` is torch's
     ``attn_mask``: ``(L, L)`` or ``(B * nhead, L, L)``, bool (True = not allowed) or float (added).
 
     Example:
@@ -190,10 +190,14 @@ class TransformerEncoderLayer(_TransformerLayerFields):
     """
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
+    def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "TransformerEncoderLayer"
+        dtype = compute_dtype(where, self.dtype, src=src, pos=pos)
+        src = src.astype(dtype)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "src", src, 3, "(batch, length, d_model)")
         check_channels(where, "src", src, self.d_model)
@@ -231,7 +235,7 @@ class TransformerDecoderLayer(_TransformerLayerFields):
 
     Call: ``(tgt (B, Q, d_model), memory (B, S, d_model), tgt_mask=None, memory_mask=None,
     tgt_key_padding_mask=None (B, Q), memory_key_padding_mask=None (B, S), pos=None (B, S, d_model),
-    query_pos=None (B, Q, d_model), *, train=False)`` -> ``(B, Q, d_model)``.
+    query_pos=None (B, Q, d_model), train=None)`` -> ``(B, Q, d_model)``.
 
     Example:
       >>> layer = TransformerDecoderLayer(d_model=32, nhead=4, dim_feedforward=64)
@@ -242,6 +246,7 @@ class TransformerDecoderLayer(_TransformerLayerFields):
     """
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
+    train: bool | None = None
 
     @nn.compact
     def __call__(
@@ -254,10 +259,12 @@ class TransformerDecoderLayer(_TransformerLayerFields):
         memory_key_padding_mask=None,
         pos=None,
         query_pos=None,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         where = "TransformerDecoderLayer"
+        dtype = compute_dtype(where, self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
+        tgt, memory = tgt.astype(dtype), memory.astype(dtype)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "tgt", tgt, 3, "(batch, num_queries, d_model)")
         check_rank(where, "memory", memory, 3, "(batch, length, d_model)")
@@ -297,6 +304,32 @@ class TransformerDecoderLayer(_TransformerLayerFields):
         return norm3(tgt + drop(_feed_forward(self, tgt, train)))
 
 
+class _EncoderLayerStep(TransformerEncoderLayer):
+    """One ``nn.scan`` step of :class:`TransformerEncoder`: ``(carry, broadcast args) -> (carry, None)``."""
+
+    def __call__(self, src, src_mask, src_key_padding_mask, pos, train):
+        return super().__call__(src, src_mask, src_key_padding_mask, pos, train), None
+
+
+class _DecoderLayerStep(TransformerDecoderLayer):
+    """One ``nn.scan`` step of :class:`TransformerDecoder`; the per-layer outputs are stacked."""
+
+    def __call__(self, tgt, memory, tgt_mask, memory_mask, tgt_kpm, memory_kpm, pos, query_pos, train):
+        out = super().__call__(tgt, memory, tgt_mask, memory_mask, tgt_kpm, memory_kpm, pos, query_pos, train)
+        return out, out
+
+
+def _scan(step: type[nn.Module], length: int):
+    # Parameters and dropout masks differ per layer; every argument but the carry is shared.
+    return nn.scan(
+        step,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+    )
+
+
 class TransformerEncoder(_TransformerLayerFields, kw_only=True):
     """DETR's ``TransformerEncoder``: ``num_layers`` encoder layers and an optional final LayerNorm.
 
@@ -306,9 +339,12 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
         in pre-norm mode.
       d_model, nhead, dim_feedforward, dropout, activation, normalize_before, layer_norm_eps,
         kernel_init: of every :class:`TransformerEncoderLayer`.
+      scan_layers: run the layers as one ``nn.scan`` (compiled once, however deep): their
+        parameters are stacked along a leading layer axis (``params["layers"]``), and the converter
+        maps them to and from PyTorch's ``layers.0.*``, ``layers.1.*``, ... all the same.
 
-    Call: ``(src (B, L, d_model), mask=None, src_key_padding_mask=None (B, L), pos=None, *,
-    train=False)`` -> ``(B, L, d_model)``.
+    Call: ``(src (B, L, d_model), mask=None, src_key_padding_mask=None (B, L), pos=None,
+    train=None)`` -> ``(B, L, d_model)``.
 
     Example:
       >>> enc = TransformerEncoder(num_layers=2, d_model=32, nhead=4, dim_feedforward=64)
@@ -319,17 +355,24 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
 
     num_layers: int
     norm: bool | None = None
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return sequential_rules("layers")
+        return [Stacked("layers")] if self.scan_layers else sequential_rules("layers")
 
     @nn.compact
-    def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, *, train: bool = False):
-        out = src
-        for i in range(self.num_layers):
+    def __call__(self, src, mask=None, src_key_padding_mask=None, pos=None, train: bool | None = None):
+        train = merge_train(self, train)
+        dtype = compute_dtype("TransformerEncoder", self.dtype, src=src, pos=pos)
+        out = src.astype(dtype)
+        if self.scan_layers:
+            stack = _scan(_EncoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
+            out, _ = stack(out, mask, src_key_padding_mask, pos, train)
+        for i in range(0 if self.scan_layers else self.num_layers):
             out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(
                 out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train
             )
@@ -351,6 +394,8 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
       norm: final LayerNorm (``norm.*``; DETR always has one); ``return_intermediate`` needs it.
       return_intermediate: stack every layer's normed output (DETR's auxiliary losses).
       d_model, nhead, ...: of every :class:`TransformerDecoderLayer`.
+      scan_layers: one ``nn.scan`` over the layers, parameters stacked along a leading layer axis,
+        as :class:`TransformerEncoder`'s.
 
     Call: as :class:`TransformerDecoderLayer`.
 
@@ -365,12 +410,14 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
     num_layers: int
     norm: bool = True
     return_intermediate: bool = False
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
-        return sequential_rules("layers")
+        return [Stacked("layers")] if self.scan_layers else sequential_rules("layers")
 
     @nn.compact
     def __call__(
@@ -383,15 +430,23 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
         memory_key_padding_mask=None,
         pos=None,
         query_pos=None,
-        *,
-        train: bool = False,
+        train: bool | None = None,
     ):
+        train = merge_train(self, train)
         if self.return_intermediate and not self.norm:
             raise ValueError("TransformerDecoder: `return_intermediate=True` needs the final norm (`norm=True`)")
+        dtype = compute_dtype("TransformerDecoder", self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
         norm = None
         if self.norm:
             norm = self._norm("norm")
-        out = tgt
+        out = tgt.astype(dtype)
+        if self.scan_layers:
+            stack = _scan(_DecoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
+            masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)
+            out, every = stack(out, memory, *masks, pos, query_pos, train)
+            if self.return_intermediate:
+                return norm(every)  # LayerNorm acts on the last axis: the same as per layer
+            return (out if norm is None else norm(out))[None]
         intermediate = []
         for i in range(self.num_layers):
             out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(
@@ -426,9 +481,10 @@ class Transformer(nn.Module):
       d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation,
       normalize_before, return_intermediate_dec: DETR's names and defaults (512, 8, 6, 6, 2048, 0.1,
       "relu", False, False); DETR's detector uses ``d_model=256`` and ``return_intermediate_dec=True``.
+      scan_layers: the encoder and decoder stacks as ``nn.scan``s (see :class:`TransformerEncoder`).
 
     Call: ``(src (B, H, W, d_model), mask (B, H, W) bool True = padded, query_embed (Q, d_model),
-    pos_embed (B, H, W, d_model), *, train=False)`` -> ``(hs, memory)``: the decoder stack
+    pos_embed (B, H, W, d_model), train=None)`` -> ``(hs, memory)``: the decoder stack
     ``(num_decoder_layers or 1, B, Q, d_model)`` and the encoder output ``(B, H, W, d_model)``.
 
     Example:
@@ -453,12 +509,16 @@ class Transformer(nn.Module):
     return_intermediate_dec: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, src, mask, query_embed, pos_embed, *, train: bool = False):
+    def __call__(self, src, mask, query_embed, pos_embed, train: bool | None = None):
+        train = merge_train(self, train)
         where = "Transformer"
+        dtype = compute_dtype(where, self.dtype, src=src, query_embed=query_embed, pos_embed=pos_embed)
         _check_layer_config(where, self.d_model, self.nhead, self.dim_feedforward, self.activation)
         check_rank(where, "src", src, 4, "(batch, height, width, d_model)")
         check_channels(where, "src", src, self.d_model)
@@ -475,8 +535,9 @@ class Transformer(nn.Module):
             activation=self.activation,
             normalize_before=self.normalize_before,
             kernel_init=nn.initializers.xavier_uniform(),
-            dtype=self.dtype,
+            dtype=dtype,
             param_dtype=self.param_dtype,
+            scan_layers=self.scan_layers,
         )
         src = src.reshape(b, h * w, c)
         pos = pos_embed.reshape(b, h * w, c)
@@ -508,9 +569,11 @@ class PositionEmbeddingSine(nn.Module):
       normalize: divide the valid-pixel counts by the image's extent and multiply by ``scale``
         (DETR's detector uses True).
       scale: default ``2 * pi``; may only be given with ``normalize=True``.
+      dtype: output dtype (``None``: ``x``'s floating dtype); the encoding itself is computed in
+        float32 as DETR does, then cast.
 
-    Call: ``(x (B, H, W, C), mask (B, H, W) bool True = padded, *, train=False)`` ->
-    ``(B, H, W, 2 * num_pos_feats)`` float32 (``x`` only gives the shape).
+    Call: ``(x (B, H, W, C), mask (B, H, W) bool True = padded, train=None)`` ->
+    ``(B, H, W, 2 * num_pos_feats)`` in the compute dtype (``x`` gives the shape and the dtype).
 
     Example:
       >>> pe = PositionEmbeddingSine(num_pos_feats=16, normalize=True)
@@ -523,18 +586,31 @@ class PositionEmbeddingSine(nn.Module):
     temperature: float = 10000
     normalize: bool = False
     scale: float | None = None
+    dtype: Dtype | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool = False):
+    def __call__(self, x, mask, train: bool | None = None):
+        train = merge_train(self, train)
         where = "PositionEmbeddingSine"
+        dtype = _position_dtype(self.dtype, x)
         if self.scale is not None and not self.normalize:
             raise ValueError(f"{where}: `normalize` should be True if `scale` is passed")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         _check_shape(where, "mask", mask, x.shape[:3], "(batch, height, width) like `x`")
         scale = 2 * math.pi if self.scale is None else self.scale
-        return sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
+        pos = sine_position_embedding(mask, self.num_pos_feats, self.temperature, self.normalize, scale)
+        return pos.astype(dtype)
+
+
+def _position_dtype(dtype, x) -> jnp.dtype:
+    """The position encodings read only the shape of ``x``, so an integer ``x`` is allowed; a
+    floating one gives the compute dtype when ``dtype`` is ``None`` (else float32)."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
 def _first_rows(embed: nn.Embed, n: int) -> jax.Array:
@@ -556,7 +632,7 @@ class PositionEmbeddingLearned(nn.Module):
     Attributes:
       num_pos_feats: channels per axis (default 256).
 
-    Call: ``(x (B, H, W, C), mask=None, *, train=False)`` with ``H, W <= 50`` ->
+    Call: ``(x (B, H, W, C), mask=None, train=None)`` with ``H, W <= 50`` ->
     ``(B, H, W, 2 * num_pos_feats)``. ``mask`` is accepted (and ignored) so that both encodings
     take the same arguments.
 
@@ -572,16 +648,19 @@ class PositionEmbeddingLearned(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask=None, *, train: bool = False):
+    def __call__(self, x, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "PositionEmbeddingLearned"
+        dtype = _position_dtype(self.dtype, x)
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         b, h, w, _ = x.shape
         if h > 50 or w > 50:
             raise ValueError(f"{where}: the tables hold 50 rows/columns; got a {h}x{w} feature map (x {x.shape})")
         init = nn.initializers.uniform(1.0)
-        kw = dict(embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(embedding_init=init, dtype=dtype, param_dtype=self.param_dtype)
         x_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="col_embed", **kw), w)
         y_emb = _first_rows(nn.Embed(50, self.num_pos_feats, name="row_embed", **kw), h)
         pos = jnp.concatenate(
@@ -611,9 +690,11 @@ class FrozenBatchNorm2d(nn.Module):
 
     eps: float = 1e-5
     dtype: Dtype | None = None
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         c = x.shape[-1]
         weight = self.variable("batch_stats", "weight", lambda: jnp.ones((c,), jnp.float32)).value
         bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
@@ -661,7 +742,7 @@ class ResNetBody(nn.Module):
       layers: blocks per stage ((3, 4, 6, 3) is ResNet-50).
       dilation: replace the stride of ``layer4`` with dilation 2 (``replace_stride_with_dilation``).
 
-    Call: ``(x (B, H, W, 3), *, train=False)`` -> ``(B, ceil(H/32), ceil(W/32), 2048)`` (roughly;
+    Call: ``(x (B, H, W, 3), train=None)`` -> ``(B, ceil(H/32), ceil(W/32), 2048)`` (roughly;
     the exact size follows the strided convs' arithmetic).
     """
 
@@ -669,13 +750,15 @@ class ResNetBody(nn.Module):
     dilation: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules(r"layer\d")
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         check_rank("ResNetBody", "x", x, 4, "(batch, height, width, 3)")
         check_channels("ResNetBody", "x", x, 3)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -714,7 +797,7 @@ class Backbone(nn.Module):
       backbone: ``"resnet50"`` or ``"resnet101"`` (DETR's ``--backbone``).
       dilation: DC5 variant (DETR's ``--dilation``).
 
-    Call: ``(x (B, H, W, 3), mask (B, H, W) bool, *, train=False)`` -> ``(features (B, h, w, 2048),
+    Call: ``(x (B, H, W, 3), mask (B, H, W) bool, train=None)`` -> ``(features (B, h, w, 2048),
     mask (B, h, w) bool)``.
     """
 
@@ -724,9 +807,11 @@ class Backbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     num_channels: ClassVar[int] = 2048
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool = False):
+    def __call__(self, x, mask, train: bool | None = None):
+        train = merge_train(self, train)
         if self.backbone not in _RESNET_LAYERS:
             raise ValueError(f"Backbone: unknown `backbone` {self.backbone!r}; expected one of {list(_RESNET_LAYERS)}")
         check_rank("Backbone", "x", x, 4, "(batch, height, width, 3)")
@@ -758,13 +843,15 @@ class MLP(nn.Module):
     num_layers: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("layers")
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             x = Linear(
@@ -801,7 +888,7 @@ class DETR(nn.Module):
       position_embedding: ``"sine"`` or ``"learned"``.
       hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, pre_norm: transformer.
 
-    Call: ``(samples (B, H, W, 3), mask=None (B, H, W) bool True = padded, *, train=False)`` ->
+    Call: ``(samples (B, H, W, 3), mask=None (B, H, W) bool True = padded, train=None)`` ->
     ``{"pred_logits": (B, Q, num_classes + 1), "pred_boxes": (B, Q, 4), "aux_outputs": [...]}``.
 
     Example:
@@ -830,14 +917,17 @@ class DETR(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("backbone")
 
     @nn.compact
-    def __call__(self, samples, mask=None, *, train: bool = False):
+    def __call__(self, samples, mask=None, train: bool | None = None):
+        train = merge_train(self, train)
         where = "DETR"
+        samples = samples.astype(compute_dtype(where, self.dtype, samples=samples))
         check_rank(where, "samples", samples, 4, "(batch, height, width, 3)")
         check_channels(where, "samples", samples, 3)
         if mask is None:

@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.layers import Conv
+from flax_attn.layers import Conv, merge_train
 from flax_attn.ops.channel import eca_kernel_size, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ECALayer"]
 
@@ -53,14 +54,17 @@ class ECALayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @property
     def kernel_size(self) -> int:
         return eca_kernel_size(self.channel, self.gamma, self.b) if self.k_size is None else self.k_size
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ECALayer"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.channel)
         k = self.kernel_size

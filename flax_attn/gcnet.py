@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, Reshape, sequential_rules
-from flax_attn.layers import Conv, LayerNorm
+from flax_attn.layers import Conv, LayerNorm, merge_train
 from flax_attn.ops.channel import attention_pool2d, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ContextBlock"]
 
@@ -65,6 +66,7 @@ class ContextBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @property
     def planes(self) -> int:
@@ -79,8 +81,10 @@ class ContextBlock(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ContextBlock"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.pooling_type not in ("avg", "att"):
             raise ValueError(f"{where}: `pooling_type` must be 'avg' or 'att', got {self.pooling_type!r}")
         fusions = tuple(self.fusion_types)

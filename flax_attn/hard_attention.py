@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename
-from flax_attn.layers import Linear
+from flax_attn.layers import Linear, merge_train
 from flax_attn.ops.checks import check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.sampling import foveate
 
 __all__ = [
@@ -193,6 +194,7 @@ class RecurrentAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -211,8 +213,11 @@ class RecurrentAttention(nn.Module):
         log_pi = jnp.sum(gaussian_log_prob(l_t, mu, self.std), axis=1)
         return h_t, mu, l_t, b_t, log_pi
 
-    def __call__(self, x, l_0, noise, *, train: bool = False):
+    def __call__(self, x, l_0, noise, train: bool | None = None):
+        train = merge_train(self, train)
         where = "RecurrentAttention"
+        dtype = compute_dtype(where, self.dtype, x=x, l_0=l_0, noise=noise)
+        x = x.astype(dtype)
         check_rank(where, "x", x, 4, "(B, H, W, C)")
         b = x.shape[0]
         if x.shape[-1] != self.c:
@@ -228,7 +233,6 @@ class RecurrentAttention(nn.Module):
         if self.h_g + self.h_l != self.hidden_size:
             # The official core is core_network(hidden_size, hidden_size) fed with g_t of size h_g + h_l.
             raise ValueError(f"{where}: h_g + h_l = {self.h_g + self.h_l} must equal hidden_size={self.hidden_size}")
-        dtype = self.dtype or x.dtype
         h_t = jnp.zeros((b, self.hidden_size), dtype)
         l_t = l_0.astype(dtype)
         locs, mus, bs, lps = [], [], [], []

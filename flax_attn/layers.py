@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 Dtype = Any
 
@@ -32,11 +32,31 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "Linear",
+    "merge_train",
     "torch_default_kernel_init",
 ]
 
 # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform)
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def merge_train(module: nn.Module, train: bool | None) -> bool:
+    """The train/eval flag of ``module``, the Flax way (``nn.merge_param``).
+
+    Every block has a ``train: bool | None = None`` attribute and takes ``train`` in the call as
+    well, positionally after its inputs. Give it in one place: the constructor (what ``nn.scan``,
+    ``nn.remat`` and ``nn.vmap`` need, since they pass only positional arguments through) or the
+    call; neither means eval (``False``), both is an error naming the block.
+    """
+    if module.train is None and train is None:
+        return False
+    try:
+        return nn.merge_param("train", module.train, train)
+    except ValueError:
+        raise ValueError(
+            f"{type(module).__name__}: `train` was given to the constructor (train={module.train}) and to the "
+            f"call (train={train}); give it in one place"
+        ) from None
 
 
 def _tuple(v, n: int, name: str) -> tuple[int, ...]:
@@ -146,7 +166,7 @@ class Conv(nn.Module):
         # ``<name>.kernel`` like torch's ``<name>.weight``, with no extra scope in between.
         in_ch = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
+        dtype = compute_dtype(f"Conv({self.name})", self.dtype, x=x)  # None: the input's (bf16 in, bf16 out)
         n = len(ks)
         spatial = "".join("DHW"[3 - n :])
         strides = _tuple(self.stride, n, "stride")
@@ -182,8 +202,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = compute_dtype(f"Linear({self.name})", self.dtype, x=x)  # None: the input's (bf16 in, bf16 out)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype  # None: compute in the input's dtype (bf16 in, bf16 out)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
@@ -200,10 +220,17 @@ class BatchNorm(nn.Module):
       affine: learnable ``scale``/``bias`` (torch ``weight``/``bias``).
       axis_name: collective axis for cross-device statistics under ``shard_map``/``pmap``. Under
         ``jax.jit`` with a sharded batch the statistics are already global.
+      axis_index_groups: device groups that share statistics (``jax.lax.pmean``'s argument).
+
+    Every block that holds a BatchNorm (``CBAM``, ``SELayer``'s residual blocks, ``SEResNet``,
+    ``RCCAModule``...) has ``axis_name`` and ``axis_index_groups`` attributes too: a BatchNorm whose
+    own ``axis_name`` is ``None`` takes them from the nearest enclosing flax_attn block that sets
+    one, so ``SEResNet(..., axis_name="batch")`` reaches every BatchNorm in every residual block.
       scale_init: e.g. ``zeros`` for the zero-init BN of non-local blocks.
 
-    Call with ``train=True`` to normalise with batch statistics and update ``batch_stats``
-    (``mutable=['batch_stats']``); the running variance is updated with the unbiased batch
+    ``train`` (constructor attribute or call argument, see :func:`merge_train`): ``True``
+    normalises with batch statistics and updates ``batch_stats`` (``mutable=['batch_stats']``),
+    as ``nn.BatchNorm(use_running_average=False)`` does; the running variance is updated with the unbiased batch
     variance, exactly as PyTorch does. Statistics are computed in float32 (float64 for float64 inputs).
     """
 
@@ -215,9 +242,13 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     scale_init: Any = nn.initializers.ones
     bias_init: Any = nn.initializers.zeros
+    axis_index_groups: Any = None
+    train: bool | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
+        dtype = compute_dtype(f"BatchNorm({self.name})", self.dtype, x=x)
         c = x.shape[-1]
         mean_var = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         var_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -229,13 +260,14 @@ class BatchNorm(nn.Module):
             n = 1
             for a in axes:
                 n *= x.shape[a]
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-                n = n * jax.lax.psum(1, self.axis_name)
+            axis_name, groups = self._collective_axis()
+            if axis_name is not None:
+                mean = jax.lax.pmean(mean, axis_name, axis_index_groups=groups)
+                n = n * jax.lax.psum(1, axis_name, axis_index_groups=groups)
             # Two-pass variance keeps float32 parity with torch (E[x^2] - E[x]^2 loses digits).
             var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
+            if axis_name is not None:
+                var = jax.lax.pmean(var, axis_name, axis_index_groups=groups)
             if not self.is_initializing():
                 unbiased = var * (n / max(n - 1, 1))
                 mean_var.value = (1 - self.momentum) * mean_var.value + self.momentum * mean
@@ -246,7 +278,20 @@ class BatchNorm(nn.Module):
         if self.affine:
             y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(sdt)
             y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(sdt)
-        return y.astype(self.dtype or x.dtype)
+        return y.astype(dtype)
+
+    def _collective_axis(self):
+        """``(axis_name, axis_index_groups)``: this layer's, else the nearest enclosing block's."""
+        if self.axis_name is not None:
+            return self.axis_name, self.axis_index_groups
+        parent = self.parent
+        while isinstance(parent, nn.Module):
+            # Only the library's own blocks pass theirs down: a user's module may use `axis_name`
+            # for something else (a vmapped ensemble, a metrics pmean).
+            if type(parent).__module__.startswith("flax_attn.") and getattr(parent, "axis_name", None) is not None:
+                return parent.axis_name, getattr(parent, "axis_index_groups", None)
+            parent = parent.parent
+        return None, None
 
 
 class LayerNorm(nn.LayerNorm):

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.non_local import NON_LOCAL_MODES, non_local_attention
 
@@ -64,7 +65,7 @@ class NonLocalBlockND(nn.Module):
         pooled input), ``"dot_product"`` or ``"concatenation"`` (``concat_project.0``: 1x1 conv on
         ``[theta; phi]`` + ReLU).
 
-    Call: ``(x, return_nl_map=False, *, train=False)`` with ``x`` ``(B, *spatial, C)``; returns ``z``
+    Call: ``(x, return_nl_map=False, train=None)`` with ``x`` ``(B, *spatial, C)``; returns ``z``
     of the same shape, or ``(z, nl_map)`` with ``nl_map`` ``(B, N, M)`` the normalised affinities
     (``N`` positions, ``M`` key positions after sub-sampling), as the official ``return_nl_map``.
 
@@ -86,6 +87,9 @@ class NonLocalBlockND(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @property
     def _inter(self) -> int:
@@ -128,10 +132,11 @@ class NonLocalBlockND(nn.Module):
                     )
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_nl_map: bool = False, *, train: bool = False):
+    def __call__(self, x: jax.Array, return_nl_map: bool = False, train: bool | None = None):
+        train = merge_train(self, train)
         self._check(x)
         d, inter = self.dimension, self._inter
-        dtype = self.dtype or x.dtype
+        dtype = compute_dtype(type(self).__name__, self.dtype, x=x)
         x = x.astype(dtype)
         b = x.shape[0]
 
@@ -186,6 +191,8 @@ class NONLocalBlock2D(NonLocalBlockND):
     """:class:`NonLocalBlockND` on images ``(B, H, W, C)`` (official ``NONLocalBlock2D``)."""
 
     dimension: int = 2
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
 
 class NONLocalBlock3D(NonLocalBlockND):
@@ -206,7 +213,7 @@ class NonLocalMNISTNet(nn.Module):
     Attributes:
       dropout: rate of the head's dropout (official 0.5; active with ``train=True``, rng ``dropout``).
 
-    Call: ``(x (B, 28, 28, 1), return_nl_map=False, *, train=False)`` returns logits ``(B, 10)``, or
+    Call: ``(x (B, 28, 28, 1), return_nl_map=False, train=None)`` returns logits ``(B, 10)``, or
     ``(logits, [nl_map_1 (B, 196, 49), nl_map_2 (B, 49, 9)])`` like ``forward_with_nl_map``.
 
     Example:
@@ -222,6 +229,9 @@ class NonLocalMNISTNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -232,8 +242,10 @@ class NonLocalMNISTNet(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_nl_map: bool = False, *, train: bool = False):
+    def __call__(self, x: jax.Array, return_nl_map: bool = False, train: bool | None = None):
+        train = merge_train(self, train)
         where = "NonLocalMNISTNet"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
             raise ValueError(
                 f"{where}: `x` must be (batch, 28, 28, 1) (the head is fixed to 128x3x3), got shape {x.shape}"

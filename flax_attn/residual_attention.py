@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.resize import interpolate
 
@@ -43,7 +44,7 @@ class ResidualBlock(nn.Module):
       input_channels, output_channels: channels in and out (``output_channels`` divisible by 4).
       stride: of the 3x3 conv and the shortcut.
 
-    Call: ``(x (B, H, W, input_channels), *, train=False)`` -> ``(B, Ho, Wo, output_channels)``.
+    Call: ``(x (B, H, W, input_channels), train=None)`` -> ``(B, Ho, Wo, output_channels)``.
     """
 
     input_channels: int
@@ -53,10 +54,15 @@ class ResidualBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "ResidualBlock"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.output_channels % 4 or self.output_channels <= 0:
             raise ValueError(f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4")
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
@@ -122,6 +128,7 @@ class _AttentionModuleBase(nn.Module):
 
     def _check(self, x):
         where = type(self).__name__
+        compute_dtype(where, self.dtype, x=x)
         if self.in_channels != self.out_channels:
             raise ValueError(
                 f"{where}: `in_channels`={self.in_channels} must equal `out_channels`={self.out_channels} "
@@ -145,7 +152,7 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
       size1, size2, size3: the upsampling targets: the input size and its successive pooled sizes
         (``(n + 1) // 2`` per pooling, e.g. 56, 28, 14; 13x17 -> (13, 17), (7, 9), (4, 5)).
 
-    Call: ``(x (B, H, W, C), *, train=False)`` -> ``(B, H, W, C)``.
+    Call: ``(x (B, H, W, C), train=None)`` -> ``(B, H, W, C)``.
 
     Example:
       >>> m = AttentionModule_stage1(16, 16, size1=(13, 17), size2=(7, 9), size3=(4, 5))
@@ -157,9 +164,13 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
     size1: tuple[int, int] = (56, 56)
     size2: tuple[int, int] = (28, 28)
     size3: tuple[int, int] = (14, 14)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         self._check(x)
         rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
         x = rb("first_residual_blocks", x)
@@ -187,9 +198,13 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     size1: tuple[int, int] = (28, 28)
     size2: tuple[int, int] = (14, 14)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         self._check(x)
         rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
         x = rb("first_residual_blocks", x)
@@ -212,9 +227,13 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
     """
 
     size1: tuple[int, int] = (14, 14)
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         self._check(x)
         rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
         x = rb("first_residual_blocks", x)
@@ -232,13 +251,15 @@ class _ResidualAttentionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("conv1|mpool2")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = type(self).__name__
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         if x.shape[1:] != (224, 224, 3):
@@ -279,7 +300,7 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the re
     attention module per stage (stage1 at 56x56, stage2 at 28x28, stage3 at 14x14), three residual
     blocks at 7x7, BN-ReLU-avgpool and ``fc``. ``num_classes`` defaults to the reference's 10.
 
-    Call: ``(x (B, 224, 224, 3), *, train=False)`` -> logits ``(B, num_classes)``.
+    Call: ``(x (B, 224, 224, 3), train=None)`` -> logits ``(B, num_classes)``.
 
     Example:
       >>> model = ResidualAttentionModel_56()
@@ -287,6 +308,8 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the re
     """
 
     depth: int = 56
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
 
 class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
@@ -294,3 +317,5 @@ class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the re
     ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added."""
 
     depth: int = 92
+    axis_name: str | None = None
+    axis_index_groups: Any = None

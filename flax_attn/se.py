@@ -26,10 +26,10 @@ import jax.numpy as jnp
 
 from flax_attn import backbones
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear
+from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 
 __all__ = [
@@ -119,6 +119,7 @@ class SELayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "conv", "timm")
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -138,8 +139,10 @@ class SELayer(nn.Module):
         return sequential_rules("fc")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SELayer"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.se_style not in _SE_STYLES:
             raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {self.se_style!r}")
         check_rank(where, "x", x, 4, _NHWC)
@@ -282,6 +285,9 @@ class SEResNet(nn.Module):
 
     # The default se_style's layout first (timm here, unlike the blocks): what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("timm", "senet")
+    train: bool | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -293,8 +299,10 @@ class SEResNet(nn.Module):
         return sequential_rules(r"layer\d")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "SEResNet"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         _check_style(where, self.se_style)
         if self.block not in _BLOCKS:
             raise ValueError(f"{where}: `block` must be one of {tuple(_BLOCKS)}, got {self.block!r}")

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
-from flax_attn.layers import Conv, Linear
+from flax_attn.layers import Conv, Linear, merge_train
 from flax_attn.ops.checks import check_rank
-from flax_attn.ops.dtypes import statistics_dtype
+from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
 from flax_attn.ops.sampling import affine_grid, grid_sample
 
@@ -65,6 +65,8 @@ class SpatialTransformer(nn.Module):
       output_size: ``(Ho, Wo)`` of the warped output (default: the input's ``H, W``).
       mode, padding_mode, align_corners: as in ``torch.nn.functional.grid_sample``
         (PyTorch defaults: ``"bilinear"``, ``"zeros"``, False).
+      dtype: compute dtype of the sampling and of the output (``None``: the input's); the
+        localisation network has its own ``dtype``. The grid is float32 whatever it is.
 
     The localisation network's variables sit under ``localization`` in Flax; its torch keys are
     used as they are (the wrapper adds no prefix), matching the tutorial's flat ``Net``.
@@ -85,6 +87,8 @@ class SpatialTransformer(nn.Module):
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     align_corners: bool = False
+    dtype: Any = None
+    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("tutorial",)
 
@@ -93,8 +97,10 @@ class SpatialTransformer(nn.Module):
         return [Rename(r"localization\.(.*)", r"\1")]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_theta: bool = False):
+    def __call__(self, x: jax.Array, train: bool | None = None, *, return_theta: bool = False):
+        train = merge_train(self, train)
         where = "SpatialTransformer"
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         theta = self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
         n = x.shape[0]
@@ -108,7 +114,7 @@ class SpatialTransformer(nn.Module):
         theta = theta.reshape(n, 2, 3).astype(jnp.promote_types(theta.dtype, jnp.float32))
         ho, wo = (x.shape[1], x.shape[2]) if self.output_size is None else tuple(self.output_size)
         grid = affine_grid(theta, (n, ho, wo, x.shape[-1]), align_corners=self.align_corners)
-        y = grid_sample(x, grid, self.mode, self.padding_mode, self.align_corners)
+        y = grid_sample(x, grid, self.mode, self.padding_mode, self.align_corners).astype(x.dtype)
         return (y, theta) if return_theta else y
 
 
@@ -136,6 +142,7 @@ class TutorialLocalization(nn.Module):
     input_size: Sequence[int] = (28, 28)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -146,7 +153,8 @@ class TutorialLocalization(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
         where = "TutorialLocalization"
         check_rank(where, "x", x, 4, "(N, H, W, C)")
         expected = (*tuple(self.input_size), self.in_channels)
@@ -185,6 +193,7 @@ class STNTutorialNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("tutorial",)
+    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -194,11 +203,13 @@ class STNTutorialNet(nn.Module):
         ]
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        train = merge_train(self, train)
+        x = x.astype(compute_dtype("STNTutorialNet", self.dtype, x=x))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         theta = TutorialLocalization(name="stn_loc", **kw)(x)
         theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))  # float32 sampling positions
-        x = grid_sample(x, affine_grid(theta, x.shape))
+        x = grid_sample(x, affine_grid(theta, x.shape)).astype(x.dtype)
         x = nn.relu(_max_pool2(Conv(10, 5, name="conv1", **kw)(x)))
         x = Conv(20, 5, name="conv2", **kw)(x)
         x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)  # Dropout2d: whole channels

@@ -18,7 +18,7 @@ from flax_attn.aanet import (
 from flax_attn.catalogue import Entry, register
 
 
-def _by_scale(module, cost0, cost1=None, cost2=None, cost3=None, *, train=False):
+def _by_scale(module, cost0, cost1=None, cost2=None, cost3=None, *, train=None):
     """``flax_call``: the cost volumes arrive as keyword arrays ``cost0``, ``cost1``, ... and the
     block takes them as one list (finest first)."""
     return module([c for c in (cost0, cost1, cost2, cost3) if c is not None], train=train)
@@ -119,12 +119,12 @@ register(
 )
 
 
-def _by_level(module, x0, x1, x2, *, train=False):
+def _by_level(module, x0, x1, x2, *, train=None):
     """``flax_call``: the pyramid levels as keyword arrays ``x0..x2``, the FPN takes one list."""
     return module([x0, x1, x2], train=train)
 
 
-def _left_right_by_scale(module, left0, left1, left2, right0, right1, right2, *, train=False):
+def _left_right_by_scale(module, left0, left1, left2, right0, right1, right2, *, train=None):
     """``flax_call``: ``left0..2`` and ``right0..2`` keyword arrays, the pyramid takes two lists."""
     return module([left0, left1, left2], [right0, right1, right2], train=train)
 

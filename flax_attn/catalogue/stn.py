@@ -21,7 +21,9 @@ def _spatial_transformer(
     """The reference's ``SpatialTransformer``: a :class:`SpatialTransformer` around the tutorial's
     :class:`TutorialLocalization`, built from the reference's flat constructor arguments."""
     loc = TutorialLocalization(in_channels=in_channels, input_size=input_size, dtype=dtype, param_dtype=param_dtype)
-    return SpatialTransformer(localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    return SpatialTransformer(
+        localization=loc, mode=mode, padding_mode=padding_mode, align_corners=align_corners, dtype=dtype
+    )
 
 
 register(

@@ -47,6 +47,7 @@ __all__ = [
     "Permute",
     "Rename",
     "Reshape",
+    "Stacked",
     "StateDictMismatchError",
     "Transform",
     "from_torch",
@@ -211,14 +212,28 @@ def sequential_rules(*names: str, depth: int = 4) -> list[Rename]:
     return rules
 
 
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+    """Submodule ``name`` is an ``nn.scan`` stack: each of its variables has a leading layer axis,
+    and layer ``i`` is torch's ``<name>.<i>.*`` (an ``nn.ModuleList``). The leaf rules and the
+    stacked module's own table apply to one layer's slice."""
+
+    name: str
+
+
 _CHUNK = re.compile(r"^(.*)\[(\d+)/(\d+)\]$")
+_LAYER = "{layer}"  # placeholder for the layer index in a stacked target's key
 
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    key: str
+    key: str  # contains _LAYER when ``stacked``
     transform: Transform
     chunk: tuple[int, int] | None  # (index, count) along torch axis 0
+    stacked: bool = False  # the Flax leaf has a leading layer axis; key is a template
+
+    def layer_key(self, i: int) -> str:
+        return self.key.replace(_LAYER, str(i))
 
 
 def _default_leaf(collection: str, leaf: str, ndim: int) -> tuple[str, Transform]:
@@ -234,13 +249,13 @@ def _default_leaf(collection: str, leaf: str, ndim: int) -> tuple[str, Transform
 def _normalise_rules(rules) -> tuple:
     out = []
     for r in rules or ():
-        if isinstance(r, (Rename, Ignore)):
+        if isinstance(r, (Rename, Ignore, Stacked)):
             out.append(r)
         elif isinstance(r, tuple) and len(r) in (2, 3):
             out.append(Rename(*r))
         else:
             raise TypeError(
-                f"torch_rules entries must be Rename, Ignore or (pattern, replacement[, transform]); got {r!r}"
+                f"torch_rules entries must be Rename, Ignore, Stacked or (pattern, replacement[, transform]); got {r!r}"
             )
     return tuple(out)
 
@@ -281,11 +296,21 @@ def _trace(module: nn.Module, layout: str | None, args, kwargs):
 
 def _resolve(flax_key: tuple[str, ...], ndim: int, tables) -> _Target:
     collection, *mods, leaf = flax_key
-    name, transform = _default_leaf(collection, leaf, ndim)
+    # A Stacked scope above the leaf: one layer's slice drops the leading axis.
+    stacked_at = next(
+        (
+            d
+            for d in range(len(mods))
+            if any(isinstance(r, Stacked) and r.name == mods[d] for r in tables.get(tuple(mods[:d]), ()))
+        ),
+        None,
+    )
+    stacked = stacked_at is not None
+    name, transform = _default_leaf(collection, leaf, ndim - 1 if stacked else ndim)
     chunk = None
     for depth in range(len(mods), -1, -1):
         if depth < len(mods):
-            name = f"{mods[depth]}.{name}"
+            name = f"{mods[depth]}.{_LAYER}.{name}" if depth == stacked_at else f"{mods[depth]}.{name}"
         for rule in tables.get(tuple(mods[:depth]), ()):
             if isinstance(rule, Rename):
                 m = re.fullmatch(rule.pattern, name)
@@ -297,7 +322,7 @@ def _resolve(flax_key: tuple[str, ...], ndim: int, tables) -> _Target:
                     if rule.transform is not None:
                         transform = rule.transform
                     break
-    return _Target(name, transform, chunk)
+    return _Target(name, transform, chunk, stacked)
 
 
 def _ignores(tables) -> list[str]:
@@ -321,7 +346,9 @@ def mapping(
     out = {}
     for key, sds in _flax_paths(shapes, collections).items():
         t = _resolve(key, len(sds.shape), tables)
-        out["/".join(key)] = t.key + (f"[{t.chunk[0]}/{t.chunk[1]}]" if t.chunk else "")
+        out["/".join(key)] = t.key.replace(_LAYER, f"{{0..{sds.shape[0] - 1}}}") + (
+            f"[{t.chunk[0]}/{t.chunk[1]}]" if t.chunk else ""
+        )
     return out
 
 
@@ -380,6 +407,42 @@ def _torch_shape(target: _Target, flax_shape) -> tuple:
 # --------------------------------------------------------------------------- conversion
 
 
+def _load_leaf(sd, target: _Target, torch_key: str, flax_path: str, sds, report: ConversionReport, consumed):
+    """One Flax leaf (or one layer's slice of a stacked leaf) from ``sd[torch_key]``; ``None`` and
+    an entry in ``report`` when it does not fit."""
+    if torch_key not in sd:
+        report.missing.append((flax_path, torch_key, _torch_shape(target, sds.shape)))
+        return None
+    consumed.add(torch_key)
+    arr = sd[torch_key]
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+        report.bad_dtype.append((torch_key, str(arr.dtype), flax_path))
+        return None
+    expected = _torch_shape(target, sds.shape)
+    piece = arr
+    try:
+        if tuple(arr.shape) != expected:
+            raise ValueError("shape")
+        if target.chunk:
+            i, n = target.chunk
+            piece = np.split(arr, n, axis=0)[i]
+        piece = target.transform.to_flax(piece)
+    except ValueError:
+        # The chunks of one fused tensor (in_proj_bias [i/3]) share its shape: report it once.
+        if torch_key not in {m[2] for m in report.mismatched}:
+            report.mismatched.append((flax_path, tuple(sds.shape), torch_key, tuple(arr.shape), expected))
+        return None
+    piece = np.asarray(piece, dtype=np.float32) if arr.dtype.name == "bfloat16" else piece
+    with np.errstate(over="ignore"):
+        cast = np.asarray(piece).astype(sds.dtype)
+    if not np.array_equal(np.isfinite(cast), np.isfinite(piece)):
+        # A float64 1e300 would silently become inf in float32.
+        report.overflow.append((torch_key, str(arr.dtype), str(np.dtype(sds.dtype)), flax_path))
+        return None
+    report.loaded += 1
+    return jnp.asarray(cast, dtype=sds.dtype)
+
+
 def from_torch(
     module: nn.Module,
     state_dict: Mapping[str, Any] | str | os.PathLike,
@@ -416,37 +479,18 @@ def from_torch(
     for key, sds in _flax_paths(shapes, collections).items():
         target = _resolve(key, len(sds.shape), tables)
         flax_path = "/".join(key)
-        if target.key not in sd:
-            report.missing.append((flax_path, target.key, _torch_shape(target, sds.shape)))
+        if target.stacked:
+            layer_shape = jax.ShapeDtypeStruct(tuple(sds.shape[1:]), sds.dtype)
+            layers = [
+                _load_leaf(sd, target, target.layer_key(i), f"{flax_path}[{i}]", layer_shape, report, consumed)
+                for i in range(sds.shape[0])
+            ]
+            if all(x is not None for x in layers):
+                flat_out[key] = jnp.stack(layers)
             continue
-        consumed.add(target.key)
-        arr = sd[target.key]
-        if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
-            report.bad_dtype.append((target.key, str(arr.dtype), flax_path))
-            continue
-        expected = _torch_shape(target, sds.shape)
-        piece = arr
-        try:
-            if tuple(arr.shape) != expected:
-                raise ValueError("shape")
-            if target.chunk:
-                i, n = target.chunk
-                piece = np.split(arr, n, axis=0)[i]
-            piece = target.transform.to_flax(piece)
-        except ValueError:
-            # The chunks of one fused tensor (in_proj_bias [i/3]) share its shape: report it once.
-            if target.key not in {m[2] for m in report.mismatched}:
-                report.mismatched.append((flax_path, tuple(sds.shape), target.key, tuple(arr.shape), expected))
-            continue
-        piece = np.asarray(piece, dtype=np.float32) if arr.dtype.name == "bfloat16" else piece
-        with np.errstate(over="ignore"):
-            cast = np.asarray(piece).astype(sds.dtype)
-        if not np.array_equal(np.isfinite(cast), np.isfinite(piece)):
-            # A float64 1e300 would silently become inf in float32.
-            report.overflow.append((target.key, str(arr.dtype), str(np.dtype(sds.dtype)), flax_path))
-            continue
-        flat_out[key] = jnp.asarray(cast, dtype=sds.dtype)
-        report.loaded += 1
+        piece = _load_leaf(sd, target, target.key, flax_path, sds, report, consumed)
+        if piece is not None:
+            flat_out[key] = piece
     ignores = [re.compile(p) for p in (r"(^|\.)num_batches_tracked$", *_ignores(tables))]
     for k, v in sd.items():
         if k not in consumed and not any(p.search(k) for p in ignores):
@@ -493,13 +537,15 @@ def to_torch(
         if tuple(arr.shape) != tuple(sds.shape):
             raise ValueError(f"to_torch: {'/'.join(key)} has shape {arr.shape}, the module expects {tuple(sds.shape)}")
         target = _resolve(key, arr.ndim, tables)
-        t = target.transform.to_torch(arr)
-        if target.chunk:
-            i, n = target.chunk
-            pieces.setdefault(target.key, {})[i] = t
-            counts[target.key] = n
-        else:
-            out[target.key] = np.ascontiguousarray(t)
+        slices = [(target.layer_key(i), a) for i, a in enumerate(arr)] if target.stacked else [(target.key, arr)]
+        for torch_key, a in slices:
+            t = target.transform.to_torch(a)
+            if target.chunk:
+                i, n = target.chunk
+                pieces.setdefault(torch_key, {})[i] = t
+                counts[torch_key] = n
+            else:
+                out[torch_key] = np.ascontiguousarray(t)
     for name, parts in pieces.items():
         if sorted(parts) != list(range(counts[name])):
             raise ValueError(f"to_torch: fused {name!r} needs chunks 0..{counts[name] - 1}, got {sorted(parts)}")
