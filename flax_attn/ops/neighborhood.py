@@ -382,13 +382,17 @@ def _window_weights(weights, plans):
     return w.reshape(*lead, -1)
 
 
-def neighborhood_attention_nd(q, k, v, plans, *, scale, rpb=None, key_mask=None, return_weights=False):
+def neighborhood_attention_nd(
+    q, k, v, plans, *, scale, rpb=None, key_mask=None, return_weights=False, dropout_rate=0.0, dropout_rng=None
+):
     """The XLA neighbourhood attention for any number of spatial axes, one :class:`AxisPlan` each.
 
     ``q`` is ``(B, *Lq, heads, D)`` with ``Lq[i] = plans[i].length``; ``k``, ``v`` are
     ``(B, *L, heads, D)``; ``rpb`` (``(heads, 2k_1 - 1, ...)``) is added to the scaled logits;
     ``key_mask`` ``(B, *L)`` (True = may be attended) masks keys; a query left with no key gets a
-    zero output and zero weights. Logits, softmax and the weighted sum run in float32.
+    zero output and zero weights. ``dropout_rate`` > 0 with a ``dropout_rng`` drops weights (scaled
+    by ``1 / (1 - rate)``) before they weight the values; returned weights are the undropped ones.
+    Logits, softmax and the weighted sum run in float32.
 
     A scan over the first axis's window offsets keeps one slab of keys alive at a time (recomputed,
     not saved, for the backward pass); the other axes' offsets are static slices inside it.
@@ -419,8 +423,12 @@ def neighborhood_attention_nd(q, k, v, plans, *, scale, rpb=None, key_mask=None,
         mask = kmask if mask is None else mask & kmask
     weights = jax.nn.softmax(logits, axis=-1) if mask is None else _masked_softmax(logits, mask)
 
+    used = weights
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        used = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     t1 = plans[0].n_offsets
-    w_rows = jnp.moveaxis(weights.reshape(*weights.shape[:-1], t1, -1), -2, 0)
+    w_rows = jnp.moveaxis(used.reshape(*used.shape[:-1], t1, -1), -2, 0)
 
     @jax.checkpoint
     def output_row(acc, xs):
@@ -507,20 +515,45 @@ def check_na_args(where, n, q, k, v, kernel_size, stride, dilation, is_causal, s
     return ks, st, dl, ca
 
 
-def _na(n, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation):
+def _na(
+    n,
+    q,
+    k,
+    v,
+    kernel_size,
+    stride,
+    dilation,
+    is_causal,
+    scale,
+    rpb,
+    key_mask,
+    return_weights,
+    implementation,
+    dropout_rate=0.0,
+    dropout_rng=None,
+):
     where = f"na{n}d"
     ks, st, dl, ca = check_na_args(where, n, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, key_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not (
+        isinstance(dropout_rate, (int, float)) and not isinstance(dropout_rate, bool) and 0.0 <= dropout_rate < 1.0
+    ):
+        raise ValueError(f"{where}: `dropout_rate` must be a float in [0, 1), got {dropout_rate!r}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"{where}: `dropout_rate`={dropout_rate} needs a `dropout_rng`, got None")
     allowed = ("xla", "pallas") if n == 2 else ("xla",)
     if implementation is not None and implementation not in allowed:
         raise ValueError(f"{where}: `implementation` must be one of {(None, *allowed)}, got {implementation!r}")
     if implementation is None:
         # The verified-only table: XLA unless a hardware run recorded the kernel as correct and faster.
-        implementation = "xla" if n != 2 or return_weights else resolve_implementation(where, "neighborhood", None)
+        xla_only = n != 2 or return_weights or dropout_rate > 0.0
+        implementation = "xla" if xla_only else resolve_implementation(where, "neighborhood", None)
     if implementation == "pallas":
-        if return_weights:
-            raise ValueError(f"{where}: the Pallas kernel does not return weights; use implementation='xla'")
+        if return_weights or dropout_rate > 0.0:
+            raise ValueError(
+                f"{where}: the Pallas kernel has no weights output and no attention dropout; use implementation='xla'"
+            )
         try:
             from flax_attn.kernels.neighborhood import na2d_pallas
         except ImportError:
@@ -561,6 +594,8 @@ def na1d(
     key_mask: jax.Array | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ):
     """1-D neighbourhood attention: :func:`na2d` on ``(batch, L, heads, head_dim)`` (no Pallas kernel).
 
@@ -570,7 +605,7 @@ def na1d(
       (2, 11, 2, 8)
     """
     args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(1, q, k, v, *args)
+    return _na(1, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def na2d(
@@ -587,6 +622,8 @@ def na2d(
     key_mask: jax.Array | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ):
     """2-D neighbourhood attention with NATTEN 0.21's semantics (``natten.na2d``), plus
     relative positional bias, a key mask and the attention weights.
@@ -614,6 +651,8 @@ def na2d(
       return_weights: also return the weights ``(batch, H, W, heads, k_1 * ... * k_n)``, each
         query's window in row-major order (a causal window's ``t``-th entry is key
         ``leader - k + 1 + t``; entries outside the query's keys are 0).
+      dropout_rate, dropout_rng: attention dropout on the weights (NAT's ``attn_drop``), active when
+        ``dropout_rate > 0``; the returned weights are the undropped ones.
       implementation: ``None`` (the verified-only table: XLA unless a hardware run recorded the
         kernel), ``"xla"`` or ``"pallas"`` (``flax_attn.kernels.neighborhood.na2d_pallas``; no weights).
 
@@ -632,7 +671,7 @@ def na2d(
       (2, 13, 17, 2, 8)
     """
     args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(2, q, k, v, *args)
+    return _na(2, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def na3d(
@@ -649,6 +688,8 @@ def na3d(
     key_mask: jax.Array | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ):
     """3-D neighbourhood attention: :func:`na2d` on ``(batch, T, H, W, heads, head_dim)`` (no Pallas kernel).
 
@@ -658,7 +699,7 @@ def na3d(
       (2, 4, 7, 9, 2, 8)
     """
     args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(3, q, k, v, *args)
+    return _na(3, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def neighborhood_attention(
