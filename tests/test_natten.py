@@ -232,3 +232,22 @@ def test_pallas_without_the_2d_kernel_is_a_clear_error():
     q, k, v = _inputs((9, 10))
     with pytest.raises(NotImplementedError, match="na2d_pallas"):
         na2d(q, k, v, 3, implementation="pallas")
+
+
+def test_attention_dropout_is_unbiased_and_keyed():
+    q, k, v = _inputs((9,), seed=8)
+    clean = na1d(q, k, v, 3)
+
+    def dropped(key):
+        return na1d(q, k, v, 3, dropout_rate=0.5, dropout_rng=key)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    outs = jax.jit(jax.vmap(dropped))(keys)
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(dropped(keys[0])))
+    assert not np.allclose(np.asarray(outs[0]), np.asarray(outs[1]))
+    # 1 / (1 - rate) scaling keeps the expectation: the mean of 400 draws is within ~4 sigma.
+    np.testing.assert_allclose(np.asarray(outs.mean(0)), np.asarray(clean), atol=0.25)
+    with pytest.raises(ValueError, match="`dropout_rate`=0.5 needs a `dropout_rng`"):
+        na1d(q, k, v, 3, dropout_rate=0.5)
+    with pytest.raises(ValueError, match=re.escape("`dropout_rate` must be a float in [0, 1)")):
+        na1d(q, k, v, 3, dropout_rate=1.0, dropout_rng=keys[0])

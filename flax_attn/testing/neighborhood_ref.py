@@ -21,20 +21,22 @@ import numpy as np
 __all__ = ["dense_neighborhood_attention", "natten_mask", "window_starts"]
 
 
-def _axis_allowed(qi: int, ki: int, length: int, k: int, s: int, d: int, causal: bool) -> bool:
-    """One axis of NATTEN's flex mask for query position ``qi`` and key position ``ki``."""
-    if qi % d != ki % d:
-        return False
+def _axis_allowed(qi, ki, length: int, k: int, s: int, d: int, causal: bool):
+    """One axis of NATTEN's flex mask for query positions ``qi`` and key positions ``ki`` (ints or
+    broadcastable integer arrays; the same expressions as the flex ``mask_mod``)."""
+    qi, ki = np.asarray(qi), np.asarray(ki)
     g = qi % d
     mq, mk = qi // d, ki // d
     group_len = length // d + (1 - (g + (d - length % d)) // d)
+    same_group = g == ki % d
     if causal:
-        leader = min((mq // s) * s + s - 1, group_len - 1)
-        return mq - mk >= 0 and leader - mk < k
+        leader = np.minimum((mq // s) * s + s - 1, group_len - 1)
+        return same_group & (mq - mk >= 0) & (leader - mk < k)
     left, right = k // 2, k // 2 + (k % 2 - 1)
-    leader = min((mq // s) * s + s // 2, group_len - 1)
-    centre = min(max(leader, left), group_len - 1 - right)
-    return (0 <= centre - mk <= left) or (0 <= mk - centre <= right)
+    leader = np.minimum((mq // s) * s + s // 2, group_len - 1)
+    centre = np.clip(leader, left, group_len - 1 - right)
+    w0, w1 = centre - mk, mk - centre
+    return same_group & (((0 <= w0) & (w0 <= left)) | ((0 <= w1) & (w1 <= right)))
 
 
 def natten_mask(spatial, kernel_size, stride, dilation, is_causal) -> np.ndarray:
@@ -63,7 +65,7 @@ def window_starts(length: int, k: int, s: int, d: int, causal: bool) -> np.ndarr
     the key of window offset ``t`` is ``start + t * d``."""
     starts = []
     for qi in range(length):
-        allowed = [ki for ki in range(length) if _axis_allowed(qi, ki, length, k, s, d, causal)]
+        allowed = np.flatnonzero(_axis_allowed(qi, np.arange(length), length, k, s, d, causal))
         if causal:
             g, mq = qi % d, qi // d
             group_len = length // d + (1 - (g + (d - length % d)) // d)
