@@ -243,7 +243,8 @@ def test_attention_dropout_is_unbiased_and_keyed():
 
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
     outs = jax.jit(jax.vmap(dropped))(keys)
-    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(dropped(keys[0])))
+    # same key, same mask (vmapped and plain calls round the last bit differently)
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(dropped(keys[0])), atol=1e-6, rtol=1e-6)
     assert not np.allclose(np.asarray(outs[0]), np.asarray(outs[1]))
     # 1 / (1 - rate) scaling keeps the expectation: the mean of 400 draws is within ~4 sigma.
     np.testing.assert_allclose(np.asarray(outs.mean(0)), np.asarray(clean), atol=0.25)
