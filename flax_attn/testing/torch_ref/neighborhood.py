@@ -136,8 +136,9 @@ class NATNeighborhoodAttention(nn.Module):
 
 def nat_neighborhood_attention(embed_dim, num_heads, kernel_size, dilation=1, bias=True, na_dim=2, **kwargs):
     """Catalogue factory: the NAT-style layer with the Flax block's argument names."""
-    kwargs.pop("stride", None)
-    kwargs.pop("is_causal", None)
+    stride, causal = kwargs.pop("stride", 1), kwargs.pop("is_causal", False)
+    if stride not in (1, (1,) * na_dim) or causal not in (False, (False,) * na_dim):
+        raise ValueError(f"NAT's layer has no stride or causal mask, got stride={stride!r}, is_causal={causal!r}")
     return NATNeighborhoodAttention(
         embed_dim, kernel_size, num_heads, dilation=dilation, bias=bias, na_dim=na_dim, **kwargs
     )
