@@ -252,3 +252,13 @@ def test_attention_dropout_is_unbiased_and_keyed():
         na1d(q, k, v, 3, dropout_rate=0.5)
     with pytest.raises(ValueError, match=re.escape("`dropout_rate` must be a float in [0, 1)")):
         na1d(q, k, v, 3, dropout_rate=1.0, dropout_rng=keys[0])
+
+
+def test_clamped_take_is_take():
+    from flax_attn.ops.neighborhood import _clamped_take
+
+    x = np.random.default_rng(9).standard_normal((2, 23, 3)).astype(np.float32)
+    for length, k, s, d, c in [(23, 7, 1, 1, False), (23, 4, 3, 1, False), (23, 3, 2, 2, False), (23, 5, 1, 1, True)]:
+        p = natten_axis_plan(length, k, s, d, c)
+        idx = p.base[p.base < 23]
+        np.testing.assert_array_equal(np.asarray(_clamped_take(jnp.asarray(x), idx, axis=1)), x[:, idx])

@@ -122,6 +122,30 @@ def _static_take(x: jax.Array, idx: np.ndarray, axis: int) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
+def _clamped_take(x: jax.Array, idx: np.ndarray, axis: int) -> jax.Array:
+    """:func:`_static_take` for a clamped window table (a constant run, a strided run, a constant
+    run) as one select over a strided slice of the zero-padded input, instead of joining
+    broadcasts to a slice: XLA:CPU fuses the select into its consumer (2-D forward 1.5-3x faster
+    measured side by side; on the scanned first axis it was slower, so that one keeps the join)."""
+    runs = _arithmetic_runs(idx)
+    if not (len(runs) == 3 and runs[0][1] == 0 and runs[2][1] == 0 and runs[1][1] >= 1):
+        return _static_take(x, idx, axis)
+    (first, _, n_first), (start, step, n_mid), (last, _, _) = runs
+    n = len(idx)
+    a = start - step * n_first  # the middle run's arithmetic sequence, extended over all n
+    lo, hi = max(0, -a), max(0, a + step * (n - 1) + 1 - x.shape[axis])
+    pads = [(0, 0, 0)] * x.ndim
+    pads[axis] = (lo, hi, 0)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), pads) if lo or hi else x
+    mid = jax.lax.slice_in_dim(xp, a + lo, a + lo + step * (n - 1) + 1, step, axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = n
+    i = np.arange(n).reshape(shape)
+    head = jax.lax.slice_in_dim(x, first, first + 1, axis=axis)
+    tail = jax.lax.slice_in_dim(x, last, last + 1, axis=axis)
+    return jnp.where(i < n_first, head, jnp.where(i >= n_first + n_mid, tail, mid))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AxisPlan:
     """Static geometry of one spatial axis: which keys every query of that axis may see.
@@ -293,7 +317,7 @@ def _window_tile(src, plans, offsets):
         axis = 1 + 2 * i
         span = p.key_len - (p.n_offsets - 1) * p.step
         src = jax.lax.slice_in_dim(src, t * p.step, t * p.step + span, axis=axis)
-        src = _static_take(src, p.base, axis=axis)
+        src = (_static_take if i == 0 else _clamped_take)(src, p.base, axis=axis)
     shape = [src.shape[0]]
     for i, p in enumerate(plans):
         shape += [p.n_blocks, 1, src.shape[2 + 2 * i]]
