@@ -48,6 +48,7 @@ from flax_attn.ops import (  # noqa: E402
     neighborhood_attention,
     window_attention,
 )
+from flax_attn.testing.neighborhood_ref import dense_neighborhood_attention  # noqa: E402
 from flax_attn.testing.timing import time_jax, time_torch  # noqa: E402
 
 # HBM bandwidth by device kind (bytes/s), for the roofline bound; "-" for devices not listed.
@@ -70,49 +71,13 @@ GEOMETRY = {
 NA2D_OPTIONS = dict(stride=(1, 2), dilation=(1, 2), is_causal=(True, False))
 
 
-def natten_window_mask(size, k, stride, dilation, causal) -> np.ndarray:
-    """``(size, size)`` bool, ``[query, key]``: NATTEN's window rule along one axis, vectorised."""
-    x = np.arange(size)
-    g, i = x % dilation, x // dilation
-    n = (size - 1 - g) // dilation + 1  # positions in each query's dilation group
-    first = (i // stride) * stride
-    if causal:
-        leader = np.minimum(first + stride - 1, n - 1)
-        lo, hi = np.maximum(leader - k + 1, 0), i
-    else:
-        leader = np.minimum(first + stride // 2, n - 1)
-        lo = np.clip(leader, k // 2, n - 1 - (k // 2 + k % 2 - 1)) - k // 2
-        hi = lo + k - 1
-    j = x[None, :] // dilation
-    same = (x[None, :] % dilation) == g[:, None]
-    return same & (j >= lo[:, None]) & (j <= hi[:, None])
-
-
-def natten_rpb_index(size, k, dilation) -> np.ndarray:
-    """``(size, size)`` int: NAT's bias index ``key - query + k - 1`` in dilation-group coordinates."""
-    grp = np.arange(size) // dilation
-    return np.clip(grp[None, :] - grp[:, None] + k - 1, 0, 2 * k - 2)
-
-
 def dense_na2d(q, k, v, rpb, key_mask, *, kernel_size, stride, dilation, is_causal):
-    """Dense masked attention over all H * W keys with NATTEN's window (and NAT's rpb) as the mask."""
-    b, h, w, n, d = q.shape
+    """Dense masked attention over all H * W keys with NATTEN's window (and NAT's rpb) as the mask:
+    :func:`flax_attn.testing.neighborhood_ref.dense_neighborhood_attention` in the compute dtype."""
     pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
     ks, st, dil, causal = (pair(a) for a in (kernel_size, stride, dilation, is_causal))
-    allowed = (
-        natten_window_mask(h, ks[0], st[0], dil[0], causal[0])[:, None, :, None]
-        & natten_window_mask(w, ks[1], st[1], dil[1], causal[1])[None, :, None, :]
-    ).reshape(h * w, h * w)
-    ih, iw = natten_rpb_index(h, ks[0], dil[0]), natten_rpb_index(w, ks[1], dil[1])
-    bias = rpb.astype(jnp.float32)[:, ih[:, None, :, None], iw[None, :, None, :]].reshape(n, h * w, h * w)
-    mask = jnp.asarray(allowed)[None, None] & key_mask.reshape(b, 1, 1, h * w)
-    logits = jnp.einsum("bqnd,bknd->bnqk", *(x.reshape(b, h * w, n, d) for x in (q, k)),
-                        preferred_element_type=jnp.float32) * d**-0.5 + bias[None]  # fmt: skip
-    logits = jnp.where(mask, logits, -1e30)
-    p = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))), 0.0)
-    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    out = jnp.einsum("bnqk,bknd->bqnd", p.astype(v.dtype), v.reshape(b, h * w, n, d))
-    return out.reshape(q.shape)
+    out = dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask)
+    return out.astype(q.dtype)
 
 
 def na2d_key_mask(g) -> jnp.ndarray:

@@ -27,21 +27,16 @@ and dense (non-local) attention on the same input: 56x56, C = 256, 8 heads. Tabl
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from device_check import dense_na2d  # noqa: E402  (NATTEN's window as a dense mask: one copy)
-
-from flax_attn import ops as _ops  # noqa: E402
-from flax_attn.kernels.neighborhood import na2d_pallas  # noqa: E402
-from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention  # noqa: E402
-from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch  # noqa: E402
+from flax_attn import ops as _ops
+from flax_attn.kernels.neighborhood import na2d_pallas
+from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
+from flax_attn.testing.neighborhood_ref import dense_neighborhood_attention
+from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -235,7 +230,7 @@ def na2d(smoke: bool):
             m = mask if opts.get("key_mask") else jnp.ones_like(mask)
             extra = dict(rpb=rpb if opts.get("rpb") else None, key_mask=mask if opts.get("key_mask") else None)
             impls = [  # dense first: the other rows' ratios refer to it
-                ("dense masked (XLA)", lambda q, k, v, kw=kw, r=r, m=m: dense_na2d(q, k, v, r, m, **kw)),
+                ("dense masked (XLA)", lambda q, k, v, kw=kw, r=r, m=m: _dense(q, k, v, r, m, **kw)),
                 ("pallas na2d_pallas", lambda q, k, v, kw=kw, extra=extra: na2d_pallas(q, k, v, **kw, **extra)),
             ]
             if hasattr(_ops, "na2d"):
@@ -295,6 +290,13 @@ def main():
     else:
         gpu()
         cpu_memory()
+
+
+def _dense(q, k, v, rpb, key_mask, *, kernel_size, stride, dilation, is_causal):
+    """Dense masked attention with NATTEN's window as the mask (the yardstick row)."""
+    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
+    ks, st, dil, causal = (pair(a) for a in (kernel_size, stride, dilation, is_causal))
+    return dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask).astype(q.dtype)
 
 
 if __name__ == "__main__":

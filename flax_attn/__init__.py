@@ -32,6 +32,12 @@ from flax_attn.detr import (
 from flax_attn.eca import ECALayer
 from flax_attn.gcnet import ContextBlock
 from flax_attn.hard_attention import RecurrentAttention, ram_hybrid_loss
+from flax_attn.neighborhood import (
+    NeighborhoodAttention,
+    NeighborhoodAttention1D,
+    NeighborhoodAttention2D,
+    NeighborhoodAttention3D,
+)
 from flax_attn.non_local import (
     NONLocalBlock1D,
     NONLocalBlock2D,
@@ -81,6 +87,10 @@ __all__ = [
     "ECALayer",
     "ModulatedDeformConv2dPack",
     "MultiheadAttention",
+    "NeighborhoodAttention",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
     "NONLocalBlock1D",
     "NONLocalBlock2D",
     "NONLocalBlock3D",

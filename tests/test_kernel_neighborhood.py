@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 from flax_attn.kernels import BlockSizes
 from flax_attn.kernels.neighborhood import na2d_pallas, neighborhood_attention_pallas
 from flax_attn.ops import neighborhood_attention
+from flax_attn.testing.neighborhood_ref import dense_neighborhood_attention
 
 
 def _inputs(shape, stride, dtype, seed=0):
@@ -184,10 +185,9 @@ def test_compiled_tpu():
 
 # --------------------------------------------------------------------------- na2d_pallas (NATTEN semantics)
 #
-# REFERENCE (test-only, deliberately small): dense masked attention whose mask is NATTEN's window
-# rule written out in numpy loops, with NAT's relative positional bias. When issue 13's XLA op
-# (`flax_attn.ops.na2d`) lands, the comparisons below switch to it; `_natten_window` stays as the
-# independent statement of the rule (and is itself checked against `natten` where installed).
+# REFERENCE: the library's dense masked attention (flax_attn.testing.neighborhood_ref: NATTEN's mask,
+# NAT's rpb). `_natten_window` below is a second, loop-by-loop statement of NATTEN's rule that the
+# kernel's window predicate is checked against (and that is itself checked against `natten`).
 
 
 def _natten_window(size, k, stride, dilation, causal):
@@ -218,27 +218,11 @@ def _pair(x):
 
 
 def _dense_na2d(q, k, v, *, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, key_mask=None):
-    """Dense reference of ``na2d_pallas`` in float32 (see the REFERENCE note above)."""
-    b, h, w, n, d = q.shape
+    """The library's dense reference (:mod:`flax_attn.testing.neighborhood_ref`, itself checked
+    against natten and against ``ops.na2d`` in tests/test_natten.py) with per-axis pairs."""
     ks, st, dil, causal = (_pair(a) for a in (kernel_size, stride, dilation, is_causal))
-    ah, oh = _natten_window(h, ks[0], st[0], dil[0], causal[0])
-    aw, ow = _natten_window(w, ks[1], st[1], dil[1], causal[1])
-    allowed = (ah[:, None, :, None] & aw[None, :, None, :]).reshape(h * w, h * w)
-    qf, kf, vf = (x.astype(jnp.float32).reshape(b, h * w, n, d) for x in (q, k, v))
-    logits = jnp.einsum("bqnd,bknd->bnqk", qf, kf, precision="highest") * d**-0.5
-    if rpb is not None:
-        bias = rpb.astype(jnp.float32)[:, oh[:, None, :, None], ow[None, :, None, :]]
-        logits = logits + bias.reshape(n, h * w, h * w)[None]
-    mask = jnp.asarray(allowed)[None, None]
-    if key_mask is not None:
-        mask = mask & key_mask.reshape(b, 1, 1, h * w)
-    logits = jnp.where(mask, logits, -1e30)
-    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bnqk,bknd->bqnd", p, vf, precision="highest")
-    return out.reshape(b, h, w, n, d)
+    with jax.default_matmul_precision("highest"):
+        return dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask)
 
 
 def test_natten_window_rule_hand_cases():

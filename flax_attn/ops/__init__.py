@@ -18,7 +18,7 @@ from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.danet import channel_attention, position_attention
 from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.max_pool import max_pool
-from flax_attn.ops.neighborhood import neighborhood_attention
+from flax_attn.ops.neighborhood import na1d, na2d, na3d, neighborhood_attention
 from flax_attn.ops.non_local import non_local_attention
 from flax_attn.ops.pooling import adaptive_avg_pool2d, adaptive_max_pool2d
 from flax_attn.ops.position import sine_position_embedding
@@ -52,6 +52,9 @@ __all__ = [
     "masked_softmax",
     "max_pool",
     "mix_branches",
+    "na1d",
+    "na2d",
+    "na3d",
     "neighborhood_attention",
     "non_local_attention",
     "position_attention",
