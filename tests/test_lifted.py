@@ -53,22 +53,28 @@ def test_train_positional_keyword_and_constructor_agree(entry):
     module = entry.build_flax()
     raw = entry.make_inputs(np.random.default_rng(0))
     inputs = {k: jnp.asarray(v) for k, v in raw.items()}
-    kwargs = dict(entry.call_kwargs)
+    kwargs = entry.flax_kwargs  # call_kwargs, and method=flax_call where the entry has one
     variables = jax.eval_shape(lambda i: module.init(RNGS, **i, **kwargs), inputs)
-    spec, rest = _positional(module, inputs, kwargs)
     ctor = module.clone(train=True)
+    if entry.flax_call is None:
+        spec, rest = _positional(module, inputs, kwargs)
 
-    def program(call):
-        def run(v, arrays):
-            return call(v, [arrays.get(name, const) for name, const in spec], rest)
+        def program(call):
+            def run(v, arrays):
+                return call(v, [arrays.get(name, const) for name, const in spec], rest)
 
-        return str(jax.make_jaxpr(run)(variables, inputs))
+            return str(jax.make_jaxpr(run)(variables, inputs))
+    else:  # a flax_call adapter takes the entry's flat arrays (and train) by keyword
+
+        def program(call):
+            return str(jax.make_jaxpr(lambda v, arrays: call(v, [], {**arrays, **kwargs}))(variables, inputs))
 
     apply = dict(rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"])
-    positional = program(lambda v, a, kw: module.apply(v, *a, True, **kw, **apply))
     keyword = program(lambda v, a, kw: module.apply(v, *a, **kw, train=True, **apply))
     constructor = program(lambda v, a, kw: ctor.apply(v, *a, **kw, **apply))
-    assert positional == keyword, f"{entry.name}: block(x, True) != block(x, train=True)"
+    if entry.flax_call is None:  # a flax_call adapter takes its flat arrays (and train) by keyword
+        positional = program(lambda v, a, kw: module.apply(v, *a, True, **kw, **apply))
+        assert positional == keyword, f"{entry.name}: block(x, True) != block(x, train=True)"
     assert constructor == keyword, f"{entry.name}: Block(train=True)(x) != block(x, train=True)"
     if entry.train_mode:
         evaluation = program(lambda v, a, kw: module.apply(v, *a, False, **kw, **apply))

@@ -25,7 +25,7 @@ def _inputs(entry):
 @pytest.mark.parametrize("name", NAMES)
 def test_block_matches_the_linen_apply_in_eval_and_train(name):
     entry = catalogue.get(name)
-    inputs, kwargs = _inputs(entry), dict(entry.call_kwargs)
+    inputs, kwargs = _inputs(entry), entry.flax_kwargs
     model = Block(entry.build_flax(), **inputs, **kwargs, rngs=0)
     variables = model.linen_variables()
     linen = entry.build_flax()
