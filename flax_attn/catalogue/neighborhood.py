@@ -27,6 +27,7 @@ _NAT = dict(
 register(
     Entry(
         name="neighborhood_attention_2d",
+        kernel="neighborhood",  # ops.na2d(implementation="pallas"): kernels.neighborhood.na2d_pallas
         flax=NeighborhoodAttention2D,
         # NAT-style layer without rpb: the same keys as NATTEN 0.21's module (qkv, proj). NATTEN's
         # own module (stride, causal) has no CPU backward; tests/test_neighborhood_module.py
@@ -43,6 +44,7 @@ register(
 register(
     Entry(
         name="neighborhood_attention_2d_rpb",
+        kernel="neighborhood",  # ops.na2d(implementation="pallas"): kernels.neighborhood.na2d_pallas
         flax=NeighborhoodAttention2D,
         torch="flax_attn.testing.torch_ref.neighborhood:nat_neighborhood_attention",
         # NAT/DiNAT's layer: relative positional bias with a dilated window.
