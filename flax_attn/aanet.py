@@ -102,7 +102,8 @@ class AANetDeformConv2d(nn.Module):
         check_divisible(where, "in_channels", self.in_channels, "deformable_groups", self.deformable_groups)
         ks = self.kernel_size
         k = 3 if self.modulation else 2
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # x.dtype is the compute dtype now; the float32 mask must not promote the deformable conv.
+        kw = dict(dtype=x.dtype, param_dtype=self.param_dtype)
         out = Conv(
             self.deformable_groups * k * ks * ks,
             ks,

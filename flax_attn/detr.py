@@ -132,13 +132,14 @@ class _TransformerLayerFields(nn.Module):
     # The layers' parts, built in the calling layer's scope under torch's attribute names.
 
     @nn.nowrap
-    def _attention(self, name: str) -> MultiheadAttention:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    def _attention(self, name: str, dtype: Dtype) -> MultiheadAttention:
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         return MultiheadAttention(self.d_model, self.nhead, dropout=self.dropout, name=name, **kw)
 
     @nn.nowrap
-    def _norm(self, name: str) -> LayerNorm:
-        return LayerNorm(epsilon=self.layer_norm_eps, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+    def _norm(self, name: str, dtype: Dtype) -> LayerNorm:
+        # ``dtype``: the caller's compute dtype (compute_dtype of its inputs), not the field, which may be None.
+        return LayerNorm(epsilon=self.layer_norm_eps, name=name, dtype=dtype, param_dtype=self.param_dtype)
 
     @nn.nowrap
     def _drop(self, x: jax.Array, train: bool) -> jax.Array:
@@ -204,7 +205,7 @@ class TransformerEncoderLayer(_TransformerLayerFields):
         b, l, _ = src.shape
         _check_shape(where, "pos", pos, src.shape, "(like `src`)")
         _check_shape(where, "src_key_padding_mask", src_key_padding_mask, (b, l), "(batch, length)")
-        attn, norm1, norm2 = self._attention("self_attn"), self._norm("norm1"), self._norm("norm2")
+        attn, norm1, norm2 = self._attention("self_attn", dtype), self._norm("norm1", dtype), self._norm("norm2", dtype)
 
         def drop(x):
             return self._drop(x, train)
@@ -281,8 +282,8 @@ class TransformerDecoderLayer(_TransformerLayerFields):
         _check_shape(where, "pos", pos, memory.shape, "(like `memory`)")
         _check_shape(where, "tgt_key_padding_mask", tgt_key_padding_mask, (b, q), "(batch, num_queries)")
         _check_shape(where, "memory_key_padding_mask", memory_key_padding_mask, (b, s), "(batch, length)")
-        self_attn, cross_attn = self._attention("self_attn"), self._attention("multihead_attn")
-        norm1, norm2, norm3 = (self._norm(f"norm{i}") for i in (1, 2, 3))
+        self_attn, cross_attn = self._attention("self_attn", dtype), self._attention("multihead_attn", dtype)
+        norm1, norm2, norm3 = (self._norm(f"norm{i}", dtype) for i in (1, 2, 3))
 
         def drop(x):
             return self._drop(x, train)
@@ -378,7 +379,7 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
             )
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
-            out = self._norm("norm")(out)
+            out = self._norm("norm", dtype)(out)
         return out
 
 
@@ -438,7 +439,7 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
         dtype = compute_dtype("TransformerDecoder", self.dtype, tgt=tgt, memory=memory, pos=pos, query_pos=query_pos)
         norm = None
         if self.norm:
-            norm = self._norm("norm")
+            norm = self._norm("norm", dtype)
         out = tgt.astype(dtype)
         if self.scan_layers:
             stack = _scan(_DecoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
@@ -943,7 +944,8 @@ class DETR(nn.Module):
             raise ValueError(
                 f"{where}: unknown `position_embedding` {self.position_embedding!r}; expected 'sine' or 'learned'"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # samples.dtype is the compute dtype: nn.Embed with dtype=None would return float32 queries.
+        kw = dict(dtype=samples.dtype, param_dtype=self.param_dtype)
         feats, fmask = Backbone(backbone=self.backbone, dilation=self.dilation, name="backbone_0", **kw)(
             samples, mask, train=train
         )

@@ -77,7 +77,7 @@ def test_train_positional_keyword_and_constructor_agree(entry):
         assert positional == keyword, f"{entry.name}: block(x, True) != block(x, train=True)"
     assert constructor == keyword, f"{entry.name}: Block(train=True)(x) != block(x, train=True)"
     if entry.train_mode:
-        evaluation = program(lambda v, a, kw: module.apply(v, *a, False, **kw, **apply))
+        evaluation = program(lambda v, a, kw: module.apply(v, *a, **kw, train=False, **apply))
         assert evaluation != keyword, f"{entry.name}: train=True traced the same program as eval"
 
 
