@@ -221,6 +221,12 @@ class AdaptiveAggregationModule(nn.Module):
     returns a list of ``num_output_branches`` arrays (the inputs after ISA when ``num_scales == 1``).
     Coarser scales are upsampled with bilinear ``align_corners=False``; finer ones go through
     ``i - j`` stride-2 3x3 convs (BatchNorm, LeakyReLU(0.2) between them).
+
+    Example:
+      >>> m = AdaptiveAggregationModule(num_scales=2, num_output_branches=2, max_disp=8)
+      >>> cv = [jnp.ones((1, 12, 16, 8)), jnp.ones((1, 6, 8, 4))]
+      >>> [o.shape for o in m.apply(m.init(jax.random.PRNGKey(0), cv), cv)]
+      [(1, 12, 16, 8), (1, 6, 8, 4)]
     """
 
     num_scales: int
@@ -484,6 +490,12 @@ class FeaturePyramidNetwork(nn.Module):
     Call with a list of ``num_levels`` maps ``(N, H_i, W_i, in_channels[i])`` with
     ``H_i = 2 * H_{i+1}`` and ``W_i = 2 * W_{i+1}``; returns ``num_levels`` maps with
     ``out_channels``.
+
+    Example:
+      >>> fpn = FeaturePyramidNetwork(in_channels=(8, 12, 16), out_channels=8)
+      >>> xs = [jnp.ones((1, 12, 20, 8)), jnp.ones((1, 6, 10, 12)), jnp.ones((1, 3, 5, 16))]
+      >>> [o.shape for o in fpn.apply(fpn.init(jax.random.PRNGKey(0), xs), xs)]
+      [(1, 12, 20, 8), (1, 6, 10, 8), (1, 3, 5, 8)]
     """
 
     in_channels: Sequence[int]
@@ -545,6 +557,12 @@ class CostVolumePyramid(nn.Module):
 
     Call with two lists of feature maps ``(N, H_s, W_s, C_s)`` (finest first); returns a list of
     ``(N, H_s, W_s, max_disp // 2**s)`` volumes (:func:`flax_attn.ops.correlation_cost_volume`).
+
+    Example:
+      >>> m = CostVolumePyramid(max_disp=8)
+      >>> left = [jnp.ones((1, 12, 16, 4)), jnp.ones((1, 6, 8, 4)), jnp.ones((1, 3, 4, 4))]
+      >>> [c.shape for c in m.apply({}, left, left)]  # one volume per scale, max_disp // 2**i channels
+      [(1, 12, 16, 8), (1, 6, 8, 4), (1, 3, 4, 2)]
     """
 
     max_disp: int
@@ -587,6 +605,11 @@ class DisparityEstimation(nn.Module):
 
     Input ``(N, H, W, D)``, ``D <= max_disp``; output ``(N, H, W)`` disparities in ``[0, D - 1]``
     (:func:`flax_attn.ops.disparity_regression`).
+
+    Example:
+      >>> m = DisparityEstimation(max_disp=8)
+      >>> m.apply({}, jnp.zeros((1, 9, 11, 8)))[0, 0, :3]  # uniform costs: the mean disparity
+      Array([3.5, 3.5, 3.5], dtype=float32)
     """
 
     max_disp: int

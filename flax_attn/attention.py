@@ -225,6 +225,13 @@ class ProjectedMultiHeadAttention(nn.Module):
 
     Call: ``(q (B, Nq, d_k_), k (B, Nk, d_k_), v (B, Nk, d_v_), mask=None)`` with an optional bool
     ``mask`` broadcastable to ``(B, Nq, Nk)`` (True = attend); returns ``(B, Nq, d_o)``.
+
+    Example:
+      >>> mha = ProjectedMultiHeadAttention(n_head=2, d_k=16, d_k_=8, d_v=16, d_v_=8, d_o=16)
+      >>> q = jnp.ones((2, 5, 8))
+      >>> out = mha.apply(mha.init(jax.random.PRNGKey(0), q, q, q), q, q, q)
+      >>> jax.tree_util.tree_map(jnp.shape, out)
+      (2, 5, 16)
     """
 
     n_head: int

@@ -130,6 +130,12 @@ class DeformConv2dPack(_DeformWeights):
     Input ``(N, H, W, in_channels)``; output ``(N, Ho, Wo, out_channels)``. State-dict keys:
     ``weight``, ``conv_offset.weight``, ``conv_offset.bias``. mmcv's weight init
     ``U(+-1/sqrt(in_channels * kh * kw))``.
+
+    Example:
+      >>> conv = DeformConv2dPack(in_channels=4, out_channels=8, kernel_size=3, padding=1)
+      >>> x = jnp.ones((2, 9, 11, 4))
+      >>> conv.apply(conv.init(jax.random.PRNGKey(0), x), x).shape
+      (2, 9, 11, 8)
     """
 
     in_channels: int

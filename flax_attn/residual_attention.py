@@ -45,6 +45,12 @@ class ResidualBlock(nn.Module):
       stride: of the 3x3 conv and the shortcut.
 
     Call: ``(x (B, H, W, input_channels), train=None)`` -> ``(B, Ho, Wo, output_channels)``.
+
+    Example:
+      >>> blk = ResidualBlock(input_channels=8, output_channels=16, stride=2)
+      >>> x = jnp.ones((2, 9, 11, 8))
+      >>> blk.apply(blk.init(jax.random.PRNGKey(0), x), x).shape
+      (2, 5, 6, 16)
     """
 
     input_channels: int
@@ -194,6 +200,12 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     Attributes:
       size1, size2: the input size and its pooled size (e.g. 28, 14).
+
+    Example:
+      >>> m = AttentionModule_stage2(8, 8, size1=(13, 17), size2=(7, 9))
+      >>> x = jnp.ones((1, 13, 17, 8))
+      >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+      (1, 13, 17, 8)
     """
 
     size1: tuple[int, int] = (28, 28)
@@ -224,6 +236,12 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     Attributes:
       size1: the input size (e.g. 14).
+
+    Example:
+      >>> m = AttentionModule_stage3(8, 8, size1=(13, 17))
+      >>> x = jnp.ones((1, 13, 17, 8))
+      >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+      (1, 13, 17, 8)
     """
 
     size1: tuple[int, int] = (14, 14)
@@ -314,7 +332,14 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the re
 
 class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
     """Attention-92 for 224x224 images (reference ``ResidualAttentionModel_92``): as Attention-56 with
-    ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added."""
+    ``attention_module2_2``, ``attention_module3_2`` and ``attention_module3_3`` added.
+
+    Example:
+      >>> model = ResidualAttentionModel_92()
+      >>> shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 224, 224, 3)))
+      >>> shapes['params']['fc']['kernel'].shape
+      (2048, 10)
+    """
 
     depth: int = 92
     axis_name: str | None = None

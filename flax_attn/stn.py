@@ -187,6 +187,12 @@ class STNTutorialNet(nn.Module):
 
     Input ``(N, 28, 28, 1)``; output log-probabilities ``(N, 10)``. Dropout is active with
     ``train=True`` (rng stream ``dropout``).
+
+    Example:
+      >>> net = STNTutorialNet()
+      >>> x = jnp.ones((2, 28, 28, 1))
+      >>> net.apply(net.init(jax.random.PRNGKey(0), x), x).shape  # log-probabilities of the 10 digits
+      (2, 10)
     """
 
     dtype: Dtype | None = None
