@@ -64,7 +64,7 @@ class BasicBlock(nn.Module):
     Example (timm's ``BasicBlock(attn_layer="se")``, with GELU):
       >>> import functools
       >>> from flax_attn.se import SELayer
-      >>> se = functools.partial(SELayer, style="timm")
+      >>> se = functools.partial(SELayer, se_style="timm")
       >>> gelu = functools.partial(jax.nn.gelu, approximate=False)
       >>> block = BasicBlock(inplanes=16, planes=32, stride=2, attn=se, act=gelu)
       >>> x = jnp.ones((2, 9, 11, 16))
