@@ -71,15 +71,6 @@ GEOMETRY = {
 NA2D_OPTIONS = dict(stride=(1, 2), dilation=(1, 2), is_causal=(True, False))
 
 
-def dense_na2d(q, k, v, rpb, key_mask, *, kernel_size, stride, dilation, is_causal):
-    """Dense masked attention over all H * W keys with NATTEN's window (and NAT's rpb) as the mask:
-    :func:`flax_attn.testing.neighborhood_ref.dense_neighborhood_attention` in the compute dtype."""
-    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
-    ks, st, dil, causal = (pair(a) for a in (kernel_size, stride, dilation, is_causal))
-    out = dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask)
-    return out.astype(q.dtype)
-
-
 def na2d_key_mask(g) -> jnp.ndarray:
     """The check's key mask: odd images padded on the right (their last quarter of columns masked)."""
     m = np.ones((g["b"], g["h"], g["w"]), bool)
@@ -160,7 +151,7 @@ def _forms(op, g, on_gpu, dtype=None):
         mask = na2d_key_mask(g)
 
         def dense(q, k, v, rpb):
-            return dense_na2d(q, k, v, rpb, mask, **kw)
+            return dense_neighborhood_attention(q, k, v, **kw, rpb=rpb, key_mask=mask).astype(q.dtype)
 
         forms = {"pallas": lambda q, k, v, rpb: na2d_pallas(q, k, v, rpb=rpb, key_mask=mask, **kw)}
         if hasattr(_ops, "na2d"):  # issue 13's XLA op

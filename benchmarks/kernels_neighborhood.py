@@ -230,7 +230,12 @@ def na2d(smoke: bool):
             m = mask if opts.get("key_mask") else jnp.ones_like(mask)
             extra = dict(rpb=rpb if opts.get("rpb") else None, key_mask=mask if opts.get("key_mask") else None)
             impls = [  # dense first: the other rows' ratios refer to it
-                ("dense masked (XLA)", lambda q, k, v, kw=kw, r=r, m=m: _dense(q, k, v, r, m, **kw)),
+                (
+                    "dense masked (XLA)",
+                    lambda q, k, v, kw=kw, r=r, m=m: dense_neighborhood_attention(
+                        q, k, v, **kw, rpb=r, key_mask=m
+                    ).astype(q.dtype),
+                ),
                 ("pallas na2d_pallas", lambda q, k, v, kw=kw, extra=extra: na2d_pallas(q, k, v, **kw, **extra)),
             ]
             if hasattr(_ops, "na2d"):
@@ -290,13 +295,6 @@ def main():
     else:
         gpu()
         cpu_memory()
-
-
-def _dense(q, k, v, rpb, key_mask, *, kernel_size, stride, dilation, is_causal):
-    """Dense masked attention with NATTEN's window as the mask (the yardstick row)."""
-    pair = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # noqa: E731
-    ks, st, dil, causal = (pair(a) for a in (kernel_size, stride, dilation, is_causal))
-    return dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask).astype(q.dtype)
 
 
 if __name__ == "__main__":

@@ -219,10 +219,11 @@ def _pair(x):
 
 def _dense_na2d(q, k, v, *, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, key_mask=None):
     """The library's dense reference (:mod:`flax_attn.testing.neighborhood_ref`, itself checked
-    against natten and against ``ops.na2d`` in tests/test_natten.py) with per-axis pairs."""
-    ks, st, dil, causal = (_pair(a) for a in (kernel_size, stride, dilation, is_causal))
+    against natten and against ``ops.na2d`` in tests/test_natten.py) at full matmul precision."""
     with jax.default_matmul_precision("highest"):
-        return dense_neighborhood_attention(q, k, v, ks, st, dil, causal, rpb=rpb, key_mask=key_mask)
+        return dense_neighborhood_attention(
+            q, k, v, kernel_size, stride, dilation, is_causal, rpb=rpb, key_mask=key_mask
+        )
 
 
 def test_natten_window_rule_hand_cases():

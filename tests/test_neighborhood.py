@@ -8,24 +8,7 @@ import numpy as np
 import pytest
 
 from flax_attn.ops import neighborhood_attention
-
-
-def _natten_start(index, length, kernel_size, dilation):
-    """NATTEN's (v0.14 CPU kernel) get_window_start, written branch by branch as in its docs/code."""
-    ns = kernel_size // 2
-    if dilation <= 1:
-        return max(index - ns, 0) + (index + ns >= length) * (length - index - ns - 1)
-    ni = index - ns * dilation
-    if ni < 0:
-        return index % dilation
-    if index + ns * dilation >= length:
-        imodd = index % dilation
-        a = (length // dilation) * dilation
-        b = length - a
-        if imodd < b:
-            return length - b + imodd - 2 * ns * dilation
-        return a + imodd - kernel_size * dilation
-    return ni
+from flax_attn.testing.neighborhood_ref import natten014_window_start
 
 
 def _brute_force(q, k, v, kernel_size, dilation, border, stride, scale):
@@ -48,8 +31,8 @@ def _brute_force(q, k, v, kernel_size, dilation, border, stride, scale):
                 keys = kp[:, rows][:, :, cols]
                 vals = vp[:, rows][:, :, cols]
             else:
-                si = _natten_start(ci, h, kernel_size, dilation)
-                sj = _natten_start(cj, w, kernel_size, dilation)
+                si = natten014_window_start(ci, h, kernel_size, dilation)
+                sj = natten014_window_start(cj, w, kernel_size, dilation)
                 rows = [si + t * dilation for t in range(kernel_size)]
                 cols = [sj + t * dilation for t in range(kernel_size)]
                 keys = k[:, rows][:, :, cols]

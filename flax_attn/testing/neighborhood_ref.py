@@ -18,7 +18,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["dense_neighborhood_attention", "natten_mask", "window_starts"]
+__all__ = ["dense_neighborhood_attention", "natten014_window_start", "natten_mask", "window_starts"]
 
 
 def _axis_allowed(qi, ki, length: int, k: int, s: int, d: int, causal: bool):
@@ -37,6 +37,26 @@ def _axis_allowed(qi, ki, length: int, k: int, s: int, d: int, causal: bool):
     centre = np.clip(leader, left, group_len - 1 - right)
     w0, w1 = centre - mk, mk - centre
     return same_group & (((0 <= w0) & (w0 <= left)) | ((0 <= w1) & (w1 <= right)))
+
+
+def natten014_window_start(index: int, length: int, kernel_size: int, dilation: int) -> int:
+    """First key of query ``index``'s window along one axis: NATTEN 0.14's ``get_window_start``
+    (``natten/src/cpp/natten_cpu_commons.h``, ``NEIGHBORHOOD_SIZE = kernel_size // 2``), the rule
+    NAT's layer and the ``border="clamp"`` op follow (odd kernels, no stride, no causal)."""
+    ns = kernel_size // 2
+    if dilation <= 1:
+        return max(index - ns, 0) + (index + ns >= length) * (length - index - ns - 1)
+    ni = index - ns * dilation
+    if ni < 0:
+        return index % dilation
+    if index + ns * dilation >= length:
+        imodd = index % dilation
+        a = (length // dilation) * dilation
+        b = length - a
+        if imodd < b:
+            return length - b + imodd - 2 * ns * dilation
+        return a + imodd - kernel_size * dilation
+    return ni
 
 
 def natten_mask(spatial, kernel_size, stride, dilation, is_causal) -> np.ndarray:
@@ -81,8 +101,8 @@ def dense_neighborhood_attention(
 ):
     """Neighbourhood attention as dense masked attention over all ``prod(spatial)`` keys.
 
-    Args: as :func:`flax_attn.ops.na2d`, with ``kernel_size``, ``stride``, ``dilation`` and
-    ``is_causal`` given as tuples (one entry per spatial axis).
+    Args: as :func:`flax_attn.ops.na2d`: ``kernel_size``, ``stride``, ``dilation`` and
+    ``is_causal`` each an int (bool) for every spatial axis or a tuple with one entry per axis.
 
     Returns:
       ``(B, *spatial, heads, D)`` in float32, and with ``return_weights`` the weights in window
@@ -90,6 +110,9 @@ def dense_neighborhood_attention(
     """
     b, *spatial, heads, dim = q.shape
     n = len(spatial)
+    kernel_size, stride, dilation, is_causal = (
+        tuple(a) if isinstance(a, (tuple, list)) else (a,) * n for a in (kernel_size, stride, dilation, is_causal)
+    )
     size = math.prod(spatial)
     scale = dim**-0.5 if scale is None else scale
     mask = jnp.asarray(natten_mask(spatial, kernel_size, stride, dilation, is_causal))

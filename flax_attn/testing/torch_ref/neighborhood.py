@@ -17,23 +17,7 @@ import itertools
 import torch
 from torch import nn
 
-
-def _window_start(index: int, length: int, kernel_size: int, dilation: int) -> int:
-    """NATTEN 0.14 ``get_window_start`` (``NEIGHBORHOOD_SIZE = kernel_size // 2``)."""
-    ns = kernel_size // 2
-    if dilation <= 1:
-        return max(index - ns, 0) + (index + ns >= length) * (length - index - ns - 1)
-    ni = index - ns * dilation
-    if ni < 0:
-        return index % dilation
-    if index + ns * dilation >= length:
-        imodd = index % dilation
-        a = (length // dilation) * dilation
-        b = length - a
-        if imodd < b:
-            return length - b + imodd - 2 * ns * dilation
-        return a + imodd - kernel_size * dilation
-    return ni
+from flax_attn.testing.neighborhood_ref import natten014_window_start
 
 
 def _pb_start(index: int, length: int, kernel_size: int, dilation: int) -> int:
@@ -51,7 +35,7 @@ def _pb_start(index: int, length: int, kernel_size: int, dilation: int) -> int:
 def _tables(length: int, kernel_size: int, dilation: int):
     """(key index, rpb index) per (query, window offset) along one axis: two ``(length, k)`` tensors."""
     keys = [
-        [_window_start(i, length, kernel_size, dilation) + t * dilation for t in range(kernel_size)]
+        [natten014_window_start(i, length, kernel_size, dilation) + t * dilation for t in range(kernel_size)]
         for i in range(length)
     ]
     pbs = [[_pb_start(i, length, kernel_size, dilation) + t for t in range(kernel_size)] for i in range(length)]
