@@ -8,20 +8,18 @@ sigmoid gates by ``conv_h`` and ``conv_w``; the output is ``x * a_w * a_h``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train
 from flax_attn.ops.channel import directional_avg_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CoordAtt", "h_sigmoid", "h_swish"]
-
-Dtype = Any
 
 
 def h_sigmoid(x: jax.Array) -> jax.Array:
@@ -34,7 +32,7 @@ def h_swish(x: jax.Array) -> jax.Array:
     return jax.nn.hard_swish(x)
 
 
-class CoordAtt(nn.Module):
+class CoordAtt(BatchStatsFields):
     """Coordinate attention (Hou et al., CVPR 2021, arXiv 2103.02907), official ``CoordAtt``.
 
     Attributes:
@@ -59,13 +57,8 @@ class CoordAtt(nn.Module):
     inp: int
     oup: int
     reduction: int = 32
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

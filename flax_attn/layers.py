@@ -15,6 +15,7 @@ generic rules map them to torch's ``weight``/``bias``/``running_mean``/``running
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,10 @@ Dtype = Any
 
 __all__ = [
     "BatchNorm",
+    "BatchStatsFields",
+    "BlockFields",
     "Conv",
+    "DtypeFields",
     "GroupNorm",
     "LayerNorm",
     "Linear",
@@ -38,6 +42,44 @@ __all__ = [
 
 # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform)
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class DtypeFields(nn.Module):
+    """The precision fields every flax-attn module declares, keyword-only and declared once here.
+
+    Attributes:
+      dtype: the compute dtype (``None``: the inputs' dtype, promoted with float32 parameters;
+        see :func:`flax_attn.ops.dtypes.compute_dtype`).
+      param_dtype: the dtype parameters are created and stored in (float32).
+
+    They are keyword-only (``Block(64, dtype=jnp.bfloat16)``), so a subclass's own fields keep their
+    positions and torch's argument order.
+    """
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+class BlockFields(DtypeFields):
+    """:class:`DtypeFields` plus the train flag every catalogued block takes (see :func:`merge_train`)."""
+
+    _: dataclasses.KW_ONLY
+    train: bool | None = None
+
+
+class BatchStatsFields(BlockFields):
+    """:class:`BlockFields` plus the collective axis of the BatchNorms a block holds.
+
+    Attributes:
+      axis_name: collective axis for cross-device BatchNorm statistics under ``shard_map``/``pmap``;
+        every :class:`BatchNorm` inside whose own ``axis_name`` is ``None`` takes it from here.
+      axis_index_groups: device groups that share statistics (``jax.lax.pmean``'s argument).
+    """
+
+    _: dataclasses.KW_ONLY
+    axis_name: str | None = None
+    axis_index_groups: Any = None
 
 
 def merge_train(module: nn.Module, train: bool | None) -> bool:
