@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_attn.ops.conv import conv, patch_matmul_conv
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 Dtype = Any
@@ -110,38 +111,8 @@ def _tuple(v, n: int, name: str) -> tuple[int, ...]:
     return v
 
 
-# Largest output map (Ho * Wo) that a 2-D conv computes as one patch matmul on CPU. Measured
-# forward+backward, 3x3, batch 8 (XLA:CPU, float32, highest precision): conv_general_dilated /
-# patch matmul = 48x at 2x2 (512 -> 512: 99 ms vs 2 ms), 2.1x at 4x4, 1.3x at 7x7, 1.0x at 8x8,
-# 0.94x at 14x14 and 0.42x at 28x28; XLA:CPU's convolution emitter has a slow path for tiny maps.
-_PATCH_MATMUL_MAX_OUTPUT = 49
-
-
-def _use_patch_matmul(x_shape, ks, strides, pads, dilation, groups) -> bool:
-    if len(ks) != 2 or groups != 1 or ks == (1, 1) or jax.default_backend() != "cpu":
-        return False
-    out = [
-        (x_shape[1 + a] + lo + hi - dilation[a] * (ks[a] - 1) - 1) // strides[a] + 1 for a, (lo, hi) in enumerate(pads)
-    ]
-    return min(out) > 0 and out[0] * out[1] <= _PATCH_MATMUL_MAX_OUTPUT
-
-
-def _patch_matmul_conv(x, kernel, strides, pads, dilation):
-    """A 2-D conv (HWIO kernel) as im2col: ``kh * kw`` strided static slices of the padded input
-    concatenated on channels, contracted with the kernel in one matmul. Same math as the conv;
-    only used for tiny output maps (see ``_PATCH_MATMUL_MAX_OUTPUT``)."""
-    kh, kw, cin, cout = kernel.shape
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    ho = (xp.shape[1] - dilation[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (xp.shape[2] - dilation[1] * (kw - 1) - 1) // strides[1] + 1
-    cols = []
-    for i in range(kh):
-        for j in range(kw):
-            y0, x0 = i * dilation[0], j * dilation[1]
-            limit = (xp.shape[0], y0 + (ho - 1) * strides[0] + 1, x0 + (wo - 1) * strides[1] + 1, cin)
-            cols.append(jax.lax.slice(xp, (0, y0, x0, 0), limit, (1, strides[0], strides[1], 1)))
-    patches = jnp.concatenate(cols, axis=-1)  # (B, Ho, Wo, kh * kw * cin), offset-major like HWIO
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
+# The dense form of a tiny-map conv, kept importable here for the tests and benchmarks that used it.
+_patch_matmul_conv = patch_matmul_conv
 
 
 class Conv(nn.Module):
@@ -210,22 +181,14 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype)
         dtype = compute_dtype(f"Conv({self.name})", self.dtype, x=x)  # None: the input's (bf16 in, bf16 out)
         n = len(ks)
-        spatial = "".join("DHW"[3 - n :])
-        strides = _tuple(self.stride, n, "stride")
-        dilation = _tuple(self.dilation, n, "dilation")
-        if _use_patch_matmul(x.shape, ks, strides, pads, dilation, self.groups):
-            y = _patch_matmul_conv(x.astype(dtype), kernel.astype(dtype), strides, pads, dilation)
-        else:
-            dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-            y = jax.lax.conv_general_dilated(
-                x.astype(dtype),
-                kernel.astype(dtype),
-                window_strides=strides,
-                padding=pads,
-                rhs_dilation=dilation,
-                dimension_numbers=dn,
-                feature_group_count=self.groups,
-            )
+        y = conv(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            _tuple(self.stride, n, "stride"),
+            pads,
+            _tuple(self.dilation, n, "dilation"),
+            self.groups,
+        )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)
