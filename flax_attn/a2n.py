@@ -20,14 +20,13 @@ Each sown value is a one-element tuple (Flax's ``sow`` appends).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import Conv, Linear, merge_train
+from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -36,7 +35,6 @@ from flax_attn.ops.resize import interpolate
 
 __all__ = ["A2N", "AAB", "AttentionBranch", "PA"]
 
-Dtype = Any
 
 _IMAGE = "(batch, height, width, channels)"
 
@@ -46,7 +44,7 @@ def _lrelu(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, negative_slope=0.2)
 
 
-class PA(nn.Module):
+class PA(BlockFields):
     """Pixel attention (``PA`` of the official code, from PAN, arXiv 2010.01073): ``x * sigmoid(conv1x1(x))``.
 
     Attributes:
@@ -64,9 +62,6 @@ class PA(nn.Module):
     """
 
     nf: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -82,7 +77,7 @@ class PA(nn.Module):
         return out
 
 
-class AttentionBranch(nn.Module):
+class AttentionBranch(BlockFields):
     """The attention branch of an AAB: ``k4(k3(x) * sigmoid(k2(lrelu(k1(x)))))``.
 
     Attributes:
@@ -102,9 +97,6 @@ class AttentionBranch(nn.Module):
 
     nf: int
     k_size: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -122,7 +114,7 @@ class AttentionBranch(nn.Module):
         return Conv(self.nf, self.k_size, padding=p, use_bias=False, name="k4", **kw)(out)
 
 
-class AAB(nn.Module):
+class AAB(BlockFields):
     """Attention in attention block (A2B / ``AAB``), arXiv 2104.09497, Sec. 3.
 
     ``x -> lrelu(conv_first 1x1) -> [attention branch, non-attention branch]`` mixed by the
@@ -155,11 +147,8 @@ class AAB(nn.Module):
     K: int = 2
     t: float = 30
     non_attention_kernel: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -197,7 +186,7 @@ class AAB(nn.Module):
         return out + residual.astype(out.dtype)
 
 
-class A2N(nn.Module):
+class A2N(BlockFields):
     """Attention in attention network (A2N; ``AAN`` in the official code), arXiv 2104.09497.
 
     ``conv_first`` 3x3 -> ``nb`` AABs -> ``trunk_conv`` 3x3 (+ skip from ``conv_first``) ->
@@ -238,11 +227,8 @@ class A2N(nn.Module):
     K: int = 2
     t: float = 30
     non_attention_kernel: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):

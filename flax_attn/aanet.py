@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax_attn import backbones
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.deform import DeformConv2d
-from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.resize import interpolate
@@ -52,14 +52,12 @@ __all__ = [
     "StereoDRNetRefinement",
 ]
 
-Dtype = Any
-
 
 def _leaky(x):
     return nn.leaky_relu(x, 0.2)
 
 
-class AANetDeformConv2d(nn.Module):
+class AANetDeformConv2d(BlockFields):
     """AANet's ``nets/deform.DeformConv2d``: a (modulated) deformable conv with its own offset conv.
 
     ``offset_conv`` (``groups=deformable_groups``, zero weight and bias) predicts
@@ -86,11 +84,8 @@ class AANetDeformConv2d(nn.Module):
     modulation: bool = True
     double_mask: bool = True
     bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     # AANet zero-initialises offset_conv; AANetFeature's kaiming loop later overwrites its weight.
     offset_kernel_init: Any = nn.initializers.zeros
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -206,7 +201,7 @@ def _cast_volumes(where, dtype, cost_volume):
     return dtype, [cv.astype(dtype) for cv in cost_volume]
 
 
-class AdaptiveAggregationModule(nn.Module):
+class AdaptiveAggregationModule(BatchStatsFields):
     """One AANet stage (``AdaptiveAggregationModule``): ISA on every scale, then CSA across scales.
 
     Attributes:
@@ -236,11 +231,6 @@ class AdaptiveAggregationModule(nn.Module):
     simple_bottleneck: bool = False
     deformable_groups: int = 2
     mdconv_dilation: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -299,7 +289,7 @@ class AdaptiveAggregationModule(nn.Module):
         return fused
 
 
-class AdaptiveAggregation(nn.Module):
+class AdaptiveAggregation(BatchStatsFields):
     """AANet's stacked adaptive aggregation (``AdaptiveAggregation``, arXiv 2004.09548).
 
     Attributes:
@@ -327,11 +317,6 @@ class AdaptiveAggregation(nn.Module):
     intermediate_supervision: bool = True
     deformable_groups: int = 2
     mdconv_dilation: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -403,7 +388,7 @@ class DeformBottleneck(Bottleneck):
         return AANetDeformConv2d(width, width, stride=self.stride, offset_kernel_init=offset_init, name="conv2", **kw)
 
 
-class AANetFeature(nn.Module):
+class AANetFeature(BatchStatsFields):
     """AANet's feature extractor (``nets/resnet.AANetFeature``): a ResNet-40 at 1/3, 1/6, 1/12 scale.
 
     ``conv1`` (7x7, stride 3, BN, ReLU), then ``layer1`` (3 bottlenecks), ``layer2`` (4, stride 2),
@@ -429,11 +414,6 @@ class AANetFeature(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     feature_mdconv: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -476,7 +456,7 @@ class AANetFeature(nn.Module):
         return outs
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(BatchStatsFields):
     """AANet's ``FeaturePyramidNetwork`` (``nets/feature.py``; Lin et al., arXiv 1612.03144).
 
     ``lateral_convs.i`` (1x1 conv with bias) per level, a top-down pass adding the 2x nearest
@@ -501,11 +481,6 @@ class FeaturePyramidNetwork(nn.Module):
     in_channels: Sequence[int]
     out_channels: int = 128
     num_levels: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -547,7 +522,7 @@ class FeaturePyramidNetwork(nn.Module):
         return outs
 
 
-class CostVolumePyramid(nn.Module):
+class CostVolumePyramid(BlockFields):
     """AANet's ``CostVolumePyramid``: a correlation cost volume per scale (no parameters).
 
     Attributes:
@@ -567,8 +542,6 @@ class CostVolumePyramid(nn.Module):
 
     max_disp: int
     feature_similarity: str = "correlation"
-    dtype: Dtype | None = None
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -594,7 +567,7 @@ class CostVolumePyramid(nn.Module):
         ]
 
 
-class DisparityEstimation(nn.Module):
+class DisparityEstimation(BlockFields):
     """AANet's ``DisparityEstimation``: soft-argmin over the candidates (no parameters).
 
     Attributes:
@@ -614,8 +587,6 @@ class DisparityEstimation(nn.Module):
 
     max_disp: int
     match_similarity: bool = True
-    dtype: Dtype | None = None
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -652,7 +623,7 @@ class BasicBlock(backbones.BasicBlock):
         return _leaky if self.leaky_relu else nn.relu
 
 
-class StereoDRNetRefinement(nn.Module):
+class StereoDRNetRefinement(BatchStatsFields):
     """AANet's ``StereoDRNetRefinement`` (after StereoDRNet, arXiv 1904.02251): a residual on the disparity.
 
     The disparity is upsampled (bilinear, ``align_corners=False``) to the image size and scaled by
@@ -671,12 +642,6 @@ class StereoDRNetRefinement(nn.Module):
       >>> m.apply(m.init(jax.random.PRNGKey(0), d, img, img), d, img, img).shape
       (1, 8, 12)
     """
-
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     dilation_list = (1, 2, 4, 8, 1, 1)
 
@@ -726,7 +691,7 @@ class StereoDRNetRefinement(nn.Module):
         return nn.relu(disp + residual)[..., 0]
 
 
-class AANet(nn.Module):
+class AANet(BatchStatsFields):
     """AANet (Xu & Zhang, CVPR 2020, arXiv 2004.09548; ``nets/aanet.py``), NHWC.
 
     Features at 1/3, 1/6, 1/12 (:class:`AANetFeature`, optionally :class:`FeaturePyramidNetwork`),
@@ -778,11 +743,6 @@ class AANet(nn.Module):
     no_intermediate_supervision: bool = False
     num_stage_blocks: int = 1
     num_deform_blocks: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 

@@ -18,21 +18,19 @@ without bias or BatchNorm on ``[mean, max]``, the opposite order to the official
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.channel import channel_pool, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
 
-Dtype = Any
 _NHWC = "(batch, height, width, channels)"
 _POOL_TYPES = ("avg", "max", "lp", "lse")
 
@@ -46,7 +44,7 @@ def _hidden(where: str, name: str, channels: int, ratio_name: str, ratio: int) -
     return channels // ratio
 
 
-class BasicConv(nn.Module):
+class BasicConv(BatchStatsFields):
     """CBAM's ``BasicConv``: conv (no bias by default), optional BatchNorm (eps 1e-5, torch momentum
     0.01, affine) and optional ReLU; submodules ``conv`` and ``bn`` as in the official code."""
 
@@ -59,11 +57,6 @@ class BasicConv(nn.Module):
     relu: bool = True
     bn: bool = True
     bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -88,7 +81,7 @@ class BasicConv(nn.Module):
         return x
 
 
-class ChannelGate(nn.Module):
+class ChannelGate(BlockFields):
     """CBAM's channel attention (official ``ChannelGate``).
 
     Attributes:
@@ -102,9 +95,6 @@ class ChannelGate(nn.Module):
     gate_channels: int
     reduction_ratio: int = 16
     pool_types: Sequence[str] = ("avg", "max")
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -132,7 +122,7 @@ class ChannelGate(nn.Module):
         return x * nn.sigmoid(att)[:, None, None, :].astype(x.dtype)
 
 
-class SpatialGate(nn.Module):
+class SpatialGate(BatchStatsFields):
     """CBAM's spatial attention (official ``SpatialGate``): ``[max, mean]`` over channels, 7x7
     ``BasicConv`` with BatchNorm and no ReLU, sigmoid. Submodule ``spatial`` (keys
     ``spatial.conv.weight``, ``spatial.bn.*``).
@@ -144,11 +134,6 @@ class SpatialGate(nn.Module):
     """
 
     kernel_size: int = 7
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -172,7 +157,7 @@ class SpatialGate(nn.Module):
         return x * nn.sigmoid(logits).astype(x.dtype)
 
 
-class CBAM(nn.Module):
+class CBAM(BatchStatsFields):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018, arXiv 1807.06521).
 
     ``SpatialGate(ChannelGate(x))`` as the official ``CBAM``; submodules ``ChannelGate`` and
@@ -200,13 +185,8 @@ class CBAM(nn.Module):
     reduction_ratio: int = 16
     pool_types: Sequence[str] = ("avg", "max")
     no_spatial: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -220,7 +200,7 @@ class CBAM(nn.Module):
         return out
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(BlockFields):
     """The seed blog's CBAM channel attention: shared 1x1-conv MLP without bias (``fc1.0``,
     ``fc1.2``) on global avg and max pooling, summed, sigmoid, rescale.
 
@@ -239,11 +219,8 @@ class ChannelAttention(nn.Module):
 
     channel: int
     rate: int = 4
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -265,7 +242,7 @@ class ChannelAttention(nn.Module):
         return x * nn.sigmoid(mx + avg)[:, None, None, :].astype(x.dtype)
 
 
-class SpatialAttention(nn.Module):
+class SpatialAttention(BlockFields):
     """The seed blog's CBAM spatial attention: ``[mean, max]`` over channels, one conv without bias
     (``conv1``, 3x3 in the blog, 7x7 in the paper) and no BatchNorm, sigmoid, rescale.
 
@@ -282,11 +259,8 @@ class SpatialAttention(nn.Module):
     """
 
     kernel_size: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

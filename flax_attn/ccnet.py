@@ -6,24 +6,22 @@ Ports of the official speedinghzl/CCNet ``cc_attention.CrissCrossAttention`` and
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
-Dtype = Any
 
-
-class CrissCrossAttention(nn.Module):
+class CrissCrossAttention(BlockFields):
     """Criss-cross attention (CCNet, Huang et al., ICCV 2019, arXiv 1811.11721).
 
     1x1 convs project ``x`` to queries/keys (``in_dim // 8`` channels) and values (``in_dim``); each
@@ -51,11 +49,8 @@ class CrissCrossAttention(nn.Module):
 
     in_dim: int
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
@@ -80,14 +75,10 @@ class CrissCrossAttention(nn.Module):
         return (y, weights) if return_weights else y
 
 
-class _ConvABN(nn.Module):
+class _ConvABN(BatchStatsFields):
     """``nn.Sequential(Conv2d(3x3, bias=False), InPlaceABNSync)``: conv, BatchNorm, leaky ReLU 0.01."""
 
     features: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -101,7 +92,7 @@ class _ConvABN(nn.Module):
         return nn.leaky_relu(x, negative_slope=0.01)
 
 
-class RCCAModule(nn.Module):
+class RCCAModule(BatchStatsFields):
     """Recurrent criss-cross attention head of CCNet (arXiv 1811.11721), official ``RCCAModule``.
 
     ``conva`` (3x3 conv to ``in_channels // 4``, InPlaceABNSync) -> the same
@@ -137,13 +128,8 @@ class RCCAModule(nn.Module):
     recurrence: int = 2
     dropout: float = 0.1
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):

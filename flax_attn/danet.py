@@ -6,24 +6,21 @@ Follows junfu1115/DANet: ``encoding/nn/da_att.py`` (``PAM_Module``, ``CAM_Module
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
 
-Dtype = Any
 
-
-class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
+class PAM_Module(BlockFields):  # noqa: N801  (the official class name)
     """Position attention module: ``out = gamma * softmax(Q K^T) V + x`` over all pixel pairs.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (arXiv 1809.02983).
@@ -44,11 +41,8 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
     """
 
     in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -70,7 +64,7 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
         return gamma.astype(out.dtype) * out + x
 
 
-class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
+class CAM_Module(BlockFields):  # noqa: N801  (the official class name)
     """Channel attention module: ``out = gamma * softmax(max(E) - E) X + x`` with ``E = X X^T`` over channels.
 
     Fu et al., CVPR 2019 (arXiv 1809.02983). No convolutions; ``gamma`` starts at 0.
@@ -88,11 +82,8 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
     """
 
     in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -108,7 +99,7 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
         return gamma.astype(out.dtype) * out + x
 
 
-class DANetHead(nn.Module):
+class DANetHead(BatchStatsFields):
     """The DANet segmentation head: parallel position and channel attention branches, summed.
 
     Fu et al., CVPR 2019 (arXiv 1809.02983); official ``DANetHead(in_channels, out_channels,
@@ -137,13 +128,8 @@ class DANetHead(nn.Module):
     in_channels: int
     out_channels: int
     dropout: float = 0.1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
