@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BlockFields, Conv, Linear, merge_train
@@ -42,6 +43,14 @@ _IMAGE = "(batch, height, width, channels)"
 def _lrelu(x: jax.Array) -> jax.Array:
     # The official code uses LeakyReLU(0.2) everywhere.
     return nn.leaky_relu(x, negative_slope=0.2)
+
+
+def _image_in(where: str, module: nn.Module, x: jax.Array, channels: int) -> jax.Array:
+    """``x`` checked as a ``(B, H, W, channels)`` image and cast to ``module``'s compute dtype."""
+    check_rank(where, "x", x, 4, _IMAGE)
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    check_channels(where, "x", x, channels)
+    return x
 
 
 class PA(BlockFields):
@@ -68,9 +77,7 @@ class PA(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("PA", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("PA", self.dtype, x=x))
-        check_channels("PA", "x", x, self.nf)
+        x = _image_in("PA", self, x, self.nf)
         logits = Conv(self.nf, 1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         out, att = sigmoid_gate(x.astype(logits.dtype), logits)
         self.sow("intermediates", "attention_map", att)
@@ -101,9 +108,7 @@ class AttentionBranch(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("AttentionBranch", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("AttentionBranch", self.dtype, x=x))
-        check_channels("AttentionBranch", "x", x, self.nf)
+        x = _image_in("AttentionBranch", self, x, self.nf)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = (self.k_size - 1) // 2
         y = Conv(self.nf, self.k_size, padding=p, use_bias=False, name="k1", **kw)(x)
@@ -157,9 +162,7 @@ class AAB(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("AAB", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("AAB", self.dtype, x=x))
-        check_channels("AAB", "x", x, self.nf)
+        x = _image_in("AAB", self, x, self.nf)
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
         if self.nf // self.reduction < 1:
@@ -237,9 +240,7 @@ class A2N(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("A2N", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("A2N", self.dtype, x=x))
-        check_channels("A2N", "x", x, self.in_nc)
+        x = _image_in("A2N", self, x, self.in_nc)
         if self.scale not in (2, 3, 4):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")
         if self.in_nc != self.out_nc:

@@ -186,19 +186,28 @@ class DeformSimpleBottleneck(SimpleBottleneck):
         )
 
 
-def _check_volumes(where, cost_volume, num_scales, max_disp):
+def _volumes_in(module, cost_volume) -> tuple[list[jax.Array], dict]:
+    """Check ``module``'s ``num_scales`` cost volumes; return them in the compute dtype
+    (``ops.dtypes.compute_dtype`` over all of them) and the dtype keywords of its layers."""
+    where, num_scales, max_disp = type(module).__name__, module.num_scales, module.max_disp
     if not isinstance(cost_volume, (list, tuple)) or len(cost_volume) != num_scales:
         n = len(cost_volume) if isinstance(cost_volume, (list, tuple)) else type(cost_volume).__name__
         raise ValueError(f"{where}: `cost_volume` must be a list of {num_scales} cost volumes, got {n}")
     for i, cv in enumerate(cost_volume):
         check_rank(where, f"cost_volume[{i}]", cv, 4, "(N, H, W, max_disp // 2**i)")
         check_channels(where, f"cost_volume[{i}]", cv, max_disp // (2**i))
+    dtype = compute_dtype(where, module.dtype, **{f"cost_volume[{i}]": cv for i, cv in enumerate(cost_volume)})
+    return [cv.astype(dtype) for cv in cost_volume], dict(dtype=dtype, param_dtype=module.param_dtype)
 
 
-def _cast_volumes(where, dtype, cost_volume):
-    """The cost volumes in the compute dtype (``ops.dtypes.compute_dtype`` over all of them)."""
-    dtype = compute_dtype(where, dtype, **{f"cost_volume[{i}]": cv for i, cv in enumerate(cost_volume)})
-    return dtype, [cv.astype(dtype) for cv in cost_volume]
+def _check_image_pair(where, left_img, right_img) -> None:
+    check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
+    check_channels(where, "left_img", left_img, 3)
+    if left_img.shape != right_img.shape:
+        raise ValueError(
+            f"{where}: `left_img` and `right_img` must have the same shape, got "
+            f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
+        )
 
 
 class AdaptiveAggregationModule(BatchStatsFields):
@@ -241,10 +250,7 @@ class AdaptiveAggregationModule(BatchStatsFields):
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
         train = merge_train(self, train)
-        where = "AdaptiveAggregationModule"
-        _check_volumes(where, cost_volume, self.num_scales, self.max_disp)
-        dtype, x = _cast_volumes(where, self.dtype, cost_volume)
-        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
+        x, kw = _volumes_in(self, cost_volume)
         for i in range(self.num_scales):
             nc = self.max_disp // (2**i)
             for j in range(self.num_blocks):
@@ -327,9 +333,7 @@ class AdaptiveAggregation(BatchStatsFields):
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
         train = merge_train(self, train)
-        _check_volumes("AdaptiveAggregation", cost_volume, self.num_scales, self.max_disp)
-        dtype, cv = _cast_volumes("AdaptiveAggregation", self.dtype, cost_volume)
-        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
+        cv, kw = _volumes_in(self, cost_volume)
         for i in range(self.num_fusions):
             if self.intermediate_supervision:
                 n_out = self.num_scales
@@ -656,13 +660,7 @@ class StereoDRNetRefinement(BatchStatsFields):
         train = merge_train(self, train)
         where = "StereoDRNetRefinement"
         check_rank(where, "low_disp", low_disp, 3, "(N, H, W)")
-        check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
-        check_channels(where, "left_img", left_img, 3)
-        if left_img.shape != right_img.shape:
-            raise ValueError(
-                f"{where}: `left_img` and `right_img` must have the same shape, got "
-                f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
-            )
+        _check_image_pair(where, left_img, right_img)
         if low_disp.shape[0] != left_img.shape[0]:
             raise ValueError(
                 f"{where}: batch of `low_disp` {tuple(low_disp.shape)} does not match "
@@ -780,13 +778,7 @@ class AANet(BatchStatsFields):
         self._check_config()
         dtype = compute_dtype(where, self.dtype, left_img=left_img, right_img=right_img)
         left_img, right_img = left_img.astype(dtype), right_img.astype(dtype)
-        check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
-        check_channels(where, "left_img", left_img, 3)
-        if left_img.shape != right_img.shape:
-            raise ValueError(
-                f"{where}: `left_img` and `right_img` must have the same shape, got "
-                f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
-            )
+        _check_image_pair(where, left_img, right_img)
         h, w = left_img.shape[1:3]
         if h % 12 or w % 12:
             raise ValueError(

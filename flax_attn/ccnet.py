@@ -21,6 +21,18 @@ from flax_attn.ops.dtypes import compute_dtype
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
 
+def _input(module: nn.Module, x: jax.Array, name: str, minimum: int, why: str) -> jax.Array:
+    """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, channels)`` where ``channels`` is
+    its field ``name``, which must be at least ``minimum`` (``why`` says what needs it)."""
+    where, channels = type(module).__name__, getattr(module, name)
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    if channels < minimum:
+        raise ValueError(f"{where}: `{name}`={channels} must be at least {minimum} ({why})")
+    check_rank(where, "x", x, 4, f"(B, H, W, {name})")
+    check_channels(where, "x", x, channels)
+    return x
+
+
 class CrissCrossAttention(BlockFields):
     """Criss-cross attention (CCNet, Huang et al., ICCV 2019, arXiv 1811.11721).
 
@@ -55,14 +67,7 @@ class CrissCrossAttention(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
         train = merge_train(self, train)
-        where = "CrissCrossAttention"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        if self.in_dim < 8:
-            raise ValueError(
-                f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)"
-            )
-        check_rank(where, "x", x, 4, "(B, H, W, in_dim)")
-        check_channels(where, "x", x, self.in_dim)
+        x = _input(self, x, "in_dim", 8, "queries/keys have in_dim // 8 channels")
         kw = dict(kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
         q = Conv(self.in_dim // 8, name="query_conv", **kw)(x)
         k = Conv(self.in_dim // 8, name="key_conv", **kw)(x)
@@ -85,7 +90,8 @@ class _ConvABN(BatchStatsFields):
         return [Rename(r"layers_(\d+)\.(.*)", r"\1.\2")]
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(self.features, kernel_size=3, padding=1, use_bias=False, name="layers_0", **kw)(x)
         x = BatchNorm(name="layers_1", **kw)(x, train=train)
@@ -138,17 +144,9 @@ class RCCAModule(BatchStatsFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        where = "RCCAModule"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        if self.in_channels < 32:
-            raise ValueError(
-                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
-                "(the attention's queries/keys have in_channels // 32 channels)"
-            )
         if self.recurrence < 0:
-            raise ValueError(f"{where}: `recurrence` must be >= 0, got {self.recurrence}")
-        check_rank(where, "x", x, 4, "(B, H, W, in_channels)")
-        check_channels(where, "x", x, self.in_channels)
+            raise ValueError(f"RCCAModule: `recurrence` must be >= 0, got {self.recurrence}")
+        x = _input(self, x, "in_channels", 32, "the attention's queries/keys have in_channels // 32 channels")
         inter = self.in_channels // 4
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = _ConvABN(inter, name="conva", **kw)(x, train=train)

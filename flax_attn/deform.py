@@ -55,11 +55,13 @@ class _DeformWeights(BlockFields):
     groups: int = 1
 
     @nn.nowrap
-    def _offset_conv(self, x, per_point: int):
-        """mmcv's ``conv_offset``: ``per_point * deform_groups`` channels per kernel point, zero-initialised."""
+    def _offsets(self, x, modulated: bool):
+        """mmcv's ``conv_offset`` (zero-initialised): the offsets, and with ``modulated`` the sigmoid
+        mask from the last third of its ``3 * deform_groups * kh * kw`` channels (else ``None``)."""
         kh, kw = _pair(self.kernel_size)
-        return Conv(
-            self.deform_groups * per_point * kh * kw,
+        n_off = self.deform_groups * 2 * kh * kw
+        out = Conv(
+            self.deform_groups * (3 if modulated else 2) * kh * kw,
             (kh, kw),
             stride=self.stride,
             padding=self.padding,
@@ -69,6 +71,16 @@ class _DeformWeights(BlockFields):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(x)
+        if not modulated:
+            return out, None
+        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
+        return out[..., :n_off], mask
+
+    @nn.nowrap
+    def _mmcv_params(self, where, x, bias: bool):
+        """``kernel`` and ``bias`` with mmcv's init: weight ``U(+-1/sqrt(in_channels * kh * kw))``, zero bias."""
+        kh, kw = _pair(self.kernel_size)
+        return self._params(where, x, bias, _uniform_fan_in(self.in_channels * kh * kw), nn.initializers.zeros)
 
     def _params(self, where, x, bias: bool, kernel_init, bias_init):
         compute_dtype(where, self.dtype, x=x)
@@ -163,9 +175,8 @@ class DeformConv2dPack(_DeformWeights):
         where = "DeformConv2dPack"
         if self.bias:
             raise ValueError(f"{where}: `bias` must be False (mmcv's DeformConv2d has no bias)")
-        kh, kw = _pair(self.kernel_size)
-        kernel, _ = self._params(where, x, False, _uniform_fan_in(self.in_channels * kh * kw), None)
-        offset = self._offset_conv(x, 2)
+        kernel, _ = self._mmcv_params(where, x, False)
+        offset, _ = self._offsets(x, modulated=False)
         return self._conv(x, offset, kernel, None, None)
 
 
@@ -198,16 +209,6 @@ class ModulatedDeformConv2dPack(_DeformWeights):
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         train = merge_train(self, train)
-        kh, kw = _pair(self.kernel_size)
-        kernel, bias = self._params(
-            "ModulatedDeformConv2dPack",
-            x,
-            self.bias,
-            _uniform_fan_in(self.in_channels * kh * kw),
-            nn.initializers.zeros,
-        )
-        out = self._offset_conv(x, 3)
-        n_off = self.deform_groups * 2 * kh * kw
-        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
-        offset = out[..., :n_off]
+        kernel, bias = self._mmcv_params("ModulatedDeformConv2dPack", x, self.bias)
+        offset, mask = self._offsets(x, modulated=True)
         return self._conv(x, offset, kernel, bias, mask)
