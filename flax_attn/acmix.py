@@ -42,6 +42,14 @@ def _position(h: int, w: int) -> np.ndarray:
     return grid[None].astype(np.float32)
 
 
+def _image_in(where: str, module: nn.Module, x: jax.Array, name: str) -> jax.Array:
+    """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, C)`` with C its field ``name``."""
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    check_rank(where, "x", x, 4, f"(batch, height, width, {name})")
+    check_channels(where, "x", x, getattr(module, name))
+    return x
+
+
 class ACmix(BlockFields):
     """ACmix: shared 1x1 projections feeding both local self-attention and a shift convolution.
 
@@ -97,9 +105,7 @@ class ACmix(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ACmix"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, in_planes)")
-        check_channels(where, "x", x, self.in_planes)
+        x = _image_in(where, self, x, "in_planes")
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
         if self.dilation != 1:
             raise ValueError(f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}")
@@ -218,9 +224,7 @@ class WindowAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "WindowAttention"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, dim)")
-        check_channels(where, "x", x, self.dim)
+        x = _image_in(where, self, x, "dim")
         check_divisible(where, "dim", self.dim, "num_heads", self.num_heads)
         b, h, w, c = x.shape
         ws = self.window_size

@@ -45,6 +45,21 @@ def _hidden(where: str, name: str, channels: int, ratio_name: str, ratio: int) -
     return channels // ratio
 
 
+def _image_in(where: str, module: nn.Module, x: jax.Array) -> jax.Array:
+    """``x`` checked as ``(B, H, W, C)`` and cast to ``module``'s compute dtype."""
+    check_rank(where, "x", x, 4, _NHWC)
+    return x.astype(compute_dtype(where, module.dtype, x=x))
+
+
+def _channel_gate(x: jax.Array, fc1: nn.Module, fc2: nn.Module, pool_types: Sequence[str]) -> jax.Array:
+    """``x`` times the sigmoid of the shared MLP ``fc2(relu(fc1(.)))`` summed over the global poolings."""
+    att = None
+    for pool_type in pool_types:
+        raw = fc2(nn.relu(fc1(global_pool(x, pool_type))))
+        att = raw if att is None else att + raw
+    return x * nn.sigmoid(att)[:, None, None, :].astype(x.dtype)
+
+
 class BasicConv(BatchStatsFields):
     """CBAM's ``BasicConv``: conv (no bias by default), optional BatchNorm (eps 1e-5, torch momentum
     0.01, affine) and optional ReLU; submodules ``conv`` and ``bn`` as in the official code."""
@@ -105,8 +120,7 @@ class ChannelGate(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelGate"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
             raise ValueError(
@@ -116,11 +130,7 @@ class ChannelGate(BlockFields):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         fc1 = Linear(hidden, name="mlp_1", **kw)
         fc2 = Linear(self.gate_channels, name="mlp_3", **kw)
-        att = None
-        for pool_type in self.pool_types:
-            raw = fc2(nn.relu(fc1(global_pool(x, pool_type))))
-            att = raw if att is None else att + raw
-        return x * nn.sigmoid(att)[:, None, None, :].astype(x.dtype)
+        return _channel_gate(x, fc1, fc2, self.pool_types)
 
 
 class SpatialGate(BatchStatsFields):
@@ -140,8 +150,7 @@ class SpatialGate(BatchStatsFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialGate"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
@@ -192,8 +201,7 @@ class CBAM(BatchStatsFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("CBAM", "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype("CBAM", self.dtype, x=x))
+        x = _image_in("CBAM", self, x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
@@ -231,16 +239,14 @@ class ChannelAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelAttention"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         check_channels(where, "x", x, self.channel)
         hidden = _hidden(where, "channel", self.channel, "rate", self.rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         fc_a = Linear(hidden, name="fc1_0", **kw)
         fc_b = Linear(self.channel, name="fc1_2", **kw)
-        avg = fc_b(nn.relu(fc_a(global_pool(x, "avg"))))
-        mx = fc_b(nn.relu(fc_a(global_pool(x, "max"))))
-        return x * nn.sigmoid(mx + avg)[:, None, None, :].astype(x.dtype)
+        # The blog sums max + avg; the two-term sum is the same either way round.
+        return _channel_gate(x, fc_a, fc_b, ("avg", "max"))
 
 
 class SpatialAttention(BlockFields):
@@ -267,8 +273,7 @@ class SpatialAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialAttention"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))
