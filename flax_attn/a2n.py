@@ -20,14 +20,14 @@ Each sown value is a one-element tuple (Flax's ``sow`` appends).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import Conv, Linear, merge_train
+from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -36,7 +36,6 @@ from flax_attn.ops.resize import interpolate
 
 __all__ = ["A2N", "AAB", "AttentionBranch", "PA"]
 
-Dtype = Any
 
 _IMAGE = "(batch, height, width, channels)"
 
@@ -46,7 +45,15 @@ def _lrelu(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, negative_slope=0.2)
 
 
-class PA(nn.Module):
+def _image_in(where: str, module: nn.Module, x: jax.Array, channels: int) -> jax.Array:
+    """``x`` checked as a ``(B, H, W, channels)`` image and cast to ``module``'s compute dtype."""
+    check_rank(where, "x", x, 4, _IMAGE)
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    check_channels(where, "x", x, channels)
+    return x
+
+
+class PA(BlockFields):
     """Pixel attention (``PA`` of the official code, from PAN, arXiv 2010.01073): ``x * sigmoid(conv1x1(x))``.
 
     Attributes:
@@ -64,25 +71,20 @@ class PA(nn.Module):
     """
 
     nf: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("PA", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("PA", self.dtype, x=x))
-        check_channels("PA", "x", x, self.nf)
+        x = _image_in("PA", self, x, self.nf)
         logits = Conv(self.nf, 1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         out, att = sigmoid_gate(x.astype(logits.dtype), logits)
         self.sow("intermediates", "attention_map", att)
         return out
 
 
-class AttentionBranch(nn.Module):
+class AttentionBranch(BlockFields):
     """The attention branch of an AAB: ``k4(k3(x) * sigmoid(k2(lrelu(k1(x)))))``.
 
     Attributes:
@@ -102,16 +104,11 @@ class AttentionBranch(nn.Module):
 
     nf: int
     k_size: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("AttentionBranch", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("AttentionBranch", self.dtype, x=x))
-        check_channels("AttentionBranch", "x", x, self.nf)
+        x = _image_in("AttentionBranch", self, x, self.nf)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = (self.k_size - 1) // 2
         y = Conv(self.nf, self.k_size, padding=p, use_bias=False, name="k1", **kw)(x)
@@ -122,7 +119,7 @@ class AttentionBranch(nn.Module):
         return Conv(self.nf, self.k_size, padding=p, use_bias=False, name="k4", **kw)(out)
 
 
-class AAB(nn.Module):
+class AAB(BlockFields):
     """Attention in attention block (A2B / ``AAB``), arXiv 2104.09497, Sec. 3.
 
     ``x -> lrelu(conv_first 1x1) -> [attention branch, non-attention branch]`` mixed by the
@@ -155,11 +152,8 @@ class AAB(nn.Module):
     K: int = 2
     t: float = 30
     non_attention_kernel: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -168,9 +162,7 @@ class AAB(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("AAB", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("AAB", self.dtype, x=x))
-        check_channels("AAB", "x", x, self.nf)
+        x = _image_in("AAB", self, x, self.nf)
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
         if self.nf // self.reduction < 1:
@@ -197,7 +189,7 @@ class AAB(nn.Module):
         return out + residual.astype(out.dtype)
 
 
-class A2N(nn.Module):
+class A2N(BlockFields):
     """Attention in attention network (A2N; ``AAN`` in the official code), arXiv 2104.09497.
 
     ``conv_first`` 3x3 -> ``nb`` AABs -> ``trunk_conv`` 3x3 (+ skip from ``conv_first``) ->
@@ -238,11 +230,8 @@ class A2N(nn.Module):
     K: int = 2
     t: float = 30
     non_attention_kernel: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -251,9 +240,7 @@ class A2N(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("A2N", "x", x, 4, _IMAGE)
-        x = x.astype(compute_dtype("A2N", self.dtype, x=x))
-        check_channels("A2N", "x", x, self.in_nc)
+        x = _image_in("A2N", self, x, self.in_nc)
         if self.scale not in (2, 3, 4):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")
         if self.in_nc != self.out_nc:

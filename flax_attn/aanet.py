@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax_attn import backbones
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.deform import DeformConv2d
-from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.resize import interpolate
@@ -52,14 +52,12 @@ __all__ = [
     "StereoDRNetRefinement",
 ]
 
-Dtype = Any
-
 
 def _leaky(x):
     return nn.leaky_relu(x, 0.2)
 
 
-class AANetDeformConv2d(nn.Module):
+class AANetDeformConv2d(BlockFields):
     """AANet's ``nets/deform.DeformConv2d``: a (modulated) deformable conv with its own offset conv.
 
     ``offset_conv`` (``groups=deformable_groups``, zero weight and bias) predicts
@@ -86,11 +84,8 @@ class AANetDeformConv2d(nn.Module):
     modulation: bool = True
     double_mask: bool = True
     bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     # AANet zero-initialises offset_conv; AANetFeature's kaiming loop later overwrites its weight.
     offset_kernel_init: Any = nn.initializers.zeros
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -191,22 +186,31 @@ class DeformSimpleBottleneck(SimpleBottleneck):
         )
 
 
-def _check_volumes(where, cost_volume, num_scales, max_disp):
+def _volumes_in(module, cost_volume) -> tuple[list[jax.Array], dict]:
+    """Check ``module``'s ``num_scales`` cost volumes; return them in the compute dtype
+    (``ops.dtypes.compute_dtype`` over all of them) and the dtype keywords of its layers."""
+    where, num_scales, max_disp = type(module).__name__, module.num_scales, module.max_disp
     if not isinstance(cost_volume, (list, tuple)) or len(cost_volume) != num_scales:
         n = len(cost_volume) if isinstance(cost_volume, (list, tuple)) else type(cost_volume).__name__
         raise ValueError(f"{where}: `cost_volume` must be a list of {num_scales} cost volumes, got {n}")
     for i, cv in enumerate(cost_volume):
         check_rank(where, f"cost_volume[{i}]", cv, 4, "(N, H, W, max_disp // 2**i)")
         check_channels(where, f"cost_volume[{i}]", cv, max_disp // (2**i))
+    dtype = compute_dtype(where, module.dtype, **{f"cost_volume[{i}]": cv for i, cv in enumerate(cost_volume)})
+    return [cv.astype(dtype) for cv in cost_volume], dict(dtype=dtype, param_dtype=module.param_dtype)
 
 
-def _cast_volumes(where, dtype, cost_volume):
-    """The cost volumes in the compute dtype (``ops.dtypes.compute_dtype`` over all of them)."""
-    dtype = compute_dtype(where, dtype, **{f"cost_volume[{i}]": cv for i, cv in enumerate(cost_volume)})
-    return dtype, [cv.astype(dtype) for cv in cost_volume]
+def _check_image_pair(where, left_img, right_img) -> None:
+    check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
+    check_channels(where, "left_img", left_img, 3)
+    if left_img.shape != right_img.shape:
+        raise ValueError(
+            f"{where}: `left_img` and `right_img` must have the same shape, got "
+            f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
+        )
 
 
-class AdaptiveAggregationModule(nn.Module):
+class AdaptiveAggregationModule(BatchStatsFields):
     """One AANet stage (``AdaptiveAggregationModule``): ISA on every scale, then CSA across scales.
 
     Attributes:
@@ -236,11 +240,6 @@ class AdaptiveAggregationModule(nn.Module):
     simple_bottleneck: bool = False
     deformable_groups: int = 2
     mdconv_dilation: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -251,10 +250,7 @@ class AdaptiveAggregationModule(nn.Module):
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
         train = merge_train(self, train)
-        where = "AdaptiveAggregationModule"
-        _check_volumes(where, cost_volume, self.num_scales, self.max_disp)
-        dtype, x = _cast_volumes(where, self.dtype, cost_volume)
-        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
+        x, kw = _volumes_in(self, cost_volume)
         for i in range(self.num_scales):
             nc = self.max_disp // (2**i)
             for j in range(self.num_blocks):
@@ -299,7 +295,7 @@ class AdaptiveAggregationModule(nn.Module):
         return fused
 
 
-class AdaptiveAggregation(nn.Module):
+class AdaptiveAggregation(BatchStatsFields):
     """AANet's stacked adaptive aggregation (``AdaptiveAggregation``, arXiv 2004.09548).
 
     Attributes:
@@ -327,11 +323,6 @@ class AdaptiveAggregation(nn.Module):
     intermediate_supervision: bool = True
     deformable_groups: int = 2
     mdconv_dilation: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -342,9 +333,7 @@ class AdaptiveAggregation(nn.Module):
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
         train = merge_train(self, train)
-        _check_volumes("AdaptiveAggregation", cost_volume, self.num_scales, self.max_disp)
-        dtype, cv = _cast_volumes("AdaptiveAggregation", self.dtype, cost_volume)
-        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
+        cv, kw = _volumes_in(self, cost_volume)
         for i in range(self.num_fusions):
             if self.intermediate_supervision:
                 n_out = self.num_scales
@@ -403,7 +392,7 @@ class DeformBottleneck(Bottleneck):
         return AANetDeformConv2d(width, width, stride=self.stride, offset_kernel_init=offset_init, name="conv2", **kw)
 
 
-class AANetFeature(nn.Module):
+class AANetFeature(BatchStatsFields):
     """AANet's feature extractor (``nets/resnet.AANetFeature``): a ResNet-40 at 1/3, 1/6, 1/12 scale.
 
     ``conv1`` (7x7, stride 3, BN, ReLU), then ``layer1`` (3 bottlenecks), ``layer2`` (4, stride 2),
@@ -429,11 +418,6 @@ class AANetFeature(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     feature_mdconv: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -476,7 +460,7 @@ class AANetFeature(nn.Module):
         return outs
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(BatchStatsFields):
     """AANet's ``FeaturePyramidNetwork`` (``nets/feature.py``; Lin et al., arXiv 1612.03144).
 
     ``lateral_convs.i`` (1x1 conv with bias) per level, a top-down pass adding the 2x nearest
@@ -501,11 +485,6 @@ class FeaturePyramidNetwork(nn.Module):
     in_channels: Sequence[int]
     out_channels: int = 128
     num_levels: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -547,7 +526,7 @@ class FeaturePyramidNetwork(nn.Module):
         return outs
 
 
-class CostVolumePyramid(nn.Module):
+class CostVolumePyramid(BlockFields):
     """AANet's ``CostVolumePyramid``: a correlation cost volume per scale (no parameters).
 
     Attributes:
@@ -567,8 +546,6 @@ class CostVolumePyramid(nn.Module):
 
     max_disp: int
     feature_similarity: str = "correlation"
-    dtype: Dtype | None = None
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -594,7 +571,7 @@ class CostVolumePyramid(nn.Module):
         ]
 
 
-class DisparityEstimation(nn.Module):
+class DisparityEstimation(BlockFields):
     """AANet's ``DisparityEstimation``: soft-argmin over the candidates (no parameters).
 
     Attributes:
@@ -614,8 +591,6 @@ class DisparityEstimation(nn.Module):
 
     max_disp: int
     match_similarity: bool = True
-    dtype: Dtype | None = None
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -652,7 +627,7 @@ class BasicBlock(backbones.BasicBlock):
         return _leaky if self.leaky_relu else nn.relu
 
 
-class StereoDRNetRefinement(nn.Module):
+class StereoDRNetRefinement(BatchStatsFields):
     """AANet's ``StereoDRNetRefinement`` (after StereoDRNet, arXiv 1904.02251): a residual on the disparity.
 
     The disparity is upsampled (bilinear, ``align_corners=False``) to the image size and scaled by
@@ -672,12 +647,6 @@ class StereoDRNetRefinement(nn.Module):
       (1, 8, 12)
     """
 
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-
     dilation_list = (1, 2, 4, 8, 1, 1)
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
@@ -691,13 +660,7 @@ class StereoDRNetRefinement(nn.Module):
         train = merge_train(self, train)
         where = "StereoDRNetRefinement"
         check_rank(where, "low_disp", low_disp, 3, "(N, H, W)")
-        check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
-        check_channels(where, "left_img", left_img, 3)
-        if left_img.shape != right_img.shape:
-            raise ValueError(
-                f"{where}: `left_img` and `right_img` must have the same shape, got "
-                f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
-            )
+        _check_image_pair(where, left_img, right_img)
         if low_disp.shape[0] != left_img.shape[0]:
             raise ValueError(
                 f"{where}: batch of `low_disp` {tuple(low_disp.shape)} does not match "
@@ -726,7 +689,7 @@ class StereoDRNetRefinement(nn.Module):
         return nn.relu(disp + residual)[..., 0]
 
 
-class AANet(nn.Module):
+class AANet(BatchStatsFields):
     """AANet (Xu & Zhang, CVPR 2020, arXiv 2004.09548; ``nets/aanet.py``), NHWC.
 
     Features at 1/3, 1/6, 1/12 (:class:`AANetFeature`, optionally :class:`FeaturePyramidNetwork`),
@@ -778,11 +741,6 @@ class AANet(nn.Module):
     no_intermediate_supervision: bool = False
     num_stage_blocks: int = 1
     num_deform_blocks: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -820,13 +778,7 @@ class AANet(nn.Module):
         self._check_config()
         dtype = compute_dtype(where, self.dtype, left_img=left_img, right_img=right_img)
         left_img, right_img = left_img.astype(dtype), right_img.astype(dtype)
-        check_rank(where, "left_img", left_img, 4, "(N, H, W, 3)")
-        check_channels(where, "left_img", left_img, 3)
-        if left_img.shape != right_img.shape:
-            raise ValueError(
-                f"{where}: `left_img` and `right_img` must have the same shape, got "
-                f"{tuple(left_img.shape)} and {tuple(right_img.shape)}"
-            )
+        _check_image_pair(where, left_img, right_img)
         h, w = left_img.shape[1:3]
         if h % 12 or w % 12:
             raise ValueError(

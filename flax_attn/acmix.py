@@ -8,7 +8,7 @@ ResNet and a Swin variant; this module hosts the two attention primitives they b
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -16,15 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.convert.engine import Ignore
-from flax_attn.layers import Conv, Linear, merge_train
+from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.window import window_attention
 
 __all__ = ["ACmix", "WindowAttention"]
-
-Dtype = Any
 
 
 def _shift_kernel_init(key, shape, dtype=jnp.float32):
@@ -44,7 +42,15 @@ def _position(h: int, w: int) -> np.ndarray:
     return grid[None].astype(np.float32)
 
 
-class ACmix(nn.Module):
+def _image_in(where: str, module: nn.Module, x: jax.Array, name: str) -> jax.Array:
+    """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, C)`` with C its field ``name``."""
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    check_rank(where, "x", x, 4, f"(batch, height, width, {name})")
+    check_channels(where, "x", x, getattr(module, name))
+    return x
+
+
+class ACmix(BlockFields):
     """ACmix: shared 1x1 projections feeding both local self-attention and a shift convolution.
 
     Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022, arXiv 2111.14556;
@@ -92,19 +98,14 @@ class ACmix(nn.Module):
     stride: int = 1
     dilation: int = 1
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ACmix"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, in_planes)")
-        check_channels(where, "x", x, self.in_planes)
+        x = _image_in(where, self, x, "in_planes")
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
         if self.dilation != 1:
             raise ValueError(f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}")
@@ -168,7 +169,7 @@ class ACmix(nn.Module):
         return rate1.astype(dtype) * out_att + rate2.astype(dtype) * out_conv.astype(dtype)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(BlockFields):
     """Swin Transformer's (shifted) window multi-head self-attention on an image.
 
     Liu et al., "Swin Transformer", ICCV 2021, arXiv 2103.14030; official code
@@ -212,11 +213,8 @@ class WindowAttention(nn.Module):
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -226,9 +224,7 @@ class WindowAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "WindowAttention"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, dim)")
-        check_channels(where, "x", x, self.dim)
+        x = _image_in(where, self, x, "dim")
         check_divisible(where, "dim", self.dim, "num_heads", self.num_heads)
         b, h, w, c = x.shape
         ws = self.window_size

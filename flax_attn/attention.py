@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename
-from flax_attn.layers import Linear, merge_train
+from flax_attn.layers import BlockFields, Linear, merge_train
 from flax_attn.ops.attention import scaled_dot_product_attention
 from flax_attn.ops.checks import check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["MultiheadAttention", "ProjectedMultiHeadAttention"]
-
-Dtype = Any
 
 
 def _split_mask(where: str, name: str, mask, allow_when_true: bool, shape: tuple[int, ...]):
@@ -35,7 +33,7 @@ def _split_mask(where: str, name: str, mask, allow_when_true: bool, shape: tuple
     return None, mask.astype(jnp.float32)
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(BlockFields):
     """``torch.nn.MultiheadAttention(batch_first=True)`` in Flax (Vaswani et al., arXiv 1706.03762).
 
     Attributes:
@@ -78,11 +76,8 @@ class MultiheadAttention(nn.Module):
     add_zero_attn: bool = False
     kdim: int | None = None
     vdim: int | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("torch.nn",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -212,7 +207,7 @@ class MultiheadAttention(nn.Module):
         return out, weights
 
 
-class ProjectedMultiHeadAttention(nn.Module):
+class ProjectedMultiHeadAttention(BlockFields):
     """Multi-head attention with separate ``fc_q``/``fc_k``/``fc_v``/``fc_o`` projections.
 
     The seed's ``MultiHeadAttention(n_head, d_k, d_k_, d_v, d_v_, d_o)``: queries and keys of width
@@ -240,9 +235,6 @@ class ProjectedMultiHeadAttention(nn.Module):
     d_v: int
     d_v_: int
     d_o: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
 

@@ -6,23 +6,21 @@ Follows leaderj1001/Attention-Augmented-Conv2d (``attention_augmented_conv.py``,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.layers import Conv, merge_train
+from flax_attn.layers import BlockFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.relative_logits import augmented_attention
 
 __all__ = ["AugmentedConv"]
 
-Dtype = Any
 
-
-class AugmentedConv(nn.Module):
+class AugmentedConv(BlockFields):
     """A convolution concatenated with multi-head self-attention over all output positions.
 
     Bello et al., "Attention Augmented Convolutional Networks", ICCV 2019 (arXiv 1904.09925);
@@ -66,11 +64,8 @@ class AugmentedConv(nn.Module):
     shape: int = 0
     relative: bool = False
     stride: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     def _check_config(self):
         where = "AugmentedConv"

@@ -20,16 +20,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, merge_train, torch_default_kernel_init
+from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet_conv_init"]
 
-Dtype = Any
 ModuleDef = Any
 
 # torchvision, timm and AANet: nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu") on every conv.
@@ -38,7 +37,7 @@ resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _NHWC = "(batch, height, width, channels)"
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(BatchStatsFields):
     """ResNet's basic block: conv3x3-norm-act-conv3x3-norm-[attn], + shortcut, act.
 
     Attributes:
@@ -83,11 +82,6 @@ class BasicBlock(nn.Module):
     act: Callable[[jax.Array], jax.Array] = nn.relu
     attn: ModuleDef | None = None
     zero_init_last: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     expansion: int = 1
 

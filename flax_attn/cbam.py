@@ -18,21 +18,20 @@ without bias or BatchNorm on ``[mean, max]``, the opposite order to the official
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.channel import channel_pool, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
 
-Dtype = Any
 _NHWC = "(batch, height, width, channels)"
 _POOL_TYPES = ("avg", "max", "lp", "lse")
 
@@ -46,7 +45,22 @@ def _hidden(where: str, name: str, channels: int, ratio_name: str, ratio: int) -
     return channels // ratio
 
 
-class BasicConv(nn.Module):
+def _image_in(where: str, module: nn.Module, x: jax.Array) -> jax.Array:
+    """``x`` checked as ``(B, H, W, C)`` and cast to ``module``'s compute dtype."""
+    check_rank(where, "x", x, 4, _NHWC)
+    return x.astype(compute_dtype(where, module.dtype, x=x))
+
+
+def _channel_gate(x: jax.Array, fc1: nn.Module, fc2: nn.Module, pool_types: Sequence[str]) -> jax.Array:
+    """``x`` times the sigmoid of the shared MLP ``fc2(relu(fc1(.)))`` summed over the global poolings."""
+    att = None
+    for pool_type in pool_types:
+        raw = fc2(nn.relu(fc1(global_pool(x, pool_type))))
+        att = raw if att is None else att + raw
+    return x * nn.sigmoid(att)[:, None, None, :].astype(x.dtype)
+
+
+class BasicConv(BatchStatsFields):
     """CBAM's ``BasicConv``: conv (no bias by default), optional BatchNorm (eps 1e-5, torch momentum
     0.01, affine) and optional ReLU; submodules ``conv`` and ``bn`` as in the official code."""
 
@@ -59,11 +73,6 @@ class BasicConv(nn.Module):
     relu: bool = True
     bn: bool = True
     bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -88,7 +97,7 @@ class BasicConv(nn.Module):
         return x
 
 
-class ChannelGate(nn.Module):
+class ChannelGate(BlockFields):
     """CBAM's channel attention (official ``ChannelGate``).
 
     Attributes:
@@ -102,9 +111,6 @@ class ChannelGate(nn.Module):
     gate_channels: int
     reduction_ratio: int = 16
     pool_types: Sequence[str] = ("avg", "max")
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -114,8 +120,7 @@ class ChannelGate(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelGate"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
             raise ValueError(
@@ -125,14 +130,10 @@ class ChannelGate(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         fc1 = Linear(hidden, name="mlp_1", **kw)
         fc2 = Linear(self.gate_channels, name="mlp_3", **kw)
-        att = None
-        for pool_type in self.pool_types:
-            raw = fc2(nn.relu(fc1(global_pool(x, pool_type))))
-            att = raw if att is None else att + raw
-        return x * nn.sigmoid(att)[:, None, None, :].astype(x.dtype)
+        return _channel_gate(x, fc1, fc2, self.pool_types)
 
 
-class SpatialGate(nn.Module):
+class SpatialGate(BatchStatsFields):
     """CBAM's spatial attention (official ``SpatialGate``): ``[max, mean]`` over channels, 7x7
     ``BasicConv`` with BatchNorm and no ReLU, sigmoid. Submodule ``spatial`` (keys
     ``spatial.conv.weight``, ``spatial.bn.*``).
@@ -144,18 +145,12 @@ class SpatialGate(nn.Module):
     """
 
     kernel_size: int = 7
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialGate"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
@@ -172,7 +167,7 @@ class SpatialGate(nn.Module):
         return x * nn.sigmoid(logits).astype(x.dtype)
 
 
-class CBAM(nn.Module):
+class CBAM(BatchStatsFields):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018, arXiv 1807.06521).
 
     ``SpatialGate(ChannelGate(x))`` as the official ``CBAM``; submodules ``ChannelGate`` and
@@ -200,19 +195,13 @@ class CBAM(nn.Module):
     reduction_ratio: int = 16
     pool_types: Sequence[str] = ("avg", "max")
     no_spatial: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        check_rank("CBAM", "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype("CBAM", self.dtype, x=x))
+        x = _image_in("CBAM", self, x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
@@ -220,7 +209,7 @@ class CBAM(nn.Module):
         return out
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(BlockFields):
     """The seed blog's CBAM channel attention: shared 1x1-conv MLP without bias (``fc1.0``,
     ``fc1.2``) on global avg and max pooling, summed, sigmoid, rescale.
 
@@ -239,11 +228,8 @@ class ChannelAttention(nn.Module):
 
     channel: int
     rate: int = 4
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -253,19 +239,17 @@ class ChannelAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelAttention"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         check_channels(where, "x", x, self.channel)
         hidden = _hidden(where, "channel", self.channel, "rate", self.rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         fc_a = Linear(hidden, name="fc1_0", **kw)
         fc_b = Linear(self.channel, name="fc1_2", **kw)
-        avg = fc_b(nn.relu(fc_a(global_pool(x, "avg"))))
-        mx = fc_b(nn.relu(fc_a(global_pool(x, "max"))))
-        return x * nn.sigmoid(mx + avg)[:, None, None, :].astype(x.dtype)
+        # The blog sums max + avg; the two-term sum is the same either way round.
+        return _channel_gate(x, fc_a, fc_b, ("avg", "max"))
 
 
-class SpatialAttention(nn.Module):
+class SpatialAttention(BlockFields):
     """The seed blog's CBAM spatial attention: ``[mean, max]`` over channels, one conv without bias
     (``conv1``, 3x3 in the blog, 7x7 in the paper) and no BatchNorm, sigmoid, rescale.
 
@@ -282,18 +266,14 @@ class SpatialAttention(nn.Module):
     """
 
     kernel_size: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("seed",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialAttention"
-        check_rank(where, "x", x, 4, _NHWC)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = _image_in(where, self, x)
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))

@@ -6,24 +6,34 @@ Ports of the official speedinghzl/CCNet ``cc_attention.CrissCrossAttention`` and
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
-Dtype = Any
+
+def _input(module: nn.Module, x: jax.Array, name: str, minimum: int, why: str) -> jax.Array:
+    """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, channels)`` where ``channels`` is
+    its field ``name``, which must be at least ``minimum`` (``why`` says what needs it)."""
+    where, channels = type(module).__name__, getattr(module, name)
+    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    if channels < minimum:
+        raise ValueError(f"{where}: `{name}`={channels} must be at least {minimum} ({why})")
+    check_rank(where, "x", x, 4, f"(B, H, W, {name})")
+    check_channels(where, "x", x, channels)
+    return x
 
 
-class CrissCrossAttention(nn.Module):
+class CrissCrossAttention(BlockFields):
     """Criss-cross attention (CCNet, Huang et al., ICCV 2019, arXiv 1811.11721).
 
     1x1 convs project ``x`` to queries/keys (``in_dim // 8`` channels) and values (``in_dim``); each
@@ -51,23 +61,13 @@ class CrissCrossAttention(nn.Module):
 
     in_dim: int
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
         train = merge_train(self, train)
-        where = "CrissCrossAttention"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        if self.in_dim < 8:
-            raise ValueError(
-                f"{where}: `in_dim`={self.in_dim} must be at least 8 (queries/keys have in_dim // 8 channels)"
-            )
-        check_rank(where, "x", x, 4, "(B, H, W, in_dim)")
-        check_channels(where, "x", x, self.in_dim)
+        x = _input(self, x, "in_dim", 8, "queries/keys have in_dim // 8 channels")
         kw = dict(kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
         q = Conv(self.in_dim // 8, name="query_conv", **kw)(x)
         k = Conv(self.in_dim // 8, name="key_conv", **kw)(x)
@@ -80,28 +80,25 @@ class CrissCrossAttention(nn.Module):
         return (y, weights) if return_weights else y
 
 
-class _ConvABN(nn.Module):
+class _ConvABN(BatchStatsFields):
     """``nn.Sequential(Conv2d(3x3, bias=False), InPlaceABNSync)``: conv, BatchNorm, leaky ReLU 0.01."""
 
     features: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
         return [Rename(r"layers_(\d+)\.(.*)", r"\1.\2")]
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
+        train = merge_train(self, train)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(self.features, kernel_size=3, padding=1, use_bias=False, name="layers_0", **kw)(x)
         x = BatchNorm(name="layers_1", **kw)(x, train=train)
         return nn.leaky_relu(x, negative_slope=0.01)
 
 
-class RCCAModule(nn.Module):
+class RCCAModule(BatchStatsFields):
     """Recurrent criss-cross attention head of CCNet (arXiv 1811.11721), official ``RCCAModule``.
 
     ``conva`` (3x3 conv to ``in_channels // 4``, InPlaceABNSync) -> the same
@@ -137,13 +134,8 @@ class RCCAModule(nn.Module):
     recurrence: int = 2
     dropout: float = 0.1
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -152,17 +144,9 @@ class RCCAModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        where = "RCCAModule"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        if self.in_channels < 32:
-            raise ValueError(
-                f"{where}: `in_channels`={self.in_channels} must be at least 32 "
-                "(the attention's queries/keys have in_channels // 32 channels)"
-            )
         if self.recurrence < 0:
-            raise ValueError(f"{where}: `recurrence` must be >= 0, got {self.recurrence}")
-        check_rank(where, "x", x, 4, "(B, H, W, in_channels)")
-        check_channels(where, "x", x, self.in_channels)
+            raise ValueError(f"RCCAModule: `recurrence` must be >= 0, got {self.recurrence}")
+        x = _input(self, x, "in_channels", 32, "the attention's queries/keys have in_channels // 32 channels")
         inter = self.in_channels // 4
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = _ConvABN(inter, name="conva", **kw)(x, train=train)

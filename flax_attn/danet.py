@@ -6,24 +6,43 @@ Follows junfu1115/DANet: ``encoding/nn/da_att.py`` (``PAM_Module``, ``CAM_Module
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
 
-Dtype = Any
+
+class _GammaResidual(BlockFields):
+    """What DANet's two attention modules share: ``in_dim`` channels in and out, and the learnt
+    ``gamma`` (zero at init, so the module starts as the identity) scaling the attention output
+    added to the input."""
+
+    in_dim: int
+
+    @nn.nowrap
+    def _input(self, x: jax.Array) -> jax.Array:
+        where = type(self).__name__
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
+        check_channels(where, "x", x, self.in_dim)
+        return x
+
+    @nn.nowrap
+    def _gamma_residual(self, out: jax.Array, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
+        return gamma.astype(out.dtype) * out + x
 
 
-class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
+class PAM_Module(_GammaResidual):  # noqa: N801  (the official class name)
     """Position attention module: ``out = gamma * softmax(Q K^T) V + x`` over all pixel pairs.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (arXiv 1809.02983).
@@ -43,34 +62,25 @@ class PAM_Module(nn.Module):  # noqa: N801  (the official class name)
       (2, 5, 7, 16)
     """
 
-    in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        where = "PAM_Module"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.in_dim < 8:
-            raise ValueError(f"{where}: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)")
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.in_dim)
-        x = x.astype(self.dtype or x.dtype)
+            raise ValueError(
+                f"PAM_Module: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)"
+            )
+        x = self._input(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         q = Conv(self.in_dim // 8, 1, name="query_conv", **kw)(x).reshape(b, h * w, -1)
         k = Conv(self.in_dim // 8, 1, name="key_conv", **kw)(x).reshape(b, h * w, -1)
         v = Conv(self.in_dim, 1, name="value_conv", **kw)(x).reshape(b, h * w, c)
-        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
-        out = position_attention(q, k, v).reshape(b, h, w, c)
-        return gamma.astype(out.dtype) * out + x
+        return self._gamma_residual(position_attention(q, k, v).reshape(b, h, w, c), x)
 
 
-class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
+class CAM_Module(_GammaResidual):  # noqa: N801  (the official class name)
     """Channel attention module: ``out = gamma * softmax(max(E) - E) X + x`` with ``E = X X^T`` over channels.
 
     Fu et al., CVPR 2019 (arXiv 1809.02983). No convolutions; ``gamma`` starts at 0.
@@ -87,28 +97,17 @@ class CAM_Module(nn.Module):  # noqa: N801  (the official class name)
       (2, 5, 7, 16)
     """
 
-    in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        where = "CAM_Module"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.in_dim)
-        x = x.astype(self.dtype or x.dtype)
+        x = self._input(x)
         b, h, w, c = x.shape
-        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
-        out = channel_attention(x.reshape(b, h * w, c)).reshape(b, h, w, c)
-        return gamma.astype(out.dtype) * out + x
+        return self._gamma_residual(channel_attention(x.reshape(b, h * w, c)).reshape(b, h, w, c), x)
 
 
-class DANetHead(nn.Module):
+class DANetHead(BatchStatsFields):
     """The DANet segmentation head: parallel position and channel attention branches, summed.
 
     Fu et al., CVPR 2019 (arXiv 1809.02983); official ``DANetHead(in_channels, out_channels,
@@ -137,13 +136,8 @@ class DANetHead(nn.Module):
     in_channels: int
     out_channels: int
     dropout: float = 0.1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):

@@ -13,21 +13,19 @@ The weight is stored in Flax's HWIO layout (``kernel``); the converter maps it t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attn.layers import Conv, merge_train, torch_default_kernel_init
+from flax_attn.layers import BlockFields, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.deform import deform_conv2d
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
-
-Dtype = Any
 
 
 def _pair(v) -> tuple[int, int]:
@@ -43,8 +41,46 @@ def _uniform_fan_in(fan_in: int):
     return init
 
 
-class _DeformWeights(nn.Module):
-    """Shared parameter handling: ``kernel`` (kh, kw, C/groups, O) HWIO and optional ``bias``."""
+class _DeformWeights(BlockFields):
+    """What the three deformable convs share: the ``nn.Conv2d`` fields (each subclass adds its own after
+    ``groups``), the ``kernel`` (kh, kw, C/groups, O) HWIO with optional ``bias``, mmcv's zero-initialised
+    ``conv_offset`` and the deformable conv itself."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: int | Sequence[int] = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+
+    @nn.nowrap
+    def _offsets(self, x, modulated: bool):
+        """mmcv's ``conv_offset`` (zero-initialised): the offsets, and with ``modulated`` the sigmoid
+        mask from the last third of its ``3 * deform_groups * kh * kw`` channels (else ``None``)."""
+        kh, kw = _pair(self.kernel_size)
+        n_off = self.deform_groups * 2 * kh * kw
+        out = Conv(
+            self.deform_groups * (3 if modulated else 2) * kh * kw,
+            (kh, kw),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            kernel_init=nn.initializers.zeros,
+            name="conv_offset",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+        if not modulated:
+            return out, None
+        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
+        return out[..., :n_off], mask
+
+    @nn.nowrap
+    def _mmcv_params(self, where, x, bias: bool):
+        """``kernel`` and ``bias`` with mmcv's init: weight ``U(+-1/sqrt(in_channels * kh * kw))``, zero bias."""
+        kh, kw = _pair(self.kernel_size)
+        return self._params(where, x, bias, _uniform_fan_in(self.in_channels * kh * kw), nn.initializers.zeros)
 
     def _params(self, where, x, bias: bool, kernel_init, bias_init):
         compute_dtype(where, self.dtype, x=x)
@@ -96,17 +132,7 @@ class DeformConv2d(_DeformWeights):
       (1, 5, 6, 8)
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: int | Sequence[int]
-    stride: int | Sequence[int] = 1
-    padding: int | Sequence[int] = 0
-    dilation: int | Sequence[int] = 1
-    groups: int = 1
     bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("torchvision",)
 
@@ -138,18 +164,8 @@ class DeformConv2dPack(_DeformWeights):
       (2, 9, 11, 8)
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: int | Sequence[int]
-    stride: int | Sequence[int] = 1
-    padding: int | Sequence[int] = 0
-    dilation: int | Sequence[int] = 1
-    groups: int = 1
     deform_groups: int = 1
     bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
 
@@ -159,19 +175,8 @@ class DeformConv2dPack(_DeformWeights):
         where = "DeformConv2dPack"
         if self.bias:
             raise ValueError(f"{where}: `bias` must be False (mmcv's DeformConv2d has no bias)")
-        kh, kw = _pair(self.kernel_size)
-        kernel, _ = self._params(where, x, False, _uniform_fan_in(self.in_channels * kh * kw), None)
-        offset = Conv(
-            self.deform_groups * 2 * kh * kw,
-            (kh, kw),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            kernel_init=nn.initializers.zeros,
-            name="conv_offset",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )(x)
+        kernel, _ = self._mmcv_params(where, x, False)
+        offset, _ = self._offsets(x, modulated=False)
         return self._conv(x, offset, kernel, None, None)
 
 
@@ -196,44 +201,14 @@ class ModulatedDeformConv2dPack(_DeformWeights):
       (1, 5, 6, 8)
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: int | Sequence[int]
-    stride: int | Sequence[int] = 1
-    padding: int | Sequence[int] = 0
-    dilation: int | Sequence[int] = 1
-    groups: int = 1
     deform_groups: int = 1
     bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("mmcv",)
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         train = merge_train(self, train)
-        kh, kw = _pair(self.kernel_size)
-        kernel, bias = self._params(
-            "ModulatedDeformConv2dPack",
-            x,
-            self.bias,
-            _uniform_fan_in(self.in_channels * kh * kw),
-            nn.initializers.zeros,
-        )
-        out = Conv(
-            self.deform_groups * 3 * kh * kw,
-            (kh, kw),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            kernel_init=nn.initializers.zeros,
-            name="conv_offset",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )(x)
-        n_off = self.deform_groups * 2 * kh * kw
-        mask = jax.nn.sigmoid(out[..., n_off:].astype(statistics_dtype(out.dtype))).astype(out.dtype)
-        offset = out[..., :n_off]
+        kernel, bias = self._mmcv_params("ModulatedDeformConv2dPack", x, self.bias)
+        offset, mask = self._offsets(x, modulated=True)
         return self._conv(x, offset, kernel, bias, mask)
