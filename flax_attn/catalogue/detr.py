@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from flax_attn import detr
 from flax_attn.catalogue import family
-from flax_attn.detr import (
-    DETR,
-    PositionEmbeddingLearned,
-    PositionEmbeddingSine,
-    Transformer,
-    TransformerDecoder,
-    TransformerDecoderLayer,
-    TransformerEncoder,
-    TransformerEncoderLayer,
-)
 
 # The torch references use DETR's layouts: sequences (length, batch, features) and NCHW images.
 # These adapters move the batch-first inputs there and the outputs back, at the boundary only.
@@ -146,7 +137,7 @@ add = family("detr", paper="Carion et al., ECCV 2020 (DETR)", arxiv="2005.12872"
 
 add(
     name="transformer_encoder_layer",
-    flax=TransformerEncoderLayer,
+    flax=detr.TransformerEncoderLayer,
     torch="transformer_encoder_layer",
     config=_SMALL_LAYER,
     inputs=_encoder_layer_inputs(3, 13, 24),
@@ -159,7 +150,7 @@ add(
 
 add(
     name="transformer_decoder_layer",
-    flax=TransformerDecoderLayer,
+    flax=detr.TransformerDecoderLayer,
     torch="transformer_decoder_layer",
     config=_SMALL_LAYER,
     inputs=_decoder_layer_inputs(3, 7, 17, 24),
@@ -172,7 +163,7 @@ add(
 
 add(
     name="transformer_encoder",
-    flax=TransformerEncoder,
+    flax=detr.TransformerEncoder,
     torch="transformer_encoder",
     config=dict(num_layers=2, normalize_before=True, **_SMALL_LAYER),
     inputs=_encoder_layer_inputs(3, 13, 24),
@@ -185,7 +176,7 @@ add(
 
 add(
     name="transformer_decoder",
-    flax=TransformerDecoder,
+    flax=detr.TransformerDecoder,
     torch="transformer_decoder",
     config=dict(num_layers=2, return_intermediate=True, **_SMALL_LAYER),
     inputs=_decoder_layer_inputs(3, 7, 17, 24),
@@ -198,7 +189,7 @@ add(
 
 add(
     name="transformer",
-    flax=Transformer,
+    flax=detr.Transformer,
     torch="transformer",
     config=dict(
         d_model=24,
@@ -219,7 +210,7 @@ add(
 
 add(
     name="position_embedding_sine",
-    flax=PositionEmbeddingSine,
+    flax=detr.PositionEmbeddingSine,
     torch="position_embedding_sine",
     config=dict(num_pos_feats=16, normalize=True),
     inputs=_position_inputs(3, 13, 17, 5),
@@ -232,7 +223,7 @@ add(
 
 add(
     name="position_embedding_learned",
-    flax=PositionEmbeddingLearned,
+    flax=detr.PositionEmbeddingLearned,
     torch="position_embedding_learned",
     config=dict(num_pos_feats=12),
     inputs=_position_inputs(3, 13, 17, 5),
@@ -245,7 +236,7 @@ add(
 
 add(
     name="detr",
-    flax=DETR,
+    flax=detr.DETR,
     torch="detr",
     config=dict(num_classes=7, num_queries=5, hidden_dim=32, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=48),
     inputs=_detr_inputs(3, 67, 45, padded=((0, 20), (2, 13))),

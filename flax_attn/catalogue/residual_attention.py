@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from flax_attn import residual_attention
 from flax_attn.catalogue import family, image_batch
-from flax_attn.residual_attention import (
-    AttentionModule_stage1,
-    AttentionModule_stage2,
-    AttentionModule_stage3,
-    ResidualAttentionModel_56,
-    ResidualAttentionModel_92,
-    ResidualBlock,
-)
 
 add = family("residual_attention", paper="Wang et al., CVPR 2017", arxiv="1704.06904")
 
 add(
     name="residual_attention_block",
-    flax=ResidualBlock,
+    flax=residual_attention.ResidualBlock,
     config=dict(input_channels=12, output_channels=16, stride=2),
     inputs=image_batch(3, 13, 17, 12),
     bench_config=dict(input_channels=256, output_channels=256),
@@ -25,7 +18,7 @@ add(
 
 add(
     name="attention_module_stage1",
-    flax=AttentionModule_stage1,
+    flax=residual_attention.AttentionModule_stage1,
     config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9), size3=(4, 5)),
     inputs=image_batch(3, 13, 17, 8),
     bench_config=dict(in_channels=256, out_channels=256),
@@ -40,7 +33,7 @@ add(
 
 add(
     name="attention_module_stage2",
-    flax=AttentionModule_stage2,
+    flax=residual_attention.AttentionModule_stage2,
     config=dict(in_channels=8, out_channels=8, size1=(13, 17), size2=(7, 9)),
     inputs=image_batch(3, 13, 17, 8),
     bench_config=dict(in_channels=512, out_channels=512),
@@ -52,7 +45,7 @@ add(
 
 add(
     name="attention_module_stage3",
-    flax=AttentionModule_stage3,
+    flax=residual_attention.AttentionModule_stage3,
     config=dict(in_channels=8, out_channels=8, size1=(13, 17)),
     inputs=image_batch(3, 13, 17, 8),
     bench_config=dict(in_channels=1024, out_channels=1024),
@@ -62,7 +55,10 @@ add(
     "1e-5 tolerance; eval uses 0.022",
 )
 
-for _depth, _cls in ((56, ResidualAttentionModel_56), (92, ResidualAttentionModel_92)):
+for _depth, _cls in (
+    (56, residual_attention.ResidualAttentionModel_56),
+    (92, residual_attention.ResidualAttentionModel_92),
+):
     add(
         name=f"attention{_depth}",
         flax=_cls,
