@@ -15,7 +15,7 @@ from flax_attn.aanet import (
     FeaturePyramidNetwork,
     StereoDRNetRefinement,
 )
-from flax_attn.catalogue import family
+from flax_attn.catalogue import family, image_batch
 from flax_attn.catalogue.deform import DEFORM_CONV_HLO
 
 
@@ -48,9 +48,9 @@ add(
     allowed_hlo=DEFORM_CONV_HLO,
     flax=DeformSimpleBottleneck,
     config=dict(inplanes=6, planes=6, mdconv_dilation=2, deformable_groups=2),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 6), dtype=np.float32)},
+    inputs=image_batch(3, 13, 17, 6),
     bench_config=dict(inplanes=64, planes=64),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((4, 96, 160, 64), dtype=np.float32)},
+    bench_inputs=image_batch(4, 96, 160, 64),
     float64_modes=("train",),
     conditioning="train: float32 rounding moves grad[x] by 4.6e-6 (torch) / 7.7e-6 (Flax), 0.63 of the 1e-5 "
     "tolerance (train-mode BN around a deformable conv whose offsets move its sampling weights); eval 0.007",
@@ -166,9 +166,9 @@ add(
     # AANet's default deformable layer3: its train-mode gradient through BatchNorm over 2x2 maps is
     # ill-conditioned, so train mode compares in float64.
     config=dict(in_channels=4),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 3), dtype=np.float32)},
+    inputs=image_batch(3, 13, 17, 3),
     bench_config=dict(in_channels=32),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((2, 288, 576, 3), dtype=np.float32)},
+    bench_inputs=image_batch(2, 288, 576, 3),
     atol=1e-4,  # 13 bottlenecks (40 conv/BN layers) deep
     rtol=1e-4,
     float64_modes=("train",),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flax_attn.catalogue import family
+from flax_attn.catalogue import family, image_batch
 from flax_attn.deform import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 
 
@@ -52,9 +52,9 @@ add(
     paper="Dai et al., ICCV 2017 (mmcv DeformConv2dPack)",
     flax=DeformConv2dPack,
     config=dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=1, deform_groups=2),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
+    inputs=image_batch(3, 13, 17, 4),
     bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
+    bench_inputs=image_batch(8, 64, 64, 64),
     train_mode=False,
     float64_modes=("eval",),
     conditioning="eval: float32 rounding moves grad[x] by 2.7e-6 (torch) / 2.4e-6 (Flax), 0.22 of the 1e-5 "
@@ -67,17 +67,10 @@ add(
     arxiv="1811.11168",
     flax=ModulatedDeformConv2dPack,
     config=dict(
-        in_channels=4,
-        out_channels=6,
-        kernel_size=3,
-        stride=2,
-        padding=2,
-        dilation=2,
-        groups=2,
-        deform_groups=2,
+        in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=2, dilation=2, groups=2, deform_groups=2
     ),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 13, 17, 4), dtype=np.float32)},
+    inputs=image_batch(3, 13, 17, 4),
     bench_config=dict(in_channels=64, out_channels=64, kernel_size=3, padding=1),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((8, 64, 64, 64), dtype=np.float32)},
+    bench_inputs=image_batch(8, 64, 64, 64),
     train_mode=False,
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from flax_attn import detr
@@ -134,8 +136,10 @@ _BENCH_LAYER = dict(d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1)
 # Dropout masks cannot match torch's RNG, so train mode is compared with dropout off in
 # tests/test_detr.py; the catalogue compares eval mode (train_mode=False).
 add = family("detr", paper="Carion et al., ECCV 2020 (DETR)", arxiv="2005.12872", train_mode=False)
+# The transformer's parts take and return (batch, length, features) sequences, not images.
+add_sequence = functools.partial(add, image_inputs=(), output_layout="same")
 
-add(
+add_sequence(
     name="transformer_encoder_layer",
     flax=detr.TransformerEncoderLayer,
     torch="transformer_encoder_layer",
@@ -143,12 +147,10 @@ add(
     inputs=_encoder_layer_inputs(3, 13, 24),
     bench_config=_BENCH_LAYER,
     bench_inputs=_encoder_layer_inputs(2, 850, 256),
-    image_inputs=(),
-    output_layout="same",
     torch_call=_torch_encoder_call,
 )
 
-add(
+add_sequence(
     name="transformer_decoder_layer",
     flax=detr.TransformerDecoderLayer,
     torch="transformer_decoder_layer",
@@ -156,12 +158,10 @@ add(
     inputs=_decoder_layer_inputs(3, 7, 17, 24),
     bench_config=_BENCH_LAYER,
     bench_inputs=_decoder_layer_inputs(2, 100, 850, 256),
-    image_inputs=(),
-    output_layout="same",
     torch_call=_torch_decoder_layer_call,
 )
 
-add(
+add_sequence(
     name="transformer_encoder",
     flax=detr.TransformerEncoder,
     torch="transformer_encoder",
@@ -169,12 +169,10 @@ add(
     inputs=_encoder_layer_inputs(3, 13, 24),
     bench_config=dict(num_layers=6, **_BENCH_LAYER),
     bench_inputs=_encoder_layer_inputs(2, 850, 256),
-    image_inputs=(),
-    output_layout="same",
     torch_call=_torch_encoder_call,
 )
 
-add(
+add_sequence(
     name="transformer_decoder",
     flax=detr.TransformerDecoder,
     torch="transformer_decoder",
@@ -182,8 +180,6 @@ add(
     inputs=_decoder_layer_inputs(3, 7, 17, 24),
     bench_config=dict(num_layers=6, return_intermediate=True, **_BENCH_LAYER),
     bench_inputs=_decoder_layer_inputs(2, 100, 850, 256),
-    image_inputs=(),
-    output_layout="same",
     torch_call=_torch_decoder_call,
 )
 
@@ -216,8 +212,6 @@ add(
     inputs=_position_inputs(3, 13, 17, 5),
     bench_config=dict(num_pos_feats=128, normalize=True),
     bench_inputs=_position_inputs(2, 25, 34, 2048),
-    image_inputs=("x",),
-    output_layout="nhwc",
     torch_call=_torch_nested_call,
 )
 
@@ -229,8 +223,6 @@ add(
     inputs=_position_inputs(3, 13, 17, 5),
     bench_config=dict(num_pos_feats=128),
     bench_inputs=_position_inputs(2, 25, 34, 2048),
-    image_inputs=("x",),
-    output_layout="nhwc",
     torch_call=_torch_nested_call,
 )
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from flax_attn.catalogue import family
+from flax_attn.catalogue import family, image_batch
 from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 
@@ -39,9 +38,9 @@ add(
     flax=_spatial_transformer,
     torch="SpatialTransformer",
     config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
-    inputs=lambda rng: {"x": rng.standard_normal((3, 29, 33, 2), dtype=np.float32)},
+    inputs=image_batch(3, 29, 33, 2),
     bench_config=dict(in_channels=3, input_size=(128, 128)),
-    bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
+    bench_inputs=image_batch(32, 128, 128, 3),
     # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
     # times the image gradient, so it compares in float64.
     train_mode=False,
@@ -62,8 +61,8 @@ add(
     flax=STNTutorialNet,
     torch="Net",
     config={},
-    inputs=lambda rng: {"x": rng.standard_normal((3, 28, 28, 1), dtype=np.float32)},
-    bench_inputs=lambda rng: {"x": rng.standard_normal((64, 28, 28, 1), dtype=np.float32)},
+    inputs=image_batch(3, 28, 28, 1),
+    bench_inputs=image_batch(64, 28, 28, 1),
     output_layout="same",
     atol=1e-4,
     rtol=1e-4,
