@@ -6,26 +6,18 @@ from flax_attn.acmix import ACmix, WindowAttention
 from flax_attn.catalogue import family, image_batch
 
 add = family("acmix", paper="Pan et al., CVPR 2022", arxiv="2111.14556", train_mode=False)
-_ACMIX = dict(flax=ACmix, kernel="neighborhood")
-
-add(
-    name="acmix",
-    config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=1),
-    inputs=image_batch(3, 13, 17, 8),
-    bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=1),
-    bench_inputs=image_batch(4, 56, 56, 256),
-    **_ACMIX,
-)
-
-add(
-    name="acmix_stride2",
-    # Stride 2 needs even sizes (the official view(h // 2, w // 2) of the strided unfold); 5x7 out.
-    config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=2),
-    inputs=image_batch(3, 10, 14, 8),
-    bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=2),
-    bench_inputs=image_batch(4, 56, 56, 256),
-    **_ACMIX,
-)
+# ACmix at stride 1 and 2. Stride 2 needs even sizes (the official view(h // 2, w // 2) of the
+# strided unfold): 10x14 in, 5x7 out.
+for _name, _stride, _hw in (("acmix", 1, (13, 17)), ("acmix_stride2", 2, (10, 14))):
+    add(
+        name=_name,
+        flax=ACmix,
+        kernel="neighborhood",
+        config=dict(in_planes=8, out_planes=16, kernel_att=7, head=4, kernel_conv=3, stride=_stride),
+        inputs=image_batch(3, *_hw, 8),
+        bench_config=dict(in_planes=256, out_planes=256, kernel_att=7, head=8, kernel_conv=3, stride=_stride),
+        bench_inputs=image_batch(4, 56, 56, 256),
+    )
 
 add(
     name="window_attention",

@@ -24,31 +24,20 @@ add = family(
     train_mode=False,
 )
 
-add(
-    name="neighborhood_attention_2d",
-    kernel="neighborhood",  # ops.na2d(implementation="pallas"): kernels.neighborhood.na2d_pallas
-    flax=NeighborhoodAttention2D,
-    # NAT-style layer without rpb: the same keys as NATTEN 0.21's module (qkv, proj). NATTEN's
-    # own module (stride, causal) has no CPU backward; tests/test_neighborhood_module.py
-    # compares its forward.
-    torch="nat_neighborhood_attention",
-    config=dict(embed_dim=16, num_heads=2, kernel_size=5, dilation=2, bias=False),
-    inputs=_inputs(3, 13, 17, 16),
-    bench_config=dict(embed_dim=64, num_heads=2, kernel_size=7, bias=False),
-    bench_inputs=_inputs(4, 56, 56, 64),
-)
-
-add(
-    name="neighborhood_attention_2d_rpb",
-    kernel="neighborhood",  # ops.na2d(implementation="pallas"): kernels.neighborhood.na2d_pallas
-    flax=NeighborhoodAttention2D,
-    torch="nat_neighborhood_attention",
-    # NAT/DiNAT's layer: relative positional bias with a dilated window.
-    config=dict(embed_dim=16, num_heads=2, kernel_size=5, dilation=2, bias=True),
-    inputs=_inputs(3, 13, 17, 16),
-    bench_config=dict(embed_dim=64, num_heads=2, kernel_size=7, bias=True),
-    bench_inputs=_inputs(4, 56, 56, 64),
-)
+# The 2-D layer without relative positional bias (NAT-style, the same keys as NATTEN 0.21's module:
+# qkv, proj; NATTEN's own module (stride, causal) has no CPU backward, tests/test_neighborhood_module.py
+# compares its forward) and with it (NAT/DiNAT's layer), both with a dilated window.
+for _name, _bias in (("neighborhood_attention_2d", False), ("neighborhood_attention_2d_rpb", True)):
+    add(
+        name=_name,
+        kernel="neighborhood",  # ops.na2d(implementation="pallas"): kernels.neighborhood.na2d_pallas
+        flax=NeighborhoodAttention2D,
+        torch="nat_neighborhood_attention",
+        config=dict(embed_dim=16, num_heads=2, kernel_size=5, dilation=2, bias=_bias),
+        inputs=_inputs(3, 13, 17, 16),
+        bench_config=dict(embed_dim=64, num_heads=2, kernel_size=7, bias=_bias),
+        bench_inputs=_inputs(4, 56, 56, 64),
+    )
 
 add(
     name="neighborhood_attention_1d_rpb",
