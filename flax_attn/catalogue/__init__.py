@@ -269,9 +269,12 @@ def family(family: str, /, *, paper: str, arxiv: str | None = None, **shared: An
     """
     module = f"{TORCH_REFERENCES}.{family}"
     common = dict(paper=paper, arxiv=arxiv, **shared)
-    bad = sorted(set(common) - {f.name for f in dataclasses.fields(Entry)})
+    own = {"name", "family", "flax", "torch"}  # each entry's, or the registrar's
+    bad = sorted(set(common) - ({f.name for f in dataclasses.fields(Entry)} - own))
     if bad:
-        raise TypeError(f"catalogue.family({family!r}): `shared` must name Entry fields, got {bad}")
+        raise TypeError(
+            f"catalogue.family({family!r}): `shared` must name Entry fields other than {sorted(own)}, got {bad}"
+        )
 
     def add(*, name: str, flax: Callable[..., Any], torch: Any = _FLAX_NAME, **fields: Any) -> Entry:
         if torch is _FLAX_NAME:
