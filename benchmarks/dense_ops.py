@@ -130,108 +130,70 @@ def _cases(ref: str):
         "relative_logits_2d 32x32, 8 heads",
         old["relative_logits"].relative_logits_2d,
         relative_logits.relative_logits_2d,
-        (
-            a(8, 32, 32, 8, 8),
-            a(63, 8),
-            a(63, 8),
-        ),
+        (a(8, 32, 32, 8, 8), a(63, 8), a(63, 8)),
         {},
     )
     yield (
         "window_attention 7x7 shift 3, bias",
         with_table(old["window"].window_attention),
         with_table(ops.window_attention),
-        (
-            a(32, 56, 56, 3, 32),
-            a(32, 56, 56, 3, 32),
-            a(32, 56, 56, 3, 32),
-            a(169, 3),
-        ),
+        (a(32, 56, 56, 3, 32), a(32, 56, 56, 3, 32), a(32, 56, 56, 3, 32), a(169, 3)),
         dict(window_size=7, shift_size=3, implementation="xla"),
     )
     yield (
         "neighborhood 7x7 reflect (acmix)",
         old["neighborhood"].neighborhood_attention,
         neighborhood.neighborhood_attention,
-        (
-            qkv,
-            qkv,
-            qkv,
-        ),
+        (qkv, qkv, qkv),
         dict(kernel_size=7, implementation="xla"),
     )
     yield (
         "neighborhood 7x7 reflect stride 2",
         old["neighborhood"].neighborhood_attention,
         neighborhood.neighborhood_attention,
-        (
-            a(4, 28, 28, 8, 32),
-            qkv,
-            qkv,
-        ),
+        (a(4, 28, 28, 8, 32), qkv, qkv),
         dict(kernel_size=7, stride=2, implementation="xla"),
     )
     yield (
         "neighborhood 7x7 clamp (NATTEN)",
         old["neighborhood"].neighborhood_attention,
         neighborhood.neighborhood_attention,
-        (
-            qkv,
-            qkv,
-            qkv,
-        ),
+        (qkv, qkv, qkv),
         dict(kernel_size=7, border="clamp", implementation="xla"),
     )
     yield (
         "grid_sample bilinear 128x128x3 (stn)",
         old["sampling"].grid_sample,
         sampling.grid_sample,
-        (
-            a(32, 128, 128, 3),
-            grid(32, 128, 128),
-        ),
+        (a(32, 128, 128, 3), grid(32, 128, 128)),
         {},
     )
     yield (
         "grid_sample bilinear 64x64x32",
         old["sampling"].grid_sample,
         sampling.grid_sample,
-        (
-            a(8, 64, 64, 32),
-            grid(8, 64, 64),
-        ),
+        (a(8, 64, 64, 32), grid(8, 64, 64)),
         {},
     )
     yield (
         "deform_conv2d 3x3 64->64 at 64x64",
         old["deform"].deform_conv2d,
         ops.deform_conv2d,
-        (
-            a(8, 64, 64, 64),
-            0.5 * a(8, 64, 64, 18),
-            0.1 * a(3, 3, 64, 64),
-        ),
+        (a(8, 64, 64, 64), 0.5 * a(8, 64, 64, 18), 0.1 * a(3, 3, 64, 64)),
         dict(padding=1),
     )
     yield (
         "foveate g=8 k=3 (RAM, 28x28)",
         old["sampling"].foveate,
         sampling.foveate,
-        (
-            a(128, 28, 28, 1),
-            np.clip(a(128, 2), -1, 1),
-        ),
+        (a(128, 28, 28, 1), np.clip(a(128, 2), -1, 1)),
         dict(g=8, k=3, s=2),
     )
     yield (
         "non-local concatenation N=4096 M=1024",
         concat_terms(old["non_local"]),
         concat_terms(non_local),
-        (
-            a(8, 4096, 1),
-            a(8, 1024, 1),
-            a(8, 1024, 128),
-        ),
+        (a(8, 4096, 1), a(8, 1024, 1), a(8, 1024, 128)),
         {},
     )
     for b, hw, ch in ((8, 2, 512), (8, 4, 512), (8, 7, 512), (8, 8, 256)):

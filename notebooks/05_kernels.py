@@ -136,9 +136,12 @@ else:
 
 
 # %%
-def size_axis(ax, sizes):
+def size_axes(ax, sizes, ylabel, title, legend_fontsize=8):
+    """Log-log axes of a quantity against the image side H = W, ticked at the sizes measured."""
+    ax.set(xscale="log", yscale="log", xlabel="H = W", ylabel=ylabel, title=title)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xticks([], minor=True)  # log axes otherwise label minor ticks over the sizes
+    ax.legend(fontsize=legend_fontsize)
 
 
 def compiled_mib(fn, *shapes):
@@ -223,26 +226,10 @@ for (name, passes), colour in zip(mem.items(), ("tab:blue", "tab:red")):
     axes[0].plot(SIZES, passes["fwd"], "o-", color=colour, label=f"{name}, forward")
     axes[0].plot(SIZES, passes["fwd+bwd"], "s--", color=colour, alpha=0.6, label=f"{name}, fwd + bwd")
 axes[0].plot(SIZES, energy, "k:", label="dense energy (HW)^2 alone")
-axes[0].set(
-    xscale="log",
-    yscale="log",
-    xlabel="H = W",
-    ylabel="compiled peak MiB",
-    title="criss-cross vs dense attention (B=1, C=64, float32)",
-)
-size_axis(axes[0], SIZES)
-axes[0].legend(fontsize=8)
+size_axes(axes[0], SIZES, "compiled peak MiB", "criss-cross vs dense attention (B=1, C=64, float32)")
 for (name, vals), colour in zip(na_mem.items(), ("tab:green", "tab:orange", "tab:red")):
     axes[1].plot(NA_SIZES, vals, "o-", color=colour, label=name)
-axes[1].set(
-    xscale="log",
-    yscale="log",
-    xlabel="H = W",
-    ylabel="compiled peak MiB (fwd + bwd)",
-    title="7x7 neighbourhood attention (4 heads x 16)",
-)
-size_axis(axes[1], NA_SIZES)
-axes[1].legend(fontsize=8)
+size_axes(axes[1], NA_SIZES, "compiled peak MiB (fwd + bwd)", "7x7 neighbourhood attention (4 heads x 16)")
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "compiled_memory_vs_size.png"), dpi=70)
 ratio = mem["dense"]["fwd+bwd"][-1] / mem["criss-cross (XLA)"]["fwd+bwd"][-1]
@@ -294,15 +281,8 @@ for name, ts in times.items():
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for (name, ts), colour in zip(times.items(), ("tab:blue", "tab:red")):
     ax.plot(T_SIZES, ts, "o-", color=colour, label=name)
-ax.set(
-    xscale="log",
-    yscale="log",
-    xlabel="H = W",
-    ylabel="median ms (forward, jit)",
-    title=f"this machine's {jax.devices()[0].platform.upper()}, batch 1, C = 64 (noisy)",
-)
-size_axis(ax, T_SIZES)
-ax.legend()
+platform = jax.devices()[0].platform.upper()
+size_axes(ax, T_SIZES, "median ms (forward, jit)", f"this machine's {platform}, batch 1, C = 64 (noisy)", None)
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "cpu_time_vs_size.png"), dpi=70)
 
@@ -326,15 +306,7 @@ fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.plot(sizes, fwd_bytes / HBM * 1e6, "o-", label="forward: read q, k, v, write out")
 ax.plot(sizes, bwd_bytes / HBM * 1e6, "s-", label="fwd + bwd: also dO, out, dq, dk, dv")
 gpu_note = "measured GPU points: none recorded" if not gpu_files else f"see {', '.join(gpu_files)}"
-ax.set(
-    xlabel="H = W",
-    ylabel="lower bound, microseconds",
-    xscale="log",
-    yscale="log",
-    title=f"criss-cross H100 roofline (bf16, B=8, C=512)\n{gpu_note}",
-)
-size_axis(ax, sizes)
-ax.legend(fontsize=8)
+size_axes(ax, sizes, "lower bound, microseconds", f"criss-cross H100 roofline (bf16, B=8, C=512)\n{gpu_note}")
 fig.tight_layout()
 fig.savefig(os.path.join(FIG_DIR, "roofline_bound.png"), dpi=70)
 print(f"97 x 97: forward bound {fwd_bytes[3] / HBM * 1e6:.0f} us, fwd + bwd bound {bwd_bytes[3] / HBM * 1e6:.0f} us")

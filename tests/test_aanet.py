@@ -105,15 +105,9 @@ def test_bad_inputs():
         jax.eval_shape(AANetDeformConv2d(5, 5).init, key, jnp.zeros((1, 8, 8, 5)))
 
 
-def test_bfloat16_close_to_float32():
+def test_bfloat16_close_to_float32(assert_bfloat16_close):
     from flax_attn.aanet import DeformSimpleBottleneck
 
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((2, 9, 10, 4)), jnp.float32)
-    m = DeformSimpleBottleneck(4, 4)
-    v = m.init(jax.random.PRNGKey(0), x)
-    v = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), v)
-    want = m.apply(v, x)
-    got = m.clone(dtype=jnp.bfloat16).apply(v, x.astype(jnp.bfloat16))
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+    assert_bfloat16_close(DeformSimpleBottleneck(4, 4), x, rng)

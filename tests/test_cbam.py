@@ -95,18 +95,31 @@ def _init(m, x):
     return m.init(jax.random.PRNGKey(0), x)
 
 
-def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"ChannelGate: `x` must have 32 channels.*\(3, 13, 17, 16\)"):
-        _init(CBAM(32, 4), X[..., :16])
-    with pytest.raises(ValueError, match=r"CBAM: `x` must be 4-D .*\(13, 17, 32\)"):
-        _init(CBAM(32, 4), X[0])
-    with pytest.raises(ValueError, match=r"ChannelGate: `gate_channels`=32 must be .*`reduction_ratio`=5"):
-        _init(CBAM(32, 5), X)
-    with pytest.raises(ValueError, match=r"`gate_channels`=32 must be .*`reduction_ratio`=64"):
-        _init(CBAM(32, 64), X)
-    with pytest.raises(ValueError, match=r"ChannelGate: `pool_types` must be a non-empty subset"):
-        _init(ChannelGate(32, 4, pool_types=("avg", "median")), X)
-    with pytest.raises(ValueError, match=r"ChannelAttention: `channel`=32 must be .*`rate`=3"):
-        _init(ChannelAttention(32, 3), X)
-    with pytest.raises(ValueError, match=r"SpatialAttention: `kernel_size` must be 3 or 7, got 5"):
-        _init(SpatialAttention(5), X)
+@pytest.mark.parametrize(
+    "module,x,match",
+    [
+        pytest.param(
+            CBAM(32, 4), X[..., :16], r"ChannelGate: `x` must have 32 channels.*\(3, 13, 17, 16\)", id="channels"
+        ),
+        pytest.param(CBAM(32, 4), X[0], r"CBAM: `x` must be 4-D .*\(13, 17, 32\)", id="rank"),
+        pytest.param(
+            CBAM(32, 5), X, r"ChannelGate: `gate_channels`=32 must be .*`reduction_ratio`=5", id="gate_reduction"
+        ),
+        pytest.param(
+            CBAM(32, 64), X, r"`gate_channels`=32 must be .*`reduction_ratio`=64", id="gate_reduction_too_large"
+        ),
+        pytest.param(
+            ChannelGate(32, 4, pool_types=("avg", "median")),
+            X,
+            r"ChannelGate: `pool_types` must be a non-empty subset",
+            id="pool_types",
+        ),
+        pytest.param(ChannelAttention(32, 3), X, r"ChannelAttention: `channel`=32 must be .*`rate`=3", id="seed_rate"),
+        pytest.param(
+            SpatialAttention(5), X, r"SpatialAttention: `kernel_size` must be 3 or 7, got 5", id="seed_kernel_size"
+        ),
+    ],
+)
+def test_bad_inputs(module, x, match):
+    with pytest.raises(ValueError, match=match):
+        _init(module, x)

@@ -194,13 +194,7 @@ def test_bad_inputs():
         jax.eval_shape(DeformConv2dPack(4, 8, 3, bias=True).init, jax.random.PRNGKey(0), x)
 
 
-def test_bfloat16_close_to_float32():
+def test_bfloat16_close_to_float32(assert_bfloat16_close):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 7, 8, 4)), jnp.float32)
-    m = ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)
-    v = m.init(jax.random.PRNGKey(0), x)
-    v = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), v)
-    want = m.apply(v, x)
-    got = m.clone(dtype=jnp.bfloat16).apply(v, x.astype(jnp.bfloat16))
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+    assert_bfloat16_close(ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2), x, rng)

@@ -13,18 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flax_attn import catalogue  # noqa: E402
+from flax_attn import catalogue, detr  # noqa: E402
 from flax_attn.convert import from_torch, to_torch  # noqa: E402
-from flax_attn.detr import (  # noqa: E402
-    DETR,
-    PositionEmbeddingLearned,
-    PositionEmbeddingSine,
-    Transformer,
-    TransformerDecoder,
-    TransformerDecoderLayer,
-    TransformerEncoder,
-    TransformerEncoderLayer,
-)
 from flax_attn.testing.parity import check_parity, randomize_torch_module  # noqa: E402
 from flax_attn.testing.torch_ref import detr as ref  # noqa: E402
 
@@ -77,8 +67,8 @@ def test_position_embedding_sine_options():
 
 
 def test_dropout_uses_the_dropout_rng():
-    layer = TransformerDecoderLayer(**dict(LAYER, dropout=0.5))
-    layer0 = TransformerDecoderLayer(**dict(LAYER, dropout=0.0))
+    layer = detr.TransformerDecoderLayer(**dict(LAYER, dropout=0.5))
+    layer0 = detr.TransformerDecoderLayer(**dict(LAYER, dropout=0.0))
     rng = np.random.default_rng(0)
     tgt = jnp.asarray(rng.standard_normal((2, 5, 24), np.float32))
     memory = jnp.asarray(rng.standard_normal((2, 9, 24), np.float32))
@@ -98,8 +88,8 @@ def test_dropout_uses_the_dropout_rng():
 
 
 def test_bfloat16_compute_close_to_float32():
-    layer32 = TransformerEncoderLayer(**LAYER)
-    layer16 = TransformerEncoderLayer(**LAYER, dtype=jnp.bfloat16)
+    layer32 = detr.TransformerEncoderLayer(**LAYER)
+    layer16 = detr.TransformerEncoderLayer(**LAYER, dtype=jnp.bfloat16)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 13, 24), np.float32))
     variables = jax.jit(layer32.init)(jax.random.PRNGKey(0), x)
     want, got = jax.jit(lambda v: (layer32.apply(v, x), layer16.apply(v, x)))(variables)
@@ -112,18 +102,11 @@ def test_bfloat16_compute_close_to_float32():
 
 def _nn_entry(kind, batch_first):
     """torch.nn's own Transformer{Encoder,Decoder}Layer as the reference for the Flax layers."""
-    flax_cls = TransformerEncoderLayer if kind == "encoder" else TransformerDecoderLayer
+    flax_cls = detr.TransformerEncoderLayer if kind == "encoder" else detr.TransformerDecoderLayer
 
-    def flax_factory(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, batch_first):
-        return flax_cls(
-            d_model=d_model,
-            nhead=nhead,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            activation=activation,
-            layer_norm_eps=layer_norm_eps,
-            normalize_before=norm_first,
-        )
+    def flax_factory(norm_first, batch_first, **config):
+        # torch.nn's norm_first is DETR's normalize_before; the Flax layers are batch-first either way.
+        return flax_cls(**config, normalize_before=norm_first)
 
     def seq(t):
         return t if batch_first else t.transpose(0, 1)
@@ -173,16 +156,7 @@ def _nn_entry(kind, batch_first):
         torch_call=call,
         layouts=("torch.nn",),
         train_mode=False,
-        config=dict(
-            d_model=24,
-            nhead=4,
-            dim_feedforward=40,
-            dropout=0.1,
-            activation="relu",
-            layer_norm_eps=1e-5,
-            norm_first=False,
-            batch_first=batch_first,
-        ),
+        config=dict(LAYER, activation="relu", layer_norm_eps=1e-5, norm_first=False, batch_first=batch_first),
     )
 
 
@@ -252,7 +226,7 @@ def test_detr_loads_official_keys_strictly_and_round_trips(tiny_detr_sd):
         assert key in sd, key
     assert not any("num_batches_tracked" in k or ".fc." in k for k in sd)
     assert "transformer.encoder.norm.weight" not in sd  # post-norm DETR has no encoder norm
-    model = DETR(**TINY_DETR)
+    model = detr.DETR(**TINY_DETR)
     x = jnp.zeros((1, 64, 48, 3))
     variables = from_torch(model, sd, x)  # strict=True: every key used, none missing, shapes checked
     # in_proj_weight/bias are split into q/k/v in Flax: 2 extra leaves per fused tensor
@@ -284,16 +258,13 @@ def test_detr_variant_parity_with_frozen_bn_affine():
     check_parity(entry, config={**TINY_DETR, **variant}, inputs=inputs, state_dict=sd, check_grads=False)
 
 
+# A one-layer transformer for the round trip and padding tests.
+SMALL_TRANSFORMER = dict(d_model=16, nhead=2, num_encoder_layers=1, dim_feedforward=24, return_intermediate_dec=True)
+
+
 def test_transformer_round_trip_into_torch():
-    tr = Transformer(
-        d_model=16,
-        nhead=2,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=24,
-        normalize_before=True,
-        return_intermediate_dec=True,
-    )
+    config = dict(SMALL_TRANSFORMER, num_decoder_layers=2, normalize_before=True)
+    tr = detr.Transformer(**config)
     args = (
         jnp.zeros((1, 3, 4, 16)),
         jnp.zeros((1, 3, 4), bool),
@@ -302,15 +273,7 @@ def test_transformer_round_trip_into_torch():
     )
     variables = jax.jit(tr.init)(jax.random.PRNGKey(0), *args)
     sd = to_torch(tr, variables, *args)
-    torch_tr = ref.transformer(
-        d_model=16,
-        nhead=2,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=24,
-        normalize_before=True,
-        return_intermediate_dec=True,
-    )
+    torch_tr = ref.transformer(**config)
     torch_tr.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     again = from_torch(tr, sd, *args)
     for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(again)):
@@ -322,14 +285,7 @@ def test_transformer_round_trip_into_torch():
 
 def test_fully_padded_image_is_finite_and_independent():
     """A batch element with every pixel padded: finite outputs and gradients, no effect on the others."""
-    tr = Transformer(
-        d_model=16,
-        nhead=2,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dim_feedforward=24,
-        return_intermediate_dec=True,
-    )
+    tr = detr.Transformer(**SMALL_TRANSFORMER, num_decoder_layers=1)
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.standard_normal((2, 3, 5, 16), np.float32))
     pos = jnp.asarray(rng.standard_normal((2, 3, 5, 16), np.float32))
@@ -354,7 +310,7 @@ def test_fully_padded_image_is_finite_and_independent():
 
 
 def test_detr_fully_padded_image_gives_finite_outputs_and_gradients(tiny_detr_sd):
-    model = DETR(**TINY_DETR)
+    model = detr.DETR(**TINY_DETR)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 32, 32, 3), np.float32))
     mask = np.zeros((2, 32, 32), bool)
@@ -383,48 +339,48 @@ def test_detr_fully_padded_image_gives_finite_outputs_and_gradients(tiny_detr_sd
 def test_bad_input():
     x = jnp.zeros((2, 7, 24))
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: `d_model`=24 must be divisible by `nhead`=5"):
-        TransformerEncoderLayer(d_model=24, nhead=5).init(jax.random.PRNGKey(0), x)
+        detr.TransformerEncoderLayer(d_model=24, nhead=5).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: unknown `activation` 'swish'"):
-        TransformerEncoderLayer(d_model=24, nhead=4, activation="swish").init(jax.random.PRNGKey(0), x)
+        detr.TransformerEncoderLayer(d_model=24, nhead=4, activation="swish").init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"'glu'.*`dim_feedforward` must be even, got 41"):
-        TransformerEncoderLayer(d_model=24, nhead=4, dim_feedforward=41, activation="glu").init(
+        detr.TransformerEncoderLayer(d_model=24, nhead=4, dim_feedforward=41, activation="glu").init(
             jax.random.PRNGKey(0), x
         )
     with pytest.raises(ValueError, match=r"`src_key_padding_mask` must have shape \(2, 7\).*got \(2, 6\)"):
-        TransformerEncoderLayer(d_model=24, nhead=4).init(
+        detr.TransformerEncoderLayer(d_model=24, nhead=4).init(
             jax.random.PRNGKey(0), x, src_key_padding_mask=jnp.zeros((2, 6), bool)
         )
     with pytest.raises(ValueError, match=r"TransformerEncoderLayer: `src` must have 24 channels"):
-        TransformerEncoderLayer(d_model=24, nhead=4).init(jax.random.PRNGKey(0), jnp.zeros((2, 7, 20)))
+        detr.TransformerEncoderLayer(d_model=24, nhead=4).init(jax.random.PRNGKey(0), jnp.zeros((2, 7, 20)))
     with pytest.raises(
         ValueError, match=r"TransformerDecoderLayer: `memory_key_padding_mask` must have shape \(2, 9\)"
     ):
-        TransformerDecoderLayer(d_model=24, nhead=4).init(
+        detr.TransformerDecoderLayer(d_model=24, nhead=4).init(
             jax.random.PRNGKey(0), x, jnp.zeros((2, 9, 24)), memory_key_padding_mask=jnp.zeros((2, 7), bool)
         )
     with pytest.raises(ValueError, match=r"TransformerDecoder: `return_intermediate=True` needs the final norm"):
-        TransformerDecoder(num_layers=1, d_model=24, nhead=4, norm=False, return_intermediate=True).init(
+        detr.TransformerDecoder(num_layers=1, d_model=24, nhead=4, norm=False, return_intermediate=True).init(
             jax.random.PRNGKey(0), x, x
         )
     src = jnp.zeros((2, 3, 5, 24))
     with pytest.raises(ValueError, match=r"Transformer: `mask` must have shape \(2, 3, 5\).*got \(2, 5, 3\)"):
-        Transformer(d_model=24, nhead=4).init(
+        detr.Transformer(d_model=24, nhead=4).init(
             jax.random.PRNGKey(0), src, jnp.zeros((2, 5, 3), bool), jnp.zeros((4, 24)), src
         )
     img = jnp.zeros((1, 33, 31, 3))
     with pytest.raises(ValueError, match=r"DETR: `mask` must have shape \(1, 33, 31\).*got \(1, 31, 33\)"):
-        DETR(**TINY_DETR).init(jax.random.PRNGKey(0), img, jnp.zeros((1, 31, 33), bool))
+        detr.DETR(**TINY_DETR).init(jax.random.PRNGKey(0), img, jnp.zeros((1, 31, 33), bool))
     with pytest.raises(ValueError, match=r"DETR: unknown `position_embedding` 'rope'"):
-        DETR(**TINY_DETR, position_embedding="rope").init(jax.random.PRNGKey(0), img)
+        detr.DETR(**TINY_DETR, position_embedding="rope").init(jax.random.PRNGKey(0), img)
     with pytest.raises(ValueError, match=r"Backbone: unknown `backbone` 'resnet18'"):
-        DETR(**TINY_DETR, backbone="resnet18").init(jax.random.PRNGKey(0), img)
+        detr.DETR(**TINY_DETR, backbone="resnet18").init(jax.random.PRNGKey(0), img)
     with pytest.raises(ValueError, match=r"DETR: `samples` must have 3 channels"):
-        DETR(**TINY_DETR).init(jax.random.PRNGKey(0), jnp.zeros((1, 33, 31, 4)))
+        detr.DETR(**TINY_DETR).init(jax.random.PRNGKey(0), jnp.zeros((1, 33, 31, 4)))
     with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `normalize` should be True if `scale` is passed"):
-        PositionEmbeddingSine(scale=1.0).apply({}, src, jnp.zeros((2, 3, 5), bool))
+        detr.PositionEmbeddingSine(scale=1.0).apply({}, src, jnp.zeros((2, 3, 5), bool))
     with pytest.raises(ValueError, match=r"PositionEmbeddingSine: `mask` must have shape \(2, 3, 5\)"):
-        PositionEmbeddingSine().apply({}, src, jnp.zeros((2, 3, 4), bool))
+        detr.PositionEmbeddingSine().apply({}, src, jnp.zeros((2, 3, 4), bool))
     with pytest.raises(ValueError, match=r"PositionEmbeddingLearned: the tables hold 50 rows/columns; got a 3x51"):
-        PositionEmbeddingLearned(8).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 51, 4)))
+        detr.PositionEmbeddingLearned(8).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 51, 4)))
     with pytest.raises(ValueError, match=r"TransformerEncoder"):
-        TransformerEncoder(num_layers=1, d_model=24, nhead=7).init(jax.random.PRNGKey(0), x)
+        detr.TransformerEncoder(num_layers=1, d_model=24, nhead=7).init(jax.random.PRNGKey(0), x)

@@ -336,6 +336,27 @@ def test_entry_refuses_layouts_its_class_does_not_list_in_order():
     assert catalogue.Entry(flax=SELayer, config=dict(channel=16), layouts=("timm",), **base).layouts == ("timm",)
 
 
+def test_family_states_the_shared_facts_once(monkeypatch):
+    from flax_attn.se import SEBasicBlock, SELayer
+
+    monkeypatch.setattr(catalogue, "_REGISTRY", {})
+    add = catalogue.family("se", paper="p", arxiv="1", train_mode=False)
+    inputs = catalogue.image_batch(1, 8, 8, 16)
+    plain = add(name="a", flax=SELayer, config=dict(channel=16), inputs=inputs)
+    assert (plain.family, plain.paper, plain.arxiv, plain.train_mode) == ("se", "p", "1", False)
+    assert plain.torch == "flax_attn.testing.torch_ref.se:SELayer"  # named like `flax` by default
+    own = add(name="b", flax=SEBasicBlock, torch="se_basic_block", paper="q", train_mode=True, inputs=inputs)
+    assert (own.torch, own.paper, own.train_mode) == ("flax_attn.testing.torch_ref.se:se_basic_block", "q", True)
+    assert add(name="c", flax=SELayer, torch=None, inputs=inputs).torch is None
+    assert sorted(catalogue._REGISTRY) == ["a", "b", "c"]
+    with pytest.raises(
+        TypeError, match=r"catalogue.family\('se'\): `shared` must name Entry fields .*\['trian_mode'\]"
+    ):
+        catalogue.family("se", paper="p", trian_mode=False)
+    with pytest.raises(TypeError, match=r"other than \['family', 'flax', 'name', 'torch'\], got \['torch'\]"):
+        catalogue.family("se", paper="p", torch="x")
+
+
 @pytest.mark.parametrize("name", ["SELayer", "SEBasicBlock", "SEBottleneck", "SEResNet"])
 def test_se_default_layout_is_the_first_torch_layout(name):
     """``layout=None`` converts as the class's first ``torch_layouts`` entry, and the other

@@ -229,15 +229,12 @@ def _compiled_case(dtype):
         _assert_close(g, r, tol * 4, tol, name)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "hardware", [pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("tpu", marks=pytest.mark.tpu)]
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_gpu(dtype):
-    _compiled_case(dtype)
-
-
-@pytest.mark.tpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_tpu(dtype):
+def test_compiled(dtype, hardware):
+    """The compiled kernel on a GPU or a TPU (each case skips on other hardware, see conftest.py)."""
     _compiled_case(dtype)
 
 

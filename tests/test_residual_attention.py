@@ -9,16 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flax_attn import catalogue  # noqa: E402
+from flax_attn import catalogue, residual_attention  # noqa: E402
 from flax_attn.convert import from_torch, mapping, to_torch  # noqa: E402
-from flax_attn.residual_attention import (  # noqa: E402
-    AttentionModule_stage1,
-    AttentionModule_stage2,
-    AttentionModule_stage3,
-    ResidualAttentionModel_56,
-    ResidualAttentionModel_92,
-    ResidualBlock,
-)
 from flax_attn.testing.parity import check_parity, randomize_torch_module  # noqa: E402
 from flax_attn.testing.torch_ref import residual_attention as ref  # noqa: E402
 
@@ -56,10 +48,10 @@ def test_stages_other_sizes(name, config, shape):
 
 def test_block_and_stage_round_trip():
     for tmod, fmod, x in (
-        (ref.ResidualBlock(8, 8), ResidualBlock(8, 8), jnp.ones((1, 5, 5, 8))),
+        (ref.ResidualBlock(8, 8), residual_attention.ResidualBlock(8, 8), jnp.ones((1, 5, 5, 8))),
         (
             ref.AttentionModule_stage3(4, 4, size1=(5, 6)),
-            AttentionModule_stage3(4, 4, size1=(5, 6)),
+            residual_attention.AttentionModule_stage3(4, 4, size1=(5, 6)),
             jnp.ones((1, 5, 6, 4)),
         ),
     ):
@@ -73,7 +65,7 @@ def test_block_and_stage_round_trip():
 
 @pytest.mark.parametrize("depth", [56, 92])
 def test_whole_model_keys_match_reference(depth):
-    cls = {56: ResidualAttentionModel_56, 92: ResidualAttentionModel_92}[depth]
+    cls = {56: residual_attention.ResidualAttentionModel_56, 92: residual_attention.ResidualAttentionModel_92}[depth]
     tmod = getattr(ref, f"residual_attention_model_{depth}")()
     want = {k: tuple(v.shape) for k, v in tmod.state_dict().items() if not k.endswith("num_batches_tracked")}
     names = mapping(cls(), jnp.zeros((1, 224, 224, 3)))  # traced with eval_shape: nothing is computed
@@ -94,20 +86,20 @@ def test_bad_input():
     with pytest.raises(
         ValueError, match=r"AttentionModule_stage3: `size1`=\(14, 14\) must equal the spatial size \(9, 9\)"
     ):
-        jax.eval_shape(AttentionModule_stage3(4, 4).init, k, jnp.ones((1, 9, 9, 4)))
+        jax.eval_shape(residual_attention.AttentionModule_stage3(4, 4).init, k, jnp.ones((1, 9, 9, 4)))
     with pytest.raises(
         ValueError, match=r"AttentionModule_stage1: `size3`=\(4, 4\) must equal the spatial size \(4, 5\)"
     ):
         jax.eval_shape(
-            AttentionModule_stage1(4, 4, size1=(13, 17), size2=(7, 9), size3=(4, 4)).init,
+            residual_attention.AttentionModule_stage1(4, 4, size1=(13, 17), size2=(7, 9), size3=(4, 4)).init,
             k,
             jnp.ones((1, 13, 17, 4)),
         )
     with pytest.raises(ValueError, match=r"AttentionModule_stage2: `in_channels`=4 must equal `out_channels`=8"):
-        jax.eval_shape(AttentionModule_stage2(4, 8).init, k, jnp.ones((1, 28, 28, 4)))
+        jax.eval_shape(residual_attention.AttentionModule_stage2(4, 8).init, k, jnp.ones((1, 28, 28, 4)))
     with pytest.raises(ValueError, match=r"ResidualBlock: `output_channels`=6 must be a positive multiple of 4"):
-        jax.eval_shape(ResidualBlock(4, 6).init, k, jnp.ones((1, 5, 5, 4)))
+        jax.eval_shape(residual_attention.ResidualBlock(4, 6).init, k, jnp.ones((1, 5, 5, 4)))
     with pytest.raises(ValueError, match=r"ResidualBlock: `x` must have 4 channels"):
-        jax.eval_shape(ResidualBlock(4, 8).init, k, jnp.ones((1, 5, 5, 3)))
+        jax.eval_shape(residual_attention.ResidualBlock(4, 8).init, k, jnp.ones((1, 5, 5, 3)))
     with pytest.raises(ValueError, match=r"ResidualAttentionModel_92: `x` must be \(batch, 224, 224, 3\)"):
-        jax.eval_shape(ResidualAttentionModel_92().init, k, jnp.ones((1, 112, 112, 3)))
+        jax.eval_shape(residual_attention.ResidualAttentionModel_92().init, k, jnp.ones((1, 112, 112, 3)))

@@ -190,22 +190,26 @@ def _init(module, x):
     return module.init(jax.random.PRNGKey(0), x)
 
 
-def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"SELayer: `x` must have 32 channels.*\(3, 13, 17, 16\)"):
-        _init(SELayer(32, 4), X[..., :16])
-    with pytest.raises(ValueError, match=r"SELayer: `x` must be 4-D .*got shape \(13, 17, 32\)"):
-        _init(SELayer(32, 4), X[0])
-    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be .*`reduction`=5"):
-        _init(SELayer(32, 5), X)
-    with pytest.raises(ValueError, match=r"SELayer: `channel`=32 must be .*`reduction`=64"):
-        _init(SELayer(32, 64), X)
-    with pytest.raises(ValueError, match="SELayer: `se_style` must be one of"):
-        _init(SELayer(32, 4, se_style="official"), X)
-    with pytest.raises(ValueError, match=r"SEBasicBlock: `x` must have 16 channels"):
-        _init(SEBasicBlock(16, 16), X)
-    with pytest.raises(ValueError, match=r"SEBottleneck: `se_style` must be one of"):
-        _init(SEBottleneck(32, 8, se_style="x"), X)
-    with pytest.raises(ValueError, match=r"SEResNet: `x` must have 3 channels.*\(2, 33, 29, 1\)"):
-        _init(se_resnet18(), IMG[..., :1])
-    with pytest.raises(ValueError, match=r"SEResNet: `x` must be 4-D"):
-        _init(se_resnet18(), IMG[0])
+@pytest.mark.parametrize(
+    "module,x,match",
+    [
+        pytest.param(
+            SELayer(32, 4), X[..., :16], r"SELayer: `x` must have 32 channels.*\(3, 13, 17, 16\)", id="channels"
+        ),
+        pytest.param(SELayer(32, 4), X[0], r"SELayer: `x` must be 4-D .*got shape \(13, 17, 32\)", id="rank"),
+        pytest.param(SELayer(32, 5), X, r"SELayer: `channel`=32 must be .*`reduction`=5", id="reduction"),
+        pytest.param(SELayer(32, 64), X, r"SELayer: `channel`=32 must be .*`reduction`=64", id="reduction_too_large"),
+        pytest.param(SELayer(32, 4, se_style="official"), X, "SELayer: `se_style` must be one of", id="layer_style"),
+        pytest.param(SEBasicBlock(16, 16), X, r"SEBasicBlock: `x` must have 16 channels", id="basic_block_channels"),
+        pytest.param(
+            SEBottleneck(32, 8, se_style="x"), X, r"SEBottleneck: `se_style` must be one of", id="bottleneck_style"
+        ),
+        pytest.param(
+            se_resnet18(), IMG[..., :1], r"SEResNet: `x` must have 3 channels.*\(2, 33, 29, 1\)", id="resnet_channels"
+        ),
+        pytest.param(se_resnet18(), IMG[0], r"SEResNet: `x` must be 4-D", id="resnet_rank"),
+    ],
+)
+def test_bad_inputs(module, x, match):
+    with pytest.raises(ValueError, match=match):
+        _init(module, x)

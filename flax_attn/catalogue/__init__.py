@@ -2,7 +2,8 @@
 
 The catalogue is test and tooling data, kept beside the library rather than inside it: the block
 files (``flax_attn/se.py``, ...) hold modules and their conversion rules only, and each family's
-entries live in ``flax_attn/catalogue/<family>.py``, one ``register(Entry(...))`` per block. Those
+entries live in ``flax_attn/catalogue/<family>.py``: the file states the family's shared facts once
+(``add = catalogue.family("se", paper=..., arxiv=...)``) and each block's own with one ``add(...)``. Those
 files are imported on the first call of :func:`entries` or :func:`get`, never by ``import
 flax_attn``. An entry holds everything needed to build the Flax block and its PyTorch reference
 with the *same* constructor arguments, to make example inputs, to call both, and to compare them.
@@ -31,6 +32,7 @@ __all__ = [
     "Entry",
     "entries",
     "families",
+    "family",
     "get",
     "image_batch",
     "markdown_table",
@@ -241,6 +243,46 @@ def register(entry: Entry) -> Entry:
         raise ValueError(f"catalogue: {entry.name!r} compares in float64 without a measured reason (conditioning)")
     _REGISTRY[entry.name] = entry
     return entry
+
+
+TORCH_REFERENCES = "flax_attn.testing.torch_ref"
+"""The package of the PyTorch references: family ``se``'s is ``flax_attn.testing.torch_ref.se``."""
+
+_FLAX_NAME = object()  # `add`'s default torch factory: the one named like the entry's `flax`
+
+
+def family(family: str, /, *, paper: str, arxiv: str | None = None, **shared: Any) -> Callable[..., Entry]:
+    """The registrar of one family's entries, with what they share stated once.
+
+    ``family``, ``paper``, ``arxiv`` and any other :class:`Entry` field in ``shared`` (``kernel``,
+    ``train_mode``, ...) go to every entry; the reference module is ``TORCH_REFERENCES.<family>``.
+    The returned ``add(*, name, flax, torch=..., **fields)`` registers one :class:`Entry` with the
+    entry's own ``fields`` (which override ``shared``, ``paper`` and ``arxiv``) and returns it;
+    ``torch`` names the reference's factory in the family's module, by default the one named like
+    ``flax`` (``flax=SELayer`` -> ``"flax_attn.testing.torch_ref.se:SELayer"``), ``None`` for none.
+
+    In ``flax_attn/catalogue/se.py``::
+
+      add = family("se", paper="Hu et al., CVPR 2018", arxiv="1709.01507")
+      add(name="se_layer", flax=SELayer, config=dict(channel=32, reduction=4), ...)  # torch_ref.se:SELayer
+      add(name="se_basic_block", flax=SEBasicBlock, torch="se_basic_block", ...)
+    """
+    module = f"{TORCH_REFERENCES}.{family}"
+    common = dict(paper=paper, arxiv=arxiv, **shared)
+    own = {"name", "family", "flax", "torch"}  # each entry's, or the registrar's
+    bad = sorted(set(common) - ({f.name for f in dataclasses.fields(Entry)} - own))
+    if bad:
+        raise TypeError(
+            f"catalogue.family({family!r}): `shared` must name Entry fields other than {sorted(own)}, got {bad}"
+        )
+
+    def add(*, name: str, flax: Callable[..., Any], torch: Any = _FLAX_NAME, **fields: Any) -> Entry:
+        if torch is _FLAX_NAME:
+            torch = flax.__name__
+        spec = None if torch is None else f"{module}:{torch}"
+        return register(Entry(name=name, family=family, flax=flax, torch=spec, **{**common, **fields}))
+
+    return add
 
 
 def families() -> list[str]:

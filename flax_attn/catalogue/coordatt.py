@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from flax_attn.catalogue import Entry, image_batch, register
+from flax_attn.catalogue import family, image_batch
 from flax_attn.coordatt import CoordAtt
 
-register(
-    Entry(
-        name="coord_att",
-        family="coordatt",
-        paper="Hou et al., CVPR 2021",
-        arxiv="2103.02907",
-        flax=CoordAtt,
-        torch="flax_attn.testing.torch_ref.coordatt:CoordAtt",
-        config=dict(inp=32, oup=32, reduction=2),
-        inputs=image_batch(3, 13, 17, 32),
-        bench_config=dict(inp=64, oup=64, reduction=32),
-        bench_inputs=image_batch(16, 56, 56, 64),
-    )
+add = family("coordatt", paper="Hou et al., CVPR 2021", arxiv="2103.02907")
+
+add(
+    name="coord_att",
+    flax=CoordAtt,
+    config=dict(inp=32, oup=32, reduction=2),
+    inputs=image_batch(3, 13, 17, 32),
+    bench_config=dict(inp=64, oup=64, reduction=32),
+    bench_inputs=image_batch(16, 56, 56, 64),
 )

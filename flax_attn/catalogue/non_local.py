@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flax_attn.catalogue import Entry, image_batch, register
+from flax_attn.catalogue import family, image_batch
 from flax_attn.non_local import NonLocalBlockND, NonLocalMNISTNet
 from flax_attn.ops.non_local import NON_LOCAL_MODES
 
@@ -26,38 +26,31 @@ _NON_LOCAL_CONDITIONING = {
     ),
 }
 
+add = family("non_local", paper="Wang et al., CVPR 2018", arxiv="1711.07971")
+
 for _mode in NON_LOCAL_MODES:
-    register(
-        Entry(
-            name=f"non_local_2d_{_mode}",
-            family="non_local",
-            paper="Wang et al., CVPR 2018",
-            arxiv="1711.07971",
-            flax=NonLocalBlockND,
-            torch="flax_attn.testing.torch_ref.non_local:non_local_block",
-            config=dict(in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-            inputs=image_batch(3, 13, 17, 12),
-            bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
-            bench_inputs=image_batch(8, 64, 64, 256),
-            **_NON_LOCAL_CONDITIONING.get(_mode, {}),
-        )
+    add(
+        name=f"non_local_2d_{_mode}",
+        flax=NonLocalBlockND,
+        torch="non_local_block",
+        config=dict(in_channels=12, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
+        inputs=image_batch(3, 13, 17, 12),
+        bench_config=dict(in_channels=256, dimension=2, sub_sample=True, bn_layer=True, mode=_mode),
+        bench_inputs=image_batch(8, 64, 64, 256),
+        **_NON_LOCAL_CONDITIONING.get(_mode, {}),
     )
 
-register(
-    Entry(
-        name="non_local_mnist_net",
-        family="non_local",
-        paper="Wang et al., CVPR 2018 (AlexHex7/Non-local_pytorch MNIST network)",
-        arxiv="1711.07971",
-        flax=NonLocalMNISTNet,
-        torch="flax_attn.testing.torch_ref.non_local:non_local_mnist_net",
-        # Dropout off so train-mode parity checks the BatchNorm batch statistics
-        # (torch's dropout RNG differs).
-        config=dict(dropout=0.0),
-        inputs=image_batch(3, 28, 28, 1),
-        bench_config=dict(dropout=0.5),
-        bench_inputs=image_batch(256, 28, 28, 1),
-        atol=1e-4,
-        rtol=1e-4,
-    )
+add(
+    name="non_local_mnist_net",
+    paper="Wang et al., CVPR 2018 (AlexHex7/Non-local_pytorch MNIST network)",
+    flax=NonLocalMNISTNet,
+    torch="non_local_mnist_net",
+    # Dropout off so train-mode parity checks the BatchNorm batch statistics
+    # (torch's dropout RNG differs).
+    config=dict(dropout=0.0),
+    inputs=image_batch(3, 28, 28, 1),
+    bench_config=dict(dropout=0.5),
+    bench_inputs=image_batch(256, 28, 28, 1),
+    atol=1e-4,
+    rtol=1e-4,
 )

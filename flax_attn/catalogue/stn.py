@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from flax_attn.catalogue import Entry, register
+from flax_attn.catalogue import family, image_batch
 from flax_attn.stn import SpatialTransformer, STNTutorialNet, TutorialLocalization
 
 
@@ -26,54 +25,47 @@ def _spatial_transformer(
     )
 
 
-register(
-    Entry(
-        name="spatial_transformer",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
-                "corner gather; its transpose is the scatter)"
-            )
-        },
-        family="stn",
-        paper="Jaderberg et al., NeurIPS 2015",
-        arxiv="1506.02025",
-        flax=_spatial_transformer,
-        torch="flax_attn.testing.torch_ref.stn:SpatialTransformer",
-        config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
-        inputs=lambda rng: {"x": rng.standard_normal((3, 29, 33, 2), dtype=np.float32)},
-        bench_config=dict(in_channels=3, input_size=(128, 128)),
-        bench_inputs=lambda rng: {"x": rng.standard_normal((32, 128, 128, 3), dtype=np.float32)},
-        # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
-        # times the image gradient, so it compares in float64.
-        train_mode=False,
-        float64_modes=("eval",),
-        conditioning="eval: float32 rounding moves grad[x] by 3.2e-5 (torch) / 5.0e-5 (Flax), 0.27 of the "
-        "loosened 1e-4 tolerance (2.7x the 1e-5 one)",
-    )
+add = family("stn", paper="Jaderberg et al., NeurIPS 2015", arxiv="1506.02025")
+
+add(
+    name="spatial_transformer",
+    allowed_hlo={
+        "stablehlo.scatter": (
+            "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+            "corner gather; its transpose is the scatter)"
+        )
+    },
+    flax=_spatial_transformer,
+    torch="SpatialTransformer",
+    config=dict(in_channels=2, input_size=(29, 33), padding_mode="border"),
+    inputs=image_batch(3, 29, 33, 2),
+    bench_config=dict(in_channels=3, input_size=(128, 128)),
+    bench_inputs=image_batch(32, 128, 128, 3),
+    # A whole small model: theta agrees to ~6e-8, but the sampler scales theta's rounding by W/2
+    # times the image gradient, so it compares in float64.
+    train_mode=False,
+    float64_modes=("eval",),
+    conditioning="eval: float32 rounding moves grad[x] by 3.2e-5 (torch) / 5.0e-5 (Flax), 0.27 of the "
+    "loosened 1e-4 tolerance (2.7x the 1e-5 one)",
 )
 
-register(
-    Entry(
-        name="stn_tutorial_net",
-        allowed_hlo={
-            "stablehlo.scatter": (
-                "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
-                "corner gather; its transpose is the scatter)"
-            )
-        },
-        family="stn",
-        paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
-        arxiv="1506.02025",
-        flax=STNTutorialNet,
-        torch="flax_attn.testing.torch_ref.stn:Net",
-        config={},
-        inputs=lambda rng: {"x": rng.standard_normal((3, 28, 28, 1), dtype=np.float32)},
-        bench_inputs=lambda rng: {"x": rng.standard_normal((64, 28, 28, 1), dtype=np.float32)},
-        output_layout="same",
-        atol=1e-4,
-        rtol=1e-4,
-        # Only dropout differs in training; random masks cannot match torch's, so parity is eval-only.
-        train_mode=False,
-    )
+add(
+    name="stn_tutorial_net",
+    allowed_hlo={
+        "stablehlo.scatter": (
+            "grid_sample at the affine grid predicted from the input: data-dependent bilinear sampling (packed "
+            "corner gather; its transpose is the scatter)"
+        )
+    },
+    paper="Jaderberg et al., NeurIPS 2015 (PyTorch STN tutorial network)",
+    flax=STNTutorialNet,
+    torch="Net",
+    config={},
+    inputs=image_batch(3, 28, 28, 1),
+    bench_inputs=image_batch(64, 28, 28, 1),
+    output_layout="same",
+    atol=1e-4,
+    rtol=1e-4,
+    # Only dropout differs in training; random masks cannot match torch's, so parity is eval-only.
+    train_mode=False,
 )
