@@ -8,14 +8,14 @@ NHWC images, with the reference's attribute names and ``nn.Sequential`` indices 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -30,10 +30,8 @@ __all__ = [
     "ResidualBlock",
 ]
 
-Dtype = Any
 
-
-class ResidualBlock(nn.Module):
+class ResidualBlock(BatchStatsFields):
     """Pre-activation bottleneck (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1) of the reference.
 
     The shortcut is ``conv4`` (1x1, ``stride``) applied to the first activation when channels or
@@ -56,13 +54,8 @@ class ResidualBlock(nn.Module):
     input_channels: int
     output_channels: int
     stride: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -92,13 +85,11 @@ def _pool(x):
     return max_pool(x, 3, 2, 1)
 
 
-class _AttentionModuleBase(nn.Module):
+class _AttentionModuleBase(BatchStatsFields):
     """Shared plumbing of the three stages: blocks named like the reference, and checked upsampling."""
 
     in_channels: int
     out_channels: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -170,9 +161,6 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
     size1: tuple[int, int] = (56, 56)
     size2: tuple[int, int] = (28, 28)
     size3: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -210,9 +198,6 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     size1: tuple[int, int] = (28, 28)
     size2: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -245,9 +230,6 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
     """
 
     size1: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -262,14 +244,11 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
         return rb("last_blocks", (1 + mask) * out_trunk)
 
 
-class _ResidualAttentionModel(nn.Module):
+class _ResidualAttentionModel(BatchStatsFields):
     depth: int = 56
     num_classes: int = 10
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -326,8 +305,6 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the re
     """
 
     depth: int = 56
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
 
 class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
@@ -342,5 +319,3 @@ class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the re
     """
 
     depth: int = 92
-    axis_name: str | None = None
-    axis_index_groups: Any = None
