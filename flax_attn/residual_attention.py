@@ -92,6 +92,7 @@ class _AttentionModuleBase(BatchStatsFields):
     out_channels: int
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    levels: ClassVar[int]  # of the soft mask branch; each subclass's fields size1..size{levels}
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -134,6 +135,34 @@ class _AttentionModuleBase(BatchStatsFields):
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)
 
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        """The reference's ``forward`` for ``levels`` mask levels (stage 1: 3, stage 2: 2, stage 3: 1).
+
+        Going down, level ``i < levels`` pools and applies ``softmax{i}_blocks`` and its skip block
+        ``skip{i}_connection_residual_block``; the innermost level pools and applies two blocks
+        (``softmax{levels}_blocks.0``/``.1``). Going up, each level upsamples to ``size{i + 1}``, adds
+        that level's output and skip, and applies the next ``softmax{n}_blocks``; the last upsampling
+        (to ``size1``) is added to the trunk and turned into the mask by the next ``softmax{n}_blocks``.
+        """
+        train = merge_train(self, train)
+        self._check(x)
+        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
+        x = rb("first_residual_blocks", x)
+        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
+        down, out = [], x
+        for i in range(1, self.levels):
+            out = rb(f"softmax{i}_blocks", _pool(out))
+            down.append((out, rb(f"skip{i}_connection_residual_block", out)))
+        n = self.levels
+        out = rb(f"softmax{n}_blocks_1", rb(f"softmax{n}_blocks_0", _pool(out)))
+        for i, (level, skip) in reversed(list(enumerate(down, start=2))):
+            n += 1
+            out = rb(f"softmax{n}_blocks", self._up(out, getattr(self, f"size{i}"), f"size{i}", level) + level + skip)
+        out_interp1 = self._up(out, self.size1, "size1", out_trunk) + out_trunk
+        mask = self._mask_head(f"softmax{n + 1}_blocks", out_interp1, train)
+        return rb("last_blocks", (1 + mask) * out_trunk)
+
 
 class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a three-level soft mask branch (reference: 56x56 input).
@@ -162,25 +191,7 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
     size2: tuple[int, int] = (28, 28)
     size3: tuple[int, int] = (14, 14)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks", _pool(x))
-        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
-        out_softmax2 = rb("softmax2_blocks", _pool(out_softmax1))
-        out_skip2 = rb("skip2_connection_residual_block", out_softmax2)
-        out_softmax3 = rb("softmax3_blocks_1", rb("softmax3_blocks_0", _pool(out_softmax2)))
-        out = self._up(out_softmax3, self.size3, "size3", out_softmax2) + out_softmax2 + out_skip2
-        out_softmax4 = rb("softmax4_blocks", out)
-        out = self._up(out_softmax4, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
-        out_softmax5 = rb("softmax5_blocks", out)
-        out_interp1 = self._up(out_softmax5, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax6_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 3
 
 
 class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the reference's name)
@@ -199,21 +210,7 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the referenc
     size1: tuple[int, int] = (28, 28)
     size2: tuple[int, int] = (14, 14)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks", _pool(x))
-        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
-        out_softmax2 = rb("softmax2_blocks_1", rb("softmax2_blocks_0", _pool(out_softmax1)))
-        out = self._up(out_softmax2, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
-        out_softmax3 = rb("softmax3_blocks", out)
-        out_interp1 = self._up(out_softmax3, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax4_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 2
 
 
 class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the reference's name)
@@ -231,17 +228,7 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     size1: tuple[int, int] = (14, 14)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks_1", rb("softmax1_blocks_0", _pool(x)))
-        out_interp1 = self._up(out_softmax1, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax2_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 1
 
 
 class _ResidualAttentionModel(BatchStatsFields):
