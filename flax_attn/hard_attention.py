@@ -92,47 +92,48 @@ class CoreNetwork(DtypeFields):
         )
 
 
-class LocationNetwork(DtypeFields):
+class _LinearHead(DtypeFields):
+    """The one-``fc`` heads of the official port: ``input_size`` is torch's (the input gives the width)."""
+
+    input_size: int
+    output_size: int
+
+    @nn.nowrap
+    def _fc(self) -> Linear:
+        return Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class LocationNetwork(_LinearHead):
     """Gaussian location policy (official ``location_network``).
 
     ``mu = tanh(fc(stop_gradient(h_t)))``, ``l_t = stop_gradient(tanh(mu + std * eps))`` with
     ``eps`` the given standard-normal draw (``(B, output_size)``). Returns ``(mu, l_t)``.
     """
 
-    input_size: int
-    output_size: int
     std: float
 
     @nn.compact
     def __call__(self, h_t, eps):
-        fc = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
-        mu = jnp.tanh(fc(jax.lax.stop_gradient(h_t)))
+        mu = jnp.tanh(self._fc()(jax.lax.stop_gradient(h_t)))
         l_t = jax.lax.stop_gradient(jnp.tanh(mu + self.std * eps.astype(mu.dtype)))
         return mu, l_t
 
 
-class ActionNetwork(DtypeFields):
+class ActionNetwork(_LinearHead):
     """Classifier ``log_softmax(fc(h_t))`` (official ``action_network``)."""
-
-    input_size: int
-    output_size: int
 
     @nn.compact
     def __call__(self, h_t):
-        logits = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)(h_t)
+        logits = self._fc()(h_t)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
-class BaselineNetwork(DtypeFields):
+class BaselineNetwork(_LinearHead):
     """Reward baseline ``relu(fc(stop_gradient(h_t)))`` (official ``baseline_network``)."""
-
-    input_size: int
-    output_size: int
 
     @nn.compact
     def __call__(self, h_t):
-        fc = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
-        return nn.relu(fc(jax.lax.stop_gradient(h_t)))
+        return nn.relu(self._fc()(jax.lax.stop_gradient(h_t)))
 
 
 class RecurrentAttention(BlockFields):
