@@ -160,9 +160,14 @@ def _check_style(where: str, se_style: str) -> None:
         raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {se_style!r}")
 
 
-class _SEBlock:
+class _SEBlock(nn.Module):
     """What the SE residual blocks add to :mod:`flax_attn.backbones`' blocks: the SE layer (``se``)
-    on the residual branch, built from ``reduction`` and ``se_style``, and the layouts."""
+    on the residual branch, built from ``reduction`` and ``se_style``, torchvision's conv init, and
+    the layouts."""
+
+    kernel_init: Callable = backbones.resnet_conv_init
+    reduction: int = 16
+    se_style: str = "senet"
 
     # The default se_style's layout first: it is what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
@@ -205,10 +210,6 @@ class SEBasicBlock(_SEBlock, backbones.BasicBlock):
       (2, 5, 6, 32)
     """
 
-    kernel_init: Callable = backbones.resnet_conv_init
-    reduction: int = 16
-    se_style: str = "senet"
-
 
 class SEBottleneck(_SEBlock, backbones.Bottleneck):
     """ResNet bottleneck with SE before the residual sum (senet.pytorch ``SEBottleneck``, timm
@@ -230,10 +231,6 @@ class SEBottleneck(_SEBlock, backbones.Bottleneck):
       >>> block.apply(variables, x).shape
       (2, 5, 6, 64)
     """
-
-    kernel_init: Callable = backbones.resnet_conv_init
-    reduction: int = 16
-    se_style: str = "senet"
 
 
 # --------------------------------------------------------------------------- SE-ResNet
