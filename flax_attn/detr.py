@@ -365,13 +365,12 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
         train = merge_train(self, train)
         dtype = compute_dtype("TransformerEncoder", self.dtype, src=src, pos=pos)
         out = src.astype(dtype)
+        args = (mask, src_key_padding_mask, pos, train)  # every layer's, in its positional order
         if self.scan_layers:
             stack = _scan(_EncoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
-            out, _ = stack(out, mask, src_key_padding_mask, pos, train)
+            out, _ = stack(out, *args)
         for i in range(0 if self.scan_layers else self.num_layers):
-            out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(
-                out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train
-            )
+            out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(out, *args)
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
             out = self._norm("norm", dtype)(out)
@@ -435,26 +434,17 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
         if self.norm:
             norm = self._norm("norm", dtype)
         out = tgt.astype(dtype)
+        # Every layer's arguments after (tgt, memory), in its positional order.
+        args = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos, train)
         if self.scan_layers:
             stack = _scan(_DecoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
-            masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)
-            out, every = stack(out, memory, *masks, pos, query_pos, train)
+            out, every = stack(out, memory, *args)
             if self.return_intermediate:
                 return norm(every)  # LayerNorm acts on the last axis: the same as per layer
             return (out if norm is None else norm(out))[None]
         intermediate = []
         for i in range(self.num_layers):
-            out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(
-                out,
-                memory,
-                tgt_mask=tgt_mask,
-                memory_mask=memory_mask,
-                tgt_key_padding_mask=tgt_key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask,
-                pos=pos,
-                query_pos=query_pos,
-                train=train,
-            )
+            out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(out, memory, *args)
             if self.return_intermediate:
                 intermediate.append(norm(out))
         if norm is not None and not self.return_intermediate:
