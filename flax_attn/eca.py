@@ -36,9 +36,8 @@ class ECALayer(BlockFields):
     Input ``(B, H, W, C)``; output the same shape.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> eca = ECALayer(channel=64, k_size=None)   # adaptive: k = 3 for 64 channels
-      >>> x = jnp.ones((2, 7, 9, 64))
+      >>> x = jax.numpy.ones((2, 7, 9, 64))
       >>> variables = eca.init(jax.random.PRNGKey(0), x)
       >>> variables["params"]["conv"]["kernel"].shape
       (3, 1, 1)

@@ -49,9 +49,8 @@ class ContextBlock(BlockFields):
     Input ``(B, H, W, C)``; output the same shape.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> gc = ContextBlock(inplanes=32, ratio=1 / 4, fusion_types=("channel_add", "channel_mul"))
-      >>> x = jnp.ones((2, 7, 9, 32))
+      >>> x = jax.numpy.ones((2, 7, 9, 32))
       >>> variables = gc.init(jax.random.PRNGKey(0), x)
       >>> gc.apply(variables, x).shape
       (2, 7, 9, 32)

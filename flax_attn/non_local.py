@@ -75,9 +75,8 @@ class NonLocalBlockND(BatchStatsFields):
     (``N`` positions, ``M`` key positions after sub-sampling), as the official ``return_nl_map``.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> block = NonLocalBlockND(in_channels=16, dimension=2)
-      >>> x = jnp.ones((2, 9, 11, 16))
+      >>> x = jax.numpy.ones((2, 9, 11, 16))
       >>> variables = block.init(jax.random.PRNGKey(0), x)
       >>> block.apply(variables, x).shape
       (2, 9, 11, 16)
@@ -216,9 +215,8 @@ class NonLocalMNISTNet(BatchStatsFields):
     ``(logits, [nl_map_1 (B, 196, 49), nl_map_2 (B, 49, 9)])`` like ``forward_with_nl_map``.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> net = NonLocalMNISTNet()
-      >>> x = jnp.zeros((2, 28, 28, 1))
+      >>> x = jax.numpy.zeros((2, 28, 28, 1))
       >>> variables = net.init(jax.random.PRNGKey(0), x)
       >>> net.apply(variables, x).shape
       (2, 10)

@@ -40,9 +40,8 @@ class SPDConv(BatchStatsFields):
     cannot concatenate sub-grids of different sizes); output ``(B, H / 2, W / 2, c2)``.
 
     Example:
-      >>> import jax.numpy as jnp
       >>> spd = SPDConv(c1=8, c2=16)
-      >>> x = jnp.ones((2, 10, 14, 8))
+      >>> x = jax.numpy.ones((2, 10, 14, 8))
       >>> variables = spd.init(jax.random.PRNGKey(0), x)
       >>> spd.apply(variables, x).shape
       (2, 5, 7, 16)
