@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax_attn import backbones
 from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Stacked, sequential_rules
-from flax_attn.layers import Conv, LayerNorm, Linear, merge_train, torch_default_kernel_init
+from flax_attn.layers import BlockFields, Conv, LayerNorm, Linear, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -99,7 +99,7 @@ def _feed_forward(layer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
 # --------------------------------------------------------------------------- transformer layers
 
 
-class _TransformerLayerFields(nn.Module):
+class _TransformerLayerFields(BlockFields):
     """The arguments every transformer layer and layer stack here takes, declared once (documented
     on :class:`TransformerEncoderLayer`); the stacks hand them to their layers with :meth:`layer_fields`."""
 
@@ -111,8 +111,6 @@ class _TransformerLayerFields(nn.Module):
     normalize_before: bool = False
     layer_norm_eps: float = 1e-5
     kernel_init: Callable = torch_default_kernel_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.nowrap
     def layer_fields(self) -> dict[str, Any]:
@@ -191,7 +189,6 @@ class TransformerEncoderLayer(_TransformerLayerFields):
     """
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, src, src_mask=None, src_key_padding_mask=None, pos=None, train: bool | None = None):
@@ -247,7 +244,6 @@ class TransformerDecoderLayer(_TransformerLayerFields):
     """
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "torch.nn")
-    train: bool | None = None
 
     @nn.compact
     def __call__(
@@ -359,7 +355,6 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
     scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -370,13 +365,12 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
         train = merge_train(self, train)
         dtype = compute_dtype("TransformerEncoder", self.dtype, src=src, pos=pos)
         out = src.astype(dtype)
+        args = (mask, src_key_padding_mask, pos, train)  # every layer's, in its positional order
         if self.scan_layers:
             stack = _scan(_EncoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
-            out, _ = stack(out, mask, src_key_padding_mask, pos, train)
+            out, _ = stack(out, *args)
         for i in range(0 if self.scan_layers else self.num_layers):
-            out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(
-                out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos, train=train
-            )
+            out = TransformerEncoderLayer(**self.layer_fields(), name=f"layers_{i}")(out, *args)
         use_norm = self.normalize_before if self.norm is None else self.norm
         if use_norm:
             out = self._norm("norm", dtype)(out)
@@ -414,7 +408,6 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
     scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -441,26 +434,17 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
         if self.norm:
             norm = self._norm("norm", dtype)
         out = tgt.astype(dtype)
+        # Every layer's arguments after (tgt, memory), in its positional order.
+        args = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos, train)
         if self.scan_layers:
             stack = _scan(_DecoderLayerStep, self.num_layers)(**self.layer_fields(), name="layers")
-            masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)
-            out, every = stack(out, memory, *masks, pos, query_pos, train)
+            out, every = stack(out, memory, *args)
             if self.return_intermediate:
                 return norm(every)  # LayerNorm acts on the last axis: the same as per layer
             return (out if norm is None else norm(out))[None]
         intermediate = []
         for i in range(self.num_layers):
-            out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(
-                out,
-                memory,
-                tgt_mask=tgt_mask,
-                memory_mask=memory_mask,
-                tgt_key_padding_mask=tgt_key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask,
-                pos=pos,
-                query_pos=query_pos,
-                train=train,
-            )
+            out = TransformerDecoderLayer(**self.layer_fields(), name=f"layers_{i}")(out, memory, *args)
             if self.return_intermediate:
                 intermediate.append(norm(out))
         if norm is not None and not self.return_intermediate:
@@ -470,7 +454,7 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
         return out[None]
 
 
-class Transformer(nn.Module):
+class Transformer(BlockFields):
     """DETR's encoder-decoder transformer over a feature map.
 
     The feature map is flattened to ``H * W`` tokens; the decoder starts from zeros and adds the
@@ -508,12 +492,9 @@ class Transformer(nn.Module):
     activation: str = "relu"
     normalize_before: bool = False
     return_intermediate_dec: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, src, mask, query_embed, pos_embed, train: bool | None = None):
@@ -624,7 +605,7 @@ def _first_rows(embed: nn.Embed, n: int) -> jax.Array:
     return table[:n]
 
 
-class PositionEmbeddingLearned(nn.Module):
+class PositionEmbeddingLearned(BlockFields):
     """DETR's learned absolute position embedding: ``row_embed``/``col_embed`` tables of 50 positions.
 
     Output channel ``[:num_pos_feats]`` is the column embedding, ``[num_pos_feats:]`` the row
@@ -645,11 +626,8 @@ class PositionEmbeddingLearned(nn.Module):
     """
 
     num_pos_feats: int = 256
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool | None = None):
@@ -733,7 +711,7 @@ class Bottleneck(backbones.Bottleneck):
 _RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 
 
-class ResNetBody(nn.Module):
+class ResNetBody(BlockFields):
     """torchvision's ResNet-50/101 up to ``layer4`` with frozen BatchNorm: DETR's ``backbone.0.body``.
 
     The stem (``conv1`` 7x7/2, ``bn1``, ReLU, 3x3/2 max-pool) and four stages of bottlenecks
@@ -749,9 +727,6 @@ class ResNetBody(nn.Module):
 
     layers: tuple[int, ...] = (3, 4, 6, 3)
     dilation: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -788,7 +763,7 @@ class ResNetBody(nn.Module):
         return x
 
 
-class Backbone(nn.Module):
+class Backbone(BlockFields):
     """DETR's ``Backbone`` for detection: the ResNet body and the padding mask at its resolution.
 
     The mask is resized to the feature map with nearest interpolation, exactly as DETR's
@@ -804,11 +779,8 @@ class Backbone(nn.Module):
 
     backbone: str = "resnet50"
     dilation: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     num_channels: ClassVar[int] = 2048
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x, mask, train: bool | None = None):
@@ -831,7 +803,7 @@ class Backbone(nn.Module):
 # --------------------------------------------------------------------------- DETR
 
 
-class MLP(nn.Module):
+class MLP(BlockFields):
     """DETR's ``MLP``: ``num_layers`` Linear layers with ReLU between them (``layers.N``).
 
     Attributes:
@@ -842,9 +814,6 @@ class MLP(nn.Module):
     hidden_dim: int
     output_dim: int
     num_layers: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -866,7 +835,7 @@ class MLP(nn.Module):
         return x
 
 
-class DETR(nn.Module):
+class DETR(BlockFields):
     """DETR object detector (Carion et al., ECCV 2020, arXiv 2005.12872), for inference and fine-tuning.
 
     ResNet backbone with frozen BatchNorm -> 1x1 ``input_proj`` to ``hidden_dim`` -> transformer
@@ -914,11 +883,8 @@ class DETR(nn.Module):
     dim_feedforward: int = 2048
     dropout: float = 0.1
     pre_norm: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):

@@ -9,23 +9,20 @@ bias, zero padding ``(k_size - 1) // 2``), sigmoid, rescale. The paper's adaptiv
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from flax_attn.layers import Conv, merge_train
+from flax_attn.layers import BlockFields, Conv, merge_train
 from flax_attn.ops.channel import eca_kernel_size, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ECALayer"]
 
-Dtype = Any
 
-
-class ECALayer(nn.Module):
+class ECALayer(BlockFields):
     """Efficient Channel Attention (Wang et al., CVPR 2020, arXiv 1910.03151), official ``eca_layer``.
 
     Attributes:
@@ -40,7 +37,7 @@ class ECALayer(nn.Module):
 
     Example:
       >>> eca = ECALayer(channel=64, k_size=None)   # adaptive: k = 3 for 64 channels
-      >>> x = jnp.ones((2, 7, 9, 64))
+      >>> x = jax.numpy.ones((2, 7, 9, 64))
       >>> variables = eca.init(jax.random.PRNGKey(0), x)
       >>> variables["params"]["conv"]["kernel"].shape
       (3, 1, 1)
@@ -50,11 +47,8 @@ class ECALayer(nn.Module):
     k_size: int | None = 3
     gamma: float = 2
     b: float = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @property
     def kernel_size(self) -> int:

@@ -11,28 +11,26 @@ broadcast addition (``channel_add``) and/or sigmoid multiplication (``channel_mu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, Reshape, sequential_rules
-from flax_attn.layers import Conv, LayerNorm, merge_train
+from flax_attn.layers import BlockFields, Conv, LayerNorm, merge_train
 from flax_attn.ops.channel import attention_pool2d, global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ContextBlock"]
 
-Dtype = Any
 
 # mmcv kaiming_init(mode="fan_in"): kaiming_normal_(nonlinearity="relu"), i.e. N(0, 2 / fan_in), bias 0.
 _kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 _FUSIONS = ("channel_add", "channel_mul")
 
 
-class ContextBlock(nn.Module):
+class ContextBlock(BlockFields):
     """GCNet's global context block (Cao et al., arXiv 1904.11492), official ``ContextBlock``.
 
     Attributes:
@@ -52,7 +50,7 @@ class ContextBlock(nn.Module):
 
     Example:
       >>> gc = ContextBlock(inplanes=32, ratio=1 / 4, fusion_types=("channel_add", "channel_mul"))
-      >>> x = jnp.ones((2, 7, 9, 32))
+      >>> x = jax.numpy.ones((2, 7, 9, 32))
       >>> variables = gc.init(jax.random.PRNGKey(0), x)
       >>> gc.apply(variables, x).shape
       (2, 7, 9, 32)
@@ -62,11 +60,8 @@ class ContextBlock(nn.Module):
     ratio: float
     pooling_type: str = "att"
     fusion_types: Sequence[str] = ("channel_add",)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @property
     def planes(self) -> int:

@@ -14,14 +14,14 @@ the learned baseline on the location log-probabilities, and the baseline's MSE t
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename
-from flax_attn.layers import Linear, merge_train
+from flax_attn.layers import BlockFields, DtypeFields, Linear, merge_train
 from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.sampling import foveate
@@ -37,15 +37,13 @@ __all__ = [
     "ram_hybrid_loss",
 ]
 
-Dtype = Any
-
 
 def gaussian_log_prob(value: jax.Array, mu: jax.Array, std: float) -> jax.Array:
     """``torch.distributions.Normal(mu, std).log_prob(value)``."""
     return -((value - mu) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
-class GlimpseNetwork(nn.Module):
+class GlimpseNetwork(DtypeFields):
     """Glimpse network ``g_t = relu(fc3(relu(fc1(phi))) + fc4(relu(fc2(l))))`` (official ``glimpse_network``).
 
     Attributes:
@@ -63,8 +61,6 @@ class GlimpseNetwork(nn.Module):
     k: int
     s: float
     c: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -82,13 +78,11 @@ class GlimpseNetwork(nn.Module):
         return nn.relu(what + where)
 
 
-class CoreNetwork(nn.Module):
+class CoreNetwork(DtypeFields):
     """RNN core ``h_t = relu(i2h(g_t) + h2h(h_{t-1}))`` (official ``core_network``)."""
 
     input_size: int
     hidden_size: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, g_t, h_t_prev):
@@ -98,56 +92,51 @@ class CoreNetwork(nn.Module):
         )
 
 
-class LocationNetwork(nn.Module):
+class _LinearHead(DtypeFields):
+    """The one-``fc`` heads of the official port: ``input_size`` is torch's (the input gives the width)."""
+
+    input_size: int
+    output_size: int
+
+    @nn.nowrap
+    def _fc(self) -> Linear:
+        return Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class LocationNetwork(_LinearHead):
     """Gaussian location policy (official ``location_network``).
 
     ``mu = tanh(fc(stop_gradient(h_t)))``, ``l_t = stop_gradient(tanh(mu + std * eps))`` with
     ``eps`` the given standard-normal draw (``(B, output_size)``). Returns ``(mu, l_t)``.
     """
 
-    input_size: int
-    output_size: int
     std: float
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h_t, eps):
-        fc = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
-        mu = jnp.tanh(fc(jax.lax.stop_gradient(h_t)))
+        mu = jnp.tanh(self._fc()(jax.lax.stop_gradient(h_t)))
         l_t = jax.lax.stop_gradient(jnp.tanh(mu + self.std * eps.astype(mu.dtype)))
         return mu, l_t
 
 
-class ActionNetwork(nn.Module):
+class ActionNetwork(_LinearHead):
     """Classifier ``log_softmax(fc(h_t))`` (official ``action_network``)."""
-
-    input_size: int
-    output_size: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h_t):
-        logits = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)(h_t)
+        logits = self._fc()(h_t)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
-class BaselineNetwork(nn.Module):
+class BaselineNetwork(_LinearHead):
     """Reward baseline ``relu(fc(stop_gradient(h_t)))`` (official ``baseline_network``)."""
-
-    input_size: int
-    output_size: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h_t):
-        fc = Linear(self.output_size, name="fc", dtype=self.dtype, param_dtype=self.param_dtype)
-        return nn.relu(fc(jax.lax.stop_gradient(h_t)))
+        return nn.relu(self._fc()(jax.lax.stop_gradient(h_t)))
 
 
-class RecurrentAttention(nn.Module):
+class RecurrentAttention(BlockFields):
     """Recurrent Attention Model (Mnih et al., arXiv 1406.6247), official PyTorch port semantics.
 
     Attributes:
@@ -190,11 +179,8 @@ class RecurrentAttention(nn.Module):
     hidden_size: int = 256
     num_classes: int = 10
     num_glimpses: int = 6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

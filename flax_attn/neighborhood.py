@@ -11,24 +11,23 @@ its 1-D/3-D siblings) and an output ``proj``, with NATTEN 0.21's arguments (``ke
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.layers import Linear, merge_train
+from flax_attn.layers import BlockFields, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.neighborhood import na1d, na2d, na3d
 
 __all__ = ["NeighborhoodAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
-Dtype = Any
 _OPS = {1: na1d, 2: na2d, 3: na3d}
 
 
-class NeighborhoodAttention(nn.Module):
+class NeighborhoodAttention(BlockFields):
     """Neighbourhood self-attention on a channels-last map ``(B, *spatial, embed_dim)``.
 
     Use :class:`NeighborhoodAttention1D`, :class:`NeighborhoodAttention2D` or
@@ -68,10 +67,7 @@ class NeighborhoodAttention(nn.Module):
     bias: bool = False
     attn_drop: float = 0.0
     proj_drop: float = 0.0
-    train: bool | None = None
     implementation: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     na_dim: ClassVar[int] = 2
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)

@@ -7,14 +7,21 @@ concatenation}.py`` and the MNIST ``lib/network.py``), channels-last: 1-D ``(B, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train, torch_default_kernel_init
+from flax_attn.layers import (
+    BatchNorm,
+    BatchStatsFields,
+    Conv,
+    DtypeFields,
+    Linear,
+    merge_train,
+    torch_default_kernel_init,
+)
 from flax_attn.ops.checks import check_channels
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -22,7 +29,6 @@ from flax_attn.ops.non_local import NON_LOCAL_MODES, non_local_attention
 
 __all__ = ["NONLocalBlock1D", "NONLocalBlock2D", "NONLocalBlock3D", "NonLocalBlockND", "NonLocalMNISTNet"]
 
-Dtype = Any
 
 # The official sub-sampling pools: never along time for video.
 _POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
@@ -33,7 +39,7 @@ _LAYOUT = {
 }
 
 
-class _ConcatProject(nn.Module):
+class _ConcatProject(DtypeFields):
     """Holds the ``concat_project.0`` 1x1 ``Conv2d(2 * inter, 1, bias=False)`` weight.
 
     The op applies it as two dot products (theta half, phi half) instead of convolving a
@@ -41,14 +47,13 @@ class _ConcatProject(nn.Module):
     """
 
     channels: int
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self):
         return self.param("kernel", torch_default_kernel_init, (1, 1, self.channels, 1), self.param_dtype)
 
 
-class NonLocalBlockND(nn.Module):
+class NonLocalBlockND(BatchStatsFields):
     """Non-local block ``z = W(y) + x`` with ``y_i = sum_j f(x_i, x_j) g(x_j) / C(x)``.
 
     Wang et al., "Non-local Neural Networks", CVPR 2018 (arXiv 1711.07971); semantics and state-dict
@@ -71,7 +76,7 @@ class NonLocalBlockND(nn.Module):
 
     Example:
       >>> block = NonLocalBlockND(in_channels=16, dimension=2)
-      >>> x = jnp.ones((2, 9, 11, 16))
+      >>> x = jax.numpy.ones((2, 9, 11, 16))
       >>> variables = block.init(jax.random.PRNGKey(0), x)
       >>> block.apply(variables, x).shape
       (2, 9, 11, 16)
@@ -83,13 +88,8 @@ class NonLocalBlockND(nn.Module):
     sub_sample: bool = True
     bn_layer: bool = True
     mode: str = "embedded_gaussian"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @property
     def _inter(self) -> int:
@@ -152,7 +152,7 @@ class NonLocalBlockND(nn.Module):
             theta_x = conv("theta", inter)(x)
             phi_x = pool(conv("phi", inter)(x))
         concat_kernel = (
-            _ConcatProject(2 * inter, self.param_dtype, name="concat_project_0")()
+            _ConcatProject(2 * inter, param_dtype=self.param_dtype, name="concat_project_0")()
             if self.mode == "concatenation"
             else None
         )
@@ -191,8 +191,6 @@ class NONLocalBlock2D(NonLocalBlockND):
     """:class:`NonLocalBlockND` on images ``(B, H, W, C)`` (official ``NONLocalBlock2D``)."""
 
     dimension: int = 2
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
 
 class NONLocalBlock3D(NonLocalBlockND):
@@ -201,7 +199,7 @@ class NONLocalBlock3D(NonLocalBlockND):
     dimension: int = 3
 
 
-class NonLocalMNISTNet(nn.Module):
+class NonLocalMNISTNet(BatchStatsFields):
     """The official MNIST network with two non-local blocks (AlexHex7/Non-local_pytorch ``lib/network.py``).
 
     Three conv3x3-BN-ReLU-maxpool stages (32, 64, 128 channels) with embedded-Gaussian
@@ -218,20 +216,15 @@ class NonLocalMNISTNet(nn.Module):
 
     Example:
       >>> net = NonLocalMNISTNet()
-      >>> x = jnp.zeros((2, 28, 28, 1))
+      >>> x = jax.numpy.zeros((2, 28, 28, 1))
       >>> variables = net.init(jax.random.PRNGKey(0), x)
       >>> net.apply(variables, x).shape
       (2, 10)
     """
 
     dropout: float = 0.5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):

@@ -8,14 +8,14 @@ NHWC images, with the reference's attribute names and ``nn.Sequential`` indices 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -30,10 +30,8 @@ __all__ = [
     "ResidualBlock",
 ]
 
-Dtype = Any
 
-
-class ResidualBlock(nn.Module):
+class ResidualBlock(BatchStatsFields):
     """Pre-activation bottleneck (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1) of the reference.
 
     The shortcut is ``conv4`` (1x1, ``stride``) applied to the first activation when channels or
@@ -56,13 +54,8 @@ class ResidualBlock(nn.Module):
     input_channels: int
     output_channels: int
     stride: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -92,15 +85,14 @@ def _pool(x):
     return max_pool(x, 3, 2, 1)
 
 
-class _AttentionModuleBase(nn.Module):
+class _AttentionModuleBase(BatchStatsFields):
     """Shared plumbing of the three stages: blocks named like the reference, and checked upsampling."""
 
     in_channels: int
     out_channels: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    levels: ClassVar[int]  # of the soft mask branch; each subclass's fields size1..size{levels}
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -143,6 +135,34 @@ class _AttentionModuleBase(nn.Module):
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.in_channels)
 
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+        """The reference's ``forward`` for ``levels`` mask levels (stage 1: 3, stage 2: 2, stage 3: 1).
+
+        Going down, level ``i < levels`` pools and applies ``softmax{i}_blocks`` and its skip block
+        ``skip{i}_connection_residual_block``; the innermost level pools and applies two blocks
+        (``softmax{levels}_blocks.0``/``.1``). Going up, each level upsamples to ``size{i + 1}``, adds
+        that level's output and skip, and applies the next ``softmax{n}_blocks``; the last upsampling
+        (to ``size1``) is added to the trunk and turned into the mask by the next ``softmax{n}_blocks``.
+        """
+        train = merge_train(self, train)
+        self._check(x)
+        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
+        x = rb("first_residual_blocks", x)
+        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
+        down, out = [], x
+        for i in range(1, self.levels):
+            out = rb(f"softmax{i}_blocks", _pool(out))
+            down.append((out, rb(f"skip{i}_connection_residual_block", out)))
+        n = self.levels
+        out = rb(f"softmax{n}_blocks_1", rb(f"softmax{n}_blocks_0", _pool(out)))
+        for i, (level, skip) in reversed(list(enumerate(down, start=2))):
+            n += 1
+            out = rb(f"softmax{n}_blocks", self._up(out, getattr(self, f"size{i}"), f"size{i}", level) + level + skip)
+        out_interp1 = self._up(out, self.size1, "size1", out_trunk) + out_trunk
+        mask = self._mask_head(f"softmax{n + 1}_blocks", out_interp1, train)
+        return rb("last_blocks", (1 + mask) * out_trunk)
+
 
 class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the reference's name)
     """Attention module with a three-level soft mask branch (reference: 56x56 input).
@@ -170,29 +190,8 @@ class AttentionModule_stage1(_AttentionModuleBase):  # noqa: N801  (the referenc
     size1: tuple[int, int] = (56, 56)
     size2: tuple[int, int] = (28, 28)
     size3: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks", _pool(x))
-        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
-        out_softmax2 = rb("softmax2_blocks", _pool(out_softmax1))
-        out_skip2 = rb("skip2_connection_residual_block", out_softmax2)
-        out_softmax3 = rb("softmax3_blocks_1", rb("softmax3_blocks_0", _pool(out_softmax2)))
-        out = self._up(out_softmax3, self.size3, "size3", out_softmax2) + out_softmax2 + out_skip2
-        out_softmax4 = rb("softmax4_blocks", out)
-        out = self._up(out_softmax4, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
-        out_softmax5 = rb("softmax5_blocks", out)
-        out_interp1 = self._up(out_softmax5, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax6_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 3
 
 
 class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the reference's name)
@@ -210,25 +209,8 @@ class AttentionModule_stage2(_AttentionModuleBase):  # noqa: N801  (the referenc
 
     size1: tuple[int, int] = (28, 28)
     size2: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks", _pool(x))
-        out_skip1 = rb("skip1_connection_residual_block", out_softmax1)
-        out_softmax2 = rb("softmax2_blocks_1", rb("softmax2_blocks_0", _pool(out_softmax1)))
-        out = self._up(out_softmax2, self.size2, "size2", out_softmax1) + out_softmax1 + out_skip1
-        out_softmax3 = rb("softmax3_blocks", out)
-        out_interp1 = self._up(out_softmax3, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax4_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 2
 
 
 class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the reference's name)
@@ -245,31 +227,15 @@ class AttentionModule_stage3(_AttentionModuleBase):  # noqa: N801  (the referenc
     """
 
     size1: tuple[int, int] = (14, 14)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
-        train = merge_train(self, train)
-        self._check(x)
-        rb = lambda name, t: self._rb(name)(t, train=train)  # noqa: E731
-        x = rb("first_residual_blocks", x)
-        out_trunk = rb("trunk_branches_1", rb("trunk_branches_0", x))
-        out_softmax1 = rb("softmax1_blocks_1", rb("softmax1_blocks_0", _pool(x)))
-        out_interp1 = self._up(out_softmax1, self.size1, "size1", out_trunk) + out_trunk
-        mask = self._mask_head("softmax2_blocks", out_interp1, train)
-        return rb("last_blocks", (1 + mask) * out_trunk)
+    levels: ClassVar[int] = 1
 
 
-class _ResidualAttentionModel(nn.Module):
+class _ResidualAttentionModel(BatchStatsFields):
     depth: int = 56
     num_classes: int = 10
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -326,8 +292,6 @@ class ResidualAttentionModel_56(_ResidualAttentionModel):  # noqa: N801  (the re
     """
 
     depth: int = 56
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
 
 class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the reference's name)
@@ -342,5 +306,3 @@ class ResidualAttentionModel_92(_ResidualAttentionModel):  # noqa: N801  (the re
     """
 
     depth: int = 92
-    axis_name: str | None = None
-    axis_index_groups: Any = None

@@ -18,7 +18,7 @@ the same math as the Linear form, so it is a layout (``layout="conv"``) of the s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from flax_attn import backbones
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, Linear, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.channel import global_pool
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
@@ -43,7 +43,6 @@ __all__ = [
     "se_resnet50",
 ]
 
-Dtype = Any
 
 _SE_STYLES = ("senet", "timm")
 _NHWC = "(batch, height, width, channels)"
@@ -78,7 +77,7 @@ def _se_layout(layout: str | None, se_style: str) -> str:
     return "timm" if se_style == "timm" else "official"
 
 
-class SELayer(nn.Module):
+class SELayer(BlockFields):
     """The Squeeze-and-Excitation layer (Hu et al., CVPR 2018, arXiv 1709.01507).
 
     ``x * sigmoid(W2 relu(W1 avgpool(x)))`` with a per-channel gate. ``se_style="senet"`` is
@@ -115,11 +114,8 @@ class SELayer(nn.Module):
     reduction: int = 16
     se_style: str = "senet"
     rd_channels: int | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official", "conv", "timm")
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -164,9 +160,14 @@ def _check_style(where: str, se_style: str) -> None:
         raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {se_style!r}")
 
 
-class _SEBlock:
+class _SEBlock(nn.Module):
     """What the SE residual blocks add to :mod:`flax_attn.backbones`' blocks: the SE layer (``se``)
-    on the residual branch, built from ``reduction`` and ``se_style``, and the layouts."""
+    on the residual branch, built from ``reduction`` and ``se_style``, torchvision's conv init, and
+    the layouts."""
+
+    kernel_init: Callable = backbones.resnet_conv_init
+    reduction: int = 16
+    se_style: str = "senet"
 
     # The default se_style's layout first: it is what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("senet", "timm")
@@ -209,10 +210,6 @@ class SEBasicBlock(_SEBlock, backbones.BasicBlock):
       (2, 5, 6, 32)
     """
 
-    kernel_init: Callable = backbones.resnet_conv_init
-    reduction: int = 16
-    se_style: str = "senet"
-
 
 class SEBottleneck(_SEBlock, backbones.Bottleneck):
     """ResNet bottleneck with SE before the residual sum (senet.pytorch ``SEBottleneck``, timm
@@ -235,17 +232,13 @@ class SEBottleneck(_SEBlock, backbones.Bottleneck):
       (2, 5, 6, 64)
     """
 
-    kernel_init: Callable = backbones.resnet_conv_init
-    reduction: int = 16
-    se_style: str = "senet"
-
 
 # --------------------------------------------------------------------------- SE-ResNet
 
 _BLOCKS = {"basic": SEBasicBlock, "bottleneck": SEBottleneck}
 
 
-class SEResNet(nn.Module):
+class SEResNet(BatchStatsFields):
     """SE-ResNet (Hu et al., CVPR 2018, arXiv 1709.01507) with torchvision's ResNet layout.
 
     Stem conv7x7/2 (``conv1``, no bias) - ``bn1`` - ReLU - maxpool3x3/2, four stages
@@ -280,14 +273,9 @@ class SEResNet(nn.Module):
     in_chans: int = 3
     reduction: int = 16
     se_style: str = "timm"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     # The default se_style's layout first (timm here, unlike the blocks): what layout=None converts as.
     torch_layouts: ClassVar[tuple[str, ...]] = ("timm", "senet")
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.nowrap
     def torch_rules(self, layout):

@@ -10,23 +10,20 @@ padding ``k // 2``) - ``bn`` - SiLU. Its state dict is that ``Conv``'s: ``conv.w
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from flax_attn.layers import BatchNorm, Conv, merge_train
+from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.space_to_depth import space_to_depth
 
 __all__ = ["SPDConv"]
 
-Dtype = Any
 
-
-class SPDConv(nn.Module):
+class SPDConv(BatchStatsFields):
     """SPD-Conv (Sunkara & Luo, arXiv 2208.03641): ``space_to_depth`` then ``Conv(4 * c1, c2, k, s=1)``.
 
     Attributes:
@@ -44,7 +41,7 @@ class SPDConv(nn.Module):
 
     Example:
       >>> spd = SPDConv(c1=8, c2=16)
-      >>> x = jnp.ones((2, 10, 14, 8))
+      >>> x = jax.numpy.ones((2, 10, 14, 8))
       >>> variables = spd.init(jax.random.PRNGKey(0), x)
       >>> spd.apply(variables, x).shape
       (2, 5, 7, 16)
@@ -57,13 +54,8 @@ class SPDConv(nn.Module):
     act: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-    train: bool | None = None
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.convert.engine import LinearFromNCHW, Rename, sequential_rules
-from flax_attn.layers import Conv, Linear, merge_train
+from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_rank
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 from flax_attn.ops.max_pool import max_pool
@@ -31,7 +31,6 @@ __all__ = [
     "identity_theta_bias_init",
 ]
 
-Dtype = Any
 
 _IDENTITY_THETA = np.array([1, 0, 0, 0, 1, 0], np.float32)
 
@@ -124,7 +123,7 @@ def _loc_feature_size(input_size: Sequence[int]) -> tuple[int, int]:
     return fh, fw
 
 
-class TutorialLocalization(nn.Module):
+class TutorialLocalization(BlockFields):
     """The localisation network of the PyTorch STN tutorial, returning ``theta`` ``(N, 2, 3)``.
 
     ``localization = Conv2d(in, 8, 7), MaxPool2d(2), ReLU, Conv2d(8, 10, 5), MaxPool2d(2), ReLU``;
@@ -140,9 +139,6 @@ class TutorialLocalization(nn.Module):
 
     in_channels: int = 1
     input_size: Sequence[int] = (28, 28)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -176,7 +172,7 @@ class TutorialLocalization(nn.Module):
         return theta.reshape(-1, 2, 3)
 
 
-class STNTutorialNet(nn.Module):
+class STNTutorialNet(BlockFields):
     """The whole ``Net`` of the PyTorch STN tutorial: a spatial transformer, then a small MNIST CNN.
 
     ``stn`` (:class:`TutorialLocalization`, bilinear, zero padding, ``align_corners=False``), then
@@ -195,11 +191,7 @@ class STNTutorialNet(nn.Module):
       (2, 10)
     """
 
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     torch_layouts: ClassVar[tuple[str, ...]] = ("tutorial",)
-    train: bool | None = None
 
     @nn.nowrap
     def torch_rules(self, layout):
