@@ -20,8 +20,6 @@ Each sown value is a one-element tuple (Flax's ``sow`` appends).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
@@ -29,8 +27,6 @@ import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.pooling import adaptive_avg_pool2d
 from flax_attn.ops.resize import interpolate
 
@@ -43,14 +39,6 @@ _IMAGE = "(batch, height, width, channels)"
 def _lrelu(x: jax.Array) -> jax.Array:
     # The official code uses LeakyReLU(0.2) everywhere.
     return nn.leaky_relu(x, negative_slope=0.2)
-
-
-def _image_in(where: str, module: nn.Module, x: jax.Array, channels: int) -> jax.Array:
-    """``x`` checked as a ``(B, H, W, channels)`` image and cast to ``module``'s compute dtype."""
-    check_rank(where, "x", x, 4, _IMAGE)
-    x = x.astype(compute_dtype(where, module.dtype, x=x))
-    check_channels(where, "x", x, channels)
-    return x
 
 
 class PA(BlockFields):
@@ -72,12 +60,10 @@ class PA(BlockFields):
 
     nf: int
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = _image_in("PA", self, x, self.nf)
+        x = self.image_input(x, self.nf, layout=_IMAGE)
         logits = Conv(self.nf, 1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         out, att = sigmoid_gate(x.astype(logits.dtype), logits)
         self.sow("intermediates", "attention_map", att)
@@ -108,8 +94,8 @@ class AttentionBranch(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = _image_in("AttentionBranch", self, x, self.nf)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self.image_input(x, self.nf, layout=_IMAGE)
+        kw = self.precision()
         p = (self.k_size - 1) // 2
         y = Conv(self.nf, self.k_size, padding=p, use_bias=False, name="k1", **kw)(x)
         y = Conv(self.nf, 1, name="k2", **kw)(_lrelu(y))
@@ -153,8 +139,6 @@ class AAB(BlockFields):
     t: float = 30
     non_attention_kernel: int = 3
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("ADM")
@@ -162,7 +146,7 @@ class AAB(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = _image_in("AAB", self, x, self.nf)
+        x = self.image_input(x, self.nf, layout=_IMAGE)
         if self.K < 2:
             raise ValueError(f"AAB: `K` must be >= 2 (attention and non-attention weights), got {self.K}")
         if self.nf // self.reduction < 1:
@@ -171,7 +155,7 @@ class AAB(BlockFields):
             raise ValueError(
                 f"AAB: `non_attention_kernel` must be 3 (A2N) or 1 (A2N-M), got {self.non_attention_kernel}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         residual = x
         x = _lrelu(Conv(self.nf, 1, use_bias=False, name="conv_first", **kw)(x))
 
@@ -231,8 +215,6 @@ class A2N(BlockFields):
     t: float = 30
     non_attention_kernel: int = 3
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("AAB_trunk")
@@ -240,14 +222,14 @@ class A2N(BlockFields):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = _image_in("A2N", self, x, self.in_nc)
+        x = self.image_input(x, self.in_nc, layout=_IMAGE)
         if self.scale not in (2, 3, 4):
             raise ValueError(f"A2N: `scale` must be 2, 3 or 4, got {self.scale!r}")
         if self.in_nc != self.out_nc:
             raise ValueError(
                 f"A2N: `in_nc`={self.in_nc} must equal `out_nc`={self.out_nc} (the bilinear global skip adds the input)"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
 
         def conv3(features, name):
             return Conv(features, 3, padding=1, name=name, **kw)

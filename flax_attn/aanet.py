@@ -20,7 +20,7 @@ State-dict keys follow ``nets/aggregation.py`` and ``nets/deform.py`` (``fusions
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -91,9 +91,7 @@ class AANetDeformConv2d(BlockFields):
     def __call__(self, x, train: bool | None = None):
         train = merge_train(self, train)
         where = "AANetDeformConv2d"
-        check_rank(where, "x", x, 4, "(N, H, W, C)")
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_channels(where, "x", x, self.in_channels)
+        x = self.image_input(x, self.in_channels, layout="(N, H, W, C)")
         check_divisible(where, "in_channels", self.in_channels, "deformable_groups", self.deformable_groups)
         ks = self.kernel_size
         k = 3 if self.modulation else 2
@@ -168,8 +166,6 @@ class DeformSimpleBottleneck(SimpleBottleneck):
     modulation: bool = True
     double_mask: bool = True
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def make_conv2(self, width: int) -> nn.Module:
         return AANetDeformConv2d(
@@ -240,8 +236,6 @@ class AdaptiveAggregationModule(BatchStatsFields):
     simple_bottleneck: bool = False
     deformable_groups: int = 2
     mdconv_dilation: int = 2
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -324,8 +318,6 @@ class AdaptiveAggregation(BatchStatsFields):
     deformable_groups: int = 2
     mdconv_dilation: int = 2
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("fusions", "final_conv")
@@ -388,7 +380,7 @@ class DeformBottleneck(Bottleneck):
         # kaiming) re-initialises the block's convs, offset_conv included.
         custom = self.kernel_init is not torch_default_kernel_init
         offset_init = self.kernel_init if custom else nn.initializers.zeros
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         return AANetDeformConv2d(width, width, stride=self.stride, offset_kernel_init=offset_init, name="conv2", **kw)
 
 
@@ -419,8 +411,6 @@ class AANetFeature(BatchStatsFields):
     width_per_group: int = 64
     feature_mdconv: bool = True
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("conv1", "layer1", "layer2", "layer3")
@@ -428,10 +418,7 @@ class AANetFeature(BatchStatsFields):
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         train = merge_train(self, train)
-        where = "AANetFeature"
-        check_rank(where, "x", x, 4, "(N, H, W, 3)")
-        check_channels(where, "x", x, 3)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        x = self.image_input(x, 3, layout="(N, H, W, 3)")
         kw = dict(dtype=x.dtype, param_dtype=self.param_dtype)
         c = self.in_channels
         h = Conv(
@@ -485,8 +472,6 @@ class FeaturePyramidNetwork(BatchStatsFields):
     in_channels: Sequence[int]
     out_channels: int = 128
     num_levels: int = 3
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -547,8 +532,6 @@ class CostVolumePyramid(BlockFields):
     max_disp: int
     feature_similarity: str = "correlation"
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, left_feature_pyramid, right_feature_pyramid, train: bool | None = None):
         train = merge_train(self, train)
@@ -591,8 +574,6 @@ class DisparityEstimation(BlockFields):
 
     max_disp: int
     match_similarity: bool = True
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, cost_volume, train: bool | None = None):
@@ -648,8 +629,6 @@ class StereoDRNetRefinement(BatchStatsFields):
     """
 
     dilation_list = (1, 2, 4, 8, 1, 1)
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -742,8 +721,6 @@ class AANet(BatchStatsFields):
     num_stage_blocks: int = 1
     num_deform_blocks: int = 3
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("refinement")
@@ -785,7 +762,7 @@ class AANet(BatchStatsFields):
                 f"{where}: image height and width must be multiples of 12 (stride-3 stem, two stride-2 "
                 f"stages; pad as AANet's predict.py does), got {h}x{w} in shape {tuple(left_img.shape)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         max_disp = self.max_disp // 3
         feature = AANetFeature(feature_mdconv=not self.no_feature_mdconv, name="feature_extractor", **kw)
         fpn = None

@@ -8,8 +8,6 @@ ResNet and a Swin variant; this module hosts the two attention primitives they b
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,8 +15,7 @@ import numpy as np
 
 from flax_attn.convert.engine import Ignore
 from flax_attn.layers import BlockFields, Conv, Linear, merge_train
-from flax_attn.ops.checks import check_channels, check_divisible, check_rank
-from flax_attn.ops.dtypes import compute_dtype
+from flax_attn.ops.checks import check_divisible
 from flax_attn.ops.neighborhood import neighborhood_attention
 from flax_attn.ops.window import window_attention
 
@@ -40,14 +37,6 @@ def _position(h: int, w: int) -> np.ndarray:
     ys = np.linspace(-1.0, 1.0, h, dtype=np.float64)
     grid = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None]), axis=-1)
     return grid[None].astype(np.float32)
-
-
-def _image_in(where: str, module: nn.Module, x: jax.Array, name: str) -> jax.Array:
-    """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, C)`` with C its field ``name``."""
-    x = x.astype(compute_dtype(where, module.dtype, x=x))
-    check_rank(where, "x", x, 4, f"(batch, height, width, {name})")
-    check_channels(where, "x", x, getattr(module, name))
-    return x
 
 
 class ACmix(BlockFields):
@@ -99,13 +88,11 @@ class ACmix(BlockFields):
     dilation: int = 1
     implementation: str | None = None
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ACmix"
-        x = _image_in(where, self, x, "in_planes")
+        x = self.image_input(x, self.in_planes, layout="(batch, height, width, in_planes)")
         check_divisible(where, "out_planes", self.out_planes, "head", self.head)
         if self.dilation != 1:
             raise ValueError(f"{where}: `dilation` must be 1 (the official Unfold ignores it), got {self.dilation}")
@@ -126,7 +113,7 @@ class ACmix(BlockFields):
                 f"than height and width, got input {x.shape}"
             )
         nh, hd = self.head, self.out_planes // self.head
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
 
         q = Conv(self.out_planes, 1, name="conv1", **kw)(x)
         k = Conv(self.out_planes, 1, name="conv2", **kw)(x)
@@ -214,8 +201,6 @@ class WindowAttention(BlockFields):
     proj_drop: float = 0.0
     implementation: str | None = None
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return [Ignore(r"(^|\.)relative_position_index$")]
@@ -224,7 +209,7 @@ class WindowAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "WindowAttention"
-        x = _image_in(where, self, x, "dim")
+        x = self.image_input(x, self.dim, layout="(batch, height, width, dim)")
         check_divisible(where, "dim", self.dim, "num_heads", self.num_heads)
         b, h, w, c = x.shape
         ws = self.window_size
@@ -233,7 +218,7 @@ class WindowAttention(BlockFields):
         if not 0 <= self.shift_size < ws:
             raise ValueError(f"{where}: `shift_size` must be in [0, {ws}), got {self.shift_size}")
         nh, hd = self.num_heads, self.dim // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         table = self.param(
             "relative_position_bias_table",
             nn.initializers.truncated_normal(0.02),

@@ -250,7 +250,7 @@ class ProjectedMultiHeadAttention(BlockFields):
                 raise ValueError(f"{where}: `{name}` must have {dim} features (last axis), got shape {arr.shape}")
         if k.shape[:2] != v.shape[:2]:
             raise ValueError(f"{where}: `k` {k.shape} and `v` {v.shape} must share batch and length")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         qh = Linear(self.n_head * self.d_k, name="fc_q", **kw)(q).reshape(b, nq, self.n_head, self.d_k)
         kh = Linear(self.n_head * self.d_k, name="fc_k", **kw)(k).reshape(b, nk, self.n_head, self.d_k)

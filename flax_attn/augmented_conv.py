@@ -6,15 +6,11 @@ Follows leaderj1001/Attention-Augmented-Conv2d (``attention_augmented_conv.py``,
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.layers import BlockFields, Conv, merge_train
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.relative_logits import augmented_attention
 
 __all__ = ["AugmentedConv"]
@@ -65,8 +61,6 @@ class AugmentedConv(BlockFields):
     relative: bool = False
     stride: int = 1
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     def _check_config(self):
         where = "AugmentedConv"
         if self.Nh < 1:
@@ -89,11 +83,9 @@ class AugmentedConv(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "AugmentedConv"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
         self._check_config()
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.in_channels)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self.image_input(x, self.in_channels)
+        kw = self.precision()
         pad = (self.kernel_size - 1) // 2
         conv_out = Conv(
             self.out_channels - self.dv,

@@ -24,8 +24,6 @@ import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train, torch_default_kernel_init
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet_conv_init"]
 
@@ -140,10 +138,8 @@ class BasicBlock(BatchStatsFields):
         """Validate config and input; the input in the compute dtype and the merged train flag."""
         where = type(self).__name__
         train = merge_train(self, train)
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
         self.check_config(where)
-        check_rank(where, "x", x, 4, _NHWC)
-        check_channels(where, "x", x, self.inplanes)
+        x = self.image_input(x, self.inplanes, layout=_NHWC)
         return x, train
 
     @nn.nowrap

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 from flax_attn.convert.engine import Conv1x1AsLinear, Rename
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.channel import channel_pool, global_pool
-from flax_attn.ops.checks import check_channels, check_rank
+from flax_attn.ops.checks import check_channels
 from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["BasicConv", "CBAM", "ChannelAttention", "ChannelGate", "SpatialAttention", "SpatialGate"]
@@ -43,12 +43,6 @@ def _hidden(where: str, name: str, channels: int, ratio_name: str, ratio: int) -
             f"(the shared MLP has {name} // {ratio_name} = {channels // max(ratio, 1)} hidden units)"
         )
     return channels // ratio
-
-
-def _image_in(where: str, module: nn.Module, x: jax.Array) -> jax.Array:
-    """``x`` checked as ``(B, H, W, C)`` and cast to ``module``'s compute dtype."""
-    check_rank(where, "x", x, 4, _NHWC)
-    return x.astype(compute_dtype(where, module.dtype, x=x))
 
 
 def _channel_gate(x: jax.Array, fc1: nn.Module, fc2: nn.Module, pool_types: Sequence[str]) -> jax.Array:
@@ -78,7 +72,7 @@ class BasicConv(BatchStatsFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         x = x.astype(compute_dtype("BasicConv", self.dtype, x=x))
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         x = Conv(
             self.out_planes,
             self.kernel_size,
@@ -120,14 +114,14 @@ class ChannelGate(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelGate"
-        x = _image_in(where, self, x)
+        x = self.image_input(x, layout=_NHWC)
         check_channels(where, "x", x, self.gate_channels)
         if not self.pool_types or any(p not in _POOL_TYPES for p in self.pool_types):
             raise ValueError(
                 f"{where}: `pool_types` must be a non-empty subset of {_POOL_TYPES}, got {tuple(self.pool_types)!r}"
             )
         hidden = _hidden(where, "gate_channels", self.gate_channels, "reduction_ratio", self.reduction_ratio)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         fc1 = Linear(hidden, name="mlp_1", **kw)
         fc2 = Linear(self.gate_channels, name="mlp_3", **kw)
         return _channel_gate(x, fc1, fc2, self.pool_types)
@@ -150,7 +144,7 @@ class SpatialGate(BatchStatsFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialGate"
-        x = _image_in(where, self, x)
+        x = self.image_input(x, layout=_NHWC)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{where}: `kernel_size` must be odd to keep the size, got {self.kernel_size}")
         compressed = channel_pool(x, ("max", "mean"))
@@ -196,13 +190,11 @@ class CBAM(BatchStatsFields):
     pool_types: Sequence[str] = ("avg", "max")
     no_spatial: bool = False
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = _image_in("CBAM", self, x)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self.image_input(x, layout=_NHWC)
+        kw = self.precision()
         out = ChannelGate(self.gate_channels, self.reduction_ratio, tuple(self.pool_types), name="ChannelGate", **kw)(x)
         if not self.no_spatial:
             out = SpatialGate(name="SpatialGate", **kw)(out, train=train)
@@ -239,7 +231,7 @@ class ChannelAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ChannelAttention"
-        x = _image_in(where, self, x)
+        x = self.image_input(x, layout=_NHWC)
         check_channels(where, "x", x, self.channel)
         hidden = _hidden(where, "channel", self.channel, "rate", self.rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
@@ -273,7 +265,7 @@ class SpatialAttention(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SpatialAttention"
-        x = _image_in(where, self, x)
+        x = self.image_input(x, layout=_NHWC)
         if self.kernel_size not in (3, 7):
             raise ValueError(f"{where}: `kernel_size` must be 3 or 7, got {self.kernel_size}")
         cat = channel_pool(x, ("mean", "max"))

@@ -6,17 +6,13 @@ Ports of the official speedinghzl/CCNet ``cc_attention.CrissCrossAttention`` and
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.convert.engine import Rename, sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
-from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.criss_cross import criss_cross_attention
-from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
@@ -24,13 +20,10 @@ __all__ = ["CrissCrossAttention", "RCCAModule"]
 def _input(module: nn.Module, x: jax.Array, name: str, minimum: int, why: str) -> jax.Array:
     """``x`` in ``module``'s compute dtype, checked as ``(B, H, W, channels)`` where ``channels`` is
     its field ``name``, which must be at least ``minimum`` (``why`` says what needs it)."""
-    where, channels = type(module).__name__, getattr(module, name)
-    x = x.astype(compute_dtype(where, module.dtype, x=x))
+    channels = getattr(module, name)
     if channels < minimum:
-        raise ValueError(f"{where}: `{name}`={channels} must be at least {minimum} ({why})")
-    check_rank(where, "x", x, 4, f"(B, H, W, {name})")
-    check_channels(where, "x", x, channels)
-    return x
+        raise ValueError(f"{type(module).__name__}: `{name}`={channels} must be at least {minimum} ({why})")
+    return module.image_input(x, channels, layout=f"(B, H, W, {name})")
 
 
 class CrissCrossAttention(BlockFields):
@@ -62,8 +55,6 @@ class CrissCrossAttention(BlockFields):
     in_dim: int
     implementation: str | None = None
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_weights: bool = False):
         train = merge_train(self, train)
@@ -92,7 +83,7 @@ class _ConvABN(BatchStatsFields):
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         train = merge_train(self, train)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         x = Conv(self.features, kernel_size=3, padding=1, use_bias=False, name="layers_0", **kw)(x)
         x = BatchNorm(name="layers_1", **kw)(x, train=train)
         return nn.leaky_relu(x, negative_slope=0.01)
@@ -135,8 +126,6 @@ class RCCAModule(BatchStatsFields):
     dropout: float = 0.1
     implementation: str | None = None
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("bottleneck")
@@ -148,7 +137,7 @@ class RCCAModule(BatchStatsFields):
             raise ValueError(f"RCCAModule: `recurrence` must be >= 0, got {self.recurrence}")
         x = _input(self, x, "in_channels", 32, "the attention's queries/keys have in_channels // 32 channels")
         inter = self.in_channels // 4
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         out = _ConvABN(inter, name="conva", **kw)(x, train=train)
         cca = CrissCrossAttention(inter, implementation=self.implementation, name="cca", **kw)
         for _ in range(self.recurrence):

@@ -8,16 +8,12 @@ sigmoid gates by ``conv_h`` and ``conv_w``; the output is ``x * a_w * a_h``.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train
 from flax_attn.ops.channel import directional_avg_pool
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CoordAtt", "h_sigmoid", "h_swish"]
 
@@ -58,15 +54,11 @@ class CoordAtt(BatchStatsFields):
     oup: int
     reduction: int = 32
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "CoordAtt"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.inp)
+        x = self.image_input(x, self.inp)
         if self.oup not in (self.inp, 1):
             raise ValueError(
                 f"{where}: `oup`={self.oup} gates cannot multiply the input of {self.inp} channels "
@@ -75,7 +67,7 @@ class CoordAtt(BatchStatsFields):
         if self.reduction <= 0:
             raise ValueError(f"{where}: `reduction` must be positive, got {self.reduction}")
         mip = max(8, self.inp // self.reduction)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         h = x.shape[1]
         x_h, x_w = directional_avg_pool(x)  # (B, H, C), (B, W, C)
         # torch concatenates (N, C, H, 1) and the permuted (N, C, W, 1) along dim 2: one H + W strip.

@@ -6,17 +6,13 @@ Follows junfu1115/DANet: ``encoding/nn/da_att.py`` (``PAM_Module``, ``CAM_Module
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
-from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.danet import channel_attention, position_attention
-from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["CAM_Module", "DANetHead", "PAM_Module"]
 
@@ -29,13 +25,6 @@ class _GammaResidual(BlockFields):
     in_dim: int
 
     @nn.nowrap
-    def _input(self, x: jax.Array) -> jax.Array:
-        where = type(self).__name__
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.in_dim)
-        return x
-
     @nn.nowrap
     def _gamma_residual(self, out: jax.Array, x: jax.Array) -> jax.Array:
         gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
@@ -62,8 +51,6 @@ class PAM_Module(_GammaResidual):  # noqa: N801  (the official class name)
       (2, 5, 7, 16)
     """
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
@@ -71,8 +58,8 @@ class PAM_Module(_GammaResidual):  # noqa: N801  (the official class name)
             raise ValueError(
                 f"PAM_Module: `in_dim`={self.in_dim} must be at least 8 (query/key use in_dim // 8 channels)"
             )
-        x = self._input(x)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self.image_input(x, self.in_dim)
+        kw = self.precision()
         b, h, w, c = x.shape
         q = Conv(self.in_dim // 8, 1, name="query_conv", **kw)(x).reshape(b, h * w, -1)
         k = Conv(self.in_dim // 8, 1, name="key_conv", **kw)(x).reshape(b, h * w, -1)
@@ -97,12 +84,10 @@ class CAM_Module(_GammaResidual):  # noqa: N801  (the official class name)
       (2, 5, 7, 16)
     """
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
-        x = self._input(x)
+        x = self.image_input(x, self.in_dim)
         b, h, w, c = x.shape
         return self._gamma_residual(channel_attention(x.reshape(b, h * w, c)).reshape(b, h, w, c), x)
 
@@ -137,8 +122,6 @@ class DANetHead(BatchStatsFields):
     out_channels: int
     dropout: float = 0.1
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("conv5a|conv5c|conv51|conv52|conv6|conv7|conv8")
@@ -147,15 +130,13 @@ class DANetHead(BatchStatsFields):
     def __call__(self, x: jax.Array, train: bool | None = None):
         train = merge_train(self, train)
         where = "DANetHead"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.in_channels)
+        x = self.image_input(x, self.in_channels)
         inter = self.in_channels // 4
         if inter < 8:
             raise ValueError(
                 f"{where}: `in_channels`={self.in_channels} must be at least 32 (PAM needs in_channels // 4 >= 8)"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
 
         def conv_bn_relu(name, t):
             t = Conv(inter, 3, padding=1, use_bias=False, name=f"{name}_0", **kw)(t)

@@ -354,8 +354,6 @@ class TransformerEncoder(_TransformerLayerFields, kw_only=True):
     norm: bool | None = None
     scan_layers: bool = False
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return [Stacked("layers")] if self.scan_layers else sequential_rules("layers")
@@ -406,8 +404,6 @@ class TransformerDecoder(_TransformerLayerFields, kw_only=True):
     norm: bool = True
     return_intermediate: bool = False
     scan_layers: bool = False
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -494,8 +490,6 @@ class Transformer(BlockFields):
     return_intermediate_dec: bool = False
     scan_layers: bool = False
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, src, mask, query_embed, pos_embed, train: bool | None = None):
         train = merge_train(self, train)
@@ -568,9 +562,10 @@ class PositionEmbeddingSine(nn.Module):
     temperature: float = 10000
     normalize: bool = False
     scale: float | None = None
-    dtype: Dtype | None = None
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    dtype: Dtype | None = None
+
     train: bool | None = None
 
     @nn.compact
@@ -626,8 +621,6 @@ class PositionEmbeddingLearned(BlockFields):
     """
 
     num_pos_feats: int = 256
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool | None = None):
@@ -737,7 +730,7 @@ class ResNetBody(BlockFields):
         train = merge_train(self, train)
         check_rank("ResNetBody", "x", x, 4, "(batch, height, width, 3)")
         check_channels("ResNetBody", "x", x, 3)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         x = Conv(64, 7, stride=2, padding=3, use_bias=False, name="conv1", **kw)(x)
         x = nn.relu(FrozenBatchNorm2d(dtype=self.dtype, name="bn1")(x))
         x = max_pool(x, 3, 2, 1)
@@ -883,8 +876,6 @@ class DETR(BlockFields):
     dim_feedforward: int = 2048
     dropout: float = 0.1
     pre_norm: bool = False
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):

@@ -9,15 +9,11 @@ bias, zero padding ``(k_size - 1) // 2``), sigmoid, rescale. The paper's adaptiv
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 
 from flax_attn.layers import BlockFields, Conv, merge_train
 from flax_attn.ops.channel import eca_kernel_size, global_pool
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 
 __all__ = ["ECALayer"]
 
@@ -48,8 +44,6 @@ class ECALayer(BlockFields):
     gamma: float = 2
     b: float = 1
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @property
     def kernel_size(self) -> int:
         return eca_kernel_size(self.channel, self.gamma, self.b) if self.k_size is None else self.k_size
@@ -58,9 +52,7 @@ class ECALayer(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ECALayer"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.channel)
+        x = self.image_input(x, self.channel)
         k = self.kernel_size
         if k < 1 or k % 2 == 0:
             # An even kernel with padding (k - 1) // 2 returns C - 1 values: the gate no longer fits.

@@ -11,7 +11,6 @@ broadcast addition (``channel_add``) and/or sigmoid multiplication (``channel_mu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -61,8 +60,6 @@ class ContextBlock(BlockFields):
     pooling_type: str = "att"
     fusion_types: Sequence[str] = ("channel_add",)
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @property
     def planes(self) -> int:
         return int(self.inplanes * self.ratio)
@@ -92,7 +89,7 @@ class ContextBlock(BlockFields):
             )
         check_rank(where, "x", x, 4, "(batch, height, width, channels)")
         check_channels(where, "x", x, self.inplanes)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         if self.pooling_type == "att":
             logits = Conv(1, 1, kernel_init=_kaiming_fan_in, name="conv_mask", **kw)(x)
             context = attention_pool2d(x, logits)

@@ -14,7 +14,6 @@ the learned baseline on the location log-probabilities, and the baseline's MSE t
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -68,7 +67,7 @@ class GlimpseNetwork(DtypeFields):
 
     @nn.compact
     def __call__(self, x, l_t_prev):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         phi = foveate(x, l_t_prev, self.g, self.k, self.s)
         phi = phi.reshape(phi.shape[0], -1)
         phi_out = nn.relu(Linear(self.h_g, name="fc1", **kw)(phi))
@@ -86,7 +85,7 @@ class CoreNetwork(DtypeFields):
 
     @nn.compact
     def __call__(self, g_t, h_t_prev):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         return nn.relu(
             Linear(self.hidden_size, name="i2h", **kw)(g_t) + Linear(self.hidden_size, name="h2h", **kw)(h_t_prev)
         )
@@ -180,10 +179,8 @@ class RecurrentAttention(BlockFields):
     num_classes: int = 10
     num_glimpses: int = 6
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         self.sensor = GlimpseNetwork(self.h_g, self.h_l, self.g, self.k, self.s, self.c, **kw)
         self.rnn = CoreNetwork(self.hidden_size, self.hidden_size, **kw)
         self.locator = LocationNetwork(self.hidden_size, 2, self.std, **kw)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.conv import conv, patch_matmul_conv
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
@@ -60,6 +61,36 @@ class DtypeFields(nn.Module):
     _: dataclasses.KW_ONLY
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    # The state-dict layouts the converter accepts for this module, the first the default; a block
+    # converting from more than its official repository's keys (timm's, a blog's) overrides it.
+    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+
+    @nn.nowrap
+    def image_input(
+        self,
+        x: jax.Array,
+        channels: int | None = None,
+        *,
+        name: str = "x",
+        layout: str = "(batch, height, width, channels)",
+    ) -> jax.Array:
+        """``x`` checked as a 4-D channels-last image batch (with ``channels`` channels when given)
+        and cast to this module's compute dtype: the opening of most blocks' calls.
+
+        Errors name the module (its class), the argument ``name`` and the expected ``layout``.
+        """
+        where = type(self).__name__
+        check_rank(where, name, x, 4, layout)
+        x = x.astype(compute_dtype(where, self.dtype, **{name: x}))
+        if channels is not None:
+            check_channels(where, name, x, channels)
+        return x
+
+    @nn.nowrap
+    def precision(self) -> dict[str, Any]:
+        """``dict(dtype=..., param_dtype=...)``, what every submodule of a block is given."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class BlockFields(DtypeFields):

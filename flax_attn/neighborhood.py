@@ -70,7 +70,6 @@ class NeighborhoodAttention(BlockFields):
     implementation: str | None = None
 
     na_dim: ClassVar[int] = 2
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @nn.nowrap
     def torch_rules(self, layout):
@@ -94,7 +93,7 @@ class NeighborhoodAttention(BlockFields):
                 f"{where}: `kernel_size` and `dilation` must be ints or tuples of {n}, got "
                 f"kernel_size={self.kernel_size!r}, dilation={self.dilation!r}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         b, *spatial, c = x.shape
         pads = [max(0, k * d - s) for k, d, s in zip(ks, dl, spatial)]
         if any(pads):

@@ -7,8 +7,6 @@ concatenation}.py`` and the MNIST ``lib/network.py``), channels-last: 1-D ``(B, 
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 
@@ -88,8 +86,6 @@ class NonLocalBlockND(BatchStatsFields):
     sub_sample: bool = True
     bn_layer: bool = True
     mode: str = "embedded_gaussian"
-
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
     @property
     def _inter(self) -> int:
@@ -224,8 +220,6 @@ class NonLocalMNISTNet(BatchStatsFields):
 
     dropout: float = 0.5
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return [
@@ -243,7 +237,7 @@ class NonLocalMNISTNet(BatchStatsFields):
             raise ValueError(
                 f"{where}: `x` must be (batch, 28, 28, 1) (the head is fixed to 128x3x3), got shape {x.shape}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         maps = []
         out = x
         for i, feats in enumerate((32, 64, 128), start=1):

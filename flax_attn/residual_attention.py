@@ -55,18 +55,14 @@ class ResidualBlock(BatchStatsFields):
     output_channels: int
     stride: int = 1
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "ResidualBlock"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.output_channels % 4 or self.output_channels <= 0:
             raise ValueError(f"{where}: `output_channels`={self.output_channels} must be a positive multiple of 4")
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.input_channels)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self.image_input(x, self.input_channels)
+        kw = self.precision()
         mid = self.output_channels // 4
         out1 = nn.relu(BatchNorm(name="bn1", **kw)(x, train=train))
         out = Conv(mid, 1, use_bias=False, name="conv1", **kw)(out1)
@@ -91,7 +87,6 @@ class _AttentionModuleBase(BatchStatsFields):
     in_channels: int
     out_channels: int
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
     levels: ClassVar[int]  # of the soft mask branch; each subclass's fields size1..size{levels}
 
     @nn.nowrap
@@ -105,7 +100,7 @@ class _AttentionModuleBase(BatchStatsFields):
 
     def _mask_head(self, name, x, train):
         """``BN-ReLU-conv1x1-BN-ReLU-conv1x1-sigmoid`` (Sequential indices 0, 2, 3, 5)."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         c = self.out_channels
         x = nn.relu(BatchNorm(name=f"{name}_0", **kw)(x, train=train))
         x = Conv(c, 1, use_bias=False, name=f"{name}_2", **kw)(x)
@@ -235,8 +230,6 @@ class _ResidualAttentionModel(BatchStatsFields):
     depth: int = 56
     num_classes: int = 10
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.nowrap
     def torch_rules(self, layout):
         return sequential_rules("conv1|mpool2")
@@ -251,7 +244,7 @@ class _ResidualAttentionModel(BatchStatsFields):
                 f"{where}: `x` must be (batch, 224, 224, 3): the reference fixes the mask upsampling sizes "
                 f"and a 7x7 average pool for 224x224 inputs; got shape {x.shape}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
 
         def rb(name, cin, cout, stride=1):
             return lambda t: ResidualBlock(cin, cout, stride, name=name, **kw)(t, train=train)

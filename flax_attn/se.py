@@ -138,11 +138,9 @@ class SELayer(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SELayer"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
         if self.se_style not in _SE_STYLES:
             raise ValueError(f"{where}: `se_style` must be one of {_SE_STYLES}, got {self.se_style!r}")
-        check_rank(where, "x", x, 4, _NHWC)
-        check_channels(where, "x", x, self.channel)
+        x = self.image_input(x, self.channel, layout=_NHWC)
         hidden = self.rd_channels or se_hidden_channels(where, self.channel, self.reduction, self.se_style)
         bias = self.se_style == "timm"
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=bias)
@@ -298,7 +296,7 @@ class SEResNet(BatchStatsFields):
             raise ValueError(f"{where}: `layers` must give 4 stage depths, got {tuple(self.layers)}")
         check_rank(where, "x", x, 4, "(batch, height, width, in_chans)")
         check_channels(where, "x", x, self.in_chans)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         block_cls = _BLOCKS[self.block]
         x = Conv(
             64, 7, stride=2, padding=3, use_bias=False, kernel_init=backbones.resnet_conv_init, name="conv1", **kw

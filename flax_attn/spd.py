@@ -10,14 +10,10 @@ padding ``k // 2``) - ``bn`` - SiLU. Its state dict is that ``Conv``'s: ``conv.w
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 
 from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train
-from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.dtypes import compute_dtype
 from flax_attn.ops.space_to_depth import space_to_depth
 
 __all__ = ["SPDConv"]
@@ -55,15 +51,11 @@ class SPDConv(BatchStatsFields):
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
 
-    torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         where = "SPDConv"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(batch, height, width, channels)")
-        check_channels(where, "x", x, self.c1)
+        x = self.image_input(x, self.c1)
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(
                 f"SPDConv: `x` needs even height and width for space-to-depth, got shape {x.shape}; "
@@ -71,7 +63,7 @@ class SPDConv(BatchStatsFields):
             )
         if (4 * self.c1) % self.g or self.c2 % self.g:
             raise ValueError(f"{where}: `g`={self.g} must divide 4 * c1 = {4 * self.c1} and c2 = {self.c2}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         y = space_to_depth(x)
         y = Conv(self.c2, self.k, padding=self.k // 2, groups=self.g, use_bias=False, name="conv", **kw)(y)
         y = BatchNorm(momentum=self.bn_momentum, eps=self.bn_eps, name="bn", **kw)(y, train=train)

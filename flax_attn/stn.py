@@ -99,8 +99,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_theta: bool = False):
         train = merge_train(self, train)
         where = "SpatialTransformer"
-        x = x.astype(compute_dtype(where, self.dtype, x=x))
-        check_rank(where, "x", x, 4, "(N, H, W, C)")
+        x = self.image_input(x, layout="(N, H, W, C)")
         theta = self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
         n = x.shape[0]
         if theta.shape not in ((n, 6), (n, 2, 3)):
@@ -161,7 +160,7 @@ class TutorialLocalization(BlockFields):
         fh, fw = _loc_feature_size(self.input_size)
         if fh <= 0 or fw <= 0:
             raise ValueError(f"{where}: `input_size` {tuple(self.input_size)} is too small (needs at least 20x20)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         h = nn.relu(_max_pool2(Conv(8, 7, name="localization_0", **kw)(x)))
         h = nn.relu(_max_pool2(Conv(10, 5, name="localization_3", **kw)(h)))
         h = h.reshape(h.shape[0], -1)
@@ -204,7 +203,7 @@ class STNTutorialNet(BlockFields):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         train = merge_train(self, train)
         x = x.astype(compute_dtype("STNTutorialNet", self.dtype, x=x))
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision()
         theta = TutorialLocalization(name="stn_loc", **kw)(x)
         theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))  # float32 sampling positions
         x = grid_sample(x, affine_grid(theta, x.shape)).astype(x.dtype)
