@@ -99,7 +99,8 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None, *, return_theta: bool = False):
         train = merge_train(self, train)
         where = "SpatialTransformer"
-        x = self.image_input(x, layout="(N, H, W, C)")
+        x = x.astype(compute_dtype(where, self.dtype, x=x))
+        check_rank(where, "x", x, 4, "(N, H, W, C)")
         theta = self.localization(x, train=train) if _accepts_train(self.localization) else self.localization(x)
         n = x.shape[0]
         if theta.shape not in ((n, 6), (n, 2, 3)):
