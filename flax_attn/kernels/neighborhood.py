@@ -82,6 +82,7 @@ from flax_attn.kernels._common import (
     BlockSizes,
     compiler_params,
     cost_estimate,
+    flash_vjp,
     next_pow2,
     resolve_backend,
     resolve_interpret,
@@ -628,24 +629,8 @@ def _backward(plan: _Plan, qb, kb, vb, rpb, km, ob, lse, dob):
     return dq[:, : plan.h, : plan.w, : plan.d], dk.astype(kb.dtype), dv.astype(vb.dtype), drpb
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _na_bh(plan: _Plan, qb, kb, vb, rpb, km):
-    return _forward(plan, qb, kb, vb, rpb, km)[0]
-
-
-def _na_bh_fwd(plan, qb, kb, vb, rpb, km):
-    out, lse = _forward(plan, qb, kb, vb, rpb, km)
-    return out, (qb, kb, vb, rpb, km, out, lse)
-
-
-def _na_bh_bwd(plan, res, dout):
-    qb, kb, vb, rpb, km, out, lse = res
-    dq, dk, dv, drpb = _backward(plan, qb, kb, vb, rpb, km, out, lse, dout)
-    # The key mask is data, not a parameter: its cotangent is zero.
-    return dq, dk, dv, drpb, None if km is None else jnp.zeros_like(km)
-
-
-_na_bh.defvjp(_na_bh_fwd, _na_bh_bwd)
+# ``_na_bh(plan, qb, kb, vb, rpb, key_mask)``: differentiable in q, k, v and rpb.
+_na_bh = flash_vjp(_forward, _backward)
 
 
 def neighborhood_attention_pallas(
