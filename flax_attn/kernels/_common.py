@@ -10,6 +10,7 @@ either backend runs in the Pallas interpreter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -146,3 +147,29 @@ def dot(a, b):
 def dot_nt(a, b):
     """``a @ b.T`` of 2-D blocks with float32 accumulation."""
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def flash_vjp(forward, backward):
+    """``attention(plan, q, k, v, *extra, data)``: a ``jax.custom_vjp`` of a fused attention whose
+    backward recomputes from the forward's log-sum-exp, as every flash-style kernel here does.
+
+    ``forward(plan, *args) -> (out, lse)``; ``backward(plan, *args, out, lse, dout)`` returns the
+    cotangents of every argument but the last. ``plan`` is static (hashable). The last argument
+    is data, not a parameter (a key mask, region codes; ``None`` allowed): its cotangent is zero.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attention(plan, *args):
+        return forward(plan, *args)[0]
+
+    def attention_fwd(plan, *args):
+        out, lse = forward(plan, *args)
+        return out, (args, out, lse)
+
+    def attention_bwd(plan, res, dout):
+        args, out, lse = res
+        grads = backward(plan, *args, out, lse, dout)
+        return (*grads, jax.tree_util.tree_map(jnp.zeros_like, args[-1]))
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention

@@ -18,6 +18,7 @@ __all__ = [
     "check_neighborhood_args",
     "check_rank",
     "check_window_args",
+    "per_axis",
 ]
 
 BORDERS = ("reflect", "clamp")
@@ -111,18 +112,23 @@ def check_window_args(where: str, q, k, v, window_size: int, shift_size: int, bi
         raise ValueError(f"{where}: `bias_table` must have shape {((2 * ws - 1) ** 2, heads)}, got {bias_table.shape}")
 
 
-def _per_axis(where: str, name: str, value, n: int, kind: type) -> tuple:
-    """``value`` as an ``n``-tuple: a scalar is repeated, a sequence must have ``n`` entries of ``kind``."""
+def per_axis(where: str, name: str, value, n: int, kind: type) -> tuple:
+    """``value`` as an ``n``-tuple of ``kind`` (``int`` or ``bool``): a scalar is repeated, a tuple or
+    list must have ``n`` entries; anything else is a ``ValueError`` naming ``name``. The ops and the
+    kernels read their per-axis arguments through this one rule."""
+
+    def ok(x):
+        is_bool = isinstance(x, (bool, np.bool_))
+        return is_bool if kind is bool else isinstance(x, (int, np.integer)) and not is_bool
+
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    ok = len(items) == n and all(
-        isinstance(x, (bool, np.bool_))
-        if kind is bool
-        else isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-        for x in items
-    )
-    if not ok:
+    if len(items) != n or not all(ok(x) for x in items):
         what = "bool" if kind is bool else "int"
-        raise ValueError(f"{where}: `{name}` must be a {what} or a tuple of {n} {what}s (one per axis), got {value!r}")
+        article = "a" if kind is bool else "an"
+        raise ValueError(
+            f"{where}: `{name}` must be {article} {what} or a tuple of {n} {what}s (one per spatial axis), "
+            f"got {value!r}"
+        )
     return tuple(kind(x) for x in items)
 
 
@@ -142,10 +148,10 @@ def check_na_args(where: str, q, k, v, kernel_size, stride, dilation, is_causal,
         raise ValueError(
             f"{where}: `q`, `k`, `v` must have the same shape {layout}, got {q.shape}, {k.shape}, {v.shape}"
         )
-    ks = _per_axis(where, "kernel_size", kernel_size, n, int)
-    st = _per_axis(where, "stride", stride, n, int)
-    dil = _per_axis(where, "dilation", dilation, n, int)
-    causal = _per_axis(where, "is_causal", is_causal, n, bool)
+    ks = per_axis(where, "kernel_size", kernel_size, n, int)
+    st = per_axis(where, "stride", stride, n, int)
+    dil = per_axis(where, "dilation", dilation, n, int)
+    causal = per_axis(where, "is_causal", is_causal, n, bool)
     spatial = tuple(q.shape[1 : 1 + n])
     for i in range(n):
         if ks[i] < 2:

@@ -82,6 +82,7 @@ from flax_attn.kernels._common import (
     BlockSizes,
     compiler_params,
     cost_estimate,
+    flash_vjp,
     next_pow2,
     resolve_backend,
     resolve_interpret,
@@ -274,10 +275,25 @@ def _extras(plan: _Plan, refs):
     return bias, km, refs
 
 
-def _cost(per_offset: int, positions: int, plan: _Plan, inputs, outputs):
-    """Cost estimate of a call: ``per_offset`` flops per head-dim element, window offset and position."""
+def _call(plan: _Plan, kernel, name: str, grid, in_specs, out_specs, out_shape, args, *, cost):
+    """``pallas_call`` of ``kernel(plan=plan)`` on ``args``, named ``neighborhood_attention_<name>``.
+
+    ``cost``: ``(per_offset, positions)``, the kernel's flops per head-dim element, window offset
+    and position, and the positions it covers, for the call's cost estimate.
+    """
+    per_offset, positions = cost
     offsets = plan.rows.n_off * plan.cols.n_off
-    return cost_estimate(per_offset * positions * offsets * plan.dp, positions * offsets, inputs, outputs)
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(plan),
+        interpret=plan.interpret,
+        name=f"neighborhood_attention_{name}",
+        cost_estimate=cost_estimate(per_offset * positions * offsets * plan.dp, positions * offsets, args, out_shape),
+    )(*args)
 
 
 def _params(plan: _Plan):
@@ -535,26 +551,21 @@ def _forward(plan: _Plan, qb, kb, vb, rpb, km):
     th = plan.block_rows
     tile = pl.BlockSpec((None, th, plan.wp, plan.dp), lambda i, j: (i, j, 0, 0))
     whole = pl.BlockSpec((None, plan.hk, plan.wk, plan.dp), lambda i, j: (i, 0, 0, 0))
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, plan=plan),
-        grid=(bh, plan.hp // th),
-        in_specs=[tile, whole, whole, *extra_specs],
-        out_specs=[tile, pl.BlockSpec((None, th, plan.wp), lambda i, j: (i, j, 0))],
-        out_shape=[
-            jax.ShapeDtypeStruct(qp.shape, qb.dtype),
-            jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32),
-        ],
-        compiler_params=_params(plan),
-        interpret=plan.interpret,
-        name="neighborhood_attention_fwd",
-        cost_estimate=_cost(
-            4,
-            bh * plan.hp * plan.wp,
-            plan,
-            (qp, kp, vp, *extra),
-            [qp, jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32)],
-        ),
-    )(qp, kp, vp, *extra)
+    out_shape = [
+        jax.ShapeDtypeStruct(qp.shape, qb.dtype),
+        jax.ShapeDtypeStruct((bh, plan.hp, plan.wp), jnp.float32),
+    ]
+    out, lse = _call(
+        plan,
+        _fwd_kernel,
+        "fwd",
+        (bh, plan.hp // th),
+        [tile, whole, whole, *extra_specs],
+        [tile, pl.BlockSpec((None, th, plan.wp), lambda i, j: (i, j, 0))],
+        out_shape,
+        (qp, kp, vp, *extra),
+        cost=(4, bh * plan.hp * plan.wp),
+    )
     return out[:, : plan.h, : plan.w, : plan.d], lse
 
 
@@ -577,17 +588,17 @@ def _backward(plan: _Plan, qb, kb, vb, rpb, km, ob, lse, dob):
         # Per-program partial sums of the bias gradient, reduced by XLA below (no atomics).
         out_specs.append(pl.BlockSpec((None, None, plan.nbh, plan.nbw), lambda i, j: (i, j, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((bh, n_tiles, plan.nbh, plan.nbw), jnp.float32))
-    dq_out = pl.pallas_call(
-        functools.partial(_dq_kernel, plan=plan),
-        grid=(bh, n_tiles),
-        in_specs=[tile, whole_k, whole_k, tile, tile2, tile2, *extra_specs],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=_params(plan),
-        interpret=plan.interpret,
-        name="neighborhood_attention_dq",
-        cost_estimate=_cost(6, bh * plan.hp * plan.wp, plan, (qp, kp, vp, dop, lse, delta_p, *extra), out_shape),
-    )(qp, kp, vp, dop, lse, delta_p, *extra)
+    dq_out = _call(
+        plan,
+        _dq_kernel,
+        "dq",
+        (bh, n_tiles),
+        [tile, whole_k, whole_k, tile, tile2, tile2, *extra_specs],
+        out_specs,
+        out_shape,
+        (qp, kp, vp, dop, lse, delta_p, *extra),
+        cost=(6, bh * plan.hp * plan.wp),
+    )
     dq = dq_out[0]
 
     qh, doh = _halo_queries(plan, qb), _halo_queries(plan, dob)
@@ -597,23 +608,17 @@ def _backward(plan: _Plan, qb, kb, vb, rpb, km, ob, lse, dob):
     whole_q = pl.BlockSpec((None, rows, cols, plan.dp), lambda i, j: (i, 0, 0, 0))
     whole_s = pl.BlockSpec((None, rows, cols), lambda i, j: (i, 0, 0))
     extra, extra_specs = _extra_inputs(plan, rpb, km, key_tiles=True)
-    dkp, dvp = pl.pallas_call(
-        functools.partial(_dkv_kernel, plan=plan),
-        grid=(bh, plan.hk // tu),
-        in_specs=[ktile, ktile, whole_q, whole_q, whole_s, whole_s, *extra_specs],
-        out_specs=[ktile, ktile],
-        out_shape=[jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
-        compiler_params=_params(plan),
-        interpret=plan.interpret,
-        name="neighborhood_attention_dkv",
-        cost_estimate=_cost(
-            8,
-            bh * plan.hk * plan.wk,
-            plan,
-            (kp, vp, qh, doh, lseh, deltah, *extra),
-            [jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
-        ),
-    )(kp, vp, qh, doh, lseh, deltah, *extra)
+    dkp, dvp = _call(
+        plan,
+        _dkv_kernel,
+        "dkv",
+        (bh, plan.hk // tu),
+        [ktile, ktile, whole_q, whole_q, whole_s, whole_s, *extra_specs],
+        [ktile, ktile],
+        [jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
+        (kp, vp, qh, doh, lseh, deltah, *extra),
+        cost=(8, bh * plan.hk * plan.wk),
+    )
 
     # The padding is linear: its adjoint folds reflected/halo gradients back onto the image.
     _, pad_vjp = jax.vjp(functools.partial(_pad_keys, plan), jnp.zeros(kb.shape, jnp.float32))
@@ -628,24 +633,8 @@ def _backward(plan: _Plan, qb, kb, vb, rpb, km, ob, lse, dob):
     return dq[:, : plan.h, : plan.w, : plan.d], dk.astype(kb.dtype), dv.astype(vb.dtype), drpb
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _na_bh(plan: _Plan, qb, kb, vb, rpb, km):
-    return _forward(plan, qb, kb, vb, rpb, km)[0]
-
-
-def _na_bh_fwd(plan, qb, kb, vb, rpb, km):
-    out, lse = _forward(plan, qb, kb, vb, rpb, km)
-    return out, (qb, kb, vb, rpb, km, out, lse)
-
-
-def _na_bh_bwd(plan, res, dout):
-    qb, kb, vb, rpb, km, out, lse = res
-    dq, dk, dv, drpb = _backward(plan, qb, kb, vb, rpb, km, out, lse, dout)
-    # The key mask is data, not a parameter: its cotangent is zero.
-    return dq, dk, dv, drpb, None if km is None else jnp.zeros_like(km)
-
-
-_na_bh.defvjp(_na_bh_fwd, _na_bh_bwd)
+# ``_na_bh(plan, qb, kb, vb, rpb, key_mask)``: differentiable in q, k, v and rpb.
+_na_bh = flash_vjp(_forward, _backward)
 
 
 def neighborhood_attention_pallas(

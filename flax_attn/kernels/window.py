@@ -64,6 +64,7 @@ from flax_attn.kernels._common import (
     cost_estimate,
     dot,
     dot_nt,
+    flash_vjp,
     next_pow2,
     resolve_backend,
     resolve_interpret,
@@ -258,24 +259,9 @@ def _backward(plan: _Plan, q, k, v, bias, codes, out, lse, dout):
     return dq, dk, dv, jnp.sum(dbias, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wa(plan: _Plan, q, k, v, bias, codes):
-    return _forward(plan, q, k, v, bias, codes)[0]
-
-
-def _wa_fwd(plan, q, k, v, bias, codes):
-    out, lse = _forward(plan, q, k, v, bias, codes)
-    return out, (q, k, v, bias, codes, out, lse)
-
-
-def _wa_bwd(plan, res, dout):
-    q, k, v, bias, codes, out, lse = res
-    dq, dk, dv, dbias = _backward(plan, q, k, v, bias, codes, out, lse, dout)
-    # Region codes are constants of the geometry: zero cotangent.
-    return dq, dk, dv, dbias, tuple(jnp.zeros_like(c) for c in codes)
-
-
-_wa.defvjp(_wa_fwd, _wa_bwd)
+# ``_wa(plan, q, k, v, bias, codes)``: differentiable in q, k, v and bias; the region codes are
+# constants of the geometry.
+_wa = flash_vjp(_forward, _backward)
 
 
 # --------------------------------------------------------------------------- wrapper

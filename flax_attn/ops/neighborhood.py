@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.kernels._common import MASK_VALUE
-from flax_attn.kernels.checks import BORDERS, check_neighborhood_args
+from flax_attn.kernels.checks import BORDERS, check_neighborhood_args, per_axis
 from flax_attn.kernels.checks import check_na_args as _check_na_common
 from flax_attn.kernels.dispatch import resolve_implementation
 from flax_attn.kernels.neighborhood import neighborhood_attention_pallas
@@ -479,23 +479,6 @@ def neighborhood_attention_nd(
     return out, _unlayout_queries(_window_weights(weights, plans), plans).astype(q.dtype)
 
 
-def _per_axis(where, name, value, n, kind):
-    """An int (bool) or a tuple of ``n`` of them -> a tuple of ``n``; anything else is a ValueError."""
-
-    def ok(x):
-        is_bool = isinstance(x, (bool, np.bool_))
-        return is_bool if kind is bool else isinstance(x, (int, np.integer)) and not is_bool
-
-    if ok(value):
-        return (kind(value),) * n
-    if isinstance(value, (tuple, list)) and len(value) == n and all(ok(x) for x in value):
-        return tuple(kind(x) for x in value)
-    what = "a bool" if kind is bool else "an int"
-    raise ValueError(
-        f"{where}: `{name}` must be {what} or a tuple of {n} of them (one per spatial axis), got {value!r}"
-    )
-
-
 def check_na_args(where, n, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, key_mask):
     """Validate :func:`na1d`/:func:`na2d`/:func:`na3d`'s arguments; return the per-axis tuples.
 
@@ -504,7 +487,7 @@ def check_na_args(where, n, q, k, v, kernel_size, stride, dilation, is_causal, s
     :func:`flax_attn.kernels.checks.check_na_args` (shared with the Pallas kernel); this adds what
     only the ops see: the number of axes ``n`` a tuple must match, floating inputs and ``scale``.
     """
-    _per_axis(where, "kernel_size", kernel_size, n, int)
+    per_axis(where, "kernel_size", kernel_size, n, int)
     ks = (kernel_size,) * n if isinstance(kernel_size, (int, np.integer)) else tuple(kernel_size)
     out = _check_na_common(where, q, k, v, ks, stride, dilation, is_causal, rpb=rpb, key_mask=key_mask)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -581,51 +564,48 @@ def _na(
     )
 
 
-def na1d(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    kernel_size,
-    stride=1,
-    dilation=1,
-    is_causal=False,
-    scale: float | None = None,
-    *,
-    rpb: jax.Array | None = None,
-    key_mask: jax.Array | None = None,
-    return_weights: bool = False,
-    implementation: str | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-):
+def _na_of_rank(n: int, doc: str):
+    """``na{n}d``: the one signature of :func:`na1d`, :func:`na2d` and :func:`na3d`, which differ only
+    in the number of spatial axes ``n`` (and their docstrings)."""
+
+    def na(
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        kernel_size,
+        stride=1,
+        dilation=1,
+        is_causal=False,
+        scale: float | None = None,
+        *,
+        rpb: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
+        return_weights: bool = False,
+        implementation: str | None = None,
+        dropout_rate: float = 0.0,
+        dropout_rng: jax.Array | None = None,
+    ):
+        args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
+        return _na(n, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    na.__name__ = na.__qualname__ = f"na{n}d"
+    na.__doc__ = doc
+    return na
+
+
+na1d = _na_of_rank(
+    1,
     """1-D neighbourhood attention: :func:`na2d` on ``(batch, L, heads, head_dim)`` (no Pallas kernel).
 
     Example:
       >>> x = jnp.ones((2, 11, 2, 8))
       >>> na1d(x, x, x, kernel_size=3, dilation=2, is_causal=True).shape
       (2, 11, 2, 8)
-    """
-    args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(1, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    """,
+)
 
-
-def na2d(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    kernel_size,
-    stride=1,
-    dilation=1,
-    is_causal=False,
-    scale: float | None = None,
-    *,
-    rpb: jax.Array | None = None,
-    key_mask: jax.Array | None = None,
-    return_weights: bool = False,
-    implementation: str | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-):
+na2d = _na_of_rank(
+    2,
     """2-D neighbourhood attention with NATTEN 0.21's semantics (``natten.na2d``), plus
     relative positional bias, a key mask and the attention weights.
 
@@ -670,37 +650,19 @@ def na2d(
       >>> x = jnp.ones((2, 13, 17, 2, 8))
       >>> na2d(x, x, x, kernel_size=(3, 5), dilation=2, is_causal=(True, False)).shape
       (2, 13, 17, 2, 8)
-    """
-    args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(2, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    """,
+)
 
-
-def na3d(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    kernel_size,
-    stride=1,
-    dilation=1,
-    is_causal=False,
-    scale: float | None = None,
-    *,
-    rpb: jax.Array | None = None,
-    key_mask: jax.Array | None = None,
-    return_weights: bool = False,
-    implementation: str | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-):
+na3d = _na_of_rank(
+    3,
     """3-D neighbourhood attention: :func:`na2d` on ``(batch, T, H, W, heads, head_dim)`` (no Pallas kernel).
 
     Example:
       >>> x = jnp.ones((2, 4, 7, 9, 2, 8))
       >>> na3d(x, x, x, kernel_size=(2, 3, 3), stride=(1, 2, 3), is_causal=(True, False, False)).shape
       (2, 4, 7, 9, 2, 8)
-    """
-    args = (kernel_size, stride, dilation, is_causal, scale, rpb, key_mask, return_weights, implementation)
-    return _na(3, q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    """,
+)
 
 
 def neighborhood_attention(

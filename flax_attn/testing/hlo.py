@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.catalogue import Entry
+from flax_attn.testing.parity import apply_entry
 
 __all__ = ["SERIAL_OPS", "count_ops", "serial_op_counts", "train_step_hlo"]
 
@@ -41,18 +42,7 @@ def train_step_hlo(entry: Entry, config: Mapping | None = None, seed: int = 0) -
 
     def loss(params, variables, float_inputs):
         variables = {**variables, "params": params} if params else variables
-        args = {**fixed, **float_inputs}
-        if entry.train_mode:
-            out, _ = module.apply(
-                variables,
-                **args,
-                **kwargs,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": jax.random.PRNGKey(seed)},
-            )
-        else:
-            out = module.apply(variables, **args, **kwargs, train=False)
+        out, _ = apply_entry(entry, module, variables, {**fixed, **float_inputs}, train=True, seed=seed)
         return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree_util.tree_leaves(out) if o is not None)
 
     def step(variables, float_inputs):

@@ -37,6 +37,7 @@ from flax_attn.convert.io import to_numpy
 __all__ = [
     "Conditioning",
     "ParityResult",
+    "apply_entry",
     "check_parity",
     "from_torch_axes",
     "measure_conditioning",
@@ -50,6 +51,23 @@ __all__ = [
 # amplify rounding by up to ~1e6 (measured, see ``measure_conditioning``); 1e-9 is ~1e7 x float64
 # epsilon and far below any float32 error, and the measured float64 disagreements are <= 3e-10.
 FLOAT64_ATOL = 1e-9
+
+
+def apply_entry(entry: Entry, module, variables, inputs: Mapping, *, train: bool, seed: int = 0):
+    """``module.apply`` as the catalogue calls ``entry``'s block: with :attr:`Entry.flax_kwargs`, in
+    train mode (BatchNorm statistics mutable, dropout keyed by ``seed``) when ``train`` and the entry
+    has a train mode, else in eval mode. Returns ``(outputs, updated state)`` (``{}`` in eval)."""
+    kwargs = entry.flax_kwargs
+    if train and entry.train_mode:
+        return module.apply(
+            variables,
+            **inputs,
+            **kwargs,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(seed)},
+        )
+    return module.apply(variables, **inputs, **kwargs, train=False), {}
 
 
 def parity_dtype(entry: Entry, train: bool) -> str:
@@ -213,18 +231,7 @@ def _run(
     inputs = {k: (np.asarray(v, np_dtype) if k in float_names else v) for k, v in inputs.items()}
 
     def flax_fn(float_inputs):
-        all_inputs = {**inputs, **float_inputs}
-        if train and entry.train_mode:
-            out, state = fmod.apply(
-                variables,
-                **all_inputs,
-                **kwargs,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": jax.random.PRNGKey(seed)},
-            )
-        else:
-            out, state = fmod.apply(variables, **all_inputs, **kwargs, train=False), {}
+        out, state = apply_entry(entry, fmod, variables, {**inputs, **float_inputs}, train=train, seed=seed)
         leaves = [o for o in jax.tree_util.tree_leaves(out) if o is not None]
         return leaves, state
 

@@ -222,6 +222,18 @@ class Config:
 # --------------------------------------------------------------------------- the configs
 
 
+def _warmup_cosine_adamw(learning_rate: float, weight_decay: float) -> OptimConfig:
+    """The small in-memory recipes' optimiser: AdamW, 50 warmup steps, cosine decay, clipping at 1."""
+    return OptimConfig(
+        name="adamw",
+        learning_rate=learning_rate,
+        schedule="cosine",
+        warmup_steps=50,
+        weight_decay=weight_decay,
+        clip_grad_norm=1.0,
+    )
+
+
 def classify() -> Config:
     """Digits classification (scikit-learn ``load_digits``: 1797 real 8x8 scans, 10 classes).
 
@@ -242,14 +254,7 @@ def classify() -> Config:
         model=ModelConfig(
             "flax_attn.training.models:SmallSECNN", {"num_classes": 10, "widths": (32, 64), "reduction": 4}
         ),
-        optim=OptimConfig(
-            name="adamw",
-            learning_rate=3e-3,
-            schedule="cosine",
-            warmup_steps=50,
-            weight_decay=5e-4,
-            clip_grad_norm=1.0,
-        ),
+        optim=_warmup_cosine_adamw(learning_rate=3e-3, weight_decay=5e-4),
         data=DataConfig(batch_size=64, eval_batch_size=512, image_size=8, augment=True),
         checkpoint=CheckpointConfig(every_steps=200, max_to_keep=2, best_metric="accuracy", best_mode="max"),
         steps=800,
@@ -273,14 +278,7 @@ def superres() -> Config:
         name="superres",
         task="superres",
         model=ModelConfig("flax_attn.a2n:A2N", {"scale": 2, "nf": 40, "unf": 24, "nb": 16}),
-        optim=OptimConfig(
-            name="adamw",
-            learning_rate=1e-3,
-            schedule="cosine",
-            warmup_steps=50,
-            weight_decay=0.0,
-            clip_grad_norm=1.0,
-        ),
+        optim=_warmup_cosine_adamw(learning_rate=1e-3, weight_decay=0.0),
         data=DataConfig(
             batch_size=16,
             eval_batch_size=4,
@@ -367,27 +365,13 @@ def classify_folder() -> Config:
         flax-attn-train --config classify_folder --override data.root=/data/train \\
             --override data.eval_root=/data/val --workdir /tmp/classify_folder
     """
-    return Config(
-        name="classify_folder",
-        task="classify_folder",
-        model=ModelConfig(
-            "flax_attn.training.models:SmallSECNN",
-            {"num_classes": None, "in_chans": None, "widths": (32, 64), "reduction": 4},
-        ),
-        optim=OptimConfig(
-            name="adamw",
-            learning_rate=3e-3,
-            schedule="cosine",
-            warmup_steps=50,
-            weight_decay=5e-4,
-            clip_grad_norm=1.0,
-        ),
-        data=DataConfig(batch_size=64, eval_batch_size=256, image_size=64, test_fraction=0.1, augment=True, workers=2),
-        checkpoint=CheckpointConfig(every_steps=500, max_to_keep=2, best_metric="accuracy", best_mode="max"),
-        steps=2000,
-        eval_every=500,
-        log_every=50,
-    )
+    c = classify()
+    c.name, c.task = "classify_folder", "classify_folder"
+    c.model.kwargs.update(num_classes=None, in_chans=None)
+    c.data = DataConfig(batch_size=64, eval_batch_size=256, image_size=64, test_fraction=0.1, augment=True, workers=2)
+    c.steps, c.eval_every, c.log_every = 2000, 500, 50
+    c.checkpoint = CheckpointConfig(every_steps=500, max_to_keep=2, best_metric="accuracy", best_mode="max")
+    return c
 
 
 def superres_folder() -> Config:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from flax_attn.attention import MultiheadAttention
 from flax_attn.convert.engine import Rename, sequential_rules
-from flax_attn.layers import BatchNorm, Conv, LayerNorm, Linear
+from flax_attn.layers import BatchNorm, Conv, DtypeFields, LayerNorm, Linear
 from flax_attn.ops import interpolate
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.se import SEBasicBlock
@@ -93,7 +93,7 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
 
 
-class SmallSECNN(nn.Module):
+class SmallSECNN(DtypeFields):
     """A small SE-ResNet for small images (digits, CIFAR-sized inputs), built from the catalogued block.
 
     ``conv1``-``bn1``-ReLU stem (3x3, stride 1: an ImageNet 7x7/2 stem + max-pool would reduce 8x8
@@ -123,8 +123,6 @@ class SmallSECNN(nn.Module):
     depths: Sequence[int] | None = None
     reduction: int = 4
     in_chans: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
 
@@ -156,7 +154,7 @@ class SmallSECNN(nn.Module):
         return Linear(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
 
 
-class ConvMHA(nn.Module):
+class ConvMHA(DtypeFields):
     """Conv stem + one pre-norm multi-head self-attention layer over the pixels + linear head.
 
     Attributes:
@@ -172,8 +170,6 @@ class ConvMHA(nn.Module):
     embed_dim: int = 32
     num_heads: int = 4
     in_chans: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -192,7 +188,7 @@ class ConvMHA(nn.Module):
         return Linear(self.num_classes, name="fc", **kw)(t).astype(jnp.float32)
 
 
-class TinySR(nn.Module):
+class TinySR(DtypeFields):
     """A tiny super-resolution network: residual conv body + pixel-shuffle upsampler + image skip.
 
     ``conv_first`` -> ``num_blocks`` x (conv-ReLU-conv + identity) -> ``conv_body`` (+ skip) ->
@@ -215,8 +211,6 @@ class TinySR(nn.Module):
     num_blocks: int = 3
     in_nc: int = 3
     upsample: str = "bilinear"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.nowrap
     def torch_rules(self, layout):

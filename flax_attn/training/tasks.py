@@ -168,6 +168,20 @@ class SuperResTask(Task):
         return out
 
 
+def _start_folder_task(task: Task, config: Config, field: str, expected: str):
+    """``Task.__init__`` for a task that reads image files, which ``data.<field>`` must name.
+
+    Returns :mod:`flax_attn.training.folders` (imported here, so grain and PIL load only for these
+    tasks) and ``config.data``.
+    """
+    Task.__init__(task, config)
+    from flax_attn.training import folders
+
+    if not getattr(config.data, field):
+        raise folders.DataError(f"data.{field}: expected {expected} (--override data.{field}=DIR), got ''")
+    return folders, config.data
+
+
 class ClassifyFolderTask(ClassifyTask):
     """Classification from image files (``data.root``: a class-folder tree or a ``path,label`` list)
     through the grain pipeline of :mod:`flax_attn.training.folders`; evaluation on ``data.eval_root``
@@ -176,14 +190,7 @@ class ClassifyFolderTask(ClassifyTask):
     name = "classify_folder"
 
     def __init__(self, config: Config):
-        Task.__init__(self, config)
-        from flax_attn.training import folders
-
-        d = config.data
-        if not d.root:
-            raise folders.DataError(
-                "data.root: expected a class-folder tree or a .csv/.json list (--override data.root=DIR), got ''"
-            )
+        folders, d = _start_folder_task(self, config, "root", "a class-folder tree or a .csv/.json list")
         paths, labels, classes = folders.labelled_files(d.root, arg="data.root")
         if d.eval_root:
             e_paths, e_labels, e_classes = folders.labelled_files(d.eval_root, arg="data.eval_root")
@@ -219,14 +226,7 @@ class SuperResFolderTask(SuperResTask):
     name = "superres_folder"
 
     def __init__(self, config: Config):
-        Task.__init__(self, config)
-        from flax_attn.training import folders
-
-        d = config.data
-        if not d.train_dir:
-            raise folders.DataError(
-                "data.train_dir: expected a folder of HR images (--override data.train_dir=DIR), got ''"
-            )
+        folders, d = _start_folder_task(self, config, "train_dir", "a folder of HR images")
         self.train_source = folders.sr_folder_source(d, seed=config.seed, steps=config.steps)
         if d.eval_dir:
             self.eval_sets = [data_lib.EvalSet(a, d.eval_batch_size) for a in folders.sr_eval_sets(d.eval_dir, d.scale)]

@@ -100,47 +100,13 @@ class DeformConv2d(nn.Module):
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
 
-class DeformConv2dPack(nn.Module):
-    """mmcv ``DeformConv2dPack`` (v1): ``conv_offset`` (zero-init) predicts offsets; no bias."""
+class _DeformConvPack(nn.Module):
+    """What mmcv's two ``*Pack`` layers construct alike (mmcv passes ``*args, **kwargs`` from the
+    ``*Pack`` classes to their conv classes, which share this signature): the deformable ``weight``
+    (uniform in ``+-1/sqrt(fan_in)``), an optional zero ``bias`` and ``conv_offset``, a
+    zero-initialised conv that predicts ``fields`` values per deformable group and kernel point."""
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        deform_groups=1,
-        bias=False,
-    ):
-        super().__init__()
-        assert not bias, "mmcv DeformConv2d has no bias"
-        ks = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *ks))
-        n = in_channels * ks[0] * ks[1]
-        self.weight.data.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
-        self.conv_offset = nn.Conv2d(
-            in_channels,
-            deform_groups * 2 * ks[0] * ks[1],
-            kernel_size=ks,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            bias=True,
-        )
-        self.conv_offset.weight.data.zero_()
-        self.conv_offset.bias.data.zero_()
-
-    def forward(self, x):
-        offset = self.conv_offset(x)
-        return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
-
-
-class ModulatedDeformConv2dPack(nn.Module):
-    """mmcv ``ModulatedDeformConv2dPack`` (DCNv2): ``conv_offset`` gives offsets and mask logits."""
+    fields: int
 
     def __init__(
         self,
@@ -163,7 +129,7 @@ class ModulatedDeformConv2dPack(nn.Module):
         self.weight.data.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
         self.conv_offset = nn.Conv2d(
             in_channels,
-            deform_groups * 3 * ks[0] * ks[1],
+            deform_groups * self.fields * ks[0] * ks[1],
             kernel_size=ks,
             stride=stride,
             padding=padding,
@@ -172,6 +138,26 @@ class ModulatedDeformConv2dPack(nn.Module):
         )
         self.conv_offset.weight.data.zero_()
         self.conv_offset.bias.data.zero_()
+
+
+class DeformConv2dPack(_DeformConvPack):
+    """mmcv ``DeformConv2dPack`` (v1): ``conv_offset`` (zero-init) predicts offsets (dy, dx); no bias."""
+
+    fields = 2
+
+    def __init__(self, *args, bias=False, **kwargs):
+        assert not bias, "mmcv DeformConv2d has no bias"
+        super().__init__(*args, bias=False, **kwargs)
+
+    def forward(self, x):
+        offset = self.conv_offset(x)
+        return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
+
+
+class ModulatedDeformConv2dPack(_DeformConvPack):
+    """mmcv ``ModulatedDeformConv2dPack`` (DCNv2): ``conv_offset`` gives offsets and mask logits."""
+
+    fields = 3
 
     def forward(self, x):
         out = self.conv_offset(x)
