@@ -36,7 +36,7 @@ from flax_attn import ops as _ops
 from flax_attn.kernels.neighborhood import na2d_pallas
 from flax_attn.ops import neighborhood_attention, scaled_dot_product_attention
 from flax_attn.testing.neighborhood_ref import dense_neighborhood_attention
-from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
+from flax_attn.testing.timing import cuda_torch, format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 B, H, W, N, D, K = 32, 56, 56, 8, 32, 7
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
@@ -96,13 +96,11 @@ def cpu_memory():
 
 
 def torch_rows(dtype_name):
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+    torch = cuda_torch()
+    if torch is None:
         return []
-    if not torch.cuda.is_available():
-        return []
+    import torch.nn.functional as F
+
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     # (B * heads, D, H, W) as ACmix holds them.
     q, k, v = (torch.randn(B * N, D, H, W, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attn.ops.window import window_attention
-from flax_attn.testing.timing import format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
+from flax_attn.testing.timing import cuda_torch, format_mib, peak_memory_bytes, roofline_row, time_jax, time_torch
 
 SWIN_T = dict(b=32, h=56, w=56, heads=3, d=32, ws=7, shift=3)
 SMOKE = dict(b=2, h=14, w=14, heads=2, d=8, ws=7, shift=3)
@@ -144,11 +144,8 @@ def check_torch_forms(cfg):
 
 
 def torch_rows(dtype_name, cfg):
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
+    torch = cuda_torch()
+    if torch is None:
         return []
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     _, impls = _torch_impls(cfg, dt, "cuda")

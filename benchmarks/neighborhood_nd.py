@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run import _median_ms, _peak_mb, environment  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, markdown_head, median_ms, timing_text  # noqa: E402
 
 SIZES = {  # name: (batch, spatial, kernel_size, dilation, is_causal)
     "1d": (2, (3136,), 49, 1, False),
@@ -81,10 +81,10 @@ def bench(name, repeats):
     for label, f in fns.items():
         fwd = jax.jit(f)
         grad = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * ct), argnums=(0, 1, 2)))
-        row[f"{label} peak fwd"] = _peak_mb(fwd.lower(q, k, v).compile())
-        row[f"{label} peak fwd+bwd"] = _peak_mb(grad.lower(q, k, v).compile())
-        row[f"{label} fwd"] = _median_ms(lambda fwd=fwd: fwd(q, k, v).block_until_ready(), repeats, warmup=1)
-        row[f"{label} fwd+bwd"] = _median_ms(lambda grad=grad: jax.block_until_ready(grad(q, k, v)), repeats, warmup=1)
+        row[f"{label} peak fwd"] = compiled_mib(fwd.lower(q, k, v).compile())
+        row[f"{label} peak fwd+bwd"] = compiled_mib(grad.lower(q, k, v).compile())
+        row[f"{label} fwd"] = median_ms(lambda fwd=fwd: fwd(q, k, v).block_until_ready(), repeats, warmup=1)
+        row[f"{label} fwd+bwd"] = median_ms(lambda grad=grad: jax.block_until_ready(grad(q, k, v)), repeats, warmup=1)
         outs[label] = np.asarray(fwd(q, k, v))
     row["max |na - dense|"] = float(np.abs(outs["na"] - outs["dense"]).max())
     try:
@@ -98,7 +98,7 @@ def bench(name, repeats):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         run = lambda: nfn(tq, tk, tv, kernel_size=ks, dilation=dl, is_causal=causal)  # noqa: E731
-        row["natten fwd"] = _median_ms(run, repeats, warmup=1)
+        row["natten fwd"] = median_ms(run, repeats, warmup=1)
         row["max |na - natten|"] = float(np.abs(outs["na"] - run().numpy()).max())
     return row
 
@@ -122,7 +122,7 @@ def table(rows) -> str:
         "dense peak MB fwd / fwd+bwd",
         "max err vs dense / natten",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = markdown_head(head)
     for r in rows:
         nat = r.get("natten fwd")
         cells = [
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
     text = (
         "# Neighbourhood attention (na1d/na2d/na3d, XLA) vs dense masked attention vs NATTEN, CPU\n\n"
         f"Command: `python benchmarks/neighborhood_nd.py --repeats {args.repeats}`\n\n"
-        f"{environment()}\n\nmilliseconds, median of {args.repeats}; {HEADS} heads x {DIM}, float32\n\n"
-        f"{table(rows)}\n"
+        + timing_text(table(rows).splitlines(), args.repeats, f"; {HEADS} heads x {DIM}, float32")
     )
     print(text)
     if args.out:

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
 
-from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, markdown_head, median_ms, timing_text, write_report  # noqa: E402
 
 
 def _cases():
@@ -153,15 +153,13 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    head = (
-        "| op | inputs | JAX fwd ms | torch fwd ms | torch/JAX fwd | JAX fwd+bwd ms | torch fwd+bwd ms | "
-        "torch/JAX fwd+bwd | XLA peak MB fwd | XLA peak MB fwd+bwd |\n" + "|---" * 10 + "|"
-    )
-    rows = []
+    head = ["op", "inputs", "JAX fwd ms", "torch fwd ms", "torch/JAX fwd", "JAX fwd+bwd ms", "torch fwd+bwd ms"]
+    head += ["torch/JAX fwd+bwd", "XLA peak MB fwd", "XLA peak MB fwd+bwd"]
+    lines = markdown_head(head)
     for case in _cases():
-        rows.append(bench(*case, args.repeats))
-        print(rows[-1], flush=True)
-    text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n{head}\n" + "\n".join(rows) + "\n"
+        lines.append(bench(*case, args.repeats))
+        print(lines[-1], flush=True)
+    text = timing_text(lines, args.repeats)
     write_report("Ops benchmark", "python benchmarks/ops.py", text, args.out)
     return 0
 

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flax_attn, installed or not
 
-from flax_attn.testing.timing import compiled_mib, environment, median_ms, write_report  # noqa: E402
+from flax_attn.testing.timing import compiled_mib, markdown_head, median_ms, timing_text, write_report  # noqa: E402
 
 SHAPES = [  # (batch, length, heads, head_dim, masked)
     (8, 256, 8, 64, False),
@@ -103,11 +103,11 @@ def main(argv=None) -> int:
         "XLA peak MB fwd",
         "XLA peak MB f+b",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = markdown_head(head)
     for shape in SHAPES:
         lines.append(bench_shape(*shape, args.repeats))
         print(lines[-1], flush=True)
-    text = f"{environment()}\n\nmilliseconds, median of {args.repeats}\n\n" + "\n".join(lines) + "\n"
+    text = timing_text(lines, args.repeats)
     write_report("SDPA benchmark", "python benchmarks/sdpa.py", text, args.out)
     return 0
 

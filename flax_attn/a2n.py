@@ -20,11 +20,12 @@ Each sown value is a one-element tuple (Flax's ``sow`` appends).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
-from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BlockFields, Conv, Linear, merge_train
 from flax_attn.ops.attention_in_attention import attention_dropout_weights, mix_branches, sigmoid_gate
 from flax_attn.ops.pooling import adaptive_avg_pool2d
@@ -139,9 +140,7 @@ class AAB(BlockFields):
     t: float = 30
     non_attention_kernel: int = 3
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("ADM")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("ADM",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
@@ -215,9 +214,7 @@ class A2N(BlockFields):
     t: float = 30
     non_attention_kernel: int = 3
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("AAB_trunk")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("AAB_trunk",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

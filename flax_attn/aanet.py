@@ -20,14 +20,13 @@ State-dict keys follow ``nets/aggregation.py`` and ``nets/deform.py`` (``fusions
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_attn import backbones
-from flax_attn.convert.engine import sequential_rules
 from flax_attn.deform import DeformConv2d
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train, torch_default_kernel_init
 from flax_attn.ops.checks import check_channels, check_divisible, check_rank
@@ -237,9 +236,7 @@ class AdaptiveAggregationModule(BatchStatsFields):
     deformable_groups: int = 2
     mdconv_dilation: int = 2
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("branches", "fuse_layers")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("branches", "fuse_layers")
 
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
@@ -318,9 +315,7 @@ class AdaptiveAggregation(BatchStatsFields):
     deformable_groups: int = 2
     mdconv_dilation: int = 2
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("fusions", "final_conv")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("fusions", "final_conv")
 
     @nn.compact
     def __call__(self, cost_volume: Sequence[jax.Array], train: bool | None = None):
@@ -411,9 +406,7 @@ class AANetFeature(BatchStatsFields):
     width_per_group: int = 64
     feature_mdconv: bool = True
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("conv1", "layer1", "layer2", "layer3")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("conv1", "layer1", "layer2", "layer3")
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -473,9 +466,7 @@ class FeaturePyramidNetwork(BatchStatsFields):
     out_channels: int = 128
     num_levels: int = 3
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("lateral_convs", "fpn_convs")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("lateral_convs", "fpn_convs")
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], train: bool | None = None):
@@ -630,9 +621,7 @@ class StereoDRNetRefinement(BatchStatsFields):
 
     dilation_list = (1, 2, 4, 8, 1, 1)
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("conv1", "conv2", "dilated_blocks")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("conv1", "conv2", "dilated_blocks")
 
     @nn.compact
     def __call__(self, low_disp, left_img, right_img, train: bool | None = None):
@@ -721,9 +710,7 @@ class AANet(BatchStatsFields):
     num_stage_blocks: int = 1
     num_deform_blocks: int = 3
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("refinement")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("refinement",)
 
     @nn.nowrap
     def _check_config(self):

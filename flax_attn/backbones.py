@@ -16,13 +16,12 @@ a family's own arguments, a ``nn.nowrap`` hook a subclass overrides (:meth:`Basi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
-from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, merge_train, torch_default_kernel_init
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet_conv_init"]
@@ -83,9 +82,7 @@ class BasicBlock(BatchStatsFields):
 
     expansion: int = 1
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("downsample")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("downsample",)
 
     # ---------------------------------------------------------------- hooks for the families
 

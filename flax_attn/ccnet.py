@@ -6,11 +6,13 @@ Ports of the official speedinghzl/CCNet ``cc_attention.CrissCrossAttention`` and
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import Rename, sequential_rules
+from flax_attn.convert.engine import Rename
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.criss_cross import criss_cross_attention
 
@@ -126,9 +128,7 @@ class RCCAModule(BatchStatsFields):
     dropout: float = 0.1
     implementation: str | None = None
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("bottleneck")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("bottleneck",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

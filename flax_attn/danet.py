@@ -6,11 +6,12 @@ Follows junfu1115/DANet: ``encoding/nn/da_att.py`` (``PAM_Module``, ``CAM_Module
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp  # noqa: F401  (the docstring examples use it)
 
-from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, BlockFields, Conv, merge_train
 from flax_attn.ops.danet import channel_attention, position_attention
 
@@ -122,9 +123,7 @@ class DANetHead(BatchStatsFields):
     out_channels: int
     dropout: float = 0.1
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("conv5a|conv5c|conv51|conv52|conv6|conv7|conv8")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("conv5a|conv5c|conv51|conv52|conv6|conv7|conv8",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None):

@@ -721,9 +721,7 @@ class ResNetBody(BlockFields):
     layers: tuple[int, ...] = (3, 4, 6, 3)
     dilation: bool = False
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules(r"layer\d")
+    torch_sequential: ClassVar[tuple[str, ...]] = (r"layer\d",)
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -808,9 +806,7 @@ class MLP(BlockFields):
     output_dim: int
     num_layers: int
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("layers")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("layers",)
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -877,9 +873,7 @@ class DETR(BlockFields):
     dropout: float = 0.1
     pre_norm: bool = False
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("backbone")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("backbone",)
 
     @nn.compact
     def __call__(self, samples, mask=None, train: bool | None = None):

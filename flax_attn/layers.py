@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_attn.convert.engine import sequential_rules
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.conv import conv, patch_matmul_conv
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
@@ -65,6 +66,15 @@ class DtypeFields(nn.Module):
     # The state-dict layouts the converter accepts for this module, the first the default; a block
     # converting from more than its official repository's keys (timm's, a blog's) overrides it.
     torch_layouts: ClassVar[tuple[str, ...]] = ("official",)
+    # This module's children that torch holds in an nn.Sequential/ModuleList (names or regular
+    # expressions, see convert.sequential_rules): Flax's ``layer1_0`` converts as torch's ``layer1.0``.
+    torch_sequential: ClassVar[tuple[str, ...]] = ()
+
+    @nn.nowrap
+    def torch_rules(self, layout):
+        """The converter's rename rules for this module (see :mod:`flax_attn.convert`); by default the
+        :func:`~flax_attn.convert.sequential_rules` of ``torch_sequential``."""
+        return sequential_rules(*self.torch_sequential) if self.torch_sequential else []
 
     @nn.nowrap
     def image_input(
@@ -146,7 +156,7 @@ def _tuple(v, n: int, name: str) -> tuple[int, ...]:
 _patch_matmul_conv = patch_matmul_conv
 
 
-class Conv(nn.Module):
+class Conv(DtypeFields):
     """``torch.nn.Conv{1,2,3}d`` in channels-last layout.
 
     Attributes:
@@ -171,8 +181,6 @@ class Conv(nn.Module):
     use_bias: bool = True
     padding_mode: str = "zeros"
     spatial_dims: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     kernel_init: Any = torch_default_kernel_init
     bias_init: Any = nn.initializers.zeros
 
@@ -226,13 +234,11 @@ class Conv(nn.Module):
         return y
 
 
-class Linear(nn.Module):
+class Linear(DtypeFields):
     """``torch.nn.Linear`` with torch's default init; parameters ``kernel`` (in, out) and ``bias``."""
 
     features: int
     use_bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     kernel_init: Any = torch_default_kernel_init
     bias_init: Any = nn.initializers.zeros
 
@@ -246,7 +252,7 @@ class Linear(nn.Module):
         return y
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(BatchStatsFields):
     """``torch.nn.BatchNorm{1,2,3}d`` over the last (channel) axis.
 
     Attributes:
@@ -273,13 +279,8 @@ class BatchNorm(nn.Module):
     momentum: float = 0.1
     eps: float = 1e-5
     affine: bool = True
-    axis_name: str | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
     scale_init: Any = nn.initializers.ones
     bias_init: Any = nn.initializers.zeros
-    axis_index_groups: Any = None
-    train: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

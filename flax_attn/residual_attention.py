@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attn.convert.engine import sequential_rules
 from flax_attn.layers import BatchNorm, BatchStatsFields, Conv, Linear, merge_train
 from flax_attn.ops.checks import check_channels, check_rank
 from flax_attn.ops.dtypes import compute_dtype
@@ -89,9 +88,7 @@ class _AttentionModuleBase(BatchStatsFields):
 
     levels: ClassVar[int]  # of the soft mask branch; each subclass's fields size1..size{levels}
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules(r"trunk_branches|softmax\d_blocks")
+    torch_sequential: ClassVar[tuple[str, ...]] = (r"trunk_branches|softmax\d_blocks",)
 
     def _rb(self, name):
         return ResidualBlock(
@@ -230,9 +227,7 @@ class _ResidualAttentionModel(BatchStatsFields):
     depth: int = 56
     num_classes: int = 10
 
-    @nn.nowrap
-    def torch_rules(self, layout):
-        return sequential_rules("conv1|mpool2")
+    torch_sequential: ClassVar[tuple[str, ...]] = ("conv1|mpool2",)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:

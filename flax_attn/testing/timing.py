@@ -30,14 +30,17 @@ import jax
 __all__ = [
     "compiled_bytes",
     "compiled_mib",
+    "cuda_torch",
     "environment",
     "format_mib",
+    "markdown_head",
     "median_ms",
     "median_seconds",
     "peak_memory_bytes",
     "roofline_row",
     "time_jax",
     "time_torch",
+    "timing_text",
     "write_report",
 ]
 
@@ -145,6 +148,25 @@ def write_report(title: str, command: str, text: str, out=None) -> None:
     print("\n" + text)
     if out:
         out.write_text(f"# {title}\n\nCommand: `{command}`\n\n{text}")
+
+
+def markdown_head(columns) -> list[str]:
+    """The two header lines of a markdown table with these column names."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def timing_text(lines, repeats: int, note: str = "") -> str:
+    """A results table's text: :func:`environment`, what was timed, the table ``lines``."""
+    return f"{environment()}\n\nmilliseconds, median of {repeats}{note}\n\n" + "\n".join(lines) + "\n"
+
+
+def cuda_torch():
+    """``torch`` when it is installed and sees a CUDA device, else ``None`` (GPU-only torch rows)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
 
 
 def environment() -> str:
