@@ -43,8 +43,8 @@ def _cases(ref: str):
     import jax.numpy as jnp
 
     from flax_attn import ops
-    from flax_attn.layers import _patch_matmul_conv
     from flax_attn.ops import neighborhood, non_local, relative_logits, sampling
+    from flax_attn.ops.conv import patch_matmul_conv
 
     old = {
         name: _old_module(ref, f"flax_attn/ops/{name}.py")
@@ -82,7 +82,7 @@ def _cases(ref: str):
         return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=dn)
 
     def conv_patches(x, w):
-        return _patch_matmul_conv(x, w, (1, 1), [(1, 1), (1, 1)], (1, 1))
+        return patch_matmul_conv(x, w, (1, 1), [(1, 1), (1, 1)], (1, 1))
 
     def concat_terms(mod):
         def f(th, ph, g):

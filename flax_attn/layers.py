@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from flax_attn.convert.engine import sequential_rules
 from flax_attn.ops.checks import check_channels, check_rank
-from flax_attn.ops.conv import conv, patch_matmul_conv
+from flax_attn.ops.conv import conv
 from flax_attn.ops.dtypes import compute_dtype, statistics_dtype
 
 Dtype = Any
@@ -150,10 +150,6 @@ def _tuple(v, n: int, name: str) -> tuple[int, ...]:
     if len(v) != n:
         raise ValueError(f"Conv: `{name}` must be an int or a {n}-tuple, got {v!r}")
     return v
-
-
-# The dense form of a tiny-map conv, kept importable here for the tests and benchmarks that used it.
-_patch_matmul_conv = patch_matmul_conv
 
 
 class Conv(DtypeFields):

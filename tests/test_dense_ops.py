@@ -153,7 +153,7 @@ def test_corner_pack_rows_are_the_four_corners():
     ],
 )
 def test_patch_matmul_conv_matches_conv(shape, ks, strides, pads, dilation):
-    from flax_attn.layers import _patch_matmul_conv
+    from flax_attn.ops.conv import patch_matmul_conv
 
     x = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
     w = jnp.asarray(RNG.standard_normal((*ks, shape[-1], 5)), jnp.float32)
@@ -162,7 +162,7 @@ def test_patch_matmul_conv_matches_conv(shape, ks, strides, pads, dilation):
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
         return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=dn)
 
-    y, vjp = jax.vjp(lambda x, w: _patch_matmul_conv(x, w, strides, pads, dilation), x, w)
+    y, vjp = jax.vjp(lambda x, w: patch_matmul_conv(x, w, strides, pads, dilation), x, w)
     y_ref, vjp_ref = jax.vjp(conv, x, w)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
     cot = jnp.asarray(RNG.standard_normal(y.shape), jnp.float32)

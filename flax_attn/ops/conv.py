@@ -2,7 +2,7 @@
 
 :func:`conv` computes exactly ``jax.lax.conv_general_dilated`` (channels-last input, HWIO kernel,
 symmetric or explicit padding, strides, kernel dilation, feature groups). On accelerators it is
-that call. On CPU three shapes take a dense form instead, because XLA:CPU's convolution emitter is
+that call. On CPU four kinds of shape take a dense form instead, because XLA:CPU's convolution emitter is
 slow for them and its forward/backward would dominate the blocks that use them (measured in
 ``benchmarks/dense_ops.py``, results in ``benchmarks/results/dense_ops_cpu.md``):
 
@@ -48,9 +48,10 @@ def _out_size(size: int, lo: int, hi: int, k: int, stride: int, dilation: int) -
     return (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
 
 
-def _taps(x, ks, strides, pads, dilation, out_sizes):
+def _taps(x, ks, strides, pads, dilation):
     """The ``prod(ks)`` strided static slices of the zero-padded ``x``, offset-major (HWIO order)."""
     n = len(ks)
+    out_sizes = [_out_size(x.shape[1 + a], *pads[a], ks[a], strides[a], dilation[a]) for a in range(n)]
     xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
     offsets = [()]
     for a in range(n):
@@ -64,8 +65,7 @@ def patch_matmul_conv(x, kernel, strides, pads, dilation):
     """A conv (HWIO kernel, one group) as im2col: the ``kh * kw`` strided static slices of the padded
     input concatenated on channels, contracted with the kernel in one matmul."""
     ks, cout = kernel.shape[:-2], kernel.shape[-1]
-    out = [_out_size(x.shape[1 + a], *pads[a], ks[a], strides[a], dilation[a]) for a in range(len(ks))]
-    patches = jnp.concatenate(list(_taps(x, ks, strides, pads, dilation, out)), axis=-1)
+    patches = jnp.concatenate(list(_taps(x, ks, strides, pads, dilation)), axis=-1)
     return jnp.einsum("...k,ko->...o", patches, kernel.reshape(-1, cout))
 
 
@@ -86,10 +86,9 @@ def depthwise_conv(x, kernel, strides, pads, dilation):
     multiplier = cout // x.shape[-1]
     if multiplier > 1:  # output channel o reads input channel o // multiplier, as in torch
         x = jnp.repeat(x, multiplier, axis=-1)
-    out = [_out_size(x.shape[1 + a], *pads[a], ks[a], strides[a], dilation[a]) for a in range(len(ks))]
     weights = kernel.reshape(-1, cout)
     y = None
-    for t, tap in enumerate(_taps(x, ks, strides, pads, dilation, out)):
+    for t, tap in enumerate(_taps(x, ks, strides, pads, dilation)):
         term = tap * weights[t]
         y = term if y is None else y + term
     return y
